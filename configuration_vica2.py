@@ -1,0 +1,404 @@
+# Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
+"""ViCA2 configuration, and the token layout that follows from it.
+
+The token layout (how many visual tokens an image or a video becomes) lives here, next to the
+numbers it is computed from, so that the model and the processor share one definition.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from transformers import AutoConfig, PretrainedConfig
+
+
+# LLaVA-OneVision's "anyres" grid: every (height, width) with both sides in {384, ..., 2304}.
+DEFAULT_IMAGE_GRID_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
+
+POOL_MODES = ("bilinear", "average", "max")
+
+
+def _default_text_config() -> dict:
+    # Qwen2-7B as used by ViCA2 (rope scaling forced off by the release).
+    return {
+        "model_type": "qwen2",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "max_window_layers": 28,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "initializer_range": 0.02,
+    }
+
+
+def _default_vision_config() -> dict:
+    # SigLIP so400m-patch14-384 with its 27th (last) layer removed, as the release does.
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 16,
+        "num_channels": 3,
+        "image_size": 384,
+        "patch_size": 14,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+        "attention_dropout": 0.0,
+        "vision_use_head": False,
+    }
+
+
+def _default_hiera_config() -> dict:
+    # The trunk of SAM2.1 hiera_b+ ("base-plus").
+    return {
+        "model_type": "sam2_hiera_det_model",
+        "hidden_size": 112,
+        "num_attention_heads": 2,
+        "num_channels": 3,
+        "image_size": [1024, 1024],
+        "patch_kernel_size": [7, 7],
+        "patch_stride": [4, 4],
+        "patch_padding": [3, 3],
+        "query_stride": [2, 2],
+        "window_positional_embedding_background_size": [14, 14],
+        "num_query_pool_stages": 3,
+        "blocks_per_stage": [2, 3, 16, 3],
+        "embed_dim_per_stage": [112, 224, 448, 896],
+        "num_attention_heads_per_stage": [2, 4, 8, 16],
+        "window_size_per_stage": [8, 4, 14, 7],
+        "global_attention_blocks": [12, 16, 20],
+        "mlp_ratio": 4.0,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+    }
+
+
+def _as_sub_config(value, default: dict, name: str) -> PretrainedConfig:
+    if value is None:
+        value = default()
+    if isinstance(value, PretrainedConfig):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"`{name}` must be a dict or a PretrainedConfig, got {type(value).__name__}.")
+    value = dict(value)
+    model_type = value.pop("model_type", default()["model_type"])
+    return AutoConfig.for_model(model_type, **value)
+
+
+class Vica2Config(PretrainedConfig):
+    r"""
+    Configuration of a ViCA2 model: a SigLIP semantic encoder and a SAM2.1 Hiera spatial encoder, each with its
+    own projector, in front of a Qwen2 language model. `Vica2Config()` describes ViCA2-7B exactly.
+
+    Args:
+        text_config (`dict` or `Qwen2Config`): the language model.
+        vision_config (`dict` or `SiglipVisionConfig`): the semantic encoder (SigLIP, 26 layers; its output is taken
+            before `post_layernorm`).
+        hiera_config (`dict` or `Sam2HieraDetConfig`): the spatial encoder (SAM2.1 Hiera trunk).
+        image_token_id (`int`): id of the `<image>` placeholder; one placeholder per visual token.
+        video_token_id (`int`): id of the `<video>` placeholder.
+        projector_hidden_act (`str`): activation between the two Linear layers of both projectors.
+        use_image_newline (`bool`): append the learned `image_newline` vector after every feature row.
+        image_grid_pinpoints (`list[list[int]]`): candidate `[height, width]` resolutions for anyres image tiling.
+        vision_aspect_ratio (`str`): `"anyres_max_N"`: an image's tiled feature map is downscaled when it exceeds N
+            base views.
+        video_frames_budget (`int`): SigLIP frame budget, the number of frames sampled from a video (64).
+        siglip_pool_stride (`int`): spatial pool stride of the SigLIP video features (27x27 -> 14x14 with 2).
+        video_pool_mode (`str`): `"bilinear"` (ceil(grid / stride)), `"average"` or `"max"` (floor(grid / stride)); used
+            for both streams of a video.
+        hiera_frames (`int`): N_hiera, Hiera frames at the full frame budget. Hiera encodes every k-th frame with
+            k = video_frames_budget / hiera_frames, whatever the number of frames that arrive.
+        hiera_feature_stage (`int`): S_stage, the 1-based Hiera stage whose output feeds the spatial projector.
+        hiera_pool_stride (`int`): s_pool, spatial pool stride of the Hiera video features (32x32 -> 16x16 with 2).
+        spatial_projector_input_size (`int`, *optional*): input width of the spatial projector. Defaults to the width of
+            `hiera_feature_stage`; a stored value that does not match the stage is an error (the projector was trained
+            for one stage).
+        vision_chunk_size (`int`): frames (or image tiles) per vision-tower forward; bounds activation memory. Chunking
+            does not change the result.
+        generatable_vocab_size (`int`, *optional*): when set, logits of token ids at or above it are `-inf`. The release
+            shrinks the embedding to its tokenizer at load time, so it can never emit the untrained rows above it; the
+            converter sets this to the release tokenizer's size to keep that property.
+    """
+
+    model_type = "vica2"
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig, "hiera_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config=None,
+        vision_config=None,
+        hiera_config=None,
+        image_token_id: int = 151646,
+        video_token_id: int = 151647,
+        projector_hidden_act: str = "gelu",
+        use_image_newline: bool = True,
+        image_grid_pinpoints: list | None = None,
+        vision_aspect_ratio: str = "anyres_max_9",
+        video_frames_budget: int = 64,
+        siglip_pool_stride: int = 2,
+        video_pool_mode: str = "bilinear",
+        hiera_frames: int = 32,
+        hiera_feature_stage: int = 4,
+        hiera_pool_stride: int = 2,
+        spatial_projector_input_size: int | None = None,
+        vision_chunk_size: int = 8,
+        generatable_vocab_size: int | None = None,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        self.text_config = _as_sub_config(text_config, _default_text_config, "text_config")
+        self.vision_config = _as_sub_config(vision_config, _default_vision_config, "vision_config")
+        self.hiera_config = _as_sub_config(hiera_config, _default_hiera_config, "hiera_config")
+        self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.projector_hidden_act = projector_hidden_act
+        self.use_image_newline = use_image_newline
+        self.image_grid_pinpoints = [list(p) for p in (image_grid_pinpoints or DEFAULT_IMAGE_GRID_PINPOINTS)]
+        self.vision_aspect_ratio = vision_aspect_ratio
+        self.video_frames_budget = video_frames_budget
+        self.siglip_pool_stride = siglip_pool_stride
+        self.video_pool_mode = video_pool_mode
+        self.hiera_frames = hiera_frames
+        self.hiera_feature_stage = hiera_feature_stage
+        self.hiera_pool_stride = hiera_pool_stride
+        self.spatial_projector_input_size = spatial_projector_input_size
+        self.vision_chunk_size = vision_chunk_size
+        self.generatable_vocab_size = generatable_vocab_size
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        if self.spatial_projector_input_size is None:
+            self.spatial_projector_input_size = self.hiera_stage_width
+        self.validate_vica2()
+
+    # ----------------------------------------------------------------------------------------------- validation
+    def validate_vica2(self):
+        """Raise a ValueError naming the field when the ViCA2-specific settings are inconsistent."""
+        for name in ("video_frames_budget", "hiera_frames", "siglip_pool_stride", "hiera_pool_stride"):
+            _check_positive_int(name, getattr(self, name))
+        _check_positive_int("vision_chunk_size", self.vision_chunk_size)
+        check_frame_ratio(self.video_frames_budget, self.hiera_frames)
+        if self.video_pool_mode not in POOL_MODES:
+            raise ValueError(f"video_pool_mode={self.video_pool_mode!r} is not one of {POOL_MODES}.")
+        num_stages = len(self.hiera_config.blocks_per_stage)
+        if not isinstance(self.hiera_feature_stage, int) or not 1 <= self.hiera_feature_stage <= num_stages:
+            raise ValueError(
+                f"hiera_feature_stage={self.hiera_feature_stage!r} is out of range: the Hiera trunk has stages "
+                f"1..{num_stages}."
+            )
+        if self.spatial_projector_input_size != self.hiera_stage_width:
+            raise ValueError(
+                f"spatial_projector_input_size={self.spatial_projector_input_size} does not match Hiera stage "
+                f"{self.hiera_feature_stage}, whose features have {self.hiera_stage_width} channels. A different "
+                "hiera_feature_stage needs a spatial projector trained for it; keep the stage the checkpoint was "
+                "trained with."
+            )
+        anyres_max_patches(self.vision_aspect_ratio)  # raises on a malformed value
+        for pinpoint in self.image_grid_pinpoints:
+            if len(pinpoint) != 2 or any(side % self.vision_config.image_size for side in pinpoint):
+                raise ValueError(
+                    f"image_grid_pinpoints entry {pinpoint} must be [height, width] multiples of "
+                    f"vision_config.image_size={self.vision_config.image_size}."
+                )
+
+    # ----------------------------------------------------------------------------------------------- geometry
+    @property
+    def hiera_stage_width(self) -> int:
+        return self.hiera_config.embed_dim_per_stage[self.hiera_feature_stage - 1]
+
+    @property
+    def siglip_grid(self) -> int:
+        """Side of the SigLIP patch grid (27 for 384 / 14)."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def hiera_grid(self) -> int:
+        """Side of the Hiera feature grid at `hiera_feature_stage` (32 at stage 4 for a 1024 input)."""
+        return hiera_stage_grid(self.hiera_config, self.hiera_feature_stage)
+
+    def token_layout(self) -> dict:
+        """The fields the processor needs to predict token counts (it stores them in its own config)."""
+        return {
+            "siglip_grid": self.siglip_grid,
+            "hiera_grid": self.hiera_grid,
+            "use_image_newline": self.use_image_newline,
+            "video_frames_budget": self.video_frames_budget,
+            "siglip_pool_stride": self.siglip_pool_stride,
+            "video_pool_mode": self.video_pool_mode,
+            "hiera_frames": self.hiera_frames,
+            "hiera_pool_stride": self.hiera_pool_stride,
+            "image_grid_pinpoints": self.image_grid_pinpoints,
+            "vision_aspect_ratio": self.vision_aspect_ratio,
+            "siglip_image_size": self.vision_config.image_size,
+        }
+
+    def num_video_tokens(self, num_frames: int, **overrides) -> tuple[int, int]:
+        """(SigLIP tokens, Hiera tokens) of a video of `num_frames` frames; overrides as in `forward`."""
+        return num_video_tokens(num_frames, **{**self.token_layout(), **overrides})
+
+    def num_image_tokens(self, height: int, width: int) -> tuple[int, int]:
+        """(SigLIP tokens, Hiera tokens) of one image of the given original size."""
+        return num_image_tokens(height, width, **self.token_layout())
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_frame_ratio(video_frames_budget: int, hiera_frames: int) -> int:
+    """Return the Hiera frame stride k = video_frames_budget / hiera_frames, or raise when it is not an integer."""
+    _check_positive_int("video_frames_budget", video_frames_budget)
+    _check_positive_int("hiera_frames", hiera_frames)
+    if hiera_frames > video_frames_budget or video_frames_budget % hiera_frames:
+        raise ValueError(
+            f"video_frames_budget={video_frames_budget} must be a multiple of hiera_frames={hiera_frames}: Hiera "
+            "encodes every k-th frame with k = video_frames_budget / hiera_frames (the release uses 64 / 32 = 2)."
+        )
+    return video_frames_budget // hiera_frames
+
+
+def anyres_max_patches(vision_aspect_ratio: str) -> int:
+    match = re.fullmatch(r"anyres_max_(\d+)", str(vision_aspect_ratio))
+    if not match:
+        raise ValueError(f"vision_aspect_ratio={vision_aspect_ratio!r} is not of the form 'anyres_max_N'.")
+    return int(match.group(1))
+
+
+def hiera_stage_grid(hiera_config, stage: int) -> int:
+    """Side of the Hiera feature grid at a 1-based stage: the patch-embed conv, then one q-pool per stage change."""
+    size, kernel, stride, padding = (
+        _first(hiera_config.image_size),
+        _first(hiera_config.patch_kernel_size),
+        _first(hiera_config.patch_stride),
+        _first(hiera_config.patch_padding),
+    )
+    grid = (size + 2 * padding - kernel) // stride + 1
+    for stage_change in range(1, stage):
+        if stage_change <= hiera_config.num_query_pool_stages:
+            grid //= _first(hiera_config.query_stride)
+    return grid
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def pooled_grid(grid: int, stride: int, mode: str) -> int:
+    """Side of a `grid` x `grid` map after the video pooling (`ViCA2`'s `get_2dPool`)."""
+    if stride == 1:
+        return grid
+    return math.ceil(grid / stride) if mode == "bilinear" else grid // stride
+
+
+def rows_tokens(num_frames: int, height: int, width: int, use_image_newline: bool) -> int:
+    """Tokens of `num_frames` maps of height x width emitted row by row, each row followed by a newline."""
+    return num_frames * height * (width + int(use_image_newline))
+
+
+def num_video_tokens(
+    num_frames: int,
+    *,
+    siglip_grid: int,
+    hiera_grid: int,
+    use_image_newline: bool,
+    video_frames_budget: int,
+    siglip_pool_stride: int,
+    video_pool_mode: str,
+    hiera_frames: int,
+    hiera_pool_stride: int,
+    **_,
+) -> tuple[int, int]:
+    """(SigLIP tokens, Hiera tokens) of a video of `num_frames` frames.
+
+    SigLIP: T * p * (p + 1) with p = pooled 27-grid; Hiera: ceil(T / k) * q * (q + 1) with q = pooled stage grid and
+    k = video_frames_budget / hiera_frames. A 64-frame video at the defaults: 64*14*15 = 13,440 and 32*16*17 = 8,704.
+    """
+    _check_positive_int("num_frames", num_frames)
+    for name, value in (("siglip_pool_stride", siglip_pool_stride), ("hiera_pool_stride", hiera_pool_stride)):
+        _check_positive_int(name, value)
+    frame_stride = check_frame_ratio(video_frames_budget, hiera_frames)
+    p = pooled_grid(siglip_grid, siglip_pool_stride, video_pool_mode)
+    q = pooled_grid(hiera_grid, hiera_pool_stride, video_pool_mode)
+    num_hiera_frames = math.ceil(num_frames / frame_stride)
+    return rows_tokens(num_frames, p, p, use_image_newline), rows_tokens(num_hiera_frames, q, q, use_image_newline)
+
+
+def select_best_resolution(image_height: int, image_width: int, grid_pinpoints) -> tuple[int, int]:
+    """(height, width) of the pinpoint that keeps the most of the image, then wastes the least (LLaVA's rule)."""
+    best, best_effective, best_wasted = None, -1, float("inf")
+    for height, width in grid_pinpoints:
+        scale = min(width / image_width, height / image_height)
+        effective = min(int(image_width * scale) * int(image_height * scale), image_width * image_height)
+        wasted = width * height - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (height, width), effective, wasted
+    return best
+
+
+def anyres_feature_shape(
+    image_height: int, image_width: int, grid_pinpoints, siglip_image_size: int, siglip_grid: int, max_patches: int
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int] | None]:
+    """Geometry of an image's tiled SigLIP stream, exactly as the release computes it.
+
+    Returns (tile rows, tile cols), the unpadded feature map (height, width), and the (height, width) it is bilinearly
+    downscaled to when it exceeds `max_patches` base views (None when it is not).
+    """
+    best_height, best_width = select_best_resolution(image_height, image_width, grid_pinpoints)
+    rows, cols = best_height // siglip_image_size, best_width // siglip_image_size
+    height, width = rows * siglip_grid, cols * siglip_grid
+    # Undo the letterboxing of `resize_and_pad_image` (release `unpad_image`; int() truncation as there).
+    if image_width / image_height > width / height:
+        new_height = int(image_height * (width / image_width))
+        padding = (height - new_height) // 2
+        height = height - 2 * padding
+    else:
+        new_width = int(image_width * (height / image_height))
+        padding = (width - new_width) // 2
+        width = width - 2 * padding
+    times = math.sqrt(height * width / (max_patches * siglip_grid**2))
+    downscaled = (int(height // times), int(width // times)) if times > 1.1 else None
+    return (rows, cols), (height, width), downscaled
+
+
+def num_image_tokens(
+    image_height: int,
+    image_width: int,
+    *,
+    siglip_grid: int,
+    hiera_grid: int,
+    use_image_newline: bool,
+    image_grid_pinpoints,
+    vision_aspect_ratio: str,
+    siglip_image_size: int,
+    **_,
+) -> tuple[int, int]:
+    """(SigLIP tokens, Hiera tokens) of one image: the base view (no newline) plus the unpadded tile grid with a
+    newline per row; Hiera sees the single image un-pooled (32 x 33 at the defaults)."""
+    _check_positive_int("image height", image_height)
+    _check_positive_int("image width", image_width)
+    _, unpadded, downscaled = anyres_feature_shape(
+        image_height,
+        image_width,
+        image_grid_pinpoints,
+        siglip_image_size,
+        siglip_grid,
+        anyres_max_patches(vision_aspect_ratio),
+    )
+    height, width = downscaled or unpadded
+    siglip = siglip_grid * siglip_grid + rows_tokens(1, height, width, use_image_newline)
+    return siglip, rows_tokens(1, hiera_grid, hiera_grid, use_image_newline)
+
+
+__all__ = ["Vica2Config"]
