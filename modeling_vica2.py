@@ -143,6 +143,17 @@ def _as_item_list(pixels, name: str, channels: int, size: int) -> list[torch.Ten
     return list(items)
 
 
+def _setting(name: str, value, default: int) -> int:
+    """A per-call integer setting (a plain int, or the 0-d tensor a BatchFeature makes of it), else the default."""
+    if value is None:
+        return default
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
 def _describe(value) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -257,24 +268,16 @@ class Vica2Model(Vica2PreTrainedModel):
 
     def _token_ratio(self, video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride) -> dict:
         config = self.config
-        budget = config.video_frames_budget if video_frames_budget is None else video_frames_budget
-        frames = config.hiera_frames if hiera_frames is None else hiera_frames
-        settings = {
+        budget = _setting("video_frames_budget", video_frames_budget, config.video_frames_budget)
+        frames = _setting("hiera_frames", hiera_frames, config.hiera_frames)
+        return {
             "frame_stride": check_frame_ratio(budget, frames),
-            "siglip_pool_stride": config.siglip_pool_stride if siglip_pool_stride is None else siglip_pool_stride,
-            "hiera_pool_stride": config.hiera_pool_stride if hiera_pool_stride is None else hiera_pool_stride,
+            "siglip_pool_stride": _setting("siglip_pool_stride", siglip_pool_stride, config.siglip_pool_stride),
+            "hiera_pool_stride": _setting("hiera_pool_stride", hiera_pool_stride, config.hiera_pool_stride),
         }
-        for name in ("siglip_pool_stride", "hiera_pool_stride"):
-            value = settings[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        return settings
 
     def _chunk_size(self, vision_chunk_size) -> int:
-        chunk_size = self.config.vision_chunk_size if vision_chunk_size is None else vision_chunk_size
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"vision_chunk_size must be a positive integer, got {chunk_size!r}.")
-        return chunk_size
+        return _setting("vision_chunk_size", vision_chunk_size, self.config.vision_chunk_size)
 
     def _hiera_image_size(self) -> int:
         size = self.config.hiera_config.image_size
