@@ -18,6 +18,16 @@ DEFAULT_IMAGE_GRID_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in r
 
 POOL_MODES = ("bilinear", "average", "max")
 
+# Every auto class a ViCA2 folder serves. `save_pretrained` would only record the class being saved; keeping the
+# whole map in the config means any saved folder (converted, fine-tuned, ...) loads through all of them.
+AUTO_MAP = {
+    "AutoConfig": "configuration_vica2.Vica2Config",
+    "AutoModel": "modeling_vica2.Vica2Model",
+    "AutoModelForCausalLM": "modeling_vica2.Vica2ForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_vica2.Vica2ForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_vica2.Vica2ForConditionalGeneration",
+}
+
 
 def _default_text_config() -> dict:
     # Qwen2-7B as used by ViCA2 (rope scaling forced off by the release).
@@ -177,6 +187,7 @@ class Vica2Config(PretrainedConfig):
         self.spatial_projector_input_size = spatial_projector_input_size
         self.vision_chunk_size = vision_chunk_size
         self.generatable_vocab_size = generatable_vocab_size
+        self.auto_map = {**AUTO_MAP, **(kwargs.pop("auto_map", None) or {})}
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         if self.spatial_projector_input_size is None:
             self.spatial_projector_input_size = self.hiera_stage_width
@@ -299,7 +310,13 @@ def pooled_grid(grid: int, stride: int, mode: str) -> int:
     """Side of a `grid` x `grid` map after the video pooling (`ViCA2`'s `get_2dPool`)."""
     if stride == 1:
         return grid
-    return math.ceil(grid / stride) if mode == "bilinear" else grid // stride
+    pooled = math.ceil(grid / stride) if mode == "bilinear" else grid // stride
+    if pooled < 1:
+        raise ValueError(
+            f"A pool stride of {stride} is larger than the {grid}x{grid} feature grid ({mode!r} pooling would leave "
+            "nothing); use a smaller stride."
+        )
+    return pooled
 
 
 def rows_tokens(num_frames: int, height: int, width: int, use_image_newline: bool) -> int:
@@ -400,5 +417,7 @@ def num_image_tokens(
     siglip = siglip_grid * siglip_grid + rows_tokens(1, height, width, use_image_newline)
     return siglip, rows_tokens(1, hiera_grid, hiera_grid, use_image_newline)
 
+
+Vica2Config.register_for_auto_class()
 
 __all__ = ["Vica2Config"]

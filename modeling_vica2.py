@@ -102,9 +102,9 @@ def pool_video_features(features: torch.Tensor, stride: int, mode: str) -> torch
     if stride == 1:
         return features
     height, width = features.shape[1:3]
+    size = (pooled_grid(height, stride, mode), pooled_grid(width, stride, mode))  # also rejects a too-large stride
     features = features.permute(0, 3, 1, 2)
     if mode == "bilinear":
-        size = (pooled_grid(height, stride, mode), pooled_grid(width, stride, mode))
         features = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
     elif mode == "average":
         features = F.avg_pool2d(features, stride)
@@ -160,6 +160,9 @@ def _describe(value) -> str:
 
 class Vica2Model(Vica2PreTrainedModel):
     """The towers, the two projectors, `image_newline` and the language model (no LM head)."""
+
+    # Loading a full checkpoint into the base model leaves the head behind, as intended.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
 
     def __init__(self, config: Vica2Config):
         super().__init__(config)
@@ -629,5 +632,9 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
                 model_inputs.pop(name, None)
         return model_inputs
 
+
+# `save_pretrained` then copies this file and its relative imports next to the weights (remote code).
+Vica2Model.register_for_auto_class("AutoModel")
+Vica2ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = ["Vica2PreTrainedModel", "Vica2Model", "Vica2ForConditionalGeneration"]

@@ -202,6 +202,12 @@ def expand_release_ids(ids: list[int], num_tokens: int, token_id: int) -> list[i
     return ids[:position] + [token_id] * num_tokens + ids[position + 1 :]
 
 
+def expand_release_labels(ids: list[int], labels: list[int], num_tokens: int) -> list[int]:
+    """Labels aligned with `expand_release_ids(ids, ...)`: the visual positions are ignored (-100)."""
+    position = ids.index(-200)
+    return labels[:position] + [-100] * num_tokens + labels[position + 1 :]
+
+
 def fixture_model_inputs(sample: dict, name: str) -> dict:
     """Model pixel kwargs for a fixture sample (videos get all frames; the model strides Hiera itself)."""
     if name == "video":
