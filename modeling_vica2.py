@@ -31,9 +31,13 @@ from .configuration_vica2 import (
     check_frame_ratio,
     pooled_grid,
 )
+from .kernels_vica2 import ATTENTION_NAME as FUSED_ATTENTION, register_vica2_attention, use_fused_hiera_blocks
 
 
 logger = logging.get_logger(__name__)
+
+# `attn_implementation="vica2_fused"` (kernels_vica2.py): Triton attention for Qwen2, SigLIP and Hiera.
+register_vica2_attention()
 
 # transformers renamed the KV-cache argument and output field from `past_key_values` to `cache` during 5.x;
 # speak whichever name the installed library uses (5.17 .. 5.2x are supported).
@@ -45,6 +49,8 @@ HIERA_PIXEL_INPUTS = ("hiera_pixel_values", "hiera_pixel_values_videos")
 
 # Per-call token-ratio overrides accepted by `forward`, `generate`, `get_video_features`.
 TOKEN_RATIO_ARGS = ("video_frames_budget", "hiera_frames", "siglip_pool_stride", "hiera_pool_stride")
+
+VISUAL_INPUTS = ("pixel_values", "image_sizes", "hiera_pixel_values", "pixel_values_videos", "hiera_pixel_values_videos")
 
 
 @dataclass
@@ -69,7 +75,13 @@ class Vica2PreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
     # A visual item's features are computed tower-block by tower-block; keep each block whole on one device.
-    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "SiglipVisionEmbeddings", "Sam2MultiScaleBlock"]
+    _no_split_modules = [
+        "Qwen2DecoderLayer",
+        "SiglipEncoderLayer",
+        "SiglipVisionEmbeddings",
+        "Sam2MultiScaleBlock",
+        "Vica2FusedHieraBlock",
+    ]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -171,6 +183,8 @@ class Vica2Model(Vica2PreTrainedModel):
         # ViCA2 takes SigLIP's last encoder layer as it leaves that layer: no post-layernorm (nor pooling head).
         self.vision_tower.post_layernorm = nn.Identity()
         self.hiera_tower = AutoModel.from_config(config.hiera_config)
+        if self.hiera_tower.config._attn_implementation == FUSED_ATTENTION:
+            use_fused_hiera_blocks(self.hiera_tower)  # windowed attention without partition copies
         self.multi_modal_projector = Vica2MultiModalProjector(
             config.vision_config.hidden_size, hidden_size, config.projector_hidden_act
         )
@@ -503,6 +517,28 @@ def _check_no_orphan_placeholders(input_ids: torch.Tensor, config, past_length: 
         )
 
 
+def _row_major_item_order(input_ids, token_id: int, lengths: list[int], expand_size: int) -> list[int]:
+    """Item indices in the order of rows repeated `expand_size` times, each copy holding its row's items."""
+    if input_ids is None:  # no ids to read the rows from: one item per row, as the library assumes
+        return [item for item in range(len(lengths)) for _ in range(expand_size)]
+    per_row = (input_ids == token_id).sum(-1).tolist()
+    order, item = [], 0
+    for count in per_row:
+        row_items = []
+        while count > 0 and item < len(lengths):
+            row_items.append(item)
+            count -= lengths[item]
+            item += 1
+        order.extend(row_items * expand_size)
+    return order
+
+
+def _take_items(value, order: list[int]):
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, torch.tensor(order, device=value.device))
+    return [value[index] for index in order]
+
+
 class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
     """ViCA2 with its language-modeling head; `generate` runs the vision towers only at prefill."""
 
@@ -620,6 +656,49 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
         if limit is None or limit >= logits.shape[-1]:
             return logits
         return torch.cat([logits[..., :limit], torch.full_like(logits[..., limit:], float("-inf"))], dim=-1)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search / `num_return_sequences` repeat each row; repeat each row's visual items along with it.
+
+        The library repeats every tensor item by item (a, a, b, b), which pairs the wrong pixels with a row's copies
+        as soon as one row holds two items; per-call settings are scalars and must not be repeated at all.
+        """
+        if expand_size == 1:
+            return super()._expand_inputs_for_generation(
+                expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+            )
+        visual = {name: model_kwargs.pop(name) for name in VISUAL_INPUTS if model_kwargs.get(name) is not None}
+        settings = {
+            name: model_kwargs.pop(name) for name in (*TOKEN_RATIO_ARGS, "vision_chunk_size") if name in model_kwargs
+        }
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if visual:
+            visual = self._expand_visual_inputs(input_ids, visual, expand_size, settings)
+        return expanded_ids, {**model_kwargs, **visual, **settings}
+
+    def _expand_visual_inputs(self, input_ids, visual: dict, expand_size: int, settings: dict) -> dict:
+        config = self.config
+        overrides = {name: int(settings[name]) for name in TOKEN_RATIO_ARGS if settings.get(name) is not None}
+        groups = {}
+        if "pixel_values" in visual:
+            sizes = visual["image_sizes"]
+            sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes
+            lengths = [sum(config.num_image_tokens(int(h), int(w))) for h, w in sizes]
+            groups[config.image_token_id] = (("pixel_values", "image_sizes", "hiera_pixel_values"), lengths)
+        if "pixel_values_videos" in visual:
+            videos = visual["pixel_values_videos"]
+            frames = [video.shape[0] for video in (videos.unbind(0) if isinstance(videos, torch.Tensor) else videos)]
+            lengths = [sum(config.num_video_tokens(t, **overrides)) for t in frames]
+            groups[config.video_token_id] = (("pixel_values_videos", "hiera_pixel_values_videos"), lengths)
+        expanded = {}
+        for token_id, (names, lengths) in groups.items():
+            order = _row_major_item_order(input_ids, token_id, lengths, expand_size)
+            for name in names:
+                if name in visual:
+                    expanded[name] = _take_items(visual[name], order)
+        return expanded
 
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool = False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
