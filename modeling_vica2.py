@@ -9,6 +9,7 @@ the research release computes; every step below reproduces it.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -88,6 +89,30 @@ class Vica2PreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+
+    # Modules that stay in full precision when the language model is quantized (bitsandbytes 4/8-bit): the vision
+    # towers are small next to the LLM and sensitive, the projectors and the head carry every token.
+    vision_module_names = ("vision_tower", "hiera_tower", "multi_modal_projector", "hiera_projector")
+
+    @classmethod
+    def quantization_skip_modules(cls) -> list[str]:
+        """Full module-name prefixes that bitsandbytes must not quantize (for `llm_int8_skip_modules`)."""
+        prefix = "model." if cls.base_model_prefix and issubclass(cls, GenerationMixin) else ""
+        names = [prefix + name for name in cls.vision_module_names]
+        return names + (["lm_head"] if prefix else [])
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # A BitsAndBytesConfig without its own skip list would quantize the vision towers too; keep them (and the
+        # head) in full precision unless the caller chose otherwise.
+        quantization_config = kwargs.get("quantization_config")
+        if getattr(quantization_config, "quant_method", None) == "bitsandbytes" and not getattr(
+            quantization_config, "llm_int8_skip_modules", None
+        ):
+            quantization_config = copy.deepcopy(quantization_config)
+            quantization_config.llm_int8_skip_modules = cls.quantization_skip_modules()
+            kwargs["quantization_config"] = quantization_config
+        return super().from_pretrained(*args, **kwargs)
 
     def _init_weights(self, module):
         # The towers and the language model are PreTrainedModels and initialise themselves.
