@@ -1,0 +1,438 @@
+# Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
+"""ViCA2 image processor: SigLIP pixels (anyres tiles for images) and Hiera pixels, for images and video frames.
+
+The recipes are the research release's, reproduced exactly (see SPEC.md):
+
+- SigLIP: resize the uint8 RGB picture to S x S with PIL bicubic (aspect ratio not kept), x / 255, then
+  (x - 0.5) / 0.5. A single image is also tiled LLaVA-OneVision style ("anyres"): the best grid resolution is
+  chosen, the image is resized into it keeping its aspect ratio and pasted centred on black, then cut into S x S
+  tiles row by row; tile 0 is the whole image squashed to S x S.
+- Hiera: x / 255 as float, bilinear resize to Hs x Hs on the float tensor *without* antialiasing (the release ran
+  torchvision 0.16, whose tensor resize did not antialias; `hiera_antialias=True` switches it on), then ImageNet
+  mean / std.
+
+The PIL bicubic resize of uint8 data is what the release did and it is not reproducible with tensor ops, so it
+runs frame by frame; everything else works on whole batches of frames. The rescale + normalise of uint8 pixels
+reproduces the release's float operations (float64 rescale cast to float32, float32 normalise) bit for bit: see
+`normalize_uint8`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, load_image
+from transformers.processing_utils import ImagesKwargs
+
+from .configuration_vica2 import DEFAULT_IMAGE_GRID_PINPOINTS, select_best_resolution
+
+
+# Frames per chunk of the Hiera resize: bounds the float copy of full-resolution frames (4 x 1080p ~ 100 MB).
+HIERA_CHUNK_FRAMES = 4
+
+
+class Vica2ImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    hiera_size (`int`, *optional*, defaults to 1024):
+        Side of the square Hiera input (`config.hiera_config.image_size[0]`).
+    hiera_image_mean (`list[float]`, *optional*, defaults to ImageNet's):
+        Per-channel mean of the Hiera normalisation.
+    hiera_image_std (`list[float]`, *optional*, defaults to ImageNet's):
+        Per-channel std of the Hiera normalisation.
+    hiera_antialias (`bool`, *optional*, defaults to `False`):
+        Antialias the Hiera resize. The release did not (torchvision 0.16); it only matters when downscaling.
+    image_grid_pinpoints (`list[list[int]]`, *optional*):
+        Candidate `[height, width]` resolutions of the anyres tiling (`config.image_grid_pinpoints`).
+    """
+
+    hiera_size: int
+    hiera_image_mean: list[float] | tuple[float, ...]
+    hiera_image_std: list[float] | tuple[float, ...]
+    hiera_antialias: bool
+    image_grid_pinpoints: list[list[int]]
+
+
+class Vica2ImageProcessor(PilBackend):
+    r"""
+    Prepares images and video frames for ViCA2's two vision towers (no torchvision needed).
+
+    `__call__(images)` returns, for single images, `pixel_values` (num_images, max_tiles, 3, S, S) zero-padded past
+    each image's tiles, `image_sizes` (num_images, 2) = original (height, width) and `hiera_pixel_values`
+    (num_images, 3, Hs, Hs). `preprocess_video(frames)` returns the per-frame SigLIP pixels and the Hiera pixels of
+    the frames Hiera encodes. Inputs: PIL images, or uint8 arrays / tensors (H, W, 3); grayscale and RGBA are
+    converted to RGB the way the release's `Image.convert("RGB")` does (alpha is dropped, not composited).
+    """
+
+    model_input_names = ["pixel_values", "image_sizes", "hiera_pixel_values"]
+    valid_kwargs = Vica2ImageProcessorKwargs
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = (0.5, 0.5, 0.5)
+    image_std = (0.5, 0.5, 0.5)
+    size = {"height": 384, "width": 384}
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    hiera_size = 1024
+    hiera_image_mean = tuple(IMAGENET_DEFAULT_MEAN)
+    hiera_image_std = tuple(IMAGENET_DEFAULT_STD)
+    hiera_antialias = False
+    image_grid_pinpoints = DEFAULT_IMAGE_GRID_PINPOINTS
+
+    # ------------------------------------------------------------------------------------------- input handling
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        """A flat list of images from an image, a list, a nested list, or a (N, H, W, C) batch array."""
+        return flatten_images(images)
+
+    def process_image(self, image, **kwargs) -> np.ndarray:
+        """One image as a uint8 RGB (H, W, 3) array."""
+        return to_rgb_uint8(image, what="image")
+
+    # ------------------------------------------------------------------------------------------- images
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        do_resize: bool = True,
+        size=None,
+        resample=None,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean=None,
+        image_std=None,
+        hiera_size: int | None = None,
+        hiera_image_mean=None,
+        hiera_image_std=None,
+        hiera_antialias: bool | None = None,
+        image_grid_pinpoints=None,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        _require_resize(do_resize)
+        side = _square_side(size)
+        _check_pinpoints(image_grid_pinpoints, side)
+        siglip_norm = self._siglip_normalization(do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+        tiles = [anyres_tiles(image, side, image_grid_pinpoints, resample) for image in images]
+        pixel_values = torch.zeros(len(images), max(len(t) for t in tiles), 3, side, side)
+        for i, image_tiles in enumerate(tiles):
+            pixel_values[i, : len(image_tiles)] = normalize_uint8(np.stack(image_tiles), *siglip_norm)
+        hiera = torch.cat(
+            [
+                self._hiera(image[None], hiera_size, hiera_image_mean, hiera_image_std, hiera_antialias)
+                for image in images
+            ]
+        )
+        data = {
+            "pixel_values": pixel_values,
+            "image_sizes": torch.tensor([image.shape[:2] for image in images], dtype=torch.long),
+            "hiera_pixel_values": hiera,
+        }
+        return BatchFeature(_as_return_type(data, return_tensors))
+
+    # ------------------------------------------------------------------------------------------- videos
+    def preprocess_video(
+        self,
+        frames: np.ndarray,
+        hiera_frame_stride: int = 1,
+        hiera_antialias: bool | None = None,
+        return_tensors="pt",
+    ) -> BatchFeature:
+        """SigLIP pixels of every frame and Hiera pixels of every `hiera_frame_stride`-th frame.
+
+        Args:
+            frames: (T, H, W, 3) uint8 RGB, e.g. from `load_video` or `to_video_frames`.
+            hiera_frame_stride: k = video_frames_budget / hiera_frames; only frames 0, k, 2k, ... are prepared for
+                Hiera (the model encodes no others), which saves most of the 1024 x 1024 work.
+
+        Returns:
+            `pixel_values_videos` (T, 3, S, S) and `hiera_pixel_values_videos` (ceil(T / k), 3, Hs, Hs).
+        """
+        frames = to_video_frames(frames)
+        side = _square_side(self.size)
+        resized = np.stack([pil_resize(frame, side, self.resample) for frame in frames])
+        hiera = self._hiera(
+            frames[::hiera_frame_stride], self.hiera_size, self.hiera_image_mean, self.hiera_image_std, hiera_antialias
+        )
+        siglip = normalize_uint8(resized, *self._default_siglip_normalization())
+        data = {"pixel_values_videos": siglip, "hiera_pixel_values_videos": hiera}
+        return BatchFeature(_as_return_type(data, return_tensors))
+
+    def preprocess_resized_video(self, siglip_frames: np.ndarray, hiera_frames: np.ndarray, return_tensors="pt"):
+        """Normalise frames that fast decoding already resized: (T, 3, S, S) and (T_h, 3, Hs, Hs) uint8 RGB."""
+        hiera_normalization = (1 / 255, self.hiera_image_mean, self.hiera_image_std)
+        data = {
+            "pixel_values_videos": normalize_uint8(
+                siglip_frames, *self._default_siglip_normalization(), channels_first=True
+            ),
+            "hiera_pixel_values_videos": normalize_uint8(hiera_frames, *hiera_normalization, channels_first=True),
+        }
+        return BatchFeature(_as_return_type(data, return_tensors))
+
+    # ------------------------------------------------------------------------------------------- shared steps
+    def _default_siglip_normalization(self) -> tuple:
+        return self._siglip_normalization(
+            self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean, self.image_std
+        )
+
+    @staticmethod
+    def _siglip_normalization(do_rescale, rescale_factor, do_normalize, image_mean, image_std) -> tuple:
+        """(rescale_factor, mean, std) of the SigLIP recipe, with the do_rescale / do_normalize switches applied."""
+        return (
+            rescale_factor if do_rescale else 1.0,
+            tuple(image_mean) if do_normalize else (0.0, 0.0, 0.0),
+            tuple(image_std) if do_normalize else (1.0, 1.0, 1.0),
+        )
+
+    def _hiera(self, frames: np.ndarray, size, mean, std, antialias) -> torch.Tensor:
+        return hiera_pixels(
+            frames,
+            size if size is not None else self.hiera_size,
+            mean if mean is not None else self.hiera_image_mean,
+            std if std is not None else self.hiera_image_std,
+            self.hiera_antialias if antialias is None else antialias,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- pixel recipes
+def pil_resize(frame: np.ndarray, side: int, resample=PILImageResampling.BICUBIC) -> np.ndarray:
+    """The release's SigLIP resize: uint8 RGB to side x side with PIL (bicubic), aspect ratio not kept."""
+    return np.asarray(Image.fromarray(frame).resize((side, side), resample=_pil_filter(resample)))
+
+
+def anyres_tiles(image: np.ndarray, side: int, grid_pinpoints, resample=PILImageResampling.BICUBIC) -> list:
+    """The release's anyres views of one image (uint8 (H, W, 3)): the whole image squashed to side x side, then the
+    side x side tiles, row by row, of the image fitted (aspect kept) and centred on black in its best grid."""
+    height, width = image.shape[:2]
+    best_height, best_width = select_best_resolution(height, width, grid_pinpoints)
+    new_height, new_width = _fitted_size(height, width, best_height, best_width)
+    picture = Image.fromarray(image)
+    canvas = Image.new("RGB", (best_width, best_height), (0, 0, 0))
+    resized = picture.resize((new_width, new_height), resample=_pil_filter(resample))
+    canvas.paste(resized, ((best_width - new_width) // 2, (best_height - new_height) // 2))
+    grid = np.asarray(canvas)
+    tiles = [
+        grid[top : top + side, left : left + side]
+        for top in range(0, best_height, side)
+        for left in range(0, best_width, side)
+    ]
+    return [pil_resize(image, side, resample)] + tiles
+
+
+def _fitted_size(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
+    """Size of the image resized into the target keeping its aspect ratio: the filled side equals the target, the
+    other is min(ceil(side * scale), target) (the release's `resize_and_pad_image`)."""
+    scale_w, scale_h = target_width / width, target_height / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_height), target_width
+    return target_height, min(math.ceil(width * scale_h), target_width)
+
+
+def hiera_pixels(frames: np.ndarray, size: int, mean, std, antialias: bool = False) -> torch.Tensor:
+    """The release's SAM2 recipe on uint8 RGB frames (N, H, W, 3) -> float32 (N, 3, size, size).
+
+    /255 as torchvision's ToTensor does it (float division), bilinear resize on the float tensor
+    (align_corners=False, antialias off by default as in torchvision 0.16), then (x - mean) / std.
+    """
+    out = torch.empty(len(frames), 3, size, size)
+    for start in range(0, len(frames), HIERA_CHUNK_FRAMES):
+        chunk = torch.from_numpy(np.ascontiguousarray(frames[start : start + HIERA_CHUNK_FRAMES]))
+        chunk = chunk.permute(0, 3, 1, 2).contiguous().float().div_(255)
+        out[start : start + len(chunk)] = F.interpolate(
+            chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
+        )
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return out.sub_(mean).div_(std)
+
+
+def _lut(rescale_factor: float, mean, std) -> np.ndarray:
+    """(3, 256) float32: value v of channel c -> (float32(v * rescale_factor) - mean[c]) / std[c], computed with the
+    float types of transformers' `rescale` (float64 product cast to float32) and `normalize` (float32), which the
+    release used."""
+    values = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    mean = np.asarray(mean, dtype=np.float32).reshape(3, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(3, 1)
+    return ((values[None, :] - mean) / std).astype(np.float32)
+
+
+def normalize_uint8(
+    pixels: np.ndarray, rescale_factor: float, mean, std, channels_first: bool = False
+) -> torch.Tensor:
+    """uint8 (N, H, W, 3) (or (N, 3, H, W) with `channels_first`) -> float32 (N, 3, H, W) =
+    (x * rescale_factor - mean) / std, bit-identical to the release.
+
+    Each output value depends on one uint8 value only, so the release's result is the 256-entry table `_lut`.
+    Batched float32 tensor ops `(x / divisor - mean) / std` reproduce that table exactly for the recipes used here
+    (checked on all 256 values every call); otherwise the table is gathered.
+    """
+    lut = _lut(rescale_factor, mean, std)
+    pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+    if channels_first:
+        out = pixels.float()
+    else:  # one pass that converts and transposes (cheaper than transposing the float copy)
+        out = torch.empty(pixels.shape[0], 3, *pixels.shape[1:3]).copy_(pixels.permute(0, 3, 1, 2))
+    divisor = 1.0 / rescale_factor
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    values = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256).expand(1, 3, 1, 256)
+    if torch.equal(((values / divisor - mean) / std).view(3, 256), torch.from_numpy(lut)):
+        return out.div_(divisor).sub_(mean).div_(std)
+    table = torch.from_numpy(lut)
+    for channel in range(3):
+        out[:, channel] = table[channel][out[:, channel].long()]
+    return out
+
+
+def _pil_filter(resample):
+    return Image.Resampling(int(resample)) if resample is not None else Image.Resampling.BICUBIC
+
+
+def _square_side(size) -> int:
+    height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+    if height != width:
+        raise ValueError(f"ViCA2's SigLIP input is square; got size height={height}, width={width}.")
+    return height
+
+
+def _check_pinpoints(grid_pinpoints, side: int) -> None:
+    if any(len(p) != 2 or p[0] % side or p[1] % side for p in grid_pinpoints):
+        raise ValueError(
+            f"image_grid_pinpoints must be [height, width] multiples of the SigLIP size {side} (anyres tiles are "
+            f"{side} x {side}); got {grid_pinpoints}. Build the image processor from the model config "
+            "(Vica2Processor.from_model_config)."
+        )
+
+
+def _require_resize(do_resize) -> None:
+    if do_resize is False:
+        raise ValueError("do_resize=False is not supported: the SigLIP tower needs S x S inputs.")
+
+
+def _as_return_type(data: dict, return_tensors) -> dict:
+    if str(return_tensors) in ("np", "TensorType.NUMPY"):
+        return {key: value.numpy() for key, value in data.items()}
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- input checks
+def flatten_images(images) -> list:
+    """A flat list of single images from an image, a (nested) list of images, or an (N, H, W, C) array."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in flatten_images(item)]
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def to_rgb_uint8(image, what: str = "image") -> np.ndarray:
+    """A PIL image, uint8 array / tensor ((H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4) or a path / URL as a
+    uint8 RGB (H, W, 3) array. Grayscale is replicated, alpha dropped (as PIL's `convert("RGB")`)."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _load_image_file(os.fspath(image))
+    if isinstance(image, Image.Image):
+        return np.array(image if image.mode == "RGB" else image.convert("RGB"))  # a writable copy
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(
+            f"Unsupported {what} type {type(image).__name__}: pass a PIL image, a uint8 numpy array or torch tensor "
+            "of shape (height, width, 3), or a path."
+        )
+    if image.dtype != np.uint8:
+        raise ValueError(
+            f"The {what} array has dtype {image.dtype}; ViCA2's preprocessing is defined on uint8 RGB (0..255). "
+            "Convert it first, e.g. `(x * 255).round().clip(0, 255).astype(np.uint8)` for floats in [0, 1]."
+        )
+    return _to_three_channels(_channels_last(image, what), what)
+
+
+def _channels_last(image: np.ndarray, what: str) -> np.ndarray:
+    if image.ndim == 2:
+        return image[..., None]
+    if image.ndim == 3 and image.shape[-1] in (1, 3, 4):
+        return image
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4):
+        return np.moveaxis(image, 0, -1)
+    raise ValueError(
+        f"The {what} array has shape {tuple(image.shape)}; expected (height, width, 3) RGB (also accepted: "
+        "(height, width) grayscale, 4-channel RGBA, or channels first)."
+    )
+
+
+def _to_three_channels(image: np.ndarray, what: str) -> np.ndarray:
+    channels = image.shape[-1]
+    if channels == 3:
+        return image
+    if channels == 1:
+        return np.repeat(image, 3, axis=-1)
+    if channels == 4:
+        return np.ascontiguousarray(image[..., :3])
+    raise ValueError(f"The {what} has {channels} channels; expected 3 (RGB), 1 (grayscale) or 4 (RGBA).")
+
+
+def _load_image_file(path: str) -> Image.Image:
+    if not path.startswith(("http://", "https://", "data:")) and not os.path.isfile(path):
+        raise FileNotFoundError(f"Image file not found: '{path}'. Check the path, or pass a PIL image or an array.")
+    return load_image(path)
+
+
+def to_video_frames(video) -> np.ndarray:
+    """Decoded frames as a uint8 RGB (T, H, W, 3) array, used as given (no resampling of time).
+
+    Accepts a uint8 array or tensor of shape (T, H, W, C) (or (T, C, H, W)) with C in 1, 3, 4, or a list of PIL
+    images / (H, W, C) arrays of one size. Anything else raises an error that says what was expected.
+    """
+    if isinstance(video, (list, tuple)):
+        if not video:
+            raise ValueError("A video has no frames: pass at least one frame.")
+        frames = [to_rgb_uint8(frame, what="video frame") for frame in video]
+        sizes = sorted({frame.shape[:2] for frame in frames})
+        if len(sizes) > 1:
+            raise ValueError(
+                f"The frames of one video must all have the same size; got {', '.join(map(str, sizes))}. Resize them "
+                "to one size first."
+            )
+        return np.stack(frames)
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu().numpy()
+    if not isinstance(video, np.ndarray):
+        raise TypeError(
+            f"Unsupported video type {type(video).__name__}: pass a path, a file object, a uint8 array of shape "
+            "(frames, height, width, 3), or a list of frames."
+        )
+    if video.ndim != 4:
+        raise ValueError(
+            f"A video array must have 4 dimensions (frames, height, width, 3); got shape {tuple(video.shape)}. For a "
+            "single frame use `frame[None]`; for a still picture consider `images=`."
+        )
+    if video.shape[0] == 0:
+        raise ValueError("A video has no frames (its first dimension is 0): pass at least one frame.")
+    if video.dtype != np.uint8:
+        raise ValueError(
+            f"Video frames have dtype {video.dtype}; ViCA2's preprocessing is defined on uint8 RGB (0..255). Convert "
+            "them first, e.g. `(x * 255).round().clip(0, 255).astype(np.uint8)` for floats in [0, 1]."
+        )
+    if video.shape[-1] not in (1, 3, 4) and video.shape[1] in (1, 3, 4):
+        video = np.moveaxis(video, 1, -1)
+    if video.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"Video frames have shape {tuple(video.shape[1:])}; expected (height, width, 3) RGB frames "
+            "(1-channel grayscale and 4-channel RGBA are converted)."
+        )
+    return _to_three_channels(video, "video")
+
+
+Vica2ImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = ["Vica2ImageProcessor"]
