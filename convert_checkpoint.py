@@ -1,17 +1,48 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
 """Convert a ViCA2 research-release checkpoint into a hub folder that loads with `trust_remote_code=True`.
 
-This module owns the mapping from the release's names and config to ours: `release_key_to_hub` and
+    python convert_checkpoint.py --input-dir RAW --output-dir OUT [--sam2-checkpoint PATH] [--dtype bfloat16]
+        [--max-shard-size 5GB] [--verify] [--overwrite] [--push-to-hub REPO_ID [--private]]
+
+or, from Python, `convert_checkpoint(input_dir, output_dir, ...)`.
+
+Inputs: a ViCA2 release folder (config.json with model_type "vica_qwen"), or a LLaVA-Video-Qwen2 folder plus a
+SAM2.1 checkpoint (`--sam2-checkpoint`), which assembles a fresh "ViCA2-init" whose spatial projector is newly
+initialised. The output folder holds sharded safetensors, config.json (full `auto_map`), generation_config.json,
+the processor and tokenizer (with `<image>`/`<video>` added), the remote-code files and a model card.
+
+This module also owns the mapping from the release's names and config to ours: `release_key_to_hub` and
 `release_config_to_vica2` are the one place where that correspondence is written down.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import logging
+import os
 import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from vica2.configuration_vica2 import Vica2Config
+import torch
+from huggingface_hub import ModelCard, ModelCardData, split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from vica2.configuration_vica2 import AUTO_MAP, Vica2Config
 
 
+logger = logging.getLogger("vica2.convert")
+
+# The remote-code files live next to this script (the repository root is the `vica2` package).
+REPO_ROOT = Path(__file__).resolve().parent
 # Release prefixes -> ours (first match wins).
 _PREFIXES = (
     ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
@@ -27,24 +58,41 @@ _PREFIXES = (
     ("lm_head.", "lm_head."),
 )
 
-# Meta's Hiera module names -> transformers' Sam2HieraDetModel names.
+# Meta's Hiera module names -> transformers' Sam2HieraDetModel names, inside `blocks.N.` or at the trunk's top.
 _HIERA_RENAMES = (
-    (re.compile(r"^patch_embed\.proj\."), "patch_embed.projection."),
-    (re.compile(r"^(blocks\.\d+)\.norm1\."), r"\1.layer_norm1."),
-    (re.compile(r"^(blocks\.\d+)\.norm2\."), r"\1.layer_norm2."),
-    (re.compile(r"^(blocks\.\d+)\.mlp\.layers\.0\."), r"\1.mlp.proj_in."),
-    (re.compile(r"^(blocks\.\d+)\.mlp\.layers\.1\."), r"\1.mlp.proj_out."),
+    ("patch_embed.proj.", "patch_embed.projection."),
+    ("norm1.", "layer_norm1."),
+    ("norm2.", "layer_norm2."),
+    ("mlp.layers.0.", "mlp.proj_in."),
+    ("mlp.layers.1.", "mlp.proj_out."),
 )
 
 # SigLIP weights the release stores but never uses: its features leave the last kept layer directly.
 _UNUSED_SIGLIP = re.compile(r"^model\.vision_tower\.(post_layernorm|head)\.")
 
 
+def _rename_hiera(key: str, inverse: bool = False) -> str:
+    block, rest = re.match(r"^(blocks\.\d+\.)?(.*)$", key).groups()
+    for meta, ours in _HIERA_RENAMES:
+        old, new = (ours, meta) if inverse else (meta, ours)
+        if rest.startswith(old):
+            return (block or "") + new + rest[len(old) :]
+    return key
+
+
 def hiera_trunk_key(key: str) -> str:
     """Rename a key of Meta's Hiera trunk (relative to the trunk) to `Sam2HieraDetModel`'s name."""
-    for pattern, replacement in _HIERA_RENAMES:
-        key = pattern.sub(replacement, key)
-    return key
+    return _rename_hiera(key)
+
+
+def hub_key_to_release(key: str) -> str:
+    """The release's name for one of our parameters (the inverse of `release_key_to_hub`)."""
+    if key.startswith("model.hiera_tower."):
+        key = "model.hiera_tower." + _rename_hiera(key[len("model.hiera_tower.") :], inverse=True)
+    for old, new in _PREFIXES:
+        if key.startswith(new):
+            return old + key[len(new) :]
+    raise KeyError(f"no release name for {key}")
 
 
 def release_key_to_hub(key: str, num_siglip_layers: int | None = None) -> str | None:
@@ -215,3 +263,1055 @@ def release_config_to_vica2(
         hiera_feature_stage=4,
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
     )
+
+
+# ===================================================================================================== converter
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+DEFAULT_LICENSE = "apache-2.0"
+# What ViCA2 is built from: LLaVA-Video-7B-Qwen2 (SigLIP, projector, Qwen2) and the SAM2.1 base-plus Hiera trunk.
+DEFAULT_BASE_MODELS = ("lmms-lab/LLaVA-Video-7B-Qwen2", "facebook/sam2.1-hiera-base-plus")
+
+RELEASE_MODEL_TYPE = "vica_qwen"
+LLAVA_MODEL_TYPES = ("llava_qwen", "llava")
+HUB_MODEL_TYPE = "vica2"
+
+IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
+VOCAB_TENSORS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+
+# Entry points of the remote code; the files they import relatively are found by following the imports.
+REMOTE_CODE_ENTRY_FILES = (
+    "configuration_vica2.py",
+    "modeling_vica2.py",
+    "processing_vica2.py",
+    "image_processing_vica2.py",
+)
+MODEL_AUTO_MAP = AUTO_MAP  # the config already carries it; named here next to the processor's
+PROCESSOR_AUTO_MAP = {
+    "AutoProcessor": "processing_vica2.Vica2Processor",
+    "AutoImageProcessor": "image_processing_vica2.Vica2ImageProcessor",
+}
+PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
+
+# How many names an error message lists per category before summarising.
+_MAX_LISTED = 25
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted as asked; the message says what is wrong and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------ key mappers
+@dataclass(frozen=True)
+class Dropped:
+    """An input tensor that is deliberately not converted, and why."""
+
+    reason: str
+
+
+KeyMapper = Callable[[str], "str | Dropped"]
+
+
+def release_mapper(num_siglip_layers: int) -> KeyMapper:
+    """Release (and LLaVA-Video) keys -> our names; the unused SigLIP weights are dropped with their reason."""
+
+    def mapper(key: str) -> str | Dropped:
+        target = release_key_to_hub(key, num_siglip_layers)
+        if target is not None:
+            return target
+        if ".post_layernorm." in key:
+            return Dropped("SigLIP post_layernorm: ViCA2 takes the features before it")
+        if ".head." in key:
+            return Dropped("SigLIP attention-pooling head: unused by ViCA2")
+        return Dropped(f"SigLIP encoder layer beyond the {num_siglip_layers} kept (the release deletes the last one)")
+
+    return mapper
+
+
+def _trunk_mapper(prefix: str, rename: Callable[[str], str]) -> KeyMapper:
+    """SAM2 checkpoint keys: the Hiera trunk under `prefix` is kept, every other SAM2 part is dropped."""
+
+    def mapper(key: str) -> str | Dropped:
+        if key.startswith(prefix):
+            return "model.hiera_tower." + rename(key[len(prefix) :])
+        return Dropped(f"SAM2 part outside the Hiera trunk ({key.split('.')[0]}.*): not used by ViCA2")
+
+    return mapper
+
+
+def meta_sam2_mapper() -> KeyMapper:
+    """Meta's SAM2.1 `.pt` (`model` -> `image_encoder.trunk.*`, Meta's module names)."""
+    return _trunk_mapper("image_encoder.trunk.", hiera_trunk_key)
+
+
+def transformers_sam2_mapper() -> KeyMapper:
+    """A transformers `Sam2Model` folder (`vision_encoder.backbone.*`, already `Sam2HieraDetModel` names)."""
+    return _trunk_mapper("vision_encoder.backbone.", lambda key: key)
+
+
+def identity_mapper(key: str) -> str:
+    return key
+
+
+# ------------------------------------------------------------------------------------------------ weight files
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class WeightFile:
+    """One file of tensors. `infos()` reads names and shapes without the data; `tensors()` yields the tensors one at
+    a time, in the same order, so a conversion holds at most one input file in memory."""
+
+    name: str
+
+    def infos(self) -> list[TensorInfo]:
+        raise NotImplementedError
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class SafetensorsFile(WeightFile):
+    def __init__(self, path: Path):
+        self.path, self.name = Path(path), Path(path).name
+
+    def infos(self) -> list[TensorInfo]:
+        with safe_open(self.path, framework="pt") as f:
+            return [
+                TensorInfo(key, tuple(f.get_slice(key).get_shape()), _SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()])
+                for key in f.keys()
+            ]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        with safe_open(self.path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+class TorchFile(WeightFile):
+    """A `torch.save` file (`pytorch_model*.bin`, Meta's SAM2 `.pt`), loaded with `weights_only=True` (plain tensors
+    only, never arbitrary pickled objects) and memory-mapped where the file format allows it."""
+
+    def __init__(self, path: Path, subkey: str | None = None):
+        self.path, self.subkey, self.name = Path(path), subkey, Path(path).name
+
+    def _load(self) -> dict:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped; anything else is real
+                raise ConversionError(f"Cannot read {self.path}: {error}") from error
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - UnpicklingError and friends: say which file and why
+            raise ConversionError(
+                f"Cannot read {self.path} as plain tensors (loaded with weights_only=True, which refuses arbitrary "
+                f"pickled objects): {error}"
+            ) from error
+        if self.subkey is not None:
+            if not isinstance(state, dict) or self.subkey not in state:
+                raise ConversionError(f"{self.path} has no '{self.subkey}' entry; expected Meta's SAM2.1 checkpoint.")
+            state = state[self.subkey]
+        bad = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+        if bad:
+            raise ConversionError(f"{self.path} holds non-tensor entries: {_listing(bad)}")
+        return state
+
+    def infos(self) -> list[TensorInfo]:
+        return [TensorInfo(key, tuple(value.shape), value.dtype) for key, value in self._load().items()]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self._load().items()
+
+
+class InMemoryFile(WeightFile):
+    """Tensors made by the converter itself (the freshly initialised spatial projector of ViCA2-init)."""
+
+    def __init__(self, name: str, tensors: dict[str, torch.Tensor]):
+        self.name, self._tensors = name, tensors
+
+    def infos(self) -> list[TensorInfo]:
+        return [TensorInfo(key, tuple(value.shape), value.dtype) for key, value in self._tensors.items()]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self._tensors.items()
+
+
+class ShapesOnlyFile(WeightFile):
+    """Names and shapes without data (e.g. the 7B key listing): enough to plan and validate a conversion."""
+
+    def __init__(self, name: str, infos: list[TensorInfo]):
+        self.name, self._infos = name, infos
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        raise ConversionError(f"{self.name} lists shapes only; it has no tensor data to convert.")
+
+
+def find_weight_files(folder: Path) -> list[WeightFile]:
+    """The weight files of a checkpoint folder: safetensors (single or indexed shards) first, else `.bin`."""
+    layouts = (
+        ("model.safetensors.index.json", "model.safetensors", SafetensorsFile),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", TorchFile),
+    )
+    for index_name, single_name, file_class in layouts:
+        index = folder / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [name for name in names if not (folder / name).is_file()]
+            if missing:
+                raise ConversionError(f"{index} lists shards that are not in {folder}: {_listing(missing)}")
+            return [file_class(folder / name) for name in names]
+        if (folder / single_name).is_file():
+            return [file_class(folder / single_name)]
+    raise ConversionError(
+        f"No weights in {folder}: expected model.safetensors, model.safetensors.index.json + shards, "
+        "pytorch_model.bin or pytorch_model.bin.index.json + shards."
+    )
+
+
+@dataclass
+class Source:
+    """A weight file and how its keys become ours."""
+
+    file: WeightFile
+    mapper: KeyMapper
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+@dataclass
+class ReleaseInputs:
+    """What was found on disk: the release config (in the release's vocabulary), tower sizes and weight sources."""
+
+    kind: str  # "release" (a ViCA2 checkpoint) or "vica2-init" (LLaVA-Video + SAM2.1 assembled here)
+    raw_config: dict
+    towers: dict
+    sources: list[Source]
+    generation_config: dict | None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{what}: {path} not found.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{what}: {path} is not valid JSON ({error}).") from error
+
+
+def read_towers(folder: Path) -> dict:
+    """Tower hyper-parameters: `tower_configs.json` where present (small test checkpoints), else the release's own
+    hard-coded towers (SigLIP so400m, SAM2.1 hiera_b+)."""
+    path = folder / "tower_configs.json"
+    towers = json.loads(path.read_text()) if path.is_file() else {}
+    return {name: dict(towers.get(name, default)) for name, default in RELEASE_TOWERS.items()}
+
+
+def read_inputs(input_dir: Path, sam2_checkpoint: Path | None) -> ReleaseInputs:
+    """Recognise the input folder and list its weight sources; refuse anything that is not a release we know."""
+    raw = _read_json(input_dir / "config.json", "Input config")
+    model_type = raw.get("model_type")
+    if model_type == HUB_MODEL_TYPE or "Vica2ForConditionalGeneration" in (raw.get("architectures") or []):
+        raise ConversionError(
+            f"{input_dir} is already a converted ViCA2 hub folder (model_type '{HUB_MODEL_TYPE}'): there is nothing "
+            "to convert. Load it with `from_pretrained(..., trust_remote_code=True)`, or pass the original release "
+            "folder (model_type 'vica_qwen') to convert again."
+        )
+    if model_type == RELEASE_MODEL_TYPE:
+        if sam2_checkpoint is not None:
+            raise ConversionError(
+                f"{input_dir} is a ViCA2 release, which already has its Hiera tower; --sam2-checkpoint is only for "
+                "assembling ViCA2-init from a LLaVA-Video-Qwen2 folder."
+            )
+        kind = "release"
+    elif model_type in LLAVA_MODEL_TYPES:
+        if sam2_checkpoint is None:
+            raise ConversionError(
+                f"{input_dir} is a LLaVA-Video-Qwen2 checkpoint (model_type '{model_type}') without a spatial tower. "
+                "To assemble ViCA2-init, pass the SAM2.1 Hiera weights with --sam2-checkpoint (Meta's .pt or a "
+                "transformers SAM2 folder)."
+            )
+        kind = "vica2-init"
+        raw = {**raw, "model_type": RELEASE_MODEL_TYPE}
+    else:
+        raise ConversionError(
+            f"{input_dir}/config.json has model_type {model_type!r}; expected a ViCA2 release ('vica_qwen') or, with "
+            f"--sam2-checkpoint, a LLaVA-Video-Qwen2 folder ({' or '.join(map(repr, LLAVA_MODEL_TYPES))})."
+        )
+    towers = read_towers(input_dir)
+    num_siglip_layers = release_siglip_config(towers["siglip_vision_model"])["num_hidden_layers"]
+    sources = [Source(file, release_mapper(num_siglip_layers)) for file in find_weight_files(input_dir)]
+    if kind == "vica2-init":
+        sources += sam2_sources(Path(sam2_checkpoint), towers["hiera"])
+    generation = input_dir / "generation_config.json"
+    return ReleaseInputs(
+        kind, raw, towers, sources, json.loads(generation.read_text()) if generation.is_file() else None
+    )
+
+
+# The Sam2HieraDetConfig fields that decide shapes or the computation; a SAM2 folder must agree with our Hiera.
+_HIERA_CONFIG_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "query_stride",
+    "window_positional_embedding_background_size",
+    "num_query_pool_stages",
+    "blocks_per_stage",
+    "embed_dim_per_stage",
+    "num_attention_heads_per_stage",
+    "window_size_per_stage",
+    "global_attention_blocks",
+)
+
+
+def sam2_sources(path: Path, hiera: dict) -> list[Source]:
+    """The Hiera trunk of a SAM2.1 checkpoint: Meta's `.pt` file, or a transformers SAM2 folder."""
+    if path.is_file():
+        # Meta's files carry no config; their trunk shapes are checked against hiera_b+ (or tower_configs.json),
+        # but window sizes and global blocks cannot be read from them.
+        return [Source(TorchFile(path, subkey="model"), meta_sam2_mapper())]
+    if not path.is_dir():
+        raise ConversionError(f"--sam2-checkpoint {path} does not exist.")
+    config = _read_json(path / "config.json", "SAM2 config")
+    backbone = config.get("vision_config", {}).get("backbone_config")
+    if not config.get("model_type", "").startswith("sam2") or backbone is None:
+        raise ConversionError(
+            f"{path} is not a transformers SAM2 folder (config.json needs model_type 'sam2' and "
+            "vision_config.backbone_config); pass Meta's sam2.1_hiera_*.pt file or a transformers SAM2 folder."
+        )
+    expected = release_hiera_config(hiera)
+    different = [
+        f"{name}: {backbone.get(name)!r} (SAM2) vs {expected[name]!r} (ViCA2)"
+        for name in _HIERA_CONFIG_FIELDS
+        if name in backbone and _as_list(backbone[name]) != _as_list(expected[name])
+    ]
+    if different:
+        raise ConversionError(f"The SAM2 checkpoint's Hiera is not the one ViCA2 uses: {'; '.join(different)}")
+    return [Source(file, transformers_sam2_mapper()) for file in find_weight_files(path)]
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def spatial_projector_init(config: Vica2Config, seed: int) -> dict[str, torch.Tensor]:
+    """Fresh weights for the spatial (Hiera) projector of ViCA2-init.
+
+    Weights ~ N(0, text_config.initializer_range) and zero biases: what `from_pretrained` gives a Linear that is
+    missing from a Qwen2-based checkpoint, i.e. what the release got when it added its `sam_projector` to
+    LLaVA-Video. Drawn from a `torch.Generator` seeded with `seed`, so an assembly is reproducible.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    hidden, width = config.text_config.hidden_size, config.spatial_projector_input_size
+    std = getattr(config.text_config, "initializer_range", 0.02)
+    prefix = "model.hiera_projector."
+    return {
+        prefix + "linear_1.weight": torch.randn(hidden, width, generator=generator) * std,
+        prefix + "linear_1.bias": torch.zeros(hidden),
+        prefix + "linear_2.weight": torch.randn(hidden, hidden, generator=generator) * std,
+        prefix + "linear_2.bias": torch.zeros(hidden),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ vocabulary
+@dataclass(frozen=True)
+class Vocabulary:
+    """How the release's vocabulary becomes ours.
+
+    The release shrinks its embeddings to the tokenizer at load time, so it can never emit an id at or above
+    `len(tokenizer)`. We keep every row (no other logit changes) and set `generatable_vocab_size` to the tokenizer's
+    original length: the model masks the logits of the untrained rows and of `<image>`/`<video>` to -inf.
+    `<image>`/`<video>` take spare rows when the matrix has them (Qwen2: 152,064 rows > 151,646 tokens); otherwise
+    the matrices grow by the missing rows, initialised to the mean of the tokenizer's rows. Those rows are never
+    read (placeholder positions are replaced by visual features) nor generated (masked), so the value only matters
+    as a neutral start for fine-tuning.
+    """
+
+    release_rows: int
+    tokenizer_size: int
+    image_token_id: int
+    video_token_id: int
+
+    @property
+    def rows(self) -> int:
+        return max(self.release_rows, self.image_token_id + 1, self.video_token_id + 1)
+
+    @property
+    def added_rows(self) -> int:
+        return self.rows - self.release_rows
+
+
+def add_placeholder_tokens(tokenizer, release_rows: int) -> Vocabulary:
+    """Add `<image>` and `<video>` to the tokenizer as special tokens (kept when already there)."""
+    from transformers import AddedToken
+
+    tokenizer_size = len(tokenizer)
+    if tokenizer_size > release_rows:
+        raise ConversionError(
+            f"The tokenizer has {tokenizer_size} tokens but the checkpoint's embedding only {release_rows} rows: "
+            "they do not belong together."
+        )
+    missing = [token for token in (IMAGE_TOKEN, VIDEO_TOKEN) if token not in tokenizer.get_vocab()]
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in missing], special_tokens=True)
+    image_id, video_id = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
+    # Placeholders already in the tokenizer sit at its end; they are not generatable either.
+    return Vocabulary(release_rows, min(tokenizer_size, image_id, video_id), image_id, video_id)
+
+
+def resize_vocab_rows(tensor: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
+    """Append `vocabulary.added_rows` rows equal to the mean of the tokenizer's rows (in float32, then cast)."""
+    if vocabulary.added_rows == 0:
+        return tensor
+    mean = tensor[: vocabulary.tokenizer_size].float().mean(0, keepdim=True).to(tensor.dtype)
+    return torch.cat([tensor, mean.expand(vocabulary.added_rows, -1)])
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    try:
+        # A bare config keeps AutoTokenizer from trying to parse the release config (model_type "vica_qwen").
+        return AutoTokenizer.from_pretrained(folder, config=PretrainedConfig())
+    except Exception as error:  # noqa: BLE001 - any failure here means the folder's tokenizer is unusable
+        raise ConversionError(f"Cannot load the tokenizer from {folder}: {error}") from error
+
+
+# ------------------------------------------------------------------------------------------------ config
+def build_hub_config(inputs: ReleaseInputs, vocabulary: Vocabulary, dtype: torch.dtype) -> Vica2Config:
+    """Our config for the output: the release's, plus the vocabulary rule, the dtype and the full auto_map."""
+    config = release_config_to_vica2(
+        inputs.raw_config, inputs.towers, vocabulary.image_token_id, vocabulary.video_token_id
+    )
+    config.text_config.vocab_size = vocabulary.rows
+    config.generatable_vocab_size = vocabulary.tokenizer_size
+    config.architectures = ["Vica2ForConditionalGeneration"]
+    config.auto_map = {**(getattr(config, "auto_map", None) or {}), **MODEL_AUTO_MAP, **PROCESSOR_AUTO_MAP}
+    config.dtype = dtype
+    config.text_config.dtype = config.vision_config.dtype = config.hiera_config.dtype = dtype
+    return config
+
+
+def default_dtype(raw_config: dict) -> torch.dtype:
+    """The dtype the release was saved in (bfloat16 for ViCA2-7B)."""
+    name = str(raw_config.get("torch_dtype") or raw_config.get("dtype") or "float32").replace("torch.", "")
+    return DTYPES.get(name, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass(frozen=True)
+class PlannedTensor:
+    source_index: int
+    key: str
+    target: str
+    shape: tuple[int, ...]  # output shape (the vocabulary matrices may grow)
+
+
+@dataclass
+class ConversionPlan:
+    """Every input tensor's fate, checked against the model before anything is written."""
+
+    config: Vica2Config
+    vocabulary: Vocabulary
+    dtype: torch.dtype
+    sources: list[Source]
+    tensors: list[PlannedTensor]
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (input key, reason)
+
+    def output_bytes(self) -> int:
+        return sum(_numel(shape) for shape in (t.shape for t in self.tensors)) * _itemsize(self.dtype)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def expected_tensors(config: Vica2Config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor the model loads, from a meta-device model (no memory, no init cost)."""
+    from vica2.modeling_vica2 import Vica2ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Vica2ForConditionalGeneration(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _input_shape(target: str, shape: tuple[int, ...], vocabulary: Vocabulary) -> tuple[int, ...]:
+    """The shape the input must have for `target`: the vocabulary matrices have the release's row count."""
+    return (vocabulary.release_rows, *shape[1:]) if target in VOCAB_TENSORS else shape
+
+
+def plan_conversion(
+    sources: list[Source], config: Vica2Config, vocabulary: Vocabulary, dtype: torch.dtype
+) -> ConversionPlan:
+    """Map every input key, and abort listing every unknown, unexpected, duplicate, mis-shaped or missing tensor."""
+    expected = expected_tensors(config)
+    plan = ConversionPlan(config, vocabulary, dtype, sources, [])
+    unknown, unexpected, duplicate, misshaped, seen = [], [], [], [], {}
+    for index, source in enumerate(sources):
+        for info in source.file.infos():
+            try:
+                target = source.mapper(info.key)
+            except KeyError:
+                unknown.append(f"{info.key} ({source.file.name})")
+                continue
+            if isinstance(target, Dropped):
+                plan.dropped.append((info.key, target.reason))
+            elif target not in expected:
+                unexpected.append(f"{info.key} -> {target}")
+            elif target in seen:
+                duplicate.append(f"{target} (from {seen[target]} and {info.key})")
+            else:
+                seen[target] = info.key
+                wanted = _input_shape(target, expected[target], vocabulary)
+                if info.shape != wanted:
+                    misshaped.append(f"{info.key}: checkpoint {list(info.shape)}, model expects {list(wanted)}")
+                plan.tensors.append(PlannedTensor(index, info.key, target, expected[target]))
+    missing = [name for name in expected if name not in seen]
+    _raise_problems(
+        "The checkpoint does not match the ViCA2 model; nothing was written.",
+        ("unknown keys (not a release weight we know)", unknown),
+        ("keys that map onto no model tensor", unexpected),
+        ("model tensors given twice", duplicate),
+        ("mis-shaped tensors", misshaped),
+        ("model tensors missing from the checkpoint", missing),
+    )
+    return plan
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f", ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+def _raise_problems(header: str, *categories: tuple[str, list[str]]) -> None:
+    """One ConversionError listing every non-empty category of offending names."""
+    lines = [f"- {len(names)} {title}: {_listing(names)}" for title, names in categories if names]
+    if lines:
+        raise ConversionError("\n".join([header, *lines]))
+
+
+def summarize_dropped(dropped: list[tuple[str, str]]) -> list[str]:
+    """One line per reason: the reason, how many tensors, and a few of their names."""
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in dropped:
+        by_reason.setdefault(reason, []).append(key)
+    return [f"{reason}: {len(keys)} tensor(s): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for reason, keys in by_reason.items()]
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+def convert_tensor(tensor: torch.Tensor, planned: PlannedTensor, plan: ConversionPlan) -> torch.Tensor:
+    """The output tensor for one input tensor: vocabulary rows appended where needed, cast, contiguous and owning
+    its memory (memory-mapped `.bin` tensors may be views into a shared storage, which safetensors refuses)."""
+    if tensor.shape != _input_shape(planned.target, planned.shape, plan.vocabulary):
+        raise ConversionError(f"{planned.key} changed shape while converting: {list(tensor.shape)}")
+    if planned.target in VOCAB_TENSORS:
+        tensor = resize_vocab_rows(tensor, plan.vocabulary)
+    converted = tensor.to(plan.dtype) if tensor.is_floating_point() else tensor
+    converted = converted.contiguous()
+    if converted.untyped_storage().nbytes() != converted.nbytes:
+        converted = converted.clone()
+    return converted
+
+
+def stream_converted(plan: ConversionPlan, progress: bool = False) -> Iterator[tuple[PlannedTensor, torch.Tensor]]:
+    """Yield (planned tensor, converted tensor) reading one input file at a time."""
+    by_source_key = {(t.source_index, t.key): t for t in plan.tensors}
+    with tqdm(total=len(plan.tensors), unit="tensor", desc="Converting", disable=not progress) as bar:
+        for index, source in enumerate(plan.sources):
+            bar.set_postfix_str(source.file.name)
+            for key, tensor in source.file.tensors():
+                planned = by_source_key.get((index, key))
+                if planned is None:
+                    continue  # dropped (listed in the plan)
+                yield planned, convert_tensor(tensor, planned, plan)
+                bar.update()
+
+
+class ShardWriter:
+    """Writes output shards as they fill. The shard layout is planned up front (huggingface_hub's splitter, in
+    streaming order), so every file gets its final name at once and only the shard being filled is held in memory."""
+
+    def __init__(self, folder: Path, plan: ConversionPlan, max_shard_size: int | str):
+        meta = {t.target: torch.empty(t.shape, dtype=plan.dtype, device="meta") for t in plan.tensors}
+        self.split = split_torch_state_dict_into_shards(
+            meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        )
+        self.folder = folder
+        self.pending = {name: set(tensors) for name, tensors in self.split.filename_to_tensors.items()}
+        self.buffers: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        filename = self.split.tensor_to_filename[name]
+        self.buffers.setdefault(filename, {})[name] = tensor
+        self.pending[filename].discard(name)
+        if not self.pending[filename]:
+            save_file(self.buffers.pop(filename), self.folder / filename, metadata={"format": "pt"})
+            _default_permissions(self.folder / filename)
+
+    def finish(self) -> list[str]:
+        unwritten = sorted(name for names in self.pending.values() for name in names)
+        if unwritten:
+            raise ConversionError(f"Tensors were planned but never read from the input: {_listing(unwritten)}")
+        if self.split.is_sharded:
+            index = {"metadata": self.split.metadata, "weight_map": self.split.tensor_to_filename}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        return sorted(self.split.filename_to_tensors)
+
+
+def _default_permissions(path: Path) -> None:
+    # safetensors writes through a private temporary file (mode 0600); give the shard the mode any other file gets.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_weights(plan: ConversionPlan, folder: Path, max_shard_size: int | str, progress: bool) -> list[str]:
+    writer = ShardWriter(folder, plan, max_shard_size)
+    for planned, tensor in stream_converted(plan, progress):
+        writer.add(planned.target, tensor)
+    return writer.finish()
+
+
+# ------------------------------------------------------------------------------------------------ other files
+def write_generation_config(folder: Path, inputs: ReleaseInputs, tokenizer) -> None:
+    """The release's generation settings, with `<|im_end|>` (the tokenizer's eos) as end of turn and a pad id."""
+    from transformers import GenerationConfig
+
+    settings = {
+        key: value
+        for key, value in (inputs.generation_config or {}).items()
+        if not key.startswith("_") and key != "transformers_version"
+    }
+    eos = settings.get("eos_token_id", inputs.raw_config.get("eos_token_id"))
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.insert(0, tokenizer.eos_token_id)
+    settings["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    settings.setdefault("bos_token_id", inputs.raw_config.get("bos_token_id"))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else settings.get("pad_token_id")
+    settings["pad_token_id"] = pad if pad is not None else eos[0]
+    GenerationConfig(**settings).save_pretrained(folder)
+
+
+def write_processor(folder: Path, config: Vica2Config, tokenizer) -> None:
+    """The processor files (processor/preprocessor config, chat template) and the tokenizer, with the full
+    processor auto_map so `AutoProcessor`/`AutoImageProcessor` load them with `trust_remote_code=True`."""
+    from vica2.processing_vica2 import Vica2Processor
+
+    processor = Vica2Processor.from_model_config(config, tokenizer)
+    processor.save_pretrained(folder)
+    for name in PROCESSOR_CONFIG_FILES:
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data["auto_map"] = {**data.get("auto_map", {}), **PROCESSOR_AUTO_MAP}
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def remote_code_files(root: Path = REPO_ROOT) -> list[Path]:
+    """The entry files and, recursively, every file they import with `from .x import` (as transformers does)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    files = set()
+    for name in REMOTE_CODE_ENTRY_FILES:
+        entry = root / name
+        if not entry.is_file():
+            raise ConversionError(f"Remote-code file {entry} is missing from this checkout.")
+        files.add(entry)
+        try:
+            files.update(Path(imported) for imported in get_relative_import_files(entry))
+        except FileNotFoundError as error:
+            raise ConversionError(
+                f"{entry.name} imports {Path(error.filename).name} (relatively), which is missing from {root}."
+            ) from error
+    return sorted(files)
+
+
+def copy_remote_code(folder: Path, root: Path = REPO_ROOT) -> list[str]:
+    files = remote_code_files(root)
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
+    return [path.name for path in files]
+
+
+def token_ratio_rows(config: Vica2Config) -> list[tuple[str, int, int, int]]:
+    """(setting, SigLIP tokens, Hiera tokens, total) for a full-budget video at the default and a few overrides."""
+    frames = config.video_frames_budget
+    settings = [("defaults", {})]
+    if config.hiera_frames % 2 == 0:
+        settings.append((f"hiera_frames={config.hiera_frames // 2}", {"hiera_frames": config.hiera_frames // 2}))
+    coarser = config.hiera_pool_stride * 2
+    settings.append((f"hiera_pool_stride={coarser}", {"hiera_pool_stride": coarser}))
+    rows = []
+    for name, overrides in settings:
+        siglip, hiera = config.num_video_tokens(frames, **overrides)
+        rows.append((name, siglip, hiera, siglip + hiera))
+    return rows
+
+
+def build_model_card(
+    config: Vica2Config, inputs: ReleaseInputs, base_models: list[str], license: str, repo_id: str | None
+) -> ModelCard:
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=list(base_models),
+        license=license,
+        tags=["video-text-to-text", "multimodal", "spatial-reasoning", "vica2", "custom_code"],
+    )
+    name = repo_id or "path/to/this/folder"
+    what = (
+        "ViCA2, converted from the research release"
+        if inputs.kind == "release"
+        else "ViCA2-init: LLaVA-Video-Qwen2 + the SAM2.1 Hiera trunk, with a freshly initialised spatial projector "
+        "(a starting point for training, not a trained model)"
+    )
+    ratio_table = "\n".join(
+        f"| {setting} | {siglip:,} | {hiera:,} | {total:,} |"
+        for setting, siglip, hiera, total in token_ratio_rows(config)
+    )
+    body = f"""
+# ViCA2 (transformers remote code)
+
+{what}. ViCA2 puts two vision encoders in front of Qwen2: SigLIP for semantics and the SAM2.1 Hiera trunk for
+spatial structure; each visual item becomes [SigLIP tokens ; Hiera tokens].
+
+## Usage
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{name}", trust_remote_code=True, dtype="auto", device_map="auto")
+processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True)
+
+messages = [{{"role": "user", "content": [
+    {{"type": "video", "path": "room.mp4"}},
+    {{"type": "text", "text": "How many chairs are in the room?"}},
+]}}]
+inputs = processor.apply_chat_template(
+    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+).to(model.device)
+output = model.generate(**inputs, max_new_tokens=32)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+## Token-ratio settings
+
+A video is sampled to `video_frames_budget` = {config.video_frames_budget} frames. SigLIP encodes every frame
+(pool stride `siglip_pool_stride` = {config.siglip_pool_stride}); Hiera encodes every k-th frame with
+k = `video_frames_budget` / `hiera_frames` = {config.video_frames_budget} / {config.hiera_frames}, takes stage
+`hiera_feature_stage` = {config.hiera_feature_stage} and pools it with `hiera_pool_stride` = {config.hiera_pool_stride}.
+`video_frames_budget`, `hiera_frames`, `siglip_pool_stride` and `hiera_pool_stride` can be overridden per call;
+pass the same values to the processor and to `generate` (the placeholder count must match what the model emits).
+`hiera_feature_stage` is fixed by the trained spatial projector.
+
+| setting | SigLIP tokens | Hiera tokens | total ({config.video_frames_budget} frames) |
+|---|---|---|---|
+{ratio_table}
+
+## Vocabulary
+
+`<image>` (id {config.image_token_id}) and `<video>` (id {config.video_token_id}) are special tokens of the tokenizer.
+Ids at or above `generatable_vocab_size` = {config.generatable_vocab_size} (the release tokenizer's size) are never
+generated: the model sets their logits to -inf, as the release did by shrinking its embeddings to the tokenizer.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+# ------------------------------------------------------------------------------------------------ output folder
+def check_output_dir(output_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse an existing output without --overwrite, and any output that would replace an input."""
+    resolved = output_dir.resolve()
+    for path in inputs:
+        path = path.resolve()
+        if resolved == path or resolved in path.parents:
+            raise ConversionError(f"--output-dir {output_dir} would replace the input {path}; choose another folder.")
+    if output_dir.exists() and not overwrite:
+        raise ConversionError(f"{output_dir} already exists; pass --overwrite to replace it, or choose another folder.")
+    stale = sorted(output_dir.parent.glob(".vica2-convert-*")) if output_dir.parent.is_dir() else []
+    if stale:
+        logger.warning("Left over by interrupted conversions (safe to delete): %s", ", ".join(map(str, stale)))
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a folder to write into, next to `output_dir` (same file system), and move it into place only when the
+    block succeeds. On an error nothing is left behind; after a hard kill, only a hidden `.vica2-convert-*` folder.
+    The staged folder has the output's own name, so remote-code module names are the same before and after."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging_root = Path(tempfile.mkdtemp(prefix=".vica2-convert-", dir=output_dir.parent))
+    staged = staging_root / output_dir.name
+    staged.mkdir()
+    previous = staging_root / (output_dir.name + ".previous")
+    try:
+        yield staged
+        if output_dir.exists():
+            if not overwrite:
+                raise ConversionError(f"{output_dir} appeared during the conversion; it was left untouched.")
+            os.replace(output_dir, previous)  # kept until the new folder is in place
+        try:
+            os.replace(staged, output_dir)
+        except OSError:
+            if previous.exists():
+                os.replace(previous, output_dir)
+            raise
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ verification
+def verify_conversion(folder: Path, plan: ConversionPlan) -> None:
+    """Reload `folder` as the hub would, compare every tensor with its converted input (exactly), and run one short
+    forward on a synthetic video; raise ConversionError on any mismatch or non-finite logit."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    state = model.state_dict()
+    mismatched, compared = [], set()
+    for planned, expected in stream_converted(plan):
+        loaded = state.get(planned.target)
+        if loaded is None or loaded.dtype != expected.dtype or not torch.equal(loaded, expected):
+            mismatched.append(planned.target)
+        compared.add(planned.target)
+    unchecked = [name for name in expected_tensors(plan.config) if name not in compared]
+    _raise_problems(
+        "Verification failed; the output was not moved into place.",
+        ("tensors that differ after reloading", mismatched),
+        ("tensors never compared", unchecked),
+    )
+    logits = smoke_forward(model)
+    limit = model.config.generatable_vocab_size or logits.shape[-1]
+    if not torch.isfinite(logits[..., :limit]).all():
+        raise ConversionError(
+            "Verification failed; the output was not moved into place: the reloaded model's logits on a synthetic "
+            "video are not finite."
+        )
+    logger.info("Verified %d tensors and a forward pass (%d positions).", len(compared), logits.shape[1])
+
+
+@torch.no_grad()
+def smoke_forward(model) -> torch.Tensor:
+    """Logits of the model on a tiny random video (enough frames for one Hiera frame) inside a short prompt."""
+    config = model.config
+    num_frames = config.video_frames_budget // config.hiera_frames
+    generator = torch.Generator().manual_seed(0)
+    siglip_size, hiera_size = config.vision_config.image_size, config.hiera_config.image_size
+    hiera_size = hiera_size[0] if isinstance(hiera_size, (list, tuple)) else hiera_size
+    dtype = model.dtype
+    siglip = torch.randn(1, num_frames, 3, siglip_size, siglip_size, generator=generator).to(dtype)
+    hiera = torch.randn(1, num_frames, 3, hiera_size, hiera_size, generator=generator).to(dtype)
+    num_tokens = sum(config.num_video_tokens(num_frames))
+    text = list(range(1, 5))
+    input_ids = torch.tensor([text + [config.video_token_id] * num_tokens + text])
+    model.eval()
+    return model(input_ids=input_ids, pixel_values_videos=siglip, hiera_pixel_values_videos=hiera).logits.float()
+
+
+# ------------------------------------------------------------------------------------------------ hub
+def check_hub_access(repo_id: str) -> None:
+    """Fail before any conversion work when the upload could not happen (offline, no network, not logged in)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except Exception as error:  # noqa: BLE001 - HFValidationError: say it in our words
+        raise ConversionError(f"--push-to-hub {repo_id!r} is not a valid repo id: {error}") from error
+    if constants.is_offline_mode():
+        raise ConversionError(
+            f"--push-to-hub {repo_id}: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE is set); nothing was "
+            "converted. Unset it, or convert without --push-to-hub and upload the folder later."
+        )
+    try:
+        HfApi().whoami()
+    except Exception as error:  # noqa: BLE001 - network errors, missing token, ...: all mean "cannot upload"
+        raise ConversionError(
+            f"--push-to-hub {repo_id}: cannot reach the Hugging Face Hub as a logged-in user ({type(error).__name__}: "
+            f"{error}); nothing was converted. Log in (`hf auth login` or HF_TOKEN) and check the network, or convert "
+            "without --push-to-hub."
+        ) from error
+
+
+def push_folder(folder: Path, repo_id: str, private: bool) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload converted ViCA2")
+    return str(url)
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+@dataclass
+class ConversionResult:
+    output_dir: Path
+    kind: str
+    dtype: torch.dtype
+    num_tensors: int
+    num_bytes: int
+    weight_files: list[str]
+    dropped: list[tuple[str, str]]
+    vocabulary: Vocabulary
+    remote_code: list[str]
+    verified: bool
+    hub_url: str | None = None
+
+
+def prepare_conversion(
+    input_dir: Path,
+    sam2_checkpoint: Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    projector_seed: int = 0,
+):
+    """Read and check everything, write nothing: (inputs, tokenizer with placeholders, plan)."""
+    inputs = read_inputs(input_dir, sam2_checkpoint)
+    tokenizer = load_tokenizer(input_dir)
+    vocabulary = add_placeholder_tokens(tokenizer, int(inputs.raw_config["vocab_size"]))
+    dtype = default_dtype(inputs.raw_config) if dtype is None else DTYPES.get(dtype, dtype)
+    if dtype not in DTYPES.values():
+        raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    config = build_hub_config(inputs, vocabulary, dtype)
+    sources = list(inputs.sources)
+    if inputs.kind == "vica2-init":
+        projector = spatial_projector_init(config, projector_seed)
+        sources.append(Source(InMemoryFile(f"spatial projector (seed {projector_seed})", projector), identity_mapper))
+    return inputs, tokenizer, plan_conversion(sources, config, vocabulary, dtype)
+
+
+def convert_checkpoint(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    sam2_checkpoint: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    verify: bool = False,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    projector_seed: int = 0,
+    base_models: list[str] | tuple[str, ...] = DEFAULT_BASE_MODELS,
+    license: str = DEFAULT_LICENSE,
+    progress: bool = True,
+) -> ConversionResult:
+    """Convert a ViCA2 release folder (or assemble ViCA2-init from LLaVA-Video + SAM2.1) into a hub folder.
+
+    Everything is checked before anything is written; the output is built in a hidden folder next to `output_dir`
+    and moved into place only when complete (and verified, with `verify=True`). `dtype` defaults to the release's.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    sam2_checkpoint = Path(sam2_checkpoint) if sam2_checkpoint is not None else None
+    check_output_dir(output_dir, overwrite, [input_dir] + ([sam2_checkpoint] if sam2_checkpoint else []))
+    if push_to_hub:
+        check_hub_access(push_to_hub)
+    inputs, tokenizer, plan = prepare_conversion(input_dir, sam2_checkpoint, dtype, projector_seed)
+    for line in summarize_dropped(plan.dropped):
+        logger.info("Dropped %s", line)
+    if plan.vocabulary.added_rows:
+        logger.warning(
+            "The embedding has no spare rows for <image>/<video>: %d mean-initialised row(s) added (never generated).",
+            plan.vocabulary.added_rows,
+        )
+    with staged_output(output_dir, overwrite) as staged:
+        weight_files = write_weights(plan, staged, max_shard_size, progress)
+        plan.config.save_pretrained(staged)
+        write_generation_config(staged, inputs, tokenizer)
+        write_processor(staged, plan.config, tokenizer)
+        remote_code = copy_remote_code(staged)
+        build_model_card(plan.config, inputs, list(base_models), license, push_to_hub).save(staged / "README.md")
+        if verify:
+            verify_conversion(staged, plan)
+    result = ConversionResult(
+        output_dir, inputs.kind, plan.dtype, len(plan.tensors), plan.output_bytes(), weight_files, plan.dropped,
+        plan.vocabulary, remote_code, verify,
+    )
+    if push_to_hub:
+        result.hub_url = push_folder(output_dir, push_to_hub, private)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input-dir", required=True, type=Path, help="ViCA2 release (or LLaVA-Video-Qwen2) folder")
+    parser.add_argument("--output-dir", required=True, type=Path, help="hub folder to write (must not exist)")
+    parser.add_argument(
+        "--sam2-checkpoint", type=Path, help="SAM2.1 .pt or transformers SAM2 folder: assemble ViCA2-init"
+    )
+    parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the release's)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (default), 500MB")
+    parser.add_argument("--verify", action="store_true", help="reload the output and compare every tensor")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this hub repo")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    parser.add_argument("--projector-seed", type=int, default=0, help="ViCA2-init: seed of the spatial projector")
+    parser.add_argument("--base-model", action="append", help="model card base_model (repeatable)")
+    parser.add_argument("--license", default=DEFAULT_LICENSE, help="model card license (default: apache-2.0)")
+    args = parser.parse_args(argv)
+    if args.private and not args.push_to_hub:
+        parser.error("--private needs --push-to-hub")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        result = convert_checkpoint(
+            args.input_dir,
+            args.output_dir,
+            sam2_checkpoint=args.sam2_checkpoint,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            verify=args.verify,
+            overwrite=args.overwrite,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+            projector_seed=args.projector_seed,
+            base_models=args.base_model or DEFAULT_BASE_MODELS,
+            license=args.license,
+        )
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"Wrote {result.output_dir}: {result.num_tensors} tensors ({result.num_bytes / 1e9:.2f} GB, "
+        f"{str(result.dtype).replace('torch.', '')}) in {len(result.weight_files)} file(s); "
+        f"{len(result.dropped)} input tensor(s) dropped; vocabulary {result.vocabulary.rows} rows, "
+        f"generatable ids < {result.vocabulary.tokenizer_size}"
+        + ("; verified" if result.verified else "")
+        + (f"; uploaded to {result.hub_url}" if result.hub_url else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
