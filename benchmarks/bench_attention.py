@@ -1,0 +1,401 @@
+#!/usr/bin/env python
+"""Times the `vica2_fused` Triton attention against torch SDPA (and flash-attn) on ViCA2-7B shapes.
+
+    python benchmarks/bench_attention.py                 # on a CUDA machine; prints the tables of RESULTS.md
+    python benchmarks/bench_attention.py --compile-only  # no GPU needed: compile every kernel variant the
+                                                         # benchmark launches for sm_90, report registers/spills
+
+Attention level (ms, TFLOP/s, forward and forward+backward), for each shape: our kernel, each SDPA backend
+that accepts the shape (flash, efficient, cuDNN, math), flash-attn if importable. FLOPs count 4*L_q*L_k*D per
+head (halved for causal); forward+backward counts 3.5x the forward. Hiera windows are timed for SDPA on
+already-partitioned windows (the favourable case); the end-to-end table then times whole Hiera blocks (layer
+norms, projections, partition/pad/unpartition, MLP) for the library module vs the fused block.
+Targets (issue 6): Hiera windowed / q-pooled blocks >= 1.5x the library module with SDPA; SigLIP and Qwen2
+prefill within 1.15x of the best SDPA backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Shape:
+    name: str
+    batch: int
+    q_heads: int
+    kv_heads: int
+    len_q: int
+    len_k: int
+    head_dim: int
+    causal: bool = False
+    # Hiera windows: (grid, window, query stride); `batch` is then the number of frames.
+    hiera: tuple[int, int, int] | None = None
+
+    def flops(self) -> float:
+        return 4.0 * self.batch * self.q_heads * self.len_q * self.len_k * self.head_dim * (0.5 if self.causal else 1.0)
+
+
+def hiera_shape(name, frames, grid, window, channels, heads, pool=1):
+    windows_per_side = -(-grid // window)
+    return Shape(
+        name, frames * windows_per_side**2, heads, heads, (window // pool) ** 2, window**2, channels // heads,
+        hiera=(grid, window, pool),
+    )
+
+
+def attention_shapes(frames: int, quick: bool) -> list[Shape]:
+    shapes = [
+        # Stage 1: 256x256 grid, 8x8 windows, 2 heads of 56: 1,024 windows per frame.
+        hiera_shape("hiera s1 window 8x8", frames, 256, 8, 112, 2),
+        # Stage-2 entry: queries 2x2 max-pooled inside each 8x8 window (L_q = L_k / 4), 4 heads of 56.
+        hiera_shape("hiera s2 q-pool 8x8->4x4", frames, 256, 8, 224, 4, pool=2),
+        # Stage 3: 64x64 grid padded to 70x70 for 14x14 windows, 8 heads of 56.
+        hiera_shape("hiera s3 window 14x14 (pad 64->70)", frames, 64, 14, 448, 8),
+        # Stage 3 global blocks: 4,096 tokens per frame (the fused block runs them as one 64x64 window).
+        hiera_shape("hiera s3 global 4096", frames, 64, 64, 448, 8),
+        Shape("siglip 729 tokens", 2 * frames, 16, 16, 729, 729, 72),
+        Shape("qwen2 prefill 22k causal", 1, 28, 4, 22144, 22144, 128, causal=True),
+    ]
+    return shapes[:1] + shapes[4:] if quick else shapes
+
+
+# 7B Hiera (SAM2.1 base-plus): which block of which stage, at what grid.
+HIERA_BLOCKS = [
+    ("s1 windowed block (8x8)", 0, 1, 1, 256),
+    ("s2 q-pool block (8x8 -> 4x4)", 1, 0, 2, 256),
+    ("s3 windowed block (14x14, pad 64->70)", 2, 1, 6, 64),
+    ("s3 global block (4096)", 2, 7, 12, 64),
+    ("s4 q-pool block (14x14 -> 7x7, pad 64->70)", 3, 0, 21, 64),
+]
+
+
+def hiera_7b_config():
+    from transformers import Sam2HieraDetConfig
+
+    return Sam2HieraDetConfig(
+        hidden_size=112,
+        blocks_per_stage=[2, 3, 16, 3],
+        embed_dim_per_stage=[112, 224, 448, 896],
+        num_attention_heads_per_stage=[2, 4, 8, 16],
+        window_size_per_stage=[8, 4, 14, 7],
+        global_attention_blocks=[12, 16, 20],
+        window_positional_embedding_background_size=[14, 14],
+    )
+
+
+# ============================================================================================== compile only
+def compile_only(quick: bool) -> int:
+    """Compile each kernel variant the benchmark launches for sm_90 and print its register use and spills."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("--compile-only needs compiled kernels: unset TRITON_INTERPRET.")
+        return 2
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vica2 import kernels_vica2 as kernels
+
+    dtypes = [torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    variants = {}
+    for shape in attention_shapes(frames=32, quick=quick):
+        problem = _problem_for(kernels, shape)
+        for dtype in dtypes:
+            flags = dict(
+                HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, WINDOWED=problem.windowed, POOL=problem.pool,
+                CAUSAL=problem.causal, HAS_KEY_VALID=False, HAS_MASK=False, HAS_BIAS=problem.windowed, UPCAST=False,
+            )
+            forward = kernels._forward_blocks(problem, dtype)
+            backward = kernels._backward_blocks(problem, dtype)
+            forward_key = (kernels._attention_forward_kernel, names[dtype], forward, tuple(flags.items()))
+            variants.setdefault(forward_key, shape.name)
+            for kernel in (kernels._attention_backward_dkdv_kernel, kernels._attention_backward_dq_kernel):
+                variants.setdefault((kernel, names[dtype], backward, tuple(flags.items())), shape.name)
+        if not quick and not problem.windowed:
+            # Left-padded batches (key padding) and the dense-mask path.
+            for extra in ("HAS_KEY_VALID", "HAS_MASK"):
+                flags_extra = dict(flags, **{extra: True, "UPCAST": False})
+                blocks = kernels._forward_blocks(problem, torch.bfloat16)
+                variants.setdefault((kernels._attention_forward_kernel, "bf16", blocks, tuple(flags_extra.items())),
+                                    shape.name + f" +{extra}")
+    failures = 0
+    print(f"{'kernel':34} {'dtype':5} {'tiles (M,N,warps,stages)':26} {'usage':30} shape")
+    for (kernel, dtype, (bm, bn, warps, stages), flags), shape_name in variants.items():
+        constants = dict(flags, BLOCK_M=bm, BLOCK_N=bn)
+        signature = {}
+        for param in kernel.params:
+            if param.is_constexpr:
+                signature[param.name] = "constexpr"
+            elif param.name in ("LSE", "DELTA", "DBIAS"):
+                signature[param.name] = "*fp32"
+            elif param.name in ("KEY_VALID", "MASK"):
+                signature[param.name] = "*u8"
+            elif param.name.isupper():
+                signature[param.name] = "*" + dtype
+            elif param.name in ("qk_scale", "sm_scale"):
+                signature[param.name] = "fp32"
+            else:
+                signature[param.name] = "i32"
+        constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+        source = ASTSource(kernel, signature, constexprs=constexprs)
+        try:
+            compiled = triton.compile(
+                source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
+            )
+        except Exception as error:  # noqa: BLE001 - report every failing variant
+            failures += 1
+            print(f"{kernel.__name__:34} {dtype:5} FAILED: {str(error)[-400:]}")
+            continue
+        usage = "?"
+        if cuobjdump.exists():
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(compiled.asm["cubin"])
+                cubin.flush()
+                text = subprocess.run([str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True).stdout
+            found = re.findall(r"REG:\d+ STACK:\d+", text)
+            usage = found[0] if found else "?"
+        tiles = f"{bm},{bn},{warps},{stages}"
+        print(f"{kernel.__name__:34} {dtype:5} {tiles:26} {usage:30} {shape_name}")
+    print(f"compiled {len(variants) - failures} of {len(variants)} kernel variants for sm_90")
+    return 1 if failures else 0
+
+
+def _problem_for(kernels, shape: Shape):
+    if shape.hiera is not None:
+        grid, window, pool = shape.hiera
+        side = -(-grid // window)
+        return kernels._Problem(
+            windowed=True, pool=pool, num_heads=shape.q_heads, num_kv_heads=shape.q_heads, n_seq=shape.batch,
+            len_q=shape.len_q, len_k=shape.len_k, head_dim=shape.head_dim, scale=shape.head_dim**-0.5,
+            n_win_h=side, n_win_w=side, grid_h=grid, grid_w=grid, win_h=window, win_w=window,
+            out_h=grid // pool, out_w=grid // pool,
+        )
+    return kernels._Problem(
+        windowed=False, pool=1, num_heads=shape.q_heads, num_kv_heads=shape.kv_heads, n_seq=shape.batch,
+        len_q=shape.len_q, len_k=shape.len_k, head_dim=shape.head_dim, scale=shape.head_dim**-0.5,
+        causal=shape.causal,
+    )
+
+
+# ============================================================================================== GPU timing
+def time_ms(fn, warmup: int, iters: int) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def run_attention_table(shapes, dtype, warmup, iters, device="cuda") -> list[dict]:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vica2 import kernels_vica2 as kernels
+
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        flash_attn_func = None
+
+    backends = {
+        "sdpa flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "sdpa cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa math": SDPBackend.MATH,
+    }
+    rows = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        results = {}
+        if shape.hiera is not None:
+            grid, window, pool = shape.hiera
+            frames = shape.batch // (-(-grid // window)) ** 2
+            channels = shape.q_heads * shape.head_dim
+            qkv = torch.randn(frames, grid, grid, 3 * channels, device=device, dtype=dtype, requires_grad=True)
+            bias = torch.randn(3 * channels, device=device, dtype=dtype)
+            out_hw = (grid // pool, grid // pool)
+
+            def ours():
+                return kernels.hiera_window_attention(qkv, bias, shape.q_heads, (window, window), pool,
+                                                      shape.head_dim**-0.5, out_hw)
+            ours_inputs = (qkv,)
+        else:
+            q = torch.randn(shape.batch, shape.q_heads, shape.len_q, shape.head_dim, device=device, dtype=dtype,
+                            requires_grad=True)
+            k = torch.randn(shape.batch, shape.kv_heads, shape.len_k, shape.head_dim, device=device, dtype=dtype,
+                            requires_grad=True)
+            v = torch.randn_like(k, requires_grad=True)
+
+            def ours():
+                return kernels.flash_attention(q, k, v, causal=shape.causal)
+            ours_inputs = (q, k, v)
+        results["vica2_fused"] = _time_pair(ours, warmup, iters)
+        del ours_inputs
+
+        # SDPA on (B, H, L, D) inputs; Hiera windows pre-partitioned (not timed), queries pre-pooled.
+        q = torch.randn(shape.batch, shape.q_heads, shape.len_q, shape.head_dim, device=device, dtype=dtype,
+                        requires_grad=True)
+        k = torch.randn(shape.batch, shape.kv_heads, shape.len_k, shape.head_dim, device=device, dtype=dtype,
+                        requires_grad=True)
+        v = torch.randn_like(k, requires_grad=True)
+        gqa = shape.kv_heads != shape.q_heads
+        for name, backend in backends.items():
+            if name == "sdpa math" and shape.batch * shape.q_heads * shape.len_q * shape.len_k * 2 > 8e9:
+                results[name] = ("skipped (scores > 8 GB)", None)
+                continue
+
+            def sdpa(backend=backend):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=shape.causal, enable_gqa=gqa
+                    )
+            results[name] = _time_pair(sdpa, warmup, iters)
+        if flash_attn_func is not None:
+            qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+            results["flash-attn"] = _time_pair(lambda: flash_attn_func(qf, kf, vf, causal=shape.causal), warmup, iters)
+        rows.append(dict(shape=shape, results=results))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _time_pair(fn, warmup, iters):
+    """(forward ms, forward+backward ms), or (error text, None)."""
+    import torch
+
+    try:
+        forward = time_ms(lambda: fn(), warmup, iters)
+        out = fn()
+        grad = torch.randn_like(out)
+
+        def step():
+            fn().backward(grad)
+        both = time_ms(step, warmup, iters)
+        return forward, both
+    except (RuntimeError, torch.OutOfMemoryError) as error:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = str(error).splitlines()[0][:60]
+        return (f"n/a ({message})", None)
+
+
+def print_attention_table(rows):
+    print("\n### Attention kernels (ms, TFLOP/s; ratio = best SDPA time / our time, > 1 means we are faster)\n")
+    print("| shape | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        shape, results = row["shape"], row["results"]
+        flops = shape.flops()
+        for name, (forward, both) in results.items():
+            if both is None:
+                print(f"| {shape.name} | {name} | {forward} | | | |")
+                continue
+            print(f"| {shape.name} | {name} | {forward:.3f} | {flops / forward / 1e9:.1f} | {both:.3f} | "
+                  f"{3.5 * flops / both / 1e9:.1f} |")
+        sdpa = {k: v for k, v in results.items() if k.startswith("sdpa") and v[1] is not None}
+        ours = results["vica2_fused"]
+        if sdpa and ours[1] is not None:
+            best_forward = min(v[0] for v in sdpa.values())
+            best_both = min(v[1] for v in sdpa.values())
+            print(f"| {shape.name} | **ratio vs best SDPA** | **{best_forward / ours[0]:.2f}x** | | "
+                  f"**{best_both / ours[1]:.2f}x** | |")
+
+
+def run_hiera_blocks(frames, dtype, warmup, iters, device="cuda"):
+    import torch
+    from transformers.models.sam2.modeling_sam2 import Sam2MultiScaleBlock
+
+    from vica2 import kernels_vica2 as kernels
+
+    kernels.register_vica2_attention()
+    config = hiera_7b_config()
+    config._attn_implementation = "sdpa"
+    print(f"\n### Hiera blocks end to end ({frames} frames, {str(dtype).replace('torch.', '')}; "
+          "ratio = library / fused)\n")
+    print("| block | library fwd ms | fused fwd ms | ratio | library fwd+bwd ms | fused fwd+bwd ms | ratio | "
+          "max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, stage, block, total, grid in HIERA_BLOCKS:
+        torch.manual_seed(0)
+        library = Sam2MultiScaleBlock(config, stage, block, total).to(device, dtype)
+        fused = copy.deepcopy(library)
+        fused.attn.config = copy.deepcopy(config)
+        fused.attn.config._attn_implementation = kernels.ATTENTION_NAME
+        kernels.use_fused_hiera_blocks(fused)
+        x = torch.randn(frames, grid, grid, library.dim, device=device, dtype=dtype, requires_grad=True)
+        with torch.no_grad():
+            difference = (fused(x) - library(x)).abs().max().item()
+        timings = [_time_pair(lambda module=module: module(x), warmup, iters) for module in (library, fused)]
+        (lib_f, lib_b), (fus_f, fus_b) = timings
+        if lib_b is None or fus_b is None:
+            print(f"| {name} | {lib_f} | {fus_f} | | | | | |")
+            continue
+        print(f"| {name} | {lib_f:.2f} | {fus_f:.2f} | {lib_f / fus_f:.2f}x | {lib_b:.2f} | {fus_b:.2f} | "
+              f"{lib_b / fus_b:.2f}x | {difference:.1e} |")
+        del library, fused, x
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compile-only", action="store_true", help="compile the kernel variants for sm_90 (no GPU)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes / dtypes")
+    parser.add_argument("--frames", type=int, default=32, help="Hiera frames per call (7B video: 32)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--skip-blocks", action="store_true", help="skip the end-to-end Hiera block table")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO_ROOT.parent))  # only if the `vica2` package is not installed
+
+    if args.compile_only:
+        return compile_only(args.quick)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_attention.py times CUDA kernels and found no CUDA device; nothing was measured.\n"
+              "Run it on a GPU machine, or use --compile-only to check that the kernels compile for sm_90.")
+        return 1
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("TRITON_INTERPRET=1 is set: timings would be of the CPU interpreter. Unset it.")
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    import transformers
+
+    print(f"# bench_attention.py  {datetime.date.today()}  {torch.cuda.get_device_name()}  torch {torch.__version__}"
+          f"  transformers {transformers.__version__}  triton {__import__('triton').__version__}  {args.dtype}")
+    rows = run_attention_table(attention_shapes(args.frames, args.quick), dtype, args.warmup, args.iters)
+    print_attention_table(rows)
+    if not args.skip_blocks:
+        run_hiera_blocks(args.frames, dtype, args.warmup, args.iters)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
