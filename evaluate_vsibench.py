@@ -1,0 +1,765 @@
+# Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
+"""Evaluate a converted ViCA2 on VSI-Bench, scored exactly as the benchmark's authors score it.
+
+    vica2 eval-vsibench --model DIR_OR_REPO --data VSI-Bench/test-00000-of-00001.parquet --video-root VSI-Bench \\
+        --output-dir results/vica2-7b
+    vica2 eval-vsibench ... --shard 0/4          # one of four parallel runs (e.g. one per GPU); then:
+    vica2 eval-vsibench --merge --output-dir results/vica2-7b
+
+Writes `predictions.jsonl` (one line per question: id, type, prompt, raw output, parsed answer, score) and
+`summary.json` (per task and overall, x100) to the output folder and prints the paper's table. Re-running resumes:
+questions already in `predictions.jsonl` are skipped. A video that cannot be read becomes an error row (score 0,
+counted) instead of stopping the run.
+
+Scoring follows vision-x-nyu/thinking-in-space `lmms_eval/tasks/vsibench/utils.py` (commit 51e089c), read for the
+rules, not copied: see `parse_answer`, `score_prediction` and `aggregate`. This file is a tool of the repo, not part
+of the remote code a converted checkpoint carries, so it may import `vica2.*`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vica2.cli import UsageError
+
+
+EXIT_USAGE = 2
+
+# ---------------------------------------------------------------------------------------------------- the benchmark
+NUMERICAL_TYPES = ("object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation")
+REL_DIRECTION_TYPES = ("object_rel_direction_easy", "object_rel_direction_medium", "object_rel_direction_hard")
+MULTIPLE_CHOICE_TYPES = ("object_rel_distance", *REL_DIRECTION_TYPES, "route_planning", "obj_appearance_order")
+QUESTION_TYPES = NUMERICAL_TYPES + MULTIPLE_CHOICE_TYPES
+REL_DIRECTION_TASK = "object_rel_direction"
+
+# The eight tasks in the column order of the papers' tables (VSI-Bench and ViCA2), with their column titles.
+TASK_COLUMNS = OrderedDict(
+    [
+        ("object_counting", "Obj. Count"),
+        ("object_abs_distance", "Abs. Dist."),
+        ("object_size_estimation", "Obj. Size"),
+        ("room_size_estimation", "Room Size"),
+        ("object_rel_distance", "Rel. Dist."),
+        (REL_DIRECTION_TASK, "Rel. Dir."),
+        ("route_planning", "Route Plan"),
+        ("obj_appearance_order", "Appr. Order"),
+    ]
+)
+# ViCA2-7B as published (release README, "Overall Performance on VSI-Bench" table), to compare a run with.
+PUBLISHED_VICA2_7B = {
+    "overall": 56.8,
+    "object_counting": 65.7,
+    "object_abs_distance": 51.0,
+    "object_size_estimation": 75.5,
+    "room_size_estimation": 71.4,
+    "object_rel_distance": 51.6,
+    REL_DIRECTION_TASK: 34.6,
+    "route_planning": 38.1,
+    "obj_appearance_order": 66.5,
+}
+
+
+def task_of(question_type: str) -> str:
+    """The table column a question type counts in: the three relative-direction levels are one task."""
+    if question_type not in QUESTION_TYPES:
+        raise ValueError(f"Unknown VSI-Bench question type {question_type!r}; known: {', '.join(QUESTION_TYPES)}.")
+    return REL_DIRECTION_TASK if question_type in REL_DIRECTION_TYPES else question_type
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+# Mean Relative Accuracy thresholds. The reference builds them as linspace(.5, .95, int((.95 - .5) / .05 + 2)),
+# which is 10 points because int() truncates 10.999...: the same ten values as here.
+MRA_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+
+
+def parse_answer(text: str) -> str:
+    """The answer the reference scores: stripped generation, text before the first space, trailing '.' removed.
+
+    Matches the reference's `fuzzy_matching`, applied to the generation as its LLaVA runners return it (stripped of
+    surrounding whitespace first): split on the space character only (a tab or newline does not split), then
+    rstrip('.'), then strip(). So "B. chair" -> "B", "3 meters" -> "3", "1." -> "1", "(B)" stays "(B)".
+    """
+    return text.strip().split(" ")[0].rstrip(".").strip()
+
+
+def score_prediction(prediction: str, ground_truth: str, question_type: str) -> float:
+    """Score one generation as the VSI-Bench reference does; `prediction` may be the raw generated text.
+
+    Multiple choice: 1.0 when the parsed answer equals the ground-truth letter ignoring case (the reference's
+    `exact_match`: lower() on both, no other normalisation, so "(B)" scores 0), else 0.0.
+    Numerical: Mean Relative Accuracy of Python `float(answer)` (unparsable, e.g. "", "three": 0.0, the
+    reference's worst case) against `float(ground_truth)` over `MRA_THRESHOLDS`.
+    """
+    answer = parse_answer(prediction)
+    if task_of(question_type) in NUMERICAL_TYPES:
+        return _mean_relative_accuracy(_to_float(answer), _to_float(ground_truth))
+    return 1.0 if answer.lower() == str(ground_truth).lower() else 0.0
+
+
+def _to_float(text) -> float | None:
+    # Python float, as the reference: accepts "1e3", " 2 ", "1_000", "nan", "inf"; anything else is None.
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _mean_relative_accuracy(prediction: float | None, ground_truth: float | None) -> float:
+    """Fraction of thresholds t with |pred - gt| / gt <= 1 - t, computed in the reference's float order.
+
+    The order matters at exact hits: (12 - 10) / 10 = 0.2 but 1 - 0.8 is 0.19999999999999996 in floating point,
+    so 12 vs 10 scores 0.6, as in the reference, not 0.7. NaN / inf predictions never pass (0.0).
+    A ground truth of 0 (none in VSI-Bench; the reference would raise ZeroDivisionError) scores 1.0 for an exact 0
+    and 0.0 otherwise: the relative error of anything else is unbounded.
+    """
+    if prediction is None or ground_truth is None:
+        return 0.0
+    if ground_truth == 0:
+        return 1.0 if prediction == 0 else 0.0
+    relative_error = abs(prediction - ground_truth) / ground_truth
+    return float(np.mean(relative_error <= 1 - MRA_THRESHOLDS))
+
+
+def aggregate(records) -> dict:
+    """Per-task and overall scores (x100) of scored records (dicts with "question_type" and "score").
+
+    As the reference's `vsibench_aggregate_results`: each question type's score is the mean over its questions;
+    relative direction is the mean of its easy / medium / hard means (a mean of means, not a pooled mean); overall
+    is the mean of the task scores. Error rows count as questions scoring 0. Partial runs (--limit,
+    --question-types) average what is there: a relative-direction level or a task with no question is left out and
+    listed in "missing_tasks" (the reference averages over the tasks present too, and would fail on a missing
+    relative-direction level).
+    """
+    by_type: dict[str, list[dict]] = {}
+    for record in records:
+        task_of(record["question_type"])  # rejects unknown types
+        by_type.setdefault(record["question_type"], []).append(record)
+    type_scores = {name: _score_block(rows) for name, rows in by_type.items()}
+    tasks = OrderedDict()
+    for task in TASK_COLUMNS:
+        if task == REL_DIRECTION_TASK:
+            levels = {name: type_scores[name] for name in REL_DIRECTION_TYPES if name in type_scores}
+            if levels:
+                tasks[task] = _combined_levels(levels)
+        elif task in type_scores:
+            tasks[task] = type_scores[task]
+    for task, block in tasks.items():
+        block["metric"] = "MRA" if task in NUMERICAL_TYPES else "accuracy"
+    task_scores = [block["score"] for block in tasks.values()]
+    return {
+        "overall": float(np.mean(task_scores)) if task_scores else None,
+        "tasks": dict(tasks),
+        "questions": sum(block["questions"] for block in tasks.values()),
+        "errors": sum(block["errors"] for block in tasks.values()),
+        "missing_tasks": [task for task in TASK_COLUMNS if task not in tasks],
+    }
+
+
+def _score_block(rows: list[dict]) -> dict:
+    return {
+        "score": 100.0 * float(np.mean([float(row["score"]) for row in rows])),
+        "questions": len(rows),
+        "errors": sum(1 for row in rows if row.get("error")),
+    }
+
+
+def _combined_levels(levels: dict[str, dict]) -> dict:
+    return {
+        "score": float(np.mean([block["score"] for block in levels.values()])),
+        "questions": sum(block["questions"] for block in levels.values()),
+        "errors": sum(block["errors"] for block in levels.values()),
+        "levels": levels,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- questions
+REQUIRED_FIELDS = ("id", "dataset", "scene_name", "question_type", "question", "ground_truth")
+
+
+@dataclass(frozen=True)
+class Question:
+    id: object
+    dataset: str
+    scene_name: str
+    question_type: str
+    question: str
+    options: tuple[str, ...] | None
+    ground_truth: str
+
+    @property
+    def key(self) -> str:
+        return str(self.id)
+
+    @property
+    def video(self) -> str:
+        return f"{self.dataset}/{self.scene_name}.mp4"
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """The test split from a parquet (needs pyarrow), JSON (a list, or JSON Lines) or JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--data {str(path)!r}: no such file (the VSI-Bench test split: parquet, JSON or JSONL).")
+    rows = _read_parquet(path) if path.suffix == ".parquet" else _read_json_rows(path)
+    questions = [_question_from_row(row, index) for index, row in enumerate(rows)]
+    duplicates = _duplicates(question.key for question in questions)
+    if duplicates:
+        raise UsageError(f"{path}: duplicate question ids {duplicates[:5]}: each question needs its own id.")
+    return questions
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        try:
+            import pandas
+        except ImportError:
+            raise UsageError(
+                "Reading parquet needs pyarrow: `pip install pyarrow` (or give the split as JSON / JSONL)."
+            ) from None
+        return pandas.read_parquet(path).to_dict("records")
+    return parquet.read_table(path).to_pylist()
+
+
+def _read_json_rows(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:  # JSON Lines (also what `datasets`' to_json writes to a .json file)
+        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise UsageError(f"{path}: expected a list of question objects or one JSON object per line.")
+    return data
+
+
+def _question_from_row(row: dict, index: int) -> Question:
+    missing = [name for name in REQUIRED_FIELDS if row.get(name) is None]
+    if missing:
+        raise UsageError(f"Question {index} (id {row.get('id')!r}) lacks {', '.join(missing)}.")
+    question_type = str(row["question_type"])
+    if question_type not in QUESTION_TYPES:
+        raise UsageError(f"Question {row['id']!r} has an unknown question_type {question_type!r}.")
+    options = row.get("options")
+    options = tuple(str(option) for option in options) if options is not None and len(options) else None
+    if question_type in MULTIPLE_CHOICE_TYPES and options is None:
+        raise UsageError(f"Question {row['id']!r} is multiple choice ({question_type}) but has no options.")
+    return Question(
+        id=row["id"].item() if hasattr(row["id"], "item") else row["id"],  # numpy ints from pandas
+        dataset=str(row["dataset"]),
+        scene_name=str(row["scene_name"]),
+        question_type=question_type,
+        question=str(row["question"]),
+        options=options,
+        ground_truth=str(row["ground_truth"]),
+    )
+
+
+def _duplicates(keys) -> list[str]:
+    seen, repeated = set(), []
+    for key in keys:
+        if key in seen:
+            repeated.append(key)
+        seen.add(key)
+    return repeated
+
+
+def parse_question_types(text: str | None) -> set[str] | None:
+    """--question-types: comma-separated types; "object_rel_direction" stands for its three levels."""
+    if not text:
+        return None
+    chosen = set()
+    for name in (part.strip() for part in text.split(",") if part.strip()):
+        if name == REL_DIRECTION_TASK:
+            chosen.update(REL_DIRECTION_TYPES)
+        elif name in QUESTION_TYPES:
+            chosen.add(name)
+        else:
+            raise UsageError(
+                f"--question-types: unknown type {name!r}; known: {', '.join(QUESTION_TYPES)}, {REL_DIRECTION_TASK}."
+            )
+    return chosen
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """--shard i/n with 0 <= i < n (e.g. 0/4 ... 3/4)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise UsageError(f"--shard {text!r}: write i/n with 0 <= i < n, e.g. --shard 0/4 ... --shard 3/4.")
+    return int(match[1]), int(match[2])
+
+
+def select_questions(questions: list[Question], question_types=None, limit=None, shard=None) -> list[Question]:
+    """Filter by type, keep the first `limit`, then take this shard's share (so shards split the same selection)."""
+    selected = [q for q in questions if question_types is None or q.question_type in question_types]
+    if limit is not None:
+        selected = selected[:limit]
+    return shard_questions(selected, *shard) if shard else selected
+
+
+def shard_questions(questions: list[Question], index: int, count: int) -> list[Question]:
+    """Whole videos go to one shard (each video is decoded once), balancing the number of questions per shard."""
+    by_video: dict[str, int] = {}
+    for question in questions:
+        by_video[question.video] = by_video.get(question.video, 0) + 1
+    loads, owner = [0] * count, {}
+    for video in sorted(by_video, key=lambda v: -by_video[v]):  # stable: deterministic for a given selection
+        shard = loads.index(min(loads))
+        owner[video] = shard
+        loads[shard] += by_video[video]
+    return [q for q in questions if owner[q.video] == index]
+
+
+def grouped_by_video(questions: list[Question]) -> list[Question]:
+    """Questions of one video next to each other (first-appearance order), so a decoded video is reused."""
+    first_seen: dict[str, int] = {}
+    for position, question in enumerate(questions):
+        first_seen.setdefault(question.video, position)
+    return sorted(questions, key=lambda q: first_seen[q.video])
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+PROMPT_STYLES = ("vica2", "vsibench")
+PRE_PROMPT = "These are frames of a video."
+NUMERICAL_POST_PROMPT = "Please answer the question using a single word or phrase."
+# The benchmark authors' yaml writes a straight apostrophe; the ViCA2 release's VSI-Bench inference code (README,
+# "Inference for ViCA2") a curly one (U+2019). They tokenize differently, so each style keeps its own source's.
+VSIBENCH_CHOICE_POST_PROMPT = "Answer with the option's letter from the given choices directly."
+VICA2_CHOICE_POST_PROMPT = "Answer with the option\u2019s letter from the given choices directly."
+
+
+def build_prompt(question: Question, style: str, time_instruction: str | None = None, video_token="<video>") -> str:
+    """The user turn for `question`, with one `video_token` where the video goes.
+
+    vica2: the release's inference prompt, verbatim; with time_instruction None its line stays empty, exactly as
+        the release's code leaves it (time_instruciton = ""):
+        <video>\\n{time instruction}\\n\\nThese are frames of a video.\\n\\nQuestion: {question}\\n
+        then "{options one per line}\\nAnswer with the option’s letter ...\\n" or "Please answer ... phrase.\\n".
+    vsibench: the benchmark's `vsibench_doc_to_text` after the LLaVA runners' "<image>\\n", no trailing newline:
+        <video>\\nThese are frames of a video.\\n{question}\\n[Options:\\n{options}\\n]{post prompt}
+        and with a time instruction: <video>\\n{time instruction}\\n\\n{the same text}.
+    """
+    if style == "vica2":
+        return f"{video_token}\n{time_instruction or ''}\n\n{_vica2_text(question)}"
+    if style == "vsibench":
+        prefix = f"{video_token}\n{time_instruction}\n\n" if time_instruction else f"{video_token}\n"
+        return prefix + _vsibench_text(question)
+    raise ValueError(f"Unknown prompt style {style!r}; known: {', '.join(PROMPT_STYLES)}.")
+
+
+def _vica2_text(question: Question) -> str:
+    text = f"{PRE_PROMPT}\n\nQuestion: {question.question}\n"
+    if question.question_type in MULTIPLE_CHOICE_TYPES:
+        return text + "\n".join(question.options) + f"\n{VICA2_CHOICE_POST_PROMPT}\n"
+    return text + f"{NUMERICAL_POST_PROMPT}\n"
+
+
+def _vsibench_text(question: Question) -> str:
+    if question.question_type in MULTIPLE_CHOICE_TYPES:
+        options = "Options:\n" + "\n".join(question.options)
+        return "\n".join([PRE_PROMPT, question.question, options, VSIBENCH_CHOICE_POST_PROMPT])
+    return "\n".join([PRE_PROMPT, question.question, NUMERICAL_POST_PROMPT])
+
+
+def chat_prompt(processor, user_text: str) -> str:
+    """The full model input text: the release's "qwen_1_5" conversation (the processor's chat template)."""
+    messages = [{"role": "user", "content": user_text}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# ---------------------------------------------------------------------------------------------------- output files
+def output_paths(output_dir: Path, shard: tuple[int, int] | None) -> tuple[Path, Path]:
+    """(predictions JSONL, summary JSON) of a run or of one shard."""
+    suffix = f".shard{shard[0]}of{shard[1]}" if shard else ""
+    return output_dir / f"predictions{suffix}.jsonl", output_dir / f"summary{suffix}.json"
+
+
+def read_records(path: Path, repair: bool = False) -> list[dict]:
+    """The records of a predictions file. A last line without its newline is what a killed run leaves: it is
+    ignored (and cut off the file when `repair`, before appending). Any other bad line is an error, not skipped."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete_end = data.rfind(b"\n") + 1
+    if complete_end < len(data):
+        print(f"{path}: ignoring an incomplete last line (an interrupted write); that question is run again.",
+              file=sys.stderr)
+        if repair:
+            with open(path, "r+b") as handle:
+                handle.truncate(complete_end)
+    records = []
+    for number, line in enumerate(data[:complete_end].decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}, line {number}: not a JSON record ({error}); fix or remove the line.") from None
+    return records
+
+
+class PredictionWriter:
+    """Appends records to the predictions file, a whole batch per write and fsync'd, so a crash loses at most the
+    batch in flight and never leaves a half line among complete ones (`read_records` cuts off a torn tail)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "ab", buffering=0)
+
+    def write(self, records: list[dict]) -> None:
+        if records:
+            payload = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            self.handle.write(payload.encode("utf-8"))
+            os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def write_text_atomically(path: Path, content: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(content, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def check_same_settings(records: list[dict], settings: dict, path: Path) -> None:
+    """Resuming with other settings would mix two evaluations in one file."""
+    for record in records:
+        if record.get("settings") != settings:
+            raise UsageError(
+                f"{path} holds predictions made with {record.get('settings')}, not {settings}: use another "
+                "--output-dir, or the same settings to resume."
+            )
+
+
+def drop_error_records(path: Path, records: list[dict]) -> list[dict]:
+    """--retry-errors: rewrite the file without its error rows, so those questions run again."""
+    kept = [record for record in records if not record.get("error")]
+    if len(kept) != len(records):
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in kept)
+        write_text_atomically(path, lines)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------------- running
+@dataclass(frozen=True)
+class RunSettings:
+    prompt_style: str = "vica2"
+    time_instruction: bool = False
+    frames: int = 64
+    max_new_tokens: int = 16
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class VideoCache:
+    """The last few decoded videos (or their load errors): the questions of a video come together."""
+
+    def __init__(self, processor, video_root: Path, frames: int, capacity: int = 2):
+        self.processor, self.video_root, self.frames, self.capacity = processor, video_root, frames, capacity
+        self.entries: OrderedDict[str, object] = OrderedDict()
+
+    def get(self, video: str):
+        """The `DecodedVideo`, or the exception that reading it raised."""
+        if video not in self.entries:
+            self.entries[video] = self._load(video)
+            while len(self.entries) > self.capacity:
+                self.entries.popitem(last=False)
+        return self.entries[video]
+
+    def _load(self, video: str):
+        try:
+            return self.processor.load_video(str(self.video_root / video), num_frames=self.frames)
+        except (ValueError, OSError) as error:  # missing, corrupt, not a video: an error row, not a crash
+            if isinstance(error, OSError) or _is_video_load_error(error):
+                return error
+            raise
+
+
+def _is_video_load_error(error: Exception) -> bool:
+    # By name: a checkpoint's processor runs its own copy of video_loading_vica2 (remote code, imported under
+    # transformers_modules), whose VideoLoadError is another class than vica2.video_loading_vica2.VideoLoadError.
+    return any(cls.__name__ == "VideoLoadError" for cls in type(error).__mro__)
+
+
+def evaluate(model, processor, questions: list[Question], video_root: Path, settings: RunSettings,
+             writer: PredictionWriter, batch_size: int = 1, progress=None) -> None:
+    """Answer `questions` in batches (grouped by video), appending one record per question to `writer`."""
+    cache = VideoCache(processor, video_root, settings.frames)
+    ordered = grouped_by_video(questions)
+    for start in range(0, len(ordered), batch_size):
+        batch = ordered[start : start + batch_size]
+        videos = [cache.get(question.video) for question in batch]
+        writer.write(_answer_batch(model, processor, batch, videos, settings))
+        if progress is not None:
+            progress.update(len(batch))
+
+
+def _answer_batch(model, processor, batch: list[Question], videos: list, settings: RunSettings) -> list[dict]:
+    """Records for one batch, in batch order: error rows for unreadable videos, generations for the rest."""
+    prompts = [_prompt_for(question, video, processor, settings) for question, video in zip(batch, videos)]
+    readable = [i for i, video in enumerate(videos) if not isinstance(video, Exception)]
+    outputs = _generate(model, processor, [prompts[i] for i in readable], [videos[i] for i in readable],
+                        settings.max_new_tokens) if readable else []
+    generated = dict(zip(readable, outputs))
+    return [
+        make_record(question, prompts[i], settings, output=generated[i]) if i in generated
+        else make_record(question, prompts[i], settings, error=_one_line(videos[i]))
+        for i, question in enumerate(batch)
+    ]
+
+
+def _prompt_for(question: Question, video, processor, settings: RunSettings) -> str:
+    from vica2.processing_vica2 import time_instruction
+
+    timing = None
+    if settings.time_instruction and not isinstance(video, Exception):  # an unread video has no timing
+        timing = time_instruction(video.metadata)
+    return chat_prompt(processor, build_prompt(question, settings.prompt_style, timing, processor.video_token))
+
+
+def _generate(model, processor, prompts: list[str], videos: list, max_new_tokens: int) -> list[str]:
+    """Greedy generation for a left-padded batch; the decoded new text of each row, not stripped (raw)."""
+    import torch
+
+    from vica2.cli import _to_model
+
+    inputs = processor(text=prompts, videos=videos, padding=True, padding_side="left", return_tensors="pt")
+    inputs = _to_model(inputs, model)
+    pad_id = processor.tokenizer.pad_token_id
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                **({"pad_token_id": pad_id} if pad_id is not None else {}))
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def make_record(question: Question, prompt: str, settings: RunSettings, output: str | None = None,
+                error: str | None = None) -> dict:
+    """One predictions line. An error row (the video could not be read) has output None and scores 0."""
+    answer = parse_answer(output) if output is not None else None
+    return {
+        "id": question.id,
+        "question_type": question.question_type,
+        "dataset": question.dataset,
+        "scene_name": question.scene_name,
+        "prompt": prompt,
+        "output": output,
+        "answer": answer,
+        "ground_truth": question.ground_truth,
+        "score": score_prediction(output, question.ground_truth, question.question_type) if output is not None
+        else 0.0,
+        "error": error,
+        "settings": settings.as_dict(),
+    }
+
+
+def _one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def check_videos_exist(questions: list[Question], video_root: Path) -> None:
+    """A wrong --video-root would turn every question into an error row: stop early instead. Some missing videos
+    are only reported (they become error rows)."""
+    videos = sorted({question.video for question in questions})
+    missing = [video for video in videos if not (video_root / video).is_file()]
+    if videos and len(missing) == len(videos):
+        raise UsageError(
+            f"None of the {len(videos)} videos is under --video-root {str(video_root)!r} (expected "
+            f"<root>/<dataset>/<scene_name>.mp4, e.g. {video_root / videos[0]}). Unzip the benchmark's video "
+            "archives into that folder."
+        )
+    if missing:
+        print(f"warning: {len(missing)} of {len(videos)} videos are missing (e.g. {missing[0]}); their questions "
+              "become error rows scoring 0.", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+def format_table(summary: dict) -> str:
+    """The scores in the papers' column order, with the published ViCA2-7B row below for comparison."""
+    titles = ["Avg", *TASK_COLUMNS.values()]
+    this_run = [summary.get("overall")] + [summary["tasks"].get(task, {}).get("score") for task in TASK_COLUMNS]
+    published = [PUBLISHED_VICA2_7B["overall"]] + [PUBLISHED_VICA2_7B[task] for task in TASK_COLUMNS]
+    label_width = 22
+    widths = [max(len(title), 6) for title in titles]
+    lines = [" " * label_width + "  ".join(title.rjust(width) for title, width in zip(titles, widths))]
+    for label, values in (("this run", this_run), ("ViCA2-7B (published)", published)):
+        cells = ["-" if value is None else f"{value:.1f}" for value in values]
+        lines.append(label.ljust(label_width) + "  ".join(cell.rjust(width) for cell, width in zip(cells, widths)))
+    lines.append(f"{summary['questions']} questions, {summary['errors']} error rows (unreadable videos, scored 0)"
+                 + (f"; not in this run: {', '.join(summary['missing_tasks'])}" if summary["missing_tasks"] else ""))
+    return "\n".join(lines)
+
+
+def write_summary(path: Path, records: list[dict], extra: dict) -> dict:
+    summary = {**aggregate(records), **extra, "published_vica2_7b": PUBLISHED_VICA2_7B}
+    write_text_atomically(path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def run_evaluation(args) -> int:
+    settings = RunSettings(args.prompt_style, args.time_instruction, args.frames, args.max_new_tokens)
+    shard = parse_shard(args.shard)
+    selected = select_questions(load_questions(args.data), parse_question_types(args.question_types), args.limit,
+                                shard)
+    predictions_path, summary_path = output_paths(Path(args.output_dir), shard)
+    records = read_records(predictions_path, repair=True)
+    check_same_settings(records, settings.as_dict(), predictions_path)
+    if args.retry_errors:
+        records = drop_error_records(predictions_path, records)
+    done = {str(record["id"]) for record in records}
+    pending = [question for question in selected if question.key not in done]
+    video_root = Path(args.video_root)
+    check_videos_exist(pending, video_root)
+    extra = {"model": args.model, "data": str(args.data), "settings": settings.as_dict(),
+             "shard": args.shard, "selected": len(selected)}
+    try:
+        if pending:
+            _run_pending(args, settings, pending, len(selected), predictions_path, video_root)
+    finally:  # also after Ctrl-C: the summary of what is done so far
+        records = read_records(predictions_path)
+        remaining = len({q.key for q in selected} - {str(record["id"]) for record in records})
+        summary = write_summary(summary_path, records, {**extra, "remaining": remaining})
+    print(format_table(summary))
+    print(f"predictions: {predictions_path}\nsummary: {summary_path}")
+    return 0
+
+
+def _run_pending(args, settings: RunSettings, pending: list[Question], total: int, predictions_path: Path,
+                 video_root: Path) -> None:
+    from tqdm.auto import tqdm
+
+    from vica2.cli import load_model_and_processor
+
+    model, processor = load_model_and_processor(args.model, args.dtype, args.device,
+                                                attn_implementation=args.attn_implementation)
+    writer = PredictionWriter(predictions_path)
+    try:
+        with tqdm(total=total, initial=total - len(pending), unit="question", desc="VSI-Bench",
+                  file=sys.stderr) as progress:
+            evaluate(model, processor, pending, video_root, settings, writer, args.batch_size, progress)
+    finally:
+        writer.close()
+
+
+def run_merge(args) -> int:
+    """Combine the shard files (and any earlier merged file) of --output-dir, re-score, summarise."""
+    output_dir = Path(args.output_dir)
+    shard_files = _shard_files(output_dir)
+    predictions_path, summary_path = output_paths(output_dir, None)
+    merged: dict[str, dict] = {}
+    for path in [*shard_files, predictions_path]:  # fresh shard results win over an earlier merge
+        for record in read_records(path):
+            merged.setdefault(str(record["id"]), _rescored(record))
+    records = list(merged.values())
+    settings = {json.dumps(record.get("settings"), sort_keys=True) for record in records}
+    if len(settings) > 1:
+        raise UsageError(f"The files in {output_dir} were made with different settings: {sorted(settings)}.")
+    write_text_atomically(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    summary = write_summary(summary_path, records, {
+        "merged_from": [path.name for path in shard_files],
+        "settings": records[0].get("settings") if records else None,
+    })
+    print(format_table(summary))
+    print(f"merged {len(shard_files)} shard files: {predictions_path}\nsummary: {summary_path}")
+    return 0
+
+
+def _shard_files(output_dir: Path) -> list[Path]:
+    found = {}
+    for path in output_dir.glob("predictions.shard*of*.jsonl"):
+        match = re.fullmatch(r"predictions\.shard(\d+)of(\d+)\.jsonl", path.name)
+        if match:
+            found[(int(match[1]), int(match[2]))] = path
+    counts = {count for _, count in found}
+    if not found:
+        raise UsageError(f"No shard predictions (predictions.shard<i>of<n>.jsonl) in {str(output_dir)!r}.")
+    if len(counts) > 1:
+        raise UsageError(f"{output_dir} holds shards of different splits ({sorted(counts)} shards): keep one.")
+    count = counts.pop()
+    missing = [index for index in range(count) if (index, count) not in found]
+    if missing:
+        raise UsageError(f"Shards {missing} of {count} have no predictions in {output_dir}: run them first.")
+    return [found[(index, count)] for index in range(count)]
+
+
+def _rescored(record: dict) -> dict:
+    """Scores recomputed from the raw output (error rows stay 0), so a merge always reflects this scorer."""
+    if record.get("output") is None:
+        return {**record, "answer": None, "score": 0.0}
+    return {**record, "answer": parse_answer(record["output"]),
+            "score": score_prediction(record["output"], record["ground_truth"], record["question_type"])}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vica2 eval-vsibench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="converted ViCA2 folder or hub repo id")
+    parser.add_argument("--data", help="VSI-Bench test split: .parquet (needs pyarrow), .json or .jsonl")
+    parser.add_argument("--video-root", help="folder holding <dataset>/<scene_name>.mp4")
+    parser.add_argument("--output-dir", default="vsibench-results", help="predictions and summary go here")
+    parser.add_argument("--prompt-style", choices=PROMPT_STYLES, default="vica2",
+                        help="vica2: the release's inference prompt (default); vsibench: the benchmark authors'")
+    parser.add_argument("--time-instruction", action=argparse.BooleanOptionalAction, default=False,
+                        help="add the release's time instruction after the video (the release's VSI-Bench "
+                             "inference code leaves it out; training used it)")
+    parser.add_argument("--frames", type=int, default=64, help="frames sampled per video (default 64)")
+    parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--limit", type=int, help="only the first N (selected) questions")
+    parser.add_argument("--question-types", help="comma-separated, e.g. object_counting,object_rel_direction")
+    parser.add_argument("--shard", help="i/n: run the i-th of n parts (0-based), e.g. one per GPU; then --merge")
+    parser.add_argument("--merge", action="store_true", help="combine the shard outputs of --output-dir")
+    parser.add_argument("--retry-errors", action="store_true", help="run the error rows of the output again")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--attn-implementation", help="eager, sdpa, flash_attention_2, ...")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _check_run_args(args, parser) -> None:
+    if args.merge:
+        return
+    missing = [flag for flag, value in (("--model", args.model), ("--data", args.data),
+                                        ("--video-root", args.video_root)) if not value]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --merge)")
+    for flag, value in (("--frames", args.frames), ("--batch-size", args.batch_size),
+                        ("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_run_args(args, parser)
+    try:
+        return run_merge(args) if args.merge else run_evaluation(args)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    except (UsageError, FileNotFoundError, ValueError, OSError, ImportError) as error:
+        if args.debug:
+            raise
+        print(f"vica2 eval-vsibench: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""VSI-Bench evaluation: the authors' metric, aggregation, prompts, input files, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vica2.evaluate_vsibench import (
+    MULTIPLE_CHOICE_TYPES,
+    NUMERICAL_TYPES,
+    QUESTION_TYPES,
+    Question,
+    UsageError,
+    aggregate,
+    build_prompt,
+    format_table,
+    load_questions,
+    parse_answer,
+    parse_question_types,
+    parse_shard,
+    read_records,
+    score_prediction,
+    select_questions,
+    shard_questions,
+)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------- metric
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("B", "B"),
+        ("B. chair", "B"),
+        ("1.", "1"),
+        ("3 meters", "3"),
+        ("(B)", "(B)"),
+        ("", ""),
+        ("  2.5.  ", "2.5"),  # surrounding whitespace stripped first, then every trailing period
+        ("4\nchairs", "4\nchairs"),  # only the space character separates
+        ("...", ""),
+    ],
+)
+def test_parse_answer_is_the_first_space_separated_word_without_trailing_periods(text, answer):
+    assert parse_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    "prediction, ground_truth, expected",
+    [
+        ("B", "B", 1.0),
+        ("b", "B", 1.0),  # case is ignored
+        ("B.", "B", 1.0),
+        ("B. The sofa", "B", 1.0),
+        (" B \n", "B", 1.0),
+        ("(B)", "B", 0.0),  # no other normalisation: the reference scores this 0
+        ("B)", "B", 0.0),
+        ("", "A", 0.0),
+        ("The answer is B", "B", 0.0),
+    ],
+)
+def test_multiple_choice_is_exact_letter_match(prediction, ground_truth, expected):
+    for question_type in MULTIPLE_CHOICE_TYPES:
+        assert score_prediction(prediction, ground_truth, question_type) == expected
+
+
+@pytest.mark.parametrize(
+    "prediction, ground_truth, expected",
+    [
+        ("10", "10", 1.0),
+        ("10.5", "10", 1.0),  # relative error 0.05 <= 1 - 0.95 (exact hit of the strictest threshold)
+        ("9.5", "10", 1.0),
+        ("11", "10", 0.9),  # 0.1: passes t = 0.5 ... 0.9
+        ("9", "10", 0.9),
+        ("12", "10", 0.6),  # 0.2 hits t = 0.8 on paper, but 1 - 0.8 = 0.19999999999999996: as the reference
+        ("13", "10", 0.5),  # 0.3 <= 1 - 0.7 = 0.30000000000000004: t = 0.5 ... 0.7
+        ("14", "10", 0.3),
+        ("15", "10", 0.1),  # 0.5: only t = 0.5 (exact hit)
+        ("5", "10", 0.1),
+        ("4", "10", 0.0),
+        ("16", "10", 0.0),
+        ("1.", "1", 1.0),  # "1." parses after the trailing period goes
+        ("3 meters", "3", 1.0),
+        ("3", "3.0", 1.0),
+        ("1e1", "10", 1.0),  # Python float syntax, as the reference
+        ("", "3", 0.0),  # unparsable: the reference's worst case
+        ("three", "3", 0.0),
+        ("3m", "3", 0.0),
+        ("(3)", "3", 0.0),
+        ("nan", "3", 0.0),
+        ("inf", "3", 0.0),
+        ("-3", "3", 0.0),
+        ("3", "not a number", 0.0),
+    ],
+)
+def test_numerical_is_mean_relative_accuracy(prediction, ground_truth, expected):
+    for question_type in NUMERICAL_TYPES:
+        assert score_prediction(prediction, ground_truth, question_type) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("prediction, expected", [("0", 1.0), ("0.0", 1.0), ("0.", 1.0), ("1", 0.0), ("-0.1", 0.0),
+                                                  ("", 0.0)])
+def test_ground_truth_zero_scores_only_an_exact_zero(prediction, expected):
+    assert score_prediction(prediction, "0", "object_counting") == expected
+
+
+def test_unknown_question_type_is_an_error():
+    with pytest.raises(ValueError, match="Unknown VSI-Bench question type"):
+        score_prediction("1", "1", "object_colour")
+
+
+# ---------------------------------------------------------------------------------------------------- aggregate
+def _record(question_type, score, error=None):
+    return {"question_type": question_type, "score": score, "error": error}
+
+
+def test_aggregate_averages_tasks_and_relative_direction_levels():
+    records = [
+        _record("object_counting", 1.0), _record("object_counting", 0.5),  # 75
+        _record("object_abs_distance", 0.2),  # 20
+        _record("object_size_estimation", 0.0, error="VideoLoadError: broken"),  # 0, an error row
+        _record("room_size_estimation", 0.9),  # 90
+        _record("object_rel_distance", 1.0), _record("object_rel_distance", 0.0),  # 50
+        _record("object_rel_direction_easy", 1.0),  # 100
+        _record("object_rel_direction_medium", 0.0), _record("object_rel_direction_medium", 0.0),  # 0
+        _record("object_rel_direction_hard", 1.0), _record("object_rel_direction_hard", 0.0),  # 50
+        _record("route_planning", 1.0),  # 100
+        _record("obj_appearance_order", 0.0),  # 0
+    ]
+    summary = aggregate(records)
+    scores = {task: block["score"] for task, block in summary["tasks"].items()}
+    # relative direction: mean of the level means (100 + 0 + 50) / 3, not the pooled 2 / 5 = 40
+    expected = {"object_counting": 75.0, "object_abs_distance": 20.0, "object_size_estimation": 0.0,
+                "room_size_estimation": 90.0, "object_rel_distance": 50.0, "object_rel_direction": 50.0,
+                "route_planning": 100.0, "obj_appearance_order": 0.0}
+    assert scores == pytest.approx(expected)
+    assert list(scores) == list(expected)  # the paper's column order
+    assert summary["overall"] == pytest.approx(sum(expected.values()) / 8)
+    assert summary["questions"] == len(records) and summary["errors"] == 1
+    assert summary["missing_tasks"] == []
+    levels = summary["tasks"]["object_rel_direction"]["levels"]
+    assert {name: block["questions"] for name, block in levels.items()} == {
+        "object_rel_direction_easy": 1, "object_rel_direction_medium": 2, "object_rel_direction_hard": 2}
+    assert summary["tasks"]["object_counting"]["metric"] == "MRA"
+    assert summary["tasks"]["route_planning"]["metric"] == "accuracy"
+
+
+def test_aggregate_of_a_partial_run_averages_what_is_there():
+    summary = aggregate([_record("object_counting", 0.4), _record("object_rel_direction_hard", 1.0)])
+    assert summary["tasks"]["object_rel_direction"]["score"] == pytest.approx(100.0)
+    assert summary["overall"] == pytest.approx(70.0)
+    assert "route_planning" in summary["missing_tasks"] and "object_counting" not in summary["missing_tasks"]
+    assert aggregate([])["overall"] is None
+
+
+def test_aggregate_rejects_unknown_types():
+    with pytest.raises(ValueError):
+        aggregate([_record("object_colour", 1.0)])
+
+
+def test_table_has_the_papers_columns_in_order():
+    table = format_table(aggregate([_record("object_counting", 0.5)]))
+    header = table.splitlines()[0].split()
+    assert " ".join(header) == (
+        "Avg Obj. Count Abs. Dist. Obj. Size Room Size Rel. Dist. Rel. Dir. Route Plan Appr. Order"
+    )
+    this_run, published = table.splitlines()[1:3]
+    assert this_run.split()[2:4] == ["50.0", "50.0"] and this_run.split()[-1] == "-"
+    assert published.split()[-9:] == ["56.8", "65.7", "51.0", "75.5", "71.4", "51.6", "34.6", "38.1", "66.5"]
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+CHOICE = Question(7, "scannet", "scene0", "object_rel_distance", "Which is closest to the bed?",
+                  ("A. sofa", "B. lamp", "C. desk"), "B")
+NUMBER = Question(8, "scannet", "scene0", "object_counting", "How many chair(s) are in this room?", None, "4")
+TIMING = "The video lasts for 9.00 seconds, and 4 frames are uniformly sampled from it. These frames are located at " \
+         "0.00s,3.00s,6.00s,9.00s.Please answer the following questions related to this video."
+
+
+def test_vica2_prompt_is_the_release_inference_prompt():
+    assert build_prompt(CHOICE, "vica2") == (
+        "<video>\n\n\nThese are frames of a video.\n\nQuestion: Which is closest to the bed?\n"
+        "A. sofa\nB. lamp\nC. desk\nAnswer with the option\u2019s letter from the given choices directly.\n"
+    )
+    assert build_prompt(NUMBER, "vica2") == (
+        "<video>\n\n\nThese are frames of a video.\n\nQuestion: How many chair(s) are in this room?\n"
+        "Please answer the question using a single word or phrase.\n"
+    )
+    assert build_prompt(NUMBER, "vica2", TIMING) == (
+        f"<video>\n{TIMING}\n\nThese are frames of a video.\n\nQuestion: How many chair(s) are in this room?\n"
+        "Please answer the question using a single word or phrase.\n"
+    )
+
+
+def test_vsibench_prompt_is_the_benchmark_authors_prompt():
+    assert build_prompt(CHOICE, "vsibench") == (
+        "<video>\nThese are frames of a video.\nWhich is closest to the bed?\nOptions:\nA. sofa\nB. lamp\nC. desk\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+    assert build_prompt(NUMBER, "vsibench") == (
+        "<video>\nThese are frames of a video.\nHow many chair(s) are in this room?\n"
+        "Please answer the question using a single word or phrase."
+    )
+    assert build_prompt(NUMBER, "vsibench", TIMING).startswith(f"<video>\n{TIMING}\n\nThese are frames of a video.\n")
+
+
+def test_unknown_prompt_style_is_an_error():
+    with pytest.raises(ValueError, match="prompt style"):
+        build_prompt(NUMBER, "gpt4v")
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def _rows(count=3):
+    return [{"id": i, "dataset": "scannet", "scene_name": f"scene{i % 2}", "question_type": "object_counting",
+             "question": f"How many? {i}", "options": None, "ground_truth": str(i + 1)} for i in range(count)]
+
+
+def test_questions_load_from_json_list_jsonl_and_json_lines(tmp_path):
+    rows = _rows()
+    rows[0]["options"] = []  # an empty list is "no options" too
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "lines.jsonl").write_text(lines)
+    (tmp_path / "lines.json").write_text(lines)  # what `datasets`' to_json writes
+    loaded = [load_questions(tmp_path / name) for name in ("list.json", "lines.jsonl", "lines.json")]
+    assert loaded[0] == loaded[1] == loaded[2]
+    assert loaded[0][2] == Question(2, "scannet", "scene0", "object_counting", "How many? 2", None, "3")
+    assert loaded[0][0].video == "scannet/scene0.mp4"
+
+
+def test_bad_question_files_are_explained(tmp_path):
+    rows = _rows()
+    rows[1]["question_type"] = "object_colour"
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(UsageError, match="unknown question_type"):
+        load_questions(tmp_path / "a.jsonl")
+    rows = _rows()
+    rows[2]["id"] = 0
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    with pytest.raises(UsageError, match="duplicate question ids"):
+        load_questions(tmp_path / "b.json")
+    rows = _rows()
+    rows[0].update(question_type="route_planning", options=None)
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    with pytest.raises(UsageError, match="no options"):
+        load_questions(tmp_path / "c.json")
+    with pytest.raises(UsageError, match="no such file"):
+        load_questions(tmp_path / "missing.parquet")
+
+
+def test_parquet_needs_pyarrow_or_reads_like_json(tmp_path):
+    rows = _rows()
+    rows[1].update(question_type="route_planning", options=["A. left", "B. right"], ground_truth="A")
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        (tmp_path / "test.parquet").write_bytes(b"PAR1")
+        with pytest.raises(UsageError, match="pip install pyarrow"):
+            load_questions(tmp_path / "test.parquet")
+        return
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "test.parquet")
+    (tmp_path / "test.json").write_text(json.dumps(rows))
+    assert load_questions(tmp_path / "test.parquet") == load_questions(tmp_path / "test.json")
+
+
+def test_selection_filters_limits_then_shards():
+    questions = [Question(i, "d", f"s{i % 4}", QUESTION_TYPES[i % len(QUESTION_TYPES)], "q",
+                          ("A. a",) if QUESTION_TYPES[i % len(QUESTION_TYPES)] in MULTIPLE_CHOICE_TYPES else None, "1")
+                 for i in range(40)]
+    directions = parse_question_types("object_rel_direction,route_planning")
+    assert directions == {"object_rel_direction_easy", "object_rel_direction_medium", "object_rel_direction_hard",
+                          "route_planning"}
+    chosen = select_questions(questions, directions, limit=5)
+    assert [q.id for q in chosen] == [5, 6, 7, 8, 15]
+    shards = [shard_questions(questions, index, 3) for index in range(3)]
+    assert sorted(q.id for shard in shards for q in shard) == list(range(40))  # a partition
+    videos = [{q.video for q in shard} for shard in shards]
+    assert not (videos[0] & videos[1] or videos[0] & videos[2] or videos[1] & videos[2])  # a video in one shard
+    assert max(map(len, shards)) - min(map(len, shards)) <= 10  # balanced by questions (10 per video here)
+    with pytest.raises(UsageError):
+        parse_question_types("object_colour")
+
+
+@pytest.mark.parametrize("text, expected", [("0/4", (0, 4)), ("3/4", (3, 4)), (" 1 / 2 ", (1, 2))])
+def test_shard_syntax(text, expected):
+    assert parse_shard(text) == expected
+
+
+@pytest.mark.parametrize("text", ["4/4", "1", "-1/2", "a/b", "1/0"])
+def test_bad_shards_are_refused(text):
+    with pytest.raises(UsageError):
+        parse_shard(text)
+
+
+def test_torn_last_line_is_cut_off_and_other_bad_lines_are_errors(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"id": 1}\n{"id": 2}\n{"id": 3, "ques')
+    assert [r["id"] for r in read_records(path)] == [1, 2]
+    assert path.read_text().endswith('"ques')  # reading alone does not modify
+    assert [r["id"] for r in read_records(path, repair=True)] == [1, 2]
+    assert path.read_text() == '{"id": 1}\n{"id": 2}\n'
+    path.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
+    with pytest.raises(UsageError, match="line 2"):
+        read_records(path)
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def _question_rows():
+    """Every question type; three videos, the last one unreadable."""
+    videos = [("arkitscenes", "scene_a"), ("scannet", "scene_b")]
+    rows = []
+    for index, question_type in enumerate(QUESTION_TYPES):
+        dataset, scene = videos[index % 2]
+        choice = question_type in MULTIPLE_CHOICE_TYPES
+        rows.append({
+            "id": 100 + index, "dataset": dataset, "scene_name": scene, "question_type": question_type,
+            "question": f"Question {index} about the room?",
+            "options": ["A. sofa", "B. lamp", "C. desk", "D. bed"] if choice else None,
+            "ground_truth": "C" if choice else "2.5",
+        })
+    for index, question_type in enumerate(("object_counting", "route_planning")):
+        rows.append({"id": 200 + index, "dataset": "scannetpp", "scene_name": "broken", "question_type": question_type,
+                     "question": "Anything?", "options": ["A. left", "B. right"] if index else None,
+                     "ground_truth": "A" if index else "3"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A tiny converted ViCA2, a mini benchmark (JSONL) and its videos."""
+    from vica2.convert_checkpoint import convert_checkpoint
+    from vica2.demo import build_demo_release, write_demo_video
+
+    root = tmp_path_factory.mktemp("vsibench")
+    convert_checkpoint(build_demo_release(root / "release"), root / "model", overwrite=True, progress=False)
+    videos = root / "videos"
+    for dataset, scene in (("arkitscenes", "scene_a"), ("scannet", "scene_b")):
+        write_demo_video(videos / dataset / f"{scene}.mp4", num_frames=8, size=(48, 64))
+    (videos / "scannetpp").mkdir()
+    (videos / "scannetpp" / "broken.mp4").write_bytes(b"this is not a video")
+    rows = _question_rows()
+    data = root / "test.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {"root": root, "model": root / "model", "videos": videos, "data": data, "rows": rows}
+
+
+def _cli(bench, output_dir, *extra, check=True):
+    command = [sys.executable, "-m", "vica2.cli", "eval-vsibench", "--model", str(bench["model"]), "--data",
+               str(bench["data"]), "--video-root", str(bench["videos"]), "--output-dir", str(output_dir),
+               "--frames", "4", "--dtype", "float32", "--device", "cpu", *extra]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _lines(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def _check_records(records, rows, prompt_style="vica2", time_instruction=False):
+    by_id = {row["id"]: row for row in rows}
+    assert sorted(r["id"] for r in records) == sorted(by_id)
+    for record in records:
+        row = by_id[record["id"]]
+        assert record["question_type"] == row["question_type"] and record["ground_truth"] == row["ground_truth"]
+        assert record["settings"] == {"prompt_style": prompt_style, "time_instruction": time_instruction,
+                                      "frames": 4, "max_new_tokens": 16}
+        assert record["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+        assert record["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert record["prompt"].count("<video>") == 1 and row["question"] in record["prompt"]
+        if row["dataset"] == "scannetpp":  # the unreadable video
+            assert record["error"].startswith("VideoLoadError") and "broken.mp4" in record["error"]
+            assert record["output"] is None and record["answer"] is None and record["score"] == 0.0
+        else:
+            assert record["error"] is None and isinstance(record["output"], str)
+            assert record["answer"] == parse_answer(record["output"])
+            assert record["score"] == score_prediction(record["output"], row["ground_truth"], row["question_type"])
+
+
+def _check_summary(summary_path, records):
+    summary = json.loads(Path(summary_path).read_text())
+    expected = aggregate(records)
+    for key in ("overall", "tasks", "questions", "errors", "missing_tasks"):
+        assert summary[key] == expected[key], key
+    assert summary["errors"] == 2 and summary["questions"] == len(records) and summary["missing_tasks"] == []
+    return summary
+
+
+@pytest.fixture(scope="module")
+def finished_run(bench):
+    """A run interrupted after --limit 5, with a torn line as a killed writer leaves, then resumed to the end."""
+    out = bench["root"] / "run"
+    first = _cli(bench, out, "--limit", "5", "--batch-size", "2")
+    predictions = out / "predictions.jsonl"
+    early = predictions.read_text(encoding="utf-8")
+    with open(predictions, "a", encoding="utf-8") as handle:
+        handle.write('{"id": 105, "question_type": "object_rel_di')
+    resumed = _cli(bench, out, "--batch-size", "3")
+    return {"out": out, "first": first, "early": early, "resumed": resumed}
+
+
+def test_cli_runs_resumes_and_summarises(bench, finished_run):
+    out = finished_run["out"]
+    early = [json.loads(line) for line in finished_run["early"].splitlines()]
+    assert sorted(r["id"] for r in early) == [row["id"] for row in bench["rows"][:5]]
+    text = (out / "predictions.jsonl").read_text(encoding="utf-8")
+    assert text.startswith(finished_run["early"])  # resuming kept the first lines as they were, cut the torn one
+    records = _lines(out / "predictions.jsonl")
+    _check_records(records, bench["rows"])  # every question exactly once
+    summary = _check_summary(out / "summary.json", records)
+    assert summary["remaining"] == 0 and summary["selected"] == len(bench["rows"])
+    assert "Obj. Count  Abs. Dist.  Obj. Size  Room Size  Rel. Dist.  Rel. Dir.  Route Plan  Appr. Order" in \
+        finished_run["resumed"].stdout
+    assert "12 questions, 2 error rows" in finished_run["resumed"].stdout
+    assert "incomplete last line" in finished_run["resumed"].stderr
+
+
+def test_finished_run_is_not_rerun_and_other_settings_are_refused(bench, finished_run):
+    out = finished_run["out"]
+    before = (out / "predictions.jsonl").read_bytes()
+    again = _cli(bench, out)
+    assert (out / "predictions.jsonl").read_bytes() == before
+    assert "VSI-Bench" not in again.stderr  # no progress bar: nothing to do
+    other = _cli(bench, out, "--prompt-style", "vsibench", check=False)
+    assert other.returncode == 2 and "holds predictions made with" in other.stderr
+    assert (out / "predictions.jsonl").read_bytes() == before
+
+
+def test_retry_errors_reruns_only_the_error_rows(bench, finished_run, tmp_path):
+    from vica2.demo import write_demo_video
+
+    out, videos = tmp_path / "run", tmp_path / "videos"
+    shutil.copytree(finished_run["out"], out)
+    shutil.copytree(bench["videos"], videos)
+    write_demo_video(videos / "scannetpp" / "broken.mp4", num_frames=8, size=(48, 64))  # the video is fixed
+    _cli({**bench, "videos": videos}, out, "--retry-errors")
+    records = _lines(out / "predictions.jsonl")
+    assert sorted(r["id"] for r in records) == sorted(row["id"] for row in bench["rows"])
+    assert not any(r["error"] for r in records)
+    kept = {r["id"]: r for r in _lines(finished_run["out"] / "predictions.jsonl") if not r["error"]}
+    assert all(r == kept[r["id"]] for r in records if r["id"] in kept)
+
+
+def test_shards_merge_into_the_whole_benchmark(bench):
+    out = bench["root"] / "sharded"
+    style = ("--prompt-style", "vsibench", "--time-instruction")
+    for shard in ("0/2", "1/2"):
+        _cli(bench, out, "--shard", shard, *style)
+    parts = [_lines(out / f"predictions.shard{i}of2.jsonl") for i in range(2)]
+    assert parts[0] and parts[1] and not {r["id"] for r in parts[0]} & {r["id"] for r in parts[1]}
+    assert not {r["scene_name"] for r in parts[0]} & {r["scene_name"] for r in parts[1]}  # videos are not split
+    for record in parts[0] + parts[1]:
+        if not record["error"]:
+            assert "Options:" in record["prompt"] or record["question_type"] in NUMERICAL_TYPES
+            assert "\nThe video lasts for " in record["prompt"] and "frames are uniformly sampled" in record["prompt"]
+
+    # the merge re-scores from the raw outputs: make one stored ground truth match its output to see it
+    shard_file = out / "predictions.shard0of2.jsonl"
+    edited = _lines(shard_file)
+    target = next(r for r in edited if not r["error"] and r["question_type"] in MULTIPLE_CHOICE_TYPES)
+    target["ground_truth"] = parse_answer(target["output"])
+    shard_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in edited), encoding="utf-8")
+
+    merge = subprocess.run([sys.executable, "-m", "vica2.cli", "eval-vsibench", "--merge", "--output-dir", str(out)],
+                           capture_output=True, text=True, cwd=REPO_ROOT)
+    assert merge.returncode == 0, merge.stderr
+    merged = _lines(out / "predictions.jsonl")
+    rows = [dict(row, ground_truth=target["ground_truth"]) if row["id"] == target["id"] else row
+            for row in bench["rows"]]
+    _check_records(merged, rows, prompt_style="vsibench", time_instruction=True)
+    assert next(r for r in merged if r["id"] == target["id"])["score"] == 1.0
+    summary = _check_summary(out / "summary.json", merged)
+    assert summary["merged_from"] == ["predictions.shard0of2.jsonl", "predictions.shard1of2.jsonl"]
+    assert summary["overall"] > 0
+    assert "Rel. Dir." in merge.stdout
+
+
+def test_merge_refuses_missing_shards(tmp_path):
+    (tmp_path / "predictions.shard1of3.jsonl").write_text("")
+    result = subprocess.run([sys.executable, "-m", "vica2.cli", "eval-vsibench", "--merge", "--output-dir",
+                             str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 2 and "Shards [0, 2] of 3" in result.stderr
+
+
+def test_wrong_video_root_stops_before_loading_the_model(bench, tmp_path):
+    result = _cli({**bench, "videos": tmp_path / "empty"}, tmp_path / "out", check=False)
+    assert result.returncode == 2 and "None of the 3 videos" in result.stderr
+    assert not (tmp_path / "out" / "predictions.jsonl").exists()
