@@ -1,0 +1,236 @@
+# Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
+"""Fine-tune ViCA2 with the library's Trainer: the release's stage recipes, your own data, LoRA, DeepSpeed.
+
+    # one process (CPU or one GPU)
+    python finetune.py --model_name_or_path ViCA2-7B-hf --data_path data.yaml --media_root /data \
+        --stage stage3 --output_dir out --bf16 True --gradient_checkpointing True
+
+    # several GPUs: torchrun / deepspeed / accelerate launch, with --deepspeed ds_zero3.json
+    torchrun --nproc_per_node 8 finetune.py ... --deepspeed ds_zero3.json
+
+`--data_path` is a .json / .jsonl file of the release's LLaVA-style records or a YAML mixture of them with
+sampling strategies ("all", "first:1000", "end:500", "random:10%"). See docs_fragments/finetune.md and
+`python finetune.py --help`. Needs the repository installed (`pip install -e '.[train,video]'`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from transformers import HfArgumentParser, set_seed
+from transformers.utils import logging as hf_logging
+
+from vica2.modeling_vica2 import Vica2ForConditionalGeneration
+from vica2.processing_vica2 import Vica2Processor
+from vica2.training_vica2 import (
+    FULL_MINUS_HIERA,
+    LABEL_MODES,
+    LANGUAGE_MODEL_LORA_TARGETS,
+    STAGES,
+    Vica2DataCollator,
+    Vica2SupervisedDataset,
+    Vica2Trainer,
+    Vica2TrainingArguments,
+    add_lora,
+    apply_token_ratio,
+    load_data_mixture,
+    lora_config,
+    lora_modules_to_save,
+    set_trainable_parts,
+    trainable_summary,
+)
+
+
+logger = hf_logging.get_logger("vica2.finetune")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "A converted ViCA2 checkpoint (hub id or folder)."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights dtype at load: float32 (master weights; use --bf16 for mixed precision), "
+                  "bfloat16, float16 or auto.", "choices": list(DTYPES)},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa (default), eager, flash_attention_2, vica2_fused, ..."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "A .json / .jsonl file of records, or a YAML mixture of them."})
+    media_root: str = field(default=".", metadata={"help": "Folder that relative media paths are resolved against."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder of image records (default media_root)."})
+    video_folder: str | None = field(default=None, metadata={"help": "Folder of video records (default media_root)."})
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Frames sampled per video (default: the checkpoint's frame budget, 64)."}
+    )
+    add_time_instruction: bool = field(
+        default=True, metadata={"help": "Add the release's time instruction after each video (training used it)."}
+    )
+    label_mode: str = field(
+        default="assistant",
+        metadata={"help": "assistant: supervise the answers only; release: the release's labels (also every "
+                  "newline, <|im_start|> and <|im_end|>).", "choices": list(LABEL_MODES)},
+    )
+    model_max_length: int = field(default=32768, metadata={"help": "Longer examples are cut at the end."})
+    check_media: bool = field(default=True, metadata={"help": "Drop records whose media files are missing, up front."})
+
+
+@dataclass
+class TuningArguments:
+    stage: str | None = field(
+        default=None,
+        metadata={"help": "A release recipe: sets the trainable parts, learning_rate and vision_tower_lr unless "
+                  "given. stage1: spatial projector warm-up (lr 1e-3); stage2 / stage3: full model minus Hiera "
+                  "(lr 1e-5, towers 2e-6).", "choices": list(STAGES)},
+    )
+    trainable_parts: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated parts to train, release names (mm_vision_tower, mm_mlp_adapter, "
+                  "mm_language_model, sam_tower, sam_projector) or ours (vision_tower, hiera_tower, "
+                  "multi_modal_projector, hiera_projector, image_newline, language_model, lm_head), a stage, "
+                  f"'all' or 'none'. Default: the stage's, else {FULL_MINUS_HIERA} (everything but Hiera); with "
+                  "--lora: none (adapters only), else these parts train fully next to the adapters."},
+    )
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model (PEFT)."})
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: str = field(
+        default=LANGUAGE_MODEL_LORA_TARGETS, metadata={"help": "Regex of the module names that get adapters."}
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "Also save the model with the adapters merged, to OUTPUT_DIR/merged."}
+    )
+    video_frames_budget: int | None = field(default=None, metadata={"help": "Token ratio: SigLIP frame budget."})
+    hiera_frames: int | None = field(default=None, metadata={"help": "Token ratio: Hiera frames at the budget."})
+    siglip_pool_stride: int | None = field(default=None, metadata={"help": "Token ratio: SigLIP video pool stride."})
+    hiera_pool_stride: int | None = field(default=None, metadata={"help": "Token ratio: Hiera video pool stride."})
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The option names written on the command line (so that a stage recipe only fills in the others)."""
+    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+
+
+def apply_stage(tuning: TuningArguments, training: Vica2TrainingArguments, given: set[str]) -> None:
+    if tuning.stage is not None:
+        recipe = STAGES[tuning.stage]
+        logger.warning(f"Stage {tuning.stage}: {recipe.description} (DeepSpeed config: {recipe.deepspeed}).")
+        if tuning.trainable_parts is None:
+            tuning.trainable_parts = recipe.trainable_parts
+        if "learning_rate" not in given:
+            training.learning_rate = recipe.learning_rate
+        if "vision_tower_lr" not in given:
+            training.vision_tower_lr = recipe.vision_tower_lr
+    if tuning.trainable_parts is None:
+        tuning.trainable_parts = "none" if tuning.lora else FULL_MINUS_HIERA
+
+
+def load_model(args: ModelArguments):
+    kwargs = {"dtype": DTYPES[args.dtype]}
+    if args.attn_implementation is not None:
+        kwargs["attn_implementation"] = args.attn_implementation
+    model = Vica2ForConditionalGeneration.from_pretrained(args.model_name_or_path, **kwargs)
+    set_use_cache(model, False)  # no KV cache while training: it only costs memory (restored before saving)
+    return model
+
+
+def set_use_cache(model, value: bool) -> None:
+    # The language model reads its own sub-config.
+    for config in (model.config, model.config.text_config):
+        config.use_cache = value
+
+
+def prepare_model(model, tuning: TuningArguments):
+    """Freeze / unfreeze the parts, or wrap with LoRA adapters (the listed parts then train fully beside them)."""
+    if not tuning.lora:
+        set_trainable_parts(model, tuning.trainable_parts)
+        return model
+    config = lora_config(
+        r=tuning.lora_r,
+        lora_alpha=tuning.lora_alpha,
+        lora_dropout=tuning.lora_dropout,
+        target_modules=tuning.lora_target_modules,
+        modules_to_save=lora_modules_to_save(tuning.trainable_parts) or None,
+    )
+    return add_lora(model, config)
+
+
+def build_dataset(data: DataArguments, processor, seed: int) -> Vica2SupervisedDataset:
+    records = load_data_mixture(data.data_path, seed=seed)
+    return Vica2SupervisedDataset(
+        records,
+        processor,
+        media_root=data.media_root,
+        image_folder=data.image_folder,
+        video_folder=data.video_folder,
+        num_frames=data.num_frames,
+        add_time_instruction=data.add_time_instruction,
+        label_mode=data.label_mode,
+        model_max_length=data.model_max_length,
+        check_media=data.check_media,
+    )
+
+
+def save_outputs(trainer: Vica2Trainer, processor, tuning: TuningArguments) -> None:
+    """The model (or the adapters) and the processor to `output_dir`; with --merge_lora, a merged copy too."""
+    output_dir = Path(trainer.args.output_dir)
+    set_use_cache(trainer.model, True)
+    trainer.save_model(str(output_dir))  # also saves the processor (processing_class)
+    trainer.save_state()
+    if tuning.lora and tuning.merge_lora and trainer.args.should_save:
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(output_dir / "merged")
+        processor.save_pretrained(output_dir / "merged")
+
+
+def main(argv: list[str] | None = None) -> Vica2Trainer:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, DataArguments, TuningArguments, Vica2TrainingArguments))
+    model_args, data_args, tuning_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    hf_logging.set_verbosity(training_args.get_process_log_level())
+    apply_stage(tuning_args, training_args, given_options(argv))
+    set_seed(training_args.seed)
+
+    processor = Vica2Processor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+    model = load_model(model_args)
+    apply_token_ratio(
+        model,
+        processor,
+        video_frames_budget=tuning_args.video_frames_budget,
+        hiera_frames=tuning_args.hiera_frames,
+        siglip_pool_stride=tuning_args.siglip_pool_stride,
+        hiera_pool_stride=tuning_args.hiera_pool_stride,
+    )
+    model = prepare_model(model, tuning_args)
+    logger.warning(trainable_summary(model))
+
+    dataset = build_dataset(data_args, processor, training_args.seed)
+    logger.warning(f"{len(dataset)} training records; skipped up front: {dataset.skipped or 'none'}.")
+    trainer = Vica2Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=Vica2DataCollator(pad_token_id=processor.tokenizer.pad_token_id),
+        processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    save_outputs(trainer, processor, tuning_args)
+    # Counted across this process's dataloader workers (each rank reads, and counts, its own share of the data).
+    logger.warning(f"Skipped training records: {dataset.skipped or 'none'}.")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
