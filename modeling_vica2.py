@@ -250,9 +250,6 @@ class Vica2Model(Vica2PreTrainedModel):
             outputs.append(pool_video_features(features, pool_stride, mode))
         return torch.cat(outputs)
 
-    def _newline(self):
-        return self.image_newline
-
     # ------------------------------------------------------------------------------------- videos
     def get_video_features(
         self,
@@ -292,7 +289,7 @@ class Vica2Model(Vica2PreTrainedModel):
             hiera_video = self._hiera_video_frames(video.shape[0], hiera_video, settings["frame_stride"])
             siglip = self._siglip_frames(video, chunk_size, settings["siglip_pool_stride"])
             hiera = self._hiera_frames(hiera_video, chunk_size, settings["hiera_pool_stride"])
-            features.append(torch.cat([newline_rows(siglip, self._newline()), newline_rows(hiera, self._newline())]))
+            features.append(torch.cat([newline_rows(siglip, self.image_newline), newline_rows(hiera, self.image_newline)]))
         return features
 
     def _hiera_video_frames(self, num_frames: int, hiera_video: torch.Tensor, frame_stride: int) -> torch.Tensor:
@@ -369,7 +366,7 @@ class Vica2Model(Vica2PreTrainedModel):
             if hiera_image.shape[0] != 1:
                 raise ValueError(f"An image has {hiera_image.shape[0]} Hiera frames; it must have exactly one.")
             siglip = self._anyres_tokens(tiles, int(height), int(width), chunk_size)
-            hiera = newline_rows(self._hiera_frames(hiera_image, chunk_size), self._newline())
+            hiera = newline_rows(self._hiera_frames(hiera_image, chunk_size), self.image_newline)
             features.append(torch.cat([siglip, hiera]))
         return features
 
@@ -402,7 +399,7 @@ class Vica2Model(Vica2PreTrainedModel):
             feature_map = F.interpolate(
                 feature_map.permute(2, 0, 1)[None], size=downscaled, mode="bilinear", align_corners=False
             )[0].permute(1, 2, 0)
-        return torch.cat([base, newline_rows(feature_map[None], self._newline())])
+        return torch.cat([base, newline_rows(feature_map[None], self.image_newline)])
 
     # ------------------------------------------------------------------------------------- merge
     def _merge_placeholders(self, input_ids, inputs_embeds, features: list[torch.Tensor], token_id: int, kind: str):
