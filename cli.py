@@ -21,7 +21,6 @@ from pathlib import Path
 
 
 EXIT_USAGE = 2
-TOKEN_RATIO_FLAGS = ("hiera_frames", "video_frames_budget", "siglip_pool_stride", "hiera_pool_stride")
 
 
 class UsageError(Exception):
@@ -178,6 +177,8 @@ def _print_answer(answer: Answer, verbose: bool, streamed: bool):
 
 
 def run_ask(args) -> int:
+    from vica2.configuration_vica2 import TOKEN_RATIO_ARGS
+
     load_start = time.perf_counter()
     model, processor = load_model_and_processor(args.model, args.dtype, args.device, args.load_in_4bit,
                                                 args.load_in_8bit, args.attn_implementation)
@@ -187,7 +188,7 @@ def run_ask(args) -> int:
     answer = ask(model, processor, args.question, video=args.video, image=args.image, frames=args.frames,
                  max_new_tokens=args.max_new_tokens, stream=args.stream, fast_decode=args.fast_decode,
                  add_time_instruction=False if args.no_time_instruction else None,
-                 **{name: getattr(args, name) for name in TOKEN_RATIO_FLAGS})
+                 **{name: getattr(args, name) for name in TOKEN_RATIO_ARGS})
     _print_answer(answer, args.verbose, args.stream)
     return 0
 

@@ -8,6 +8,7 @@ numbers it is computed from, so that the model and the processor share one defin
 from __future__ import annotations
 
 import math
+import operator
 import re
 
 from transformers import AutoConfig, PretrainedConfig
@@ -17,6 +18,9 @@ from transformers import AutoConfig, PretrainedConfig
 DEFAULT_IMAGE_GRID_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
 
 POOL_MODES = ("bilinear", "average", "max")
+
+# The token-ratio settings a call may override (model `forward` / `generate`, processor, CLI, training).
+TOKEN_RATIO_ARGS = ("video_frames_budget", "hiera_frames", "siglip_pool_stride", "hiera_pool_stride")
 
 # Every auto class a ViCA2 folder serves. `save_pretrained` would only record the class being saved; keeping the
 # whole map in the config means any saved folder (converted, fine-tuned, ...) loads through all of them.
@@ -197,8 +201,8 @@ class Vica2Config(PretrainedConfig):
     def validate_vica2(self):
         """Raise a ValueError naming the field when the ViCA2-specific settings are inconsistent."""
         for name in ("video_frames_budget", "hiera_frames", "siglip_pool_stride", "hiera_pool_stride"):
-            _check_positive_int(name, getattr(self, name))
-        _check_positive_int("vision_chunk_size", self.vision_chunk_size)
+            positive_int(name, getattr(self, name))
+        positive_int("vision_chunk_size", self.vision_chunk_size)
         check_frame_ratio(self.video_frames_budget, self.hiera_frames)
         if self.video_pool_mode not in POOL_MODES:
             raise ValueError(f"video_pool_mode={self.video_pool_mode!r} is not one of {POOL_MODES}.")
@@ -263,15 +267,22 @@ class Vica2Config(PretrainedConfig):
         return num_image_tokens(height, width, **self.token_layout())
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+def positive_int(name: str, value, hint: str = "") -> int:
+    """`value` as a positive int, or a ValueError naming `name`. Accepts any integer-like value (numpy integers, the
+    0-d tensor a BatchFeature makes of an int), never a bool or a float."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive integer{f' ({hint})' if hint else ''}, got {value!r}.")
+    return number
 
 
 def check_frame_ratio(video_frames_budget: int, hiera_frames: int) -> int:
     """Return the Hiera frame stride k = video_frames_budget / hiera_frames, or raise when it is not an integer."""
-    _check_positive_int("video_frames_budget", video_frames_budget)
-    _check_positive_int("hiera_frames", hiera_frames)
+    positive_int("video_frames_budget", video_frames_budget)
+    positive_int("hiera_frames", hiera_frames)
     if hiera_frames > video_frames_budget or video_frames_budget % hiera_frames:
         raise ValueError(
             f"video_frames_budget={video_frames_budget} must be a multiple of hiera_frames={hiera_frames}: Hiera "
@@ -342,9 +353,9 @@ def num_video_tokens(
     SigLIP: T * p * (p + 1) with p = pooled 27-grid; Hiera: ceil(T / k) * q * (q + 1) with q = pooled stage grid and
     k = video_frames_budget / hiera_frames. A 64-frame video at the defaults: 64*14*15 = 13,440 and 32*16*17 = 8,704.
     """
-    _check_positive_int("num_frames", num_frames)
+    positive_int("num_frames", num_frames)
     for name, value in (("siglip_pool_stride", siglip_pool_stride), ("hiera_pool_stride", hiera_pool_stride)):
-        _check_positive_int(name, value)
+        positive_int(name, value)
     frame_stride = check_frame_ratio(video_frames_budget, hiera_frames)
     p = pooled_grid(siglip_grid, siglip_pool_stride, video_pool_mode)
     q = pooled_grid(hiera_grid, hiera_pool_stride, video_pool_mode)
@@ -403,8 +414,8 @@ def num_image_tokens(
 ) -> tuple[int, int]:
     """(SigLIP tokens, Hiera tokens) of one image: the base view (no newline) plus the unpadded tile grid with a
     newline per row; Hiera sees the single image un-pooled (32 x 33 at the defaults)."""
-    _check_positive_int("image height", image_height)
-    _check_positive_int("image width", image_width)
+    positive_int("image height", image_height)
+    positive_int("image width", image_width)
     _, unpadded, downscaled = anyres_feature_shape(
         image_height,
         image_width,

@@ -29,8 +29,10 @@ from .configuration_vica2 import (
     Vica2Config,
     anyres_feature_shape,
     anyres_max_patches,
+    TOKEN_RATIO_ARGS,
     check_frame_ratio,
     pooled_grid,
+    positive_int,
 )
 from .kernels_vica2 import ATTENTION_NAME as FUSED_ATTENTION, register_vica2_attention, use_fused_hiera_blocks
 
@@ -47,9 +49,6 @@ CACHE_NAME = "cache" if "cache" in inspect.signature(Qwen2Model.forward).paramet
 # Hiera pixel inputs are ours, so `generate` does not know to drop them after prefill (it does for the
 # standard `pixel_values*` / `image_sizes` names).
 HIERA_PIXEL_INPUTS = ("hiera_pixel_values", "hiera_pixel_values_videos")
-
-# Per-call token-ratio overrides accepted by `forward`, `generate`, `get_video_features`.
-TOKEN_RATIO_ARGS = ("video_frames_budget", "hiera_frames", "siglip_pool_stride", "hiera_pool_stride")
 
 VISUAL_INPUTS = ("pixel_values", "image_sizes", "hiera_pixel_values", "pixel_values_videos", "hiera_pixel_values_videos")
 
@@ -182,13 +181,7 @@ def _as_item_list(pixels, name: str, channels: int, size: int) -> list[torch.Ten
 
 def _setting(name: str, value, default: int) -> int:
     """A per-call integer setting (a plain int, or the 0-d tensor a BatchFeature makes of it), else the default."""
-    if value is None:
-        return default
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return value
+    return default if value is None else positive_int(name, value)
 
 
 def _describe(value) -> str:

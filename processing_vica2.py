@@ -26,15 +26,20 @@ from transformers.processing_utils import MultiModalData, ProcessorMixin, TextKw
 from transformers.utils import logging
 from transformers.video_utils import VideoMetadata
 
-from .configuration_vica2 import Vica2Config, check_frame_ratio, num_image_tokens, num_video_tokens
+from .configuration_vica2 import (
+    TOKEN_RATIO_ARGS,
+    Vica2Config,
+    check_frame_ratio,
+    num_image_tokens,
+    num_video_tokens,
+    positive_int,
+)
 from .image_processing_vica2 import Vica2ImageProcessor, flatten_images, to_video_frames
 from .video_loading_vica2 import DecodedVideo, FastResize, probe_video, read_video
 
 
 logger = logging.get_logger(__name__)
 
-# Per-call token-ratio overrides; the model's `forward` / `generate` take the same names.
-TOKEN_RATIO_ARGS = ("video_frames_budget", "hiera_frames", "siglip_pool_stride", "hiera_pool_stride")
 # Settings that only matter when a video file is read.
 VIDEO_LOADING_ARGS = ("num_frames", "fast_decode")
 # Accepted for compatibility with transformers' video conventions (`apply_chat_template` sets it); ViCA2 always
@@ -215,7 +220,7 @@ class Vica2Processor(ProcessorMixin):
         return _CallSettings(
             overrides=overrides,
             layout=self.resolve_token_layout(**overrides),
-            num_frames=None if num_frames is None else _positive_int("num_frames", num_frames, "frames to sample"),
+            num_frames=None if num_frames is None else positive_int("num_frames", num_frames, "frames to sample"),
             fast_decode=bool(kwargs.pop("fast_decode", False)),
             video_metadata=kwargs.pop("video_metadata", None),
             return_metadata=bool(kwargs.pop("return_metadata", False)),
@@ -262,7 +267,7 @@ class Vica2Processor(ProcessorMixin):
         for name, value in overrides.items():
             if name not in TOKEN_RATIO_ARGS:
                 raise TypeError(f"Unknown token-ratio setting {name!r}; known: {', '.join(TOKEN_RATIO_ARGS)}.")
-            layout[name] = _positive_int(name, value, f"default from the checkpoint: {self.token_layout[name]}")
+            layout[name] = positive_int(name, value, f"default from the checkpoint: {self.token_layout[name]}")
         check_frame_ratio(layout["video_frames_budget"], layout["hiera_frames"])
         return layout
 
@@ -278,7 +283,7 @@ class Vica2Processor(ProcessorMixin):
         return self._read_video(source, self.resolve_token_layout(**overrides), num_frames, fast_decode)
 
     def _read_video(self, source, layout: dict, num_frames: int | None, fast_decode: bool) -> DecodedVideo:
-        num_frames = _positive_int(
+        num_frames = positive_int(
             "num_frames", num_frames if num_frames is not None else layout["video_frames_budget"], "frames to sample"
         )
         fast = FastResize(_side(self.image_processor), self.image_processor.hiera_size, _hiera_frame_stride(layout))
@@ -420,7 +425,7 @@ class Vica2Processor(ProcessorMixin):
             if not add_time:
                 return source, None
             num_frames = loading.get("num_frames") or layout["video_frames_budget"]
-            return source, probe_video(source, _positive_int("num_frames", num_frames, "frames to sample"))
+            return source, probe_video(source, positive_int("num_frames", num_frames, "frames to sample"))
         metadata = _as_metadata(block.get("metadata"))
         if metadata is None:
             return source, None
@@ -522,16 +527,6 @@ def _check_layout_matches(layout: dict, image_processor) -> None:
             "The image processor's image_grid_pinpoints differ from the token layout's: build both from the same "
             "config (Vica2Processor.from_model_config)."
         )
-
-
-def _positive_int(name: str, value, what: str) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value.item())
-    if isinstance(value, np.integer):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer ({what}), got {value!r}.")
-    return value
 
 
 def _hiera_frame_stride(layout: dict) -> int:

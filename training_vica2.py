@@ -31,6 +31,7 @@ from PIL import Image
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .configuration_vica2 import TOKEN_RATIO_ARGS
 from .processing_vica2 import time_instruction
 
 
@@ -244,15 +245,12 @@ def add_lora(model, config=None):
 
 
 # ----------------------------------------------------------------------------------------------- token ratio
-TOKEN_RATIO_FIELDS = ("video_frames_budget", "hiera_frames", "siglip_pool_stride", "hiera_pool_stride")
-
-
 def apply_token_ratio(model, processor, **settings) -> dict:
     """Train (and save) with other token-ratio settings: written into the model config and the processor's token
     layout, so the saved checkpoint keeps them as its defaults. Returns the resulting layout."""
-    unknown = sorted(set(settings) - set(TOKEN_RATIO_FIELDS))
+    unknown = sorted(set(settings) - set(TOKEN_RATIO_ARGS))
     if unknown:
-        raise TypeError(f"Unknown token-ratio setting(s) {', '.join(unknown)}; known: {', '.join(TOKEN_RATIO_FIELDS)}.")
+        raise TypeError(f"Unknown token-ratio setting(s) {', '.join(unknown)}; known: {', '.join(TOKEN_RATIO_ARGS)}.")
     given = {name: value for name, value in settings.items() if value is not None}
     processor.resolve_token_layout(**given)  # checks the values (and the frame ratio) before anything changes
     for name, value in given.items():

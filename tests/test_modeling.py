@@ -76,6 +76,18 @@ def test_invalid_config_names_the_field(overrides, field):
         Vica2Config(**{**base, **overrides})
 
 
+@pytest.mark.parametrize("value, ok", [(3, True), (np.int64(3), True), (torch.tensor(3), True), (0, False),
+                                       (-2, False), (2.0, False), (True, False), (torch.tensor(2.0), False)])
+def test_positive_int_accepts_integer_likes_only(value, ok):
+    from vica2.configuration_vica2 import positive_int
+
+    if ok:
+        assert positive_int("x", value) == int(value)
+    else:
+        with pytest.raises(ValueError, match="x must be a positive integer"):
+            positive_int("x", value)
+
+
 def test_stage_change_with_matching_projector_is_valid():
     config = Vica2Config(hiera_feature_stage=3)  # projector width follows the stage when not stored
     assert config.spatial_projector_input_size == 448 and config.hiera_grid == 64

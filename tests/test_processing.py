@@ -217,9 +217,8 @@ def test_chat_template_renders_the_release_prompt(processor, samples, name):
     assert prompt == sample["prompt"].replace("<image>", f"<{name}>")
 
 
-@pytest.mark.parametrize("name", ["video", "image"])
-def test_input_ids_match_the_release(processor, samples, name):
-    sample = samples[name]
+def release_chat_inputs(processor, sample, name):
+    """The fixture sample's frames and question through `apply_chat_template` (tokenized)."""
     media = {"type": name, name: sample["frames_uint8"] if name == "video" else sample["frames_uint8"][0]}
     inputs = processor.apply_chat_template(
         user_turn(media, {"type": "text", "text": release_question_text(sample)}),
@@ -227,6 +226,13 @@ def test_input_ids_match_the_release(processor, samples, name):
         tokenize=True,
         return_dict=True,
     )
+    return media, inputs
+
+
+@pytest.mark.parametrize("name", ["video", "image"])
+def test_input_ids_match_the_release(processor, samples, name):
+    sample = samples[name]
+    media, inputs = release_chat_inputs(processor, sample, name)
     token_id = FIXTURE_VIDEO_TOKEN_ID if name == "video" else FIXTURE_IMAGE_TOKEN_ID
     expected = expand_release_ids(sample["input_ids"], sample["summary"]["num_visual_tokens"], token_id)
     assert inputs["input_ids"][0].tolist() == expected
@@ -238,13 +244,7 @@ def test_input_ids_match_the_release(processor, samples, name):
 @pytest.mark.parametrize("name", ["video", "image"])
 def test_processor_to_model_reproduces_the_release_logits(processor, samples, fixture_model, name):
     sample = samples[name]
-    media = {"type": name, name: sample["frames_uint8"] if name == "video" else sample["frames_uint8"][0]}
-    inputs = processor.apply_chat_template(
-        user_turn(media, {"type": "text", "text": release_question_text(sample)}),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-    )
+    _, inputs = release_chat_inputs(processor, sample, name)
     with torch.no_grad():
         logits = fixture_model(**inputs).logits
     assert logits.shape == sample["logits"].shape
