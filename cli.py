@@ -115,7 +115,7 @@ def ask(model, processor, question: str, video: str | None = None, image: str | 
         **overrides,
     )
     preprocessed = time.perf_counter()
-    inputs = _to_model(inputs, model)
+    inputs = inputs_to_model(inputs, model)
     visual = _visual_token_counts(model.config, inputs, overrides)
     timing = _TimingStreamer(TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
                              if stream else None)
@@ -135,7 +135,7 @@ def ask(model, processor, question: str, video: str | None = None, image: str | 
     )
 
 
-def _to_model(inputs, model):
+def inputs_to_model(inputs, model):
     """Move the processor's output onto the model's device; pixels in the model's dtype, ids unchanged."""
     import torch
 

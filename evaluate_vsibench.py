@@ -536,10 +536,10 @@ def _generate(model, processor, prompts: list[str], videos: list, max_new_tokens
     """Greedy generation for a left-padded batch; the decoded new text of each row, not stripped (raw)."""
     import torch
 
-    from vica2.cli import _to_model
+    from vica2.cli import inputs_to_model
 
     inputs = processor(text=prompts, videos=videos, padding=True, padding_side="left", return_tensors="pt")
-    inputs = _to_model(inputs, model)
+    inputs = inputs_to_model(inputs, model)
     pad_id = processor.tokenizer.pad_token_id
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
