@@ -78,6 +78,14 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision="ieee")
 
     @triton.jit
+    def _aligned(s_b, s_h, s_y, s_x, ALIGN: tl.constexpr):
+        """Strides arrive in units of ALIGN elements (the largest power of two up to 16 dividing them all).
+        Multiplying by the constant tells the compiler what Triton's launcher cannot (it only marks arguments
+        divisible by 16, and `tl.multiple_of` does not stick to arguments): rows of head_dim 56 or 72 are then
+        16-byte aligned, so tiles load as full vectors and the key/value loads can be pipelined."""
+        return s_b * ALIGN, s_h * ALIGN, s_y * ALIGN, s_x * ALIGN
+
+    @triton.jit
     def _sequence_coords(seq, n_win_h, n_win_w, WINDOWED: tl.constexpr):
         """(batch, window row, window column) of a sequence index; plain sequences are their own batch."""
         if WINDOWED:
@@ -206,8 +214,12 @@ if triton is not None:
         len_q, len_k, num_q_blocks, causal_offset, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         WINDOWED: tl.constexpr, POOL: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
     ):
+        sq_b, sq_h, sq_y, sq_x = _aligned(sq_b, sq_h, sq_y, sq_x, ALIGN)
+        sk_b, sk_h, sk_y, sk_x = _aligned(sk_b, sk_h, sk_y, sk_x, ALIGN)
+        sv_b, sv_h, sv_y, sv_x = _aligned(sv_b, sv_h, sv_y, sv_x, ALIGN)
+        so_b, so_h, so_y, so_x = _aligned(so_b, so_h, so_y, so_x, ALIGN)
         pid = tl.program_id(0)
         # Heaviest (last, for causal) query blocks first; blocks of one (sequence, head) run side by side.
         q_block = num_q_blocks - 1 - pid % num_q_blocks
@@ -293,8 +305,14 @@ if triton is not None:
         len_q, len_k, num_k_blocks, causal_offset, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         WINDOWED: tl.constexpr, POOL: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
     ):
+        sq_b, sq_h, sq_y, sq_x = _aligned(sq_b, sq_h, sq_y, sq_x, ALIGN)
+        sk_b, sk_h, sk_y, sk_x = _aligned(sk_b, sk_h, sk_y, sk_x, ALIGN)
+        sv_b, sv_h, sv_y, sv_x = _aligned(sv_b, sv_h, sv_y, sv_x, ALIGN)
+        sdo_b, sdo_h, sdo_y, sdo_x = _aligned(sdo_b, sdo_h, sdo_y, sdo_x, ALIGN)
+        sdk_b, sdk_h, sdk_y, sdk_x = _aligned(sdk_b, sdk_h, sdk_y, sdk_x, ALIGN)
+        sdv_b, sdv_h, sdv_y, sdv_x = _aligned(sdv_b, sdv_h, sdv_y, sdv_x, ALIGN)
         pid = tl.program_id(0)
         k_block = pid % num_k_blocks
         kv_head = (pid // num_k_blocks) % num_kv_heads
@@ -404,8 +422,13 @@ if triton is not None:
         len_q, len_k, num_q_blocks, causal_offset, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         WINDOWED: tl.constexpr, POOL: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
     ):
+        sq_b, sq_h, sq_y, sq_x = _aligned(sq_b, sq_h, sq_y, sq_x, ALIGN)
+        sk_b, sk_h, sk_y, sk_x = _aligned(sk_b, sk_h, sk_y, sk_x, ALIGN)
+        sv_b, sv_h, sv_y, sv_x = _aligned(sv_b, sv_h, sv_y, sv_x, ALIGN)
+        sdo_b, sdo_h, sdo_y, sdo_x = _aligned(sdo_b, sdo_h, sdo_y, sdo_x, ALIGN)
+        sdq_b, sdq_h, sdq_y, sdq_x = _aligned(sdq_b, sdq_h, sdq_y, sdq_x, ALIGN)
         pid = tl.program_id(0)
         q_block = num_q_blocks - 1 - pid % num_q_blocks
         head = (pid // num_q_blocks) % num_heads
@@ -534,20 +557,28 @@ class _Problem:
         )
 
 
-# Tile sizes and warps per kernel. Not autotuned (no GPU was at hand): each entry is the largest tile that
-# compiles for sm_90 without register spills (`cuobjdump -res-usage` on the cubin; see
-# benchmarks/bench_attention.py --compile-only), to be refined with the benchmark's timings.
+# Tile sizes and warps per kernel. Not autotuned (no GPU was at hand): chosen by compiling for sm_90 with the
+# specialisation a real launch gets (benchmarks/bench_attention.py --compile-only records the launchers' real
+# arguments): the largest tiles that keep tensor-core (wgmma) matmuls and pipelined loads without register spills.
+# The backward kernels want transposed shapes: dK/dV accumulate over BLOCK_N key rows (the M side of their
+# matmuls, so it needs >= 64 rows for wgmma) while queries stream by, dQ the other way round.
 #   (kind, dtype class) -> (BLOCK_M cap, BLOCK_N cap, num_warps, num_stages)
 _FORWARD_TILES = {
     ("window", "16bit"): (64, 64, 8, 2),
-    ("wide", "16bit"): (128, 32, 8, 3),  # head_dim 65..128 (Qwen2 128; SigLIP 72 pads to 128)
-    ("narrow", "16bit"): (128, 64, 8, 3),
+    ("wide", "16bit"): (128, 64, 8, 3),  # head_dim 65..128 (Qwen2 128; SigLIP 72 pads to 128)
+    ("narrow", "16bit"): (128, 128, 8, 3),
     ("any", "fp32"): (32, 32, 8, 2),
 }
-_BACKWARD_TILES = {
-    ("window", "16bit"): (64, 32, 8, 2),
-    ("wide", "16bit"): (64, 32, 8, 2),
-    ("narrow", "16bit"): (64, 64, 8, 2),
+_DKDV_TILES = {
+    ("window", "16bit"): (32, 128, 8, 2),
+    ("wide", "16bit"): (32, 128, 8, 2),
+    ("narrow", "16bit"): (32, 128, 8, 2),
+    ("any", "fp32"): (32, 32, 8, 2),
+}
+_DQ_TILES = {
+    ("window", "16bit"): (128, 64, 8, 2),
+    ("wide", "16bit"): (128, 64, 8, 2),
+    ("narrow", "16bit"): (128, 64, 8, 2),
     ("any", "fp32"): (32, 32, 8, 2),
 }
 # The interpreter pays per operation, not per element: whole sequences in one tile keep tests fast (tests that
@@ -573,15 +604,9 @@ def _pow2_block(length: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(length, 1))))
 
 
-def _forward_blocks(problem: _Problem, dtype: torch.dtype, block_m=None, block_n=None) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel."""
-    cap_m, cap_n, warps, stages = _tiles(_FORWARD_TILES, problem, dtype)
-    return block_m or _pow2_block(problem.len_q, cap_m), block_n or _pow2_block(problem.len_k, cap_n), warps, stages
-
-
-def _backward_blocks(problem: _Problem, dtype: torch.dtype, block_m=None, block_n=None) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for both backward kernels."""
-    cap_m, cap_n, warps, stages = _tiles(_BACKWARD_TILES, problem, dtype)
+def _blocks(table: dict, problem: _Problem, dtype: torch.dtype, block_m=None, block_n=None) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel: the table's caps, shrunk to the lengths."""
+    cap_m, cap_n, warps, stages = _tiles(table, problem, dtype)
     return block_m or _pow2_block(problem.len_q, cap_m), block_n or _pow2_block(problem.len_k, cap_n), warps, stages
 
 
@@ -589,6 +614,11 @@ def _strides4(tensor: torch.Tensor, b: int, h: int | None, y: int | None, x: int
     """(batch, head, row, column) element strides of a tensor; `None` dims contribute 0, `h_step` overrides."""
     head = h_step if h_step is not None else (tensor.stride(h) if h is not None else 0)
     return (tensor.stride(b), head, tensor.stride(y) if y is not None else 0, tensor.stride(x))
+
+
+def _stride_alignment(*strides: tuple) -> int:
+    """The largest power of two up to 16 that divides every given element stride (for the kernels' hints)."""
+    return math.gcd(16, *(stride for group in strides for stride in group))
 
 
 def _mask_args(key_valid, mask, reference: torch.Tensor):
@@ -613,7 +643,7 @@ def _device_guard(tensor: torch.Tensor):
 
 def _launch_forward(problem, q, k, v, out, q_s, k_s, v_s, o_s, bias_k=None, bias_v=None, key_valid=None, mask=None,
                     block_m=None, block_n=None):
-    bm, bn, warps, stages = _forward_blocks(problem, q.dtype, block_m, block_n)
+    bm, bn, warps, stages = _blocks(_FORWARD_TILES, problem, q.dtype, block_m, block_n)
     num_q_blocks = triton.cdiv(problem.len_q, bm)
     programs = problem.n_seq * problem.num_heads * num_q_blocks
     if programs > _MAX_PROGRAMS:
@@ -621,6 +651,8 @@ def _launch_forward(problem, q, k, v, out, q_s, k_s, v_s, o_s, bias_k=None, bias
     lse = torch.empty((problem.n_seq, problem.num_heads, problem.len_q), device=q.device, dtype=torch.float32)
     key_valid_arg, kv_strides, mask_arg, m_strides = _mask_args(key_valid, mask, lse)
     has_bias = bias_k is not None
+    align = _stride_alignment(q_s, k_s, v_s, o_s)
+    q_s, k_s, v_s, o_s = (tuple(stride // align for stride in group) for group in (q_s, k_s, v_s, o_s))
     with _device_guard(q):
         _attention_forward_kernel[(programs,)](
             q, k, v, out, lse, bias_k if has_bias else lse, bias_v if has_bias else lse, key_valid_arg, mask_arg,
@@ -630,7 +662,7 @@ def _launch_forward(problem, q, k, v, out, q_s, k_s, v_s, o_s, bias_k=None, bias
             HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=bm, BLOCK_N=bn,
             WINDOWED=problem.windowed, POOL=problem.pool, CAUSAL=problem.causal,
             HAS_KEY_VALID=key_valid is not None, HAS_MASK=mask is not None, HAS_BIAS=has_bias,
-            UPCAST=KERNELS_INTERPRETED, num_warps=warps, num_stages=stages,
+            UPCAST=KERNELS_INTERPRETED, ALIGN=align, num_warps=warps, num_stages=stages,
         )
     return lse
 
@@ -639,12 +671,17 @@ def _launch_backward(problem, q, k, v, do, lse, delta, dq, dk, dv, strides, bias
                      mask=None, block_m=None, block_n=None):
     """Fills dq, dk, dv (and returns the padded-position dK/dV partial sums when a bias is given)."""
     q_s, k_s, v_s, do_s, dl_s, dq_s, dk_s, dv_s = strides
-    bm, bn, warps, stages = _backward_blocks(problem, q.dtype, block_m, block_n)
+    align = _stride_alignment(q_s, k_s, v_s, do_s, dq_s, dk_s, dv_s)
+    q_s, k_s, v_s, do_s, dq_s, dk_s, dv_s = (
+        tuple(stride // align for stride in group) for group in (q_s, k_s, v_s, do_s, dq_s, dk_s, dv_s)
+    )
+    dkdv_m, dkdv_n, dkdv_warps, dkdv_stages = _blocks(_DKDV_TILES, problem, q.dtype, block_m, block_n)
+    dq_m, dq_n, dq_warps, dq_stages = _blocks(_DQ_TILES, problem, q.dtype, block_m, block_n)
     key_valid_arg, kv_strides, mask_arg, m_strides = _mask_args(key_valid, mask, lse)
     has_bias = bias_k is not None
-    num_k_blocks = triton.cdiv(problem.len_k, bn)
+    num_k_blocks = triton.cdiv(problem.len_k, dkdv_n)
     kv_programs = problem.n_seq * problem.num_kv_heads * num_k_blocks
-    num_q_blocks = triton.cdiv(problem.len_q, bm)
+    num_q_blocks = triton.cdiv(problem.len_q, dq_m)
     q_programs = problem.n_seq * problem.num_heads * num_q_blocks
     if max(kv_programs, q_programs) > _MAX_PROGRAMS:
         raise ValueError("vica2_fused: the backward launch grid exceeds 2^31 - 1 programs; split the batch.")
@@ -653,9 +690,9 @@ def _launch_backward(problem, q, k, v, do, lse, delta, dq, dk, dv, strides, bias
         # One (dK, dV) row per program, i.e. per (window, head, key block): every row is written.
         dbias_parts = torch.empty((kv_programs, 2, problem.head_dim), device=q.device, dtype=torch.float32)
     common = dict(
-        HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=bm, BLOCK_N=bn, WINDOWED=problem.windowed,
-        POOL=problem.pool, CAUSAL=problem.causal, HAS_KEY_VALID=key_valid is not None, HAS_MASK=mask is not None,
-        HAS_BIAS=has_bias, UPCAST=KERNELS_INTERPRETED, num_warps=warps, num_stages=stages,
+        HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, WINDOWED=problem.windowed, POOL=problem.pool,
+        CAUSAL=problem.causal, HAS_KEY_VALID=key_valid is not None, HAS_MASK=mask is not None, HAS_BIAS=has_bias,
+        UPCAST=KERNELS_INTERPRETED, ALIGN=align,
     )
     bias_k_arg = bias_k if has_bias else lse
     bias_v_arg = bias_v if has_bias else lse
@@ -666,12 +703,14 @@ def _launch_backward(problem, q, k, v, do, lse, delta, dq, dk, dv, strides, bias
             *q_s, *k_s, *v_s, *do_s, *dl_s, *dk_s, *dv_s, *kv_strides, *m_strides,
             problem.num_heads, problem.num_kv_heads, problem.kv_group, *problem.geometry(), num_k_blocks,
             problem.causal_offset, problem.scale * _LOG2E, problem.scale, **common,
+            BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, num_warps=dkdv_warps, num_stages=dkdv_stages,
         )
         _attention_backward_dq_kernel[(q_programs,)](
             q, k, v, do, lse, delta, dq, bias_k_arg, bias_v_arg, key_valid_arg, mask_arg,
             *q_s, *k_s, *v_s, *do_s, *dl_s, *dq_s, *kv_strides, *m_strides,
             problem.num_heads, problem.kv_group, *problem.geometry(), num_q_blocks,
             problem.causal_offset, problem.scale * _LOG2E, problem.scale, **common,
+            BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps, num_stages=dq_stages,
         )
     return dbias_parts
 

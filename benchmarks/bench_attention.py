@@ -2,8 +2,10 @@
 """Times the `vica2_fused` Triton attention against torch SDPA (and flash-attn) on ViCA2-7B shapes.
 
     python benchmarks/bench_attention.py                 # on a CUDA machine; prints the tables of RESULTS.md
-    python benchmarks/bench_attention.py --compile-only  # no GPU needed: compile every kernel variant the
-                                                         # benchmark launches for sm_90, report registers/spills
+    python benchmarks/bench_attention.py --compile-only  # no GPU needed: record the launches the benchmark's
+                                                         # shapes make, compile each for sm_90 as Triton would
+                                                         # specialise it, report registers, spills, wgmma and
+                                                         # cp.async (pipelined load) counts
 
 Attention level (ms, TFLOP/s, forward and forward+backward), for each shape: our kernel, each SDPA backend
 that accepts the shape (flash, efficient, cuDNN, math), flash-attn if importable. FLOPs count 4*L_q*L_k*D per
@@ -97,99 +99,138 @@ def hiera_7b_config():
 
 
 # ============================================================================================== compile only
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **keywords)` records the launch instead of running it."""
+
+    def __init__(self, kernel, sink: list):
+        self.kernel, self.sink, self.label = kernel, sink, ""
+
+    def __getitem__(self, grid):
+        def launch(*args, **keywords):
+            self.sink.append((self.label, self.kernel, args, keywords))
+        return launch
+
+
+def record_launches(kernels, shapes, dtypes, with_masks: bool) -> list:
+    """Run the real launchers, forward and backward, on CPU tensors of each shape (one frame or sequence), with
+    the kernels replaced by recorders: the arguments are those a GPU run passes, strides and offsets included."""
+    names = ("_attention_forward_kernel", "_attention_backward_dkdv_kernel", "_attention_backward_dq_kernel")
+    launches, originals = [], {name: getattr(kernels, name) for name in names}
+    recorders = [_LaunchRecorder(originals[name], launches) for name in names]
+    try:
+        for name, recorder in zip(names, recorders):
+            setattr(kernels, name, recorder)
+        for shape in shapes:
+            extras = ("", "key padding", "dense mask") if with_masks and shape.hiera is None else ("",)
+            for dtype in dtypes:
+                for extra in extras:
+                    for recorder in recorders:
+                        recorder.label = shape.name + (f" +{extra}" if extra else "")
+                    _drive_launchers(kernels, shape, dtype, extra)
+    finally:
+        for name, kernel in originals.items():
+            setattr(kernels, name, kernel)
+    return launches
+
+
+def _drive_launchers(kernels, shape, dtype, extra):
+    import torch
+
+    if shape.hiera is not None:
+        grid, window, pool = shape.hiera
+        channels = shape.q_heads * shape.head_dim
+        qkv = torch.zeros(1, grid, grid, 3 * channels, dtype=dtype, requires_grad=True)
+        padding = torch.zeros(3 * channels, dtype=dtype, requires_grad=True) if grid % window else None
+        out = kernels.hiera_window_attention(
+            qkv, padding, shape.q_heads, (window, window), pool, shape.head_dim**-0.5, (grid // pool, grid // pool)
+        )
+    else:
+        # (B, L, H, D) activations seen as (B, H, L, D), as the models' attention modules pass them.
+        q = torch.zeros(1, shape.len_q, shape.q_heads, shape.head_dim, dtype=dtype).transpose(1, 2)
+        k = torch.zeros(1, shape.len_k, shape.kv_heads, shape.head_dim, dtype=dtype).transpose(1, 2)
+        v = torch.zeros_like(k)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        key_valid = torch.ones(1, shape.len_k, dtype=torch.bool) if extra == "key padding" else None
+        mask = torch.ones(1, 1, shape.len_q, shape.len_k, dtype=torch.bool) if extra == "dense mask" else None
+        out = kernels.flash_attention(q, k, v, causal=shape.causal, key_valid=key_valid, mask=mask)
+    out.backward(torch.zeros_like(out))
+
+
+def specialise(kernel, args, keywords):
+    """(signature, constexprs, attrs, options) of one recorded launch, as Triton's launcher derives them from the
+    arguments: 16-divisible integers and 16-byte aligned pointers marked, integers equal to 1 made constants."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    options = {name: keywords[name] for name in ("num_warps", "num_stages")}
+    values = dict(zip([p.name for p in kernel.params if not p.is_constexpr], args))
+    values.update({k: v for k, v in keywords.items() if k not in options})
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[(index,)] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[(index,)] = key
+        elif isinstance(key, str):
+            attrs[(index,)] = CUDABackend.parse_attr(key)
+    return signature, constexprs, attrs, options
+
+
+def _resource_usage(compiled) -> str:
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    usage = "?"
+    if cuobjdump.exists():
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            text = subprocess.run([str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True).stdout
+        found = re.findall(r"REG:\d+ STACK:\d+", text)
+        usage = found[0] if found else "?"
+    ptx = compiled.asm["ptx"]
+    # Tensor-core (wgmma) matmuls and asynchronous (pipelined) copies: what a fast Hopper kernel should show.
+    return f"{usage} wgmma:{ptx.count('wgmma.mma_async')} cp.async:{ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}"
+
+
 def compile_only(quick: bool) -> int:
-    """Compile each kernel variant the benchmark launches for sm_90 and print its register use and spills."""
+    """Compile each kernel variant the benchmark's shapes launch for sm_90; print registers, spills, wgmma and
+    cp.async counts."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("--compile-only needs compiled kernels: unset TRITON_INTERPRET.")
         return 2
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from vica2 import kernels_vica2 as kernels
 
     dtypes = [torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    variants = {}
-    for shape in attention_shapes(frames=32, quick=quick):
-        problem = _problem_for(kernels, shape)
-        for dtype in dtypes:
-            flags = dict(
-                HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, WINDOWED=problem.windowed, POOL=problem.pool,
-                CAUSAL=problem.causal, HAS_KEY_VALID=False, HAS_MASK=False, HAS_BIAS=problem.windowed, UPCAST=False,
-            )
-            forward = kernels._forward_blocks(problem, dtype)
-            backward = kernels._backward_blocks(problem, dtype)
-            forward_key = (kernels._attention_forward_kernel, names[dtype], forward, tuple(flags.items()))
-            variants.setdefault(forward_key, shape.name)
-            for kernel in (kernels._attention_backward_dkdv_kernel, kernels._attention_backward_dq_kernel):
-                variants.setdefault((kernel, names[dtype], backward, tuple(flags.items())), shape.name)
-        if not quick and not problem.windowed:
-            # Left-padded batches (key padding) and the dense-mask path.
-            for extra in ("HAS_KEY_VALID", "HAS_MASK"):
-                flags_extra = dict(flags, **{extra: True, "UPCAST": False})
-                blocks = kernels._forward_blocks(problem, torch.bfloat16)
-                variants.setdefault((kernels._attention_forward_kernel, "bf16", blocks, tuple(flags_extra.items())),
-                                    shape.name + f" +{extra}")
-    failures = 0
-    print(f"{'kernel':34} {'dtype':5} {'tiles (M,N,warps,stages)':26} {'usage':30} shape")
-    for (kernel, dtype, (bm, bn, warps, stages), flags), shape_name in variants.items():
-        constants = dict(flags, BLOCK_M=bm, BLOCK_N=bn)
-        signature = {}
-        for param in kernel.params:
-            if param.is_constexpr:
-                signature[param.name] = "constexpr"
-            elif param.name in ("LSE", "DELTA", "DBIAS"):
-                signature[param.name] = "*fp32"
-            elif param.name in ("KEY_VALID", "MASK"):
-                signature[param.name] = "*u8"
-            elif param.name.isupper():
-                signature[param.name] = "*" + dtype
-            elif param.name in ("qk_scale", "sm_scale"):
-                signature[param.name] = "fp32"
-            else:
-                signature[param.name] = "i32"
-        constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
-        source = ASTSource(kernel, signature, constexprs=constexprs)
+    launches = record_launches(kernels, attention_shapes(frames=1, quick=quick), dtypes, with_masks=not quick)
+    seen, failures = set(), 0
+    print(f"{'kernel':32} {'dtype':8} {'tiles (M,N,warps,stages)':25} {'usage':48} shape")
+    for label, kernel, args, keywords in launches:
+        dtype = str(args[0].dtype).replace("torch.", "")
+        signature, constexprs, attrs, options = specialise(kernel, args, keywords)
+        key = repr((kernel.__name__, signature, constexprs, attrs, options))
+        if key in seen:
+            continue
+        seen.add(key)
+        tiles = ",".join(str(keywords[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
         try:
-            compiled = triton.compile(
-                source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
-            )
+            source = triton.compiler.ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+            usage = _resource_usage(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options))
         except Exception as error:  # noqa: BLE001 - report every failing variant
             failures += 1
-            print(f"{kernel.__name__:34} {dtype:5} FAILED: {str(error)[-400:]}")
-            continue
-        usage = "?"
-        if cuobjdump.exists():
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-                cubin.write(compiled.asm["cubin"])
-                cubin.flush()
-                text = subprocess.run([str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True).stdout
-            found = re.findall(r"REG:\d+ STACK:\d+", text)
-            usage = found[0] if found else "?"
-        tiles = f"{bm},{bn},{warps},{stages}"
-        print(f"{kernel.__name__:34} {dtype:5} {tiles:26} {usage:30} {shape_name}")
-    print(f"compiled {len(variants) - failures} of {len(variants)} kernel variants for sm_90")
+            usage = f"FAILED: {str(error)[-300:]}"
+        print(f"{kernel.__name__[1:]:32} {dtype:8} {tiles:25} {usage:48} {label}")
+    print(f"compiled {len(seen) - failures} of {len(seen)} kernel variants for sm_90")
     return 1 if failures else 0
-
-
-def _problem_for(kernels, shape: Shape):
-    if shape.hiera is not None:
-        grid, window, pool = shape.hiera
-        side = -(-grid // window)
-        return kernels._Problem(
-            windowed=True, pool=pool, num_heads=shape.q_heads, num_kv_heads=shape.q_heads, n_seq=shape.batch,
-            len_q=shape.len_q, len_k=shape.len_k, head_dim=shape.head_dim, scale=shape.head_dim**-0.5,
-            n_win_h=side, n_win_w=side, grid_h=grid, grid_w=grid, win_h=window, win_w=window,
-            out_h=grid // pool, out_w=grid // pool,
-        )
-    return kernels._Problem(
-        windowed=False, pool=1, num_heads=shape.q_heads, num_kv_heads=shape.kv_heads, n_seq=shape.batch,
-        len_q=shape.len_q, len_k=shape.len_k, head_dim=shape.head_dim, scale=shape.head_dim**-0.5,
-        causal=shape.causal,
-    )
 
 
 # ============================================================================================== GPU timing

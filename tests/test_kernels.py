@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -144,6 +145,8 @@ SEQUENCE_CASES = [
     (72, 7, 1, 20, 45, False, True, torch.float32),
     (128, 8, 2, 24, 24, True, True, torch.float32),
     (80, 2, 2, 17, 30, True, False, torch.float32),
+    (20, 2, 1, 9, 13, True, True, torch.float32),  # strides only 4-aligned: ALIGN 4
+    (17, 3, 3, 11, 7, False, True, torch.float32),  # odd strides: ALIGN 1
     (56, 4, 1, 33, 33, True, True, torch.float16),
     (128, 7, 1, 18, 40, True, True, torch.bfloat16),
 ]
@@ -178,6 +181,15 @@ def test_sequence_attention_matches_float64(head_dim, q_heads, kv_heads, len_q, 
         assert a.dtype == dtype
         assert_relative_close(a, e, grad_tol, name)
     assert kernel_calls["attention_forward"] == 1 and kernel_calls["attention_backward"] == 1
+
+
+def test_stride_alignment_hint():
+    """The ALIGN the launchers pass is the largest power of two up to 16 dividing every stride (strides are then
+    passed divided by it), so the hint can never claim more than the tensors have."""
+    assert kernels._stride_alignment((8 * 729 * 72, 72, 0, 8 * 72), (1152, 72, 0, 1152)) == 8
+    assert kernels._stride_alignment((4096 * 128, 128, 0, 128)) == 16
+    assert kernels._stride_alignment((60, 20, 0, 40)) == 4
+    assert kernels._stride_alignment((51, 17, 0, 17)) == 1
 
 
 @requires_interpreter
@@ -514,7 +526,8 @@ def test_fallback_to_sdpa(hide_triton):
 
 @requires_triton
 def test_kernels_compile_for_sm90():
-    """The tile table compiles for an H100 (no GPU needed: Triton's bundled ptxas); see the benchmark."""
+    """The kernels compile for an H100 with the tile table and the specialisation real launches get (no GPU
+    needed: Triton's bundled ptxas and cuobjdump); see the benchmark's --compile-only."""
     from triton.backends import backends
 
     if "nvidia" not in backends:
@@ -525,7 +538,16 @@ def test_kernels_compile_for_sm90():
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "compiled" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("attention_")]
+    assert len(rows) == 9, result.stdout  # 3 shapes (Hiera window, SigLIP, Qwen2) x 3 kernels, bf16
+    for row in rows:
+        usage = dict(re.findall(r"(REG|STACK|wgmma|cp\.async):(\d+)", row))
+        assert "STACK" in usage, f"no register report (cuobjdump missing from triton?): {row}"
+        # What the tile table and the stride hints are for: no register spills, loads pipelined with
+        # asynchronous copies (SigLIP's 72-wide rows only qualify through the ALIGN hint), tensor-core matmuls.
+        assert usage["STACK"] == "0", row
+        assert int(usage["cp.async"]) > 0, row
+        assert int(usage["wgmma"]) > 0, row
 
 
 # The tests above that need the interpreter (not the subprocess-based ones, which run here either way).
