@@ -5,8 +5,8 @@ One kernel family (forward with an online softmax and fp32 accumulation; backwar
 serves the three attention shapes of ViCA2:
 
 * plain sequences (Qwen2 prefill and decoding, SigLIP): any head_dim up to 128 (lanes padded to a power of
-  two and masked), GQA without repeating K/V, causal, key padding or any boolean mask from `sdpa_mask`,
-  L_q != L_k, fp16 / bf16 / fp32;
+  two and masked, or split in two tiles where that is narrower: 72 as 64 + 16), GQA without repeating K/V,
+  causal, key padding or any boolean mask from `sdpa_mask`, L_q != L_k, fp16 / bf16 / fp32;
 * Hiera windows: the kernel reads each window of the (B, H, W, 3C) `qkv` grid in place, with the 2x2 query
   max-pool of the stage-change blocks done while loading the queries, and writes straight into the
   (B, H', W', C) output grid; no window partition, padding or unpartition copies are made.
@@ -203,6 +203,43 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _load_bias(BIAS, head, offs_d, d_mask, DATA, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Lanes `offs_d` of one head's padding key or value (zeros when no window overhangs), in DATA's dtype."""
+        bias = tl.zeros_like(offs_d).to(DATA.dtype.element_ty)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(DATA.dtype.element_ty)
+        return bias
+
+    @triton.jit
+    def _store_query_grad(
+        dq_base, dq, winner, offs_m, offs_d, d_mask, kept, win_y, win_x, grid_h, grid_w, win_h, win_w, sdq_y, sdq_x,
+        WINDOWED: tl.constexpr, POOL: tl.constexpr,
+    ):
+        """Writes a (BLOCK_M, lanes) dQ tile; pooled queries send it to the source that won the max."""
+        if POOL == 1:
+            dq_offsets, dq_inside = _token_offsets(
+                offs_m, win_y, win_x, grid_h, grid_w, win_h, win_w, sdq_y, sdq_x, WINDOWED
+            )
+            tl.store(dq_base + (dq_offsets[:, None] + offs_d[None, :]), dq, mask=kept[:, None] & d_mask[None, :])
+        else:
+            # max-pool backward: each pooled element's gradient goes to the source that won the max; the other
+            # sources keep the zeros the caller allocated.
+            pooled_w = win_w // POOL
+            py = offs_m // pooled_w
+            px = offs_m % pooled_w
+            for dy in tl.static_range(POOL):
+                for dx in tl.static_range(POOL):
+                    y = win_y * win_h + py * POOL + dy
+                    x = win_x * win_w + px * POOL + dx
+                    offsets = y * sdq_y + x * sdq_x
+                    chosen = kept[:, None] & d_mask[None, :] & (winner == dy * POOL + dx)
+                    tl.store(dq_base + (offsets[:, None] + offs_d[None, :]), dq, mask=chosen)
+
+    # Head dims that are not a power of two are split in two lane tiles rather than padded to the next power:
+    # BLOCK_D lanes, then BLOCK_T more (0: none). SigLIP's 72 runs as 64 + 16 (80 lanes of matmul work, not 128);
+    # every matmul over the head dim becomes two accumulating ones, every tile over it two tiles.
+
+    @triton.jit
     def _attention_forward_kernel(
         Q, K, V, O, LSE, BIAS_K, BIAS_V, KEY_VALID, MASK,
         sq_b, sq_h, sq_y, sq_x,
@@ -212,9 +249,10 @@ if triton is not None:
         skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
         num_heads, kv_group, n_win_h, n_win_w, grid_h, grid_w, win_h, win_w, out_h, out_w,
         len_q, len_k, num_q_blocks, causal_offset, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        WINDOWED: tl.constexpr, POOL: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr, POOL: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_KEY_VALID: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         sq_b, sq_h, sq_y, sq_x = _aligned(sq_b, sq_h, sq_y, sq_x, ALIGN)
         sk_b, sk_h, sk_y, sk_x = _aligned(sk_b, sk_h, sk_y, sk_x, ALIGN)
@@ -240,15 +278,22 @@ if triton is not None:
             q_base, offs_m, offs_d, d_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x,
             BLOCK_M, BLOCK_D, WINDOWED, POOL,
         )
-        bias_k = tl.zeros([BLOCK_D], dtype=q.dtype)
-        bias_v = tl.zeros([BLOCK_D], dtype=q.dtype)
-        if HAS_BIAS:
-            bias_k = tl.load(BIAS_K + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-            bias_v = tl.load(BIAS_V + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        bias_k = _load_bias(BIAS_K, head, offs_d, d_mask, Q, HEAD_DIM, HAS_BIAS)
+        bias_v = _load_bias(BIAS_V, head, offs_d, d_mask, Q, HEAD_DIM, HAS_BIAS)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if BLOCK_T > 0:
+            offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < HEAD_DIM
+            q_t, unused_winner_t = _load_queries(
+                q_base, offs_m, offs_t, t_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x,
+                BLOCK_M, BLOCK_T, WINDOWED, POOL,
+            )
+            bias_k_t = _load_bias(BIAS_K, head, offs_t, t_mask, Q, HEAD_DIM, HAS_BIAS)
+            bias_v_t = _load_bias(BIAS_V, head, offs_t, t_mask, Q, HEAD_DIM, HAS_BIAS)
+            acc_t = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         hi = len_k
         if CAUSAL:
             hi = tl.maximum(tl.minimum(len_k, (q_block + 1) * BLOCK_M + causal_offset), 0)
@@ -262,7 +307,18 @@ if triton is not None:
                 v_base, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sv_y, sv_x,
                 WINDOWED, HAS_BIAS,
             )
-            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST) * qk_scale
+            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
+            if BLOCK_T > 0:
+                k_t, cols_t, k_inside_t, k_offsets_t = _load_keys(
+                    k_base, bias_k_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+                    sk_y, sk_x, WINDOWED, HAS_BIAS,
+                )
+                v_t, v_cols_t, v_inside_t, v_offsets_t = _load_keys(
+                    v_base, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+                    sv_y, sv_x, WINDOWED, HAS_BIAS,
+                )
+                s = _dot(q_t, tl.trans(k_t), s, UPCAST)
+            s = s * qk_scale
             ok = _allowed(
                 offs_m, offs_n, rows, cols, batch, head, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
                 causal_offset, CAUSAL, HAS_KEY_VALID, HAS_MASK, False,
@@ -274,19 +330,27 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_shift)
             p = tl.exp2(s - m_shift[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+            p = p.to(v.dtype)
+            acc = _dot(p, v, acc * alpha[:, None], UPCAST)
+            if BLOCK_T > 0:
+                acc_t = _dot(p, v_t, acc_t * alpha[:, None], UPCAST)
             m_i = m_new
 
         # A row with no allowed key (e.g. a left-padding query under a causal mask) outputs 0, as torch's SDPA does.
         has_keys = l_i > 0.0
-        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+        norm = tl.where(has_keys, l_i, 1.0)
+        lse = tl.where(has_keys, m_i + tl.log2(norm), float("inf"))
 
         o_offsets, o_inside = _token_offsets(
             offs_m, win_y, win_x, out_h, out_w, win_h // POOL, win_w // POOL, so_y, so_x, WINDOWED
         )
-        o_ptrs = O + batch.to(tl.int64) * so_b + head.to(tl.int64) * so_h + (o_offsets[:, None] + offs_d[None, :])
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows & o_inside)[:, None] & d_mask[None, :])
+        o_base = O + batch.to(tl.int64) * so_b + head.to(tl.int64) * so_h
+        stored = rows & o_inside
+        out = (acc / norm[:, None]).to(O.dtype.element_ty)
+        tl.store(o_base + (o_offsets[:, None] + offs_d[None, :]), out, mask=stored[:, None] & d_mask[None, :])
+        if BLOCK_T > 0:
+            out_t = (acc_t / norm[:, None]).to(O.dtype.element_ty)
+            tl.store(o_base + (o_offsets[:, None] + offs_t[None, :]), out_t, mask=stored[:, None] & t_mask[None, :])
         lse_row = (seq.to(tl.int64) * num_heads + head) * len_q
         tl.store(LSE + lse_row + offs_m, lse, mask=rows)
 
@@ -303,9 +367,10 @@ if triton is not None:
         skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
         num_heads, num_kv_heads, kv_group, n_win_h, n_win_w, grid_h, grid_w, win_h, win_w, out_h, out_w,
         len_q, len_k, num_k_blocks, causal_offset, qk_scale, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        WINDOWED: tl.constexpr, POOL: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr, POOL: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_KEY_VALID: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         sq_b, sq_h, sq_y, sq_x = _aligned(sq_b, sq_h, sq_y, sq_x, ALIGN)
         sk_b, sk_h, sk_y, sk_x = _aligned(sk_b, sk_h, sk_y, sk_x, ALIGN)
@@ -324,11 +389,8 @@ if triton is not None:
         d_mask = offs_d < HEAD_DIM
         k_base = K + batch.to(tl.int64) * sk_b + kv_head.to(tl.int64) * sk_h
         v_base = V + batch.to(tl.int64) * sv_b + kv_head.to(tl.int64) * sv_h
-        bias_k = tl.zeros([BLOCK_D], dtype=K.dtype.element_ty)
-        bias_v = tl.zeros([BLOCK_D], dtype=K.dtype.element_ty)
-        if HAS_BIAS:
-            bias_k = tl.load(BIAS_K + kv_head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-            bias_v = tl.load(BIAS_V + kv_head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        bias_k = _load_bias(BIAS_K, kv_head, offs_d, d_mask, K, HEAD_DIM, HAS_BIAS)
+        bias_v = _load_bias(BIAS_V, kv_head, offs_d, d_mask, K, HEAD_DIM, HAS_BIAS)
         k, cols, k_inside, k_offsets = _load_keys(
             k_base, bias_k, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sk_y, sk_x,
             WINDOWED, HAS_BIAS,
@@ -339,6 +401,21 @@ if triton is not None:
         )
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        if BLOCK_T > 0:
+            offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < HEAD_DIM
+            bias_k_t = _load_bias(BIAS_K, kv_head, offs_t, t_mask, K, HEAD_DIM, HAS_BIAS)
+            bias_v_t = _load_bias(BIAS_V, kv_head, offs_t, t_mask, K, HEAD_DIM, HAS_BIAS)
+            k_t, cols_t, k_inside_t, k_offsets_t = _load_keys(
+                k_base, bias_k_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+                sk_y, sk_x, WINDOWED, HAS_BIAS,
+            )
+            v_t, v_cols_t, v_inside_t, v_offsets_t = _load_keys(
+                v_base, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+                sv_y, sv_x, WINDOWED, HAS_BIAS,
+            )
+            dk_t = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+            dv_t = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
 
         lo = 0
         if CAUSAL:
@@ -347,6 +424,7 @@ if triton is not None:
         for group_member in range(0, kv_group):
             head = kv_head * kv_group + group_member
             q_base = Q + batch.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h
+            do_base = DO + batch.to(tl.int64) * sdo_b + head.to(tl.int64) * sdo_h
             lse_row = (seq.to(tl.int64) * num_heads + head) * len_q
             for start_m in range(lo, len_q, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -361,10 +439,7 @@ if triton is not None:
                 )
                 kept = rows & o_inside
                 do = tl.load(
-                    DO + batch.to(tl.int64) * sdo_b + head.to(tl.int64) * sdo_h
-                    + (o_offsets[:, None] + offs_d[None, :]),
-                    mask=kept[:, None] & d_mask[None, :],
-                    other=0.0,
+                    do_base + (o_offsets[:, None] + offs_d[None, :]), mask=kept[:, None] & d_mask[None, :], other=0.0
                 )
                 dl_offsets, dl_inside = _token_offsets(
                     offs_m, win_y, win_x, out_h, out_w, win_h // POOL, win_w // POOL, sdl_y, sdl_x, WINDOWED
@@ -373,16 +448,33 @@ if triton is not None:
                     DELTA + batch.to(tl.int64) * sdl_b + head.to(tl.int64) * sdl_h + dl_offsets, mask=kept, other=0.0
                 )
                 lse = tl.load(LSE + lse_row + offs_m, mask=rows, other=float("inf"))
-                s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST) * qk_scale
+                s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST)
+                if BLOCK_T > 0:
+                    q_t, unused_winner_t = _load_queries(
+                        q_base, offs_m, offs_t, t_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x,
+                        BLOCK_M, BLOCK_T, WINDOWED, POOL,
+                    )
+                    do_t = tl.load(
+                        do_base + (o_offsets[:, None] + offs_t[None, :]), mask=kept[:, None] & t_mask[None, :],
+                        other=0.0,
+                    )
+                    s_t = _dot(k_t, tl.trans(q_t), s_t, UPCAST)
+                s_t = s_t * qk_scale
                 ok = _allowed(
                     offs_m, offs_n, kept, cols, batch, head, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
                     causal_offset, CAUSAL, HAS_KEY_VALID, HAS_MASK, True,
                 )
                 p_t = tl.where(ok, tl.exp2(s_t - lse[None, :]), 0.0)
-                dv = _dot(p_t.to(do.dtype), do, dv, UPCAST)
+                p_in = p_t.to(do.dtype)
+                dv = _dot(p_in, do, dv, UPCAST)
                 dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk = _dot(ds_t.to(q.dtype), q, dk, UPCAST)
+                if BLOCK_T > 0:
+                    dv_t = _dot(p_in, do_t, dv_t, UPCAST)
+                    dp_t = _dot(v_t, tl.trans(do_t), dp_t, UPCAST)
+                ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+                dk = _dot(ds_t, q, dk, UPCAST)
+                if BLOCK_T > 0:
+                    dk_t = _dot(ds_t, q_t, dk_t, UPCAST)
         dk = dk * sm_scale
 
         dk_offsets, dk_inside = _token_offsets(
@@ -391,22 +483,29 @@ if triton is not None:
         dv_offsets, dv_inside = _token_offsets(
             offs_n, win_y, win_x, grid_h, grid_w, win_h, win_w, sdv_y, sdv_x, WINDOWED
         )
-        stored = (cols & k_inside)[:, None] & d_mask[None, :]
-        tl.store(
-            DK + batch.to(tl.int64) * sdk_b + kv_head.to(tl.int64) * sdk_h + (dk_offsets[:, None] + offs_d[None, :]),
-            dk.to(DK.dtype.element_ty), mask=stored,
-        )
-        tl.store(
-            DV + batch.to(tl.int64) * sdv_b + kv_head.to(tl.int64) * sdv_h + (dv_offsets[:, None] + offs_d[None, :]),
-            dv.to(DV.dtype.element_ty), mask=stored,
-        )
+        dk_base = DK + batch.to(tl.int64) * sdk_b + kv_head.to(tl.int64) * sdk_h
+        dv_base = DV + batch.to(tl.int64) * sdv_b + kv_head.to(tl.int64) * sdv_h
+        stored = cols & k_inside
+        tl.store(dk_base + (dk_offsets[:, None] + offs_d[None, :]), dk.to(DK.dtype.element_ty),
+                 mask=stored[:, None] & d_mask[None, :])
+        tl.store(dv_base + (dv_offsets[:, None] + offs_d[None, :]), dv.to(DV.dtype.element_ty),
+                 mask=stored[:, None] & d_mask[None, :])
+        if BLOCK_T > 0:
+            dk_t = dk_t * sm_scale
+            tl.store(dk_base + (dk_offsets[:, None] + offs_t[None, :]), dk_t.to(DK.dtype.element_ty),
+                     mask=stored[:, None] & t_mask[None, :])
+            tl.store(dv_base + (dv_offsets[:, None] + offs_t[None, :]), dv_t.to(DV.dtype.element_ty),
+                     mask=stored[:, None] & t_mask[None, :])
         if HAS_BIAS:
             # Padded window positions hold qkv(0) (the bias): their dK/dV flow there. One partial sum per program,
             # reduced by the caller (deterministic, no atomics).
             padded = (cols & ~k_inside)[:, None]
-            part = DBIAS + pid.to(tl.int64) * (2 * HEAD_DIM) + offs_d
-            tl.store(part, tl.sum(tl.where(padded, dk, 0.0), 0), mask=d_mask)
-            tl.store(part + HEAD_DIM, tl.sum(tl.where(padded, dv, 0.0), 0), mask=d_mask)
+            part = DBIAS + pid.to(tl.int64) * (2 * HEAD_DIM)
+            tl.store(part + offs_d, tl.sum(tl.where(padded, dk, 0.0), 0), mask=d_mask)
+            tl.store(part + HEAD_DIM + offs_d, tl.sum(tl.where(padded, dv, 0.0), 0), mask=d_mask)
+            if BLOCK_T > 0:
+                tl.store(part + offs_t, tl.sum(tl.where(padded, dk_t, 0.0), 0), mask=t_mask)
+                tl.store(part + HEAD_DIM + offs_t, tl.sum(tl.where(padded, dv_t, 0.0), 0), mask=t_mask)
 
     @triton.jit
     def _attention_backward_dq_kernel(
@@ -420,9 +519,10 @@ if triton is not None:
         skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
         num_heads, kv_group, n_win_h, n_win_w, grid_h, grid_w, win_h, win_w, out_h, out_w,
         len_q, len_k, num_q_blocks, causal_offset, qk_scale, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        WINDOWED: tl.constexpr, POOL: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr, POOL: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_KEY_VALID: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         sq_b, sq_h, sq_y, sq_x = _aligned(sq_b, sq_h, sq_y, sq_x, ALIGN)
         sk_b, sk_h, sk_y, sk_x = _aligned(sk_b, sk_h, sk_y, sk_x, ALIGN)
@@ -443,23 +543,32 @@ if triton is not None:
         q_base = Q + batch.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h
         k_base = K + batch.to(tl.int64) * sk_b + kv_head.to(tl.int64) * sk_h
         v_base = V + batch.to(tl.int64) * sv_b + kv_head.to(tl.int64) * sv_h
+        do_base = DO + batch.to(tl.int64) * sdo_b + head.to(tl.int64) * sdo_h
         q, winner = _load_queries(
             q_base, offs_m, offs_d, d_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x,
             BLOCK_M, BLOCK_D, WINDOWED, POOL,
         )
-        bias_k = tl.zeros([BLOCK_D], dtype=q.dtype)
-        bias_v = tl.zeros([BLOCK_D], dtype=q.dtype)
-        if HAS_BIAS:
-            bias_k = tl.load(BIAS_K + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-            bias_v = tl.load(BIAS_V + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        bias_k = _load_bias(BIAS_K, head, offs_d, d_mask, Q, HEAD_DIM, HAS_BIAS)
+        bias_v = _load_bias(BIAS_V, head, offs_d, d_mask, Q, HEAD_DIM, HAS_BIAS)
         o_offsets, o_inside = _token_offsets(
             offs_m, win_y, win_x, out_h, out_w, win_h // POOL, win_w // POOL, sdo_y, sdo_x, WINDOWED
         )
         kept = rows & o_inside
-        do = tl.load(
-            DO + batch.to(tl.int64) * sdo_b + head.to(tl.int64) * sdo_h + (o_offsets[:, None] + offs_d[None, :]),
-            mask=kept[:, None] & d_mask[None, :], other=0.0,
-        )
+        do = tl.load(do_base + (o_offsets[:, None] + offs_d[None, :]), mask=kept[:, None] & d_mask[None, :], other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if BLOCK_T > 0:
+            offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < HEAD_DIM
+            q_t, winner_t = _load_queries(
+                q_base, offs_m, offs_t, t_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x,
+                BLOCK_M, BLOCK_T, WINDOWED, POOL,
+            )
+            bias_k_t = _load_bias(BIAS_K, head, offs_t, t_mask, Q, HEAD_DIM, HAS_BIAS)
+            bias_v_t = _load_bias(BIAS_V, head, offs_t, t_mask, Q, HEAD_DIM, HAS_BIAS)
+            do_t = tl.load(
+                do_base + (o_offsets[:, None] + offs_t[None, :]), mask=kept[:, None] & t_mask[None, :], other=0.0
+            )
+            dq_t = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
         dl_offsets, dl_inside = _token_offsets(
             offs_m, win_y, win_x, out_h, out_w, win_h // POOL, win_w // POOL, sdl_y, sdl_x, WINDOWED
         )
@@ -468,7 +577,6 @@ if triton is not None:
         )
         lse = tl.load(LSE + (seq.to(tl.int64) * num_heads + head) * len_q + offs_m, mask=rows, other=float("inf"))
 
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         hi = len_k
         if CAUSAL:
             hi = tl.maximum(tl.minimum(len_k, (q_block + 1) * BLOCK_M + causal_offset), 0)
@@ -482,36 +590,40 @@ if triton is not None:
                 v_base, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sv_y, sv_x,
                 WINDOWED, HAS_BIAS,
             )
-            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST) * qk_scale
+            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
+            if BLOCK_T > 0:
+                k_t, cols_t, k_inside_t, k_offsets_t = _load_keys(
+                    k_base, bias_k_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+                    sk_y, sk_x, WINDOWED, HAS_BIAS,
+                )
+                v_t, v_cols_t, v_inside_t, v_offsets_t = _load_keys(
+                    v_base, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+                    sv_y, sv_x, WINDOWED, HAS_BIAS,
+                )
+                s = _dot(q_t, tl.trans(k_t), s, UPCAST)
+                dp = _dot(do_t, tl.trans(v_t), dp, UPCAST)
+            s = s * qk_scale
             ok = _allowed(
                 offs_m, offs_n, kept, cols, batch, head, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
                 causal_offset, CAUSAL, HAS_KEY_VALID, HAS_MASK, False,
             )
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
-            ds = p * (dp - delta[:, None])
-            dq = _dot(ds.to(k.dtype), k, dq, UPCAST)
-        dq = (dq * sm_scale).to(DQ.dtype.element_ty)
+            ds = (p * (dp - delta[:, None])).to(k.dtype)
+            dq = _dot(ds, k, dq, UPCAST)
+            if BLOCK_T > 0:
+                dq_t = _dot(ds, k_t, dq_t, UPCAST)
 
         dq_base = DQ + batch.to(tl.int64) * sdq_b + head.to(tl.int64) * sdq_h
-        if POOL == 1:
-            dq_offsets, dq_inside = _token_offsets(
-                offs_m, win_y, win_x, grid_h, grid_w, win_h, win_w, sdq_y, sdq_x, WINDOWED
+        _store_query_grad(
+            dq_base, (dq * sm_scale).to(DQ.dtype.element_ty), winner, offs_m, offs_d, d_mask, kept, win_y, win_x,
+            grid_h, grid_w, win_h, win_w, sdq_y, sdq_x, WINDOWED, POOL,
+        )
+        if BLOCK_T > 0:
+            _store_query_grad(
+                dq_base, (dq_t * sm_scale).to(DQ.dtype.element_ty), winner_t, offs_m, offs_t, t_mask, kept, win_y,
+                win_x, grid_h, grid_w, win_h, win_w, sdq_y, sdq_x, WINDOWED, POOL,
             )
-            tl.store(dq_base + (dq_offsets[:, None] + offs_d[None, :]), dq, mask=kept[:, None] & d_mask[None, :])
-        else:
-            # max-pool backward: each pooled element's gradient goes to the source that won the max; the other
-            # sources keep the zeros the caller allocated.
-            pooled_w = win_w // POOL
-            py = offs_m // pooled_w
-            px = offs_m % pooled_w
-            for dy in tl.static_range(POOL):
-                for dx in tl.static_range(POOL):
-                    y = win_y * win_h + py * POOL + dy
-                    x = win_x * win_w + px * POOL + dx
-                    offsets = y * sdq_y + x * sdq_x
-                    chosen = kept[:, None] & d_mask[None, :] & (winner == dy * POOL + dx)
-                    tl.store(dq_base + (offsets[:, None] + offs_d[None, :]), dq, mask=chosen)
 
 
 KERNELS_INTERPRETED = triton is not None and type(_attention_forward_kernel).__name__ == "InterpretedFunction"
@@ -547,8 +659,13 @@ class _Problem:
         return self.num_heads // self.num_kv_heads
 
     @property
-    def block_d(self) -> int:
-        return max(16, triton.next_power_of_2(self.head_dim))
+    def head_blocks(self) -> tuple[int, int]:
+        """(BLOCK_D, BLOCK_T): the head dim's lanes as one power-of-two tile, or as two (a tail of >= 16 lanes)
+        where that is narrower: 72 -> 64 + 16, 80 -> 64 + 16, 96 -> 64 + 32, 40 -> 32 + 16; 56 -> 64, 128 -> 128."""
+        whole = max(16, triton.next_power_of_2(self.head_dim))
+        main = whole // 2
+        tail = max(16, triton.next_power_of_2(max(self.head_dim - main, 1)))
+        return (main, tail) if main >= 16 and main + tail < whole else (whole, 0)
 
     def geometry(self) -> tuple:
         return (
@@ -565,7 +682,7 @@ class _Problem:
 #   (kind, dtype class) -> (BLOCK_M cap, BLOCK_N cap, num_warps, num_stages)
 _FORWARD_TILES = {
     ("window", "16bit"): (64, 64, 8, 2),
-    ("wide", "16bit"): (128, 64, 8, 3),  # head_dim 65..128 (Qwen2 128; SigLIP 72 pads to 128)
+    ("wide", "16bit"): (128, 64, 8, 3),  # more than 64 lanes (Qwen2 128; SigLIP 72 as 64 + 16)
     ("narrow", "16bit"): (128, 128, 8, 3),
     ("any", "fp32"): (32, 32, 8, 2),
 }
@@ -596,7 +713,7 @@ def _tiles(table: dict, problem: _Problem, dtype: torch.dtype) -> tuple[int, int
     if problem.windowed and problem.len_k <= 256:
         kind = "window"
     else:
-        kind = "wide" if problem.block_d > 64 else "narrow"
+        kind = "wide" if sum(problem.head_blocks) > 64 else "narrow"
     return table[(kind, "16bit")]
 
 
@@ -659,7 +776,8 @@ def _launch_forward(problem, q, k, v, out, q_s, k_s, v_s, o_s, bias_k=None, bias
             *q_s, *k_s, *v_s, *o_s, *kv_strides, *m_strides,
             problem.num_heads, problem.kv_group, *problem.geometry(), num_q_blocks, problem.causal_offset,
             problem.scale * _LOG2E,
-            HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=bm, BLOCK_N=bn,
+            HEAD_DIM=problem.head_dim, BLOCK_D=problem.head_blocks[0], BLOCK_T=problem.head_blocks[1], BLOCK_M=bm,
+            BLOCK_N=bn,
             WINDOWED=problem.windowed, POOL=problem.pool, CAUSAL=problem.causal,
             HAS_KEY_VALID=key_valid is not None, HAS_MASK=mask is not None, HAS_BIAS=has_bias,
             UPCAST=KERNELS_INTERPRETED, ALIGN=align, num_warps=warps, num_stages=stages,
@@ -690,7 +808,8 @@ def _launch_backward(problem, q, k, v, do, lse, delta, dq, dk, dv, strides, bias
         # One (dK, dV) row per program, i.e. per (window, head, key block): every row is written.
         dbias_parts = torch.empty((kv_programs, 2, problem.head_dim), device=q.device, dtype=torch.float32)
     common = dict(
-        HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, WINDOWED=problem.windowed, POOL=problem.pool,
+        HEAD_DIM=problem.head_dim, BLOCK_D=problem.head_blocks[0], BLOCK_T=problem.head_blocks[1],
+        WINDOWED=problem.windowed, POOL=problem.pool,
         CAUSAL=problem.causal, HAS_KEY_VALID=key_valid is not None, HAS_MASK=mask is not None, HAS_BIAS=has_bias,
         UPCAST=KERNELS_INTERPRETED, ALIGN=align,
     )

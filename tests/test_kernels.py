@@ -183,6 +183,19 @@ def test_sequence_attention_matches_float64(head_dim, q_heads, kv_heads, len_q, 
     assert kernel_calls["attention_forward"] == 1 and kernel_calls["attention_backward"] == 1
 
 
+@requires_triton
+def test_head_dim_lane_split():
+    """Head dims between powers of two run as two lane tiles when that is narrower (SigLIP's 72 as 64 + 16): the
+    72 / 80 sequence cases and the 40-wide window test above go through the split path, 56 / 128 do not."""
+    def blocks(head_dim):
+        return kernels._Problem(windowed=False, pool=1, num_heads=1, num_kv_heads=1, n_seq=1, len_q=1, len_k=1,
+                                head_dim=head_dim, scale=1.0).head_blocks
+
+    expected = {16: (16, 0), 17: (32, 0), 20: (32, 0), 40: (32, 16), 56: (64, 0), 64: (64, 0), 72: (64, 16),
+                80: (64, 16), 96: (64, 32), 100: (128, 0), 128: (128, 0)}
+    assert {d: blocks(d) for d in expected} == expected
+
+
 def test_stride_alignment_hint():
     """The ALIGN the launchers pass is the largest power of two up to 16 dividing every stride (strides are then
     passed divided by it), so the hint can never claim more than the tensors have."""
@@ -346,10 +359,12 @@ def _windowed_reference(qkv, bias, heads, window, pool, scale, out_hw):
 @requires_interpreter
 @pytest.mark.parametrize("pool", [1, 2])
 def test_hiera_window_attention_multi_tile(pool, kernel_calls):
-    """8x8 windows over a 12x12 grid in 32-wide (or 16 pooled) tiles: several tiles per window."""
+    """8x8 windows over a 12x12 grid in 32-wide (or 16 pooled) tiles: several tiles per window, with a head dim
+    split into two lane tiles."""
     generator = torch.Generator().manual_seed(pool)
-    qkv = torch.randn(1, 12, 12, 3 * 2 * 24, generator=generator, requires_grad=True)
-    bias = torch.randn(3 * 2 * 24, generator=generator, requires_grad=True)
+    # head_dim 40 runs as a 32-lane tile plus a 16-lane tail (8 lanes masked).
+    qkv = torch.randn(1, 12, 12, 3 * 2 * 40, generator=generator, requires_grad=True)
+    bias = torch.randn(3 * 2 * 40, generator=generator, requires_grad=True)
     out_hw = (12 // pool, 12 // pool)
     out = kernels.hiera_window_attention(qkv, bias, 2, (8, 8), pool, 0.2, out_hw, block_m=32 // pool, block_n=32)
     qkv64, bias64 = qkv.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
