@@ -294,6 +294,7 @@ def run_attention_table(shapes, dtype, warmup, iters, device="cuda") -> list[dic
             def ours():
                 return kernels.flash_attention(q, k, v, causal=shape.causal)
             ours_inputs = (q, k, v)
+            results["check"] = _check_against_sdpa(ours, q, k, v, shape.causal)
         results["vica2_fused"] = _time_pair(ours, warmup, iters)
         del ours_inputs
 
@@ -324,6 +325,21 @@ def run_attention_table(shapes, dtype, warmup, iters, device="cuda") -> list[dic
     return rows
 
 
+def _check_against_sdpa(ours, q, k, v, causal):
+    """Max |ours - SDPA| of the output and of dq/dk/dv at full size (what tiny interpreter tests cannot reach:
+    index overflow, real tile counts), each relative to the largest SDPA value."""
+    import torch
+
+    grad = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device, dtype=q.dtype)
+    out = ours()
+    got = (out.float(), *torch.autograd.grad(out, (q, k, v), grad))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
+    ).transpose(1, 2)
+    want = (expected.float(), *torch.autograd.grad(expected, (q, k, v), grad))
+    return tuple(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(got, want))
+
+
 def _time_pair(fn, warmup, iters):
     """(forward ms, forward+backward ms), or (error text, None)."""
     import torch
@@ -351,6 +367,7 @@ def print_attention_table(rows):
     for row in rows:
         shape, results = row["shape"], row["results"]
         flops = shape.flops()
+        check = results.pop("check", None)
         for name, (forward, both) in results.items():
             if both is None:
                 print(f"| {shape.name} | {name} | {forward} | | | |")
@@ -364,6 +381,9 @@ def print_attention_table(rows):
             best_both = min(v[1] for v in sdpa.values())
             print(f"| {shape.name} | **ratio vs best SDPA** | **{best_forward / ours[0]:.2f}x** | | "
                   f"**{best_both / ours[1]:.2f}x** | |")
+        if check is not None:
+            print(f"| {shape.name} | max error vs SDPA, relative (out / dq / dk / dv) | "
+                  + " / ".join(f"{error:.1e}" for error in check) + " | | | |")
 
 
 def run_hiera_blocks(frames, dtype, warmup, iters, device="cuda"):

@@ -4,8 +4,9 @@ The kernels run under Triton's CPU interpreter, which must be switched on before
 (Triton decorates its own `tl` library, and ours, at import). This module sets `TRITON_INTERPRET=1` before
 importing anything; when another test module of the same session imported triton first, the in-process
 kernel tests skip and `test_kernel_tests_in_a_fresh_interpreter` runs them in a child pytest instead. Shapes
-are tiny because the interpreter executes every program in Python. Tolerances, relative to the largest
-reference value:
+are tiny because the interpreter executes every program in Python. On a CUDA machine,
+`TRITON_INTERPRET=0 pytest tests/test_kernels.py` runs the same tests on the compiled kernels and GPU tensors.
+Tolerances, relative to the largest reference value:
 
     fp32 1e-5 (outputs) / 2e-5 (gradients);  fp16 2e-3 / 4e-3;  bf16 1.6e-2 / 3e-2
 
@@ -54,11 +55,18 @@ from conftest import REPO_ROOT, random_video_pixels, tiny_model  # noqa: E402
 
 
 requires_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
-requires_interpreter = pytest.mark.skipif(
-    not INTERPRETER_IN_PROCESS,
-    reason="triton is not installed" if triton is None else
-    "triton was imported before TRITON_INTERPRET was set; test_kernel_tests_in_a_fresh_interpreter runs these",
-)
+# On a GPU machine, `TRITON_INTERPRET=0 pytest tests/test_kernels.py` runs the same tests on the compiled kernels.
+ON_CUDA = triton is not None and not kernels.KERNELS_INTERPRETED and torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+if triton is None:
+    _NO_KERNELS = "triton is not installed"
+elif os.environ.get("TRITON_INTERPRET") == "0":
+    _NO_KERNELS = "TRITON_INTERPRET=0 and no CUDA device"
+else:
+    _NO_KERNELS = (
+        "triton was imported before TRITON_INTERPRET was set; test_kernel_tests_in_a_fresh_interpreter runs these"
+    )
+requires_kernels = pytest.mark.skipif(not (INTERPRETER_IN_PROCESS or ON_CUDA), reason=_NO_KERNELS)
 
 TOLERANCE = {  # (outputs, gradients), relative to the largest reference value
     torch.float32: (1e-5, 2e-5),
@@ -66,6 +74,12 @@ TOLERANCE = {  # (outputs, gradients), relative to the largest reference value
     torch.bfloat16: (1.6e-2, 3e-2),
 }
 FP32_OUT, FP32_GRAD = TOLERANCE[torch.float32]
+
+
+def on_device(tensor: torch.Tensor, dtype: torch.dtype | None = None, grad: bool = False) -> torch.Tensor:
+    """A (CPU-generated, so seeds give the same values everywhere) tensor moved to the kernels' device."""
+    tensor = tensor.to(DEVICE, dtype)
+    return tensor.requires_grad_() if grad else tensor
 
 
 def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str = ""):
@@ -101,7 +115,7 @@ def reference_attention(q, k, v, causal=False, causal_offset=0, key_valid=None, 
     scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
     allowed = torch.ones_like(scores, dtype=torch.bool)
     if causal:
-        allowed &= torch.ones(scores.shape[-2:], dtype=torch.bool).tril(causal_offset)
+        allowed &= torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril(causal_offset)
     if key_valid is not None:
         allowed &= key_valid[:, None, None, :]
     if mask is not None:
@@ -126,7 +140,7 @@ def hiera_block(stage, block, total_block, windows, global_blocks=(), dims=(8, 1
     with torch.no_grad():
         for param in module.parameters():
             param.normal_(0, 0.3)
-    return module
+    return module.to(DEVICE)
 
 
 def fused_copy(module):
@@ -152,17 +166,17 @@ SEQUENCE_CASES = [
 ]
 
 
-@requires_interpreter
+@requires_kernels
 @pytest.mark.parametrize("head_dim,q_heads,kv_heads,len_q,len_k,causal,left_pad,dtype", SEQUENCE_CASES)
 def test_sequence_attention_matches_float64(head_dim, q_heads, kv_heads, len_q, len_k, causal, left_pad, dtype,
                                             kernel_calls):
     generator = torch.Generator().manual_seed(head_dim + len_q)
-    q = torch.randn(2, q_heads, len_q, head_dim, generator=generator).to(dtype).requires_grad_()
-    k = torch.randn(2, kv_heads, len_k, head_dim, generator=generator).to(dtype).requires_grad_()
-    v = torch.randn(2, kv_heads, len_k, head_dim, generator=generator).to(dtype).requires_grad_()
+    q = on_device(torch.randn(2, q_heads, len_q, head_dim, generator=generator), dtype, grad=True)
+    k = on_device(torch.randn(2, kv_heads, len_k, head_dim, generator=generator), dtype, grad=True)
+    v = on_device(torch.randn(2, kv_heads, len_k, head_dim, generator=generator), dtype, grad=True)
     key_valid = None
     if left_pad:
-        key_valid = torch.ones(2, len_k, dtype=torch.bool)
+        key_valid = torch.ones(2, len_k, dtype=torch.bool, device=DEVICE)
         key_valid[1, : len_k // 3] = False  # row 1 is left-padded: its first queries see no key under causality
     offset = len_k - len_q  # bottom-right alignment, as a KV cache gives
     # 16-wide tiles: several query and key blocks, partial last tiles, the causal diagonal inside a tile.
@@ -174,7 +188,7 @@ def test_sequence_attention_matches_float64(head_dim, q_heads, kv_heads, len_q, 
     assert out.shape == (2, len_q, q_heads, head_dim) and out.dtype == dtype
     assert_relative_close(out, reference, out_tol, "output")
 
-    grad = torch.randn(out.shape, generator=generator).to(dtype)
+    grad = on_device(torch.randn(out.shape, generator=generator), dtype)
     actual = torch.autograd.grad(out, (q, k, v), grad)
     expected = torch.autograd.grad(reference, (q, k, v), grad.double())
     for name, a, e in zip(("dq", "dk", "dv"), actual, expected):
@@ -205,20 +219,20 @@ def test_stride_alignment_hint():
     assert kernels._stride_alignment((51, 17, 0, 17)) == 1
 
 
-@requires_interpreter
+@requires_kernels
 def test_dense_mask_and_strided_inputs(kernel_calls):
     """A pattern that is not causal-plus-padding goes through the dense mask path; (B, L, H, D) views work."""
     generator = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 21, 4, 32, generator=generator).transpose(1, 2).requires_grad_()  # non-contiguous
-    k = torch.randn(2, 21, 2, 32, generator=generator).transpose(1, 2).requires_grad_()
-    v = torch.randn(2, 21, 2, 32, generator=generator).transpose(1, 2).requires_grad_()
-    mask = torch.rand(2, 1, 21, 21, generator=generator) > 0.4
+    q = on_device(torch.randn(2, 21, 4, 32, generator=generator)).transpose(1, 2).requires_grad_()  # a view
+    k = on_device(torch.randn(2, 21, 2, 32, generator=generator)).transpose(1, 2).requires_grad_()
+    v = on_device(torch.randn(2, 21, 2, 32, generator=generator)).transpose(1, 2).requires_grad_()
+    mask = on_device(torch.rand(2, 1, 21, 21, generator=generator) > 0.4)
     mask[0, 0, 5] = False  # a row with no key
     out = kernels.flash_attention(q, k, v, mask=mask, block_m=16, block_n=16)
     reference = reference_attention(q, k, v, mask=mask)
     assert_relative_close(out, reference, FP32_OUT, "output")
     assert out[0, 5].abs().max() == 0
-    grad = torch.randn(out.shape, generator=generator)
+    grad = on_device(torch.randn(out.shape, generator=generator))
     actual = torch.autograd.grad(out, (q, k, v), grad)
     expected = torch.autograd.grad(reference, (q, k, v), grad.double())
     for name, a, e in zip(("dq", "dk", "dv"), actual, expected):
@@ -240,7 +254,7 @@ MASK_CASES = {
 }
 
 
-@requires_interpreter
+@requires_kernels
 @pytest.mark.parametrize("case", sorted(MASK_CASES))
 def test_interface_matches_sdpa(case, kernel_calls):
     """`vica2_fused_attention_forward` with `sdpa_mask` masks equals `sdpa_attention_forward` (Qwen2-style GQA)."""
@@ -248,10 +262,10 @@ def test_interface_matches_sdpa(case, kernel_calls):
 
     len_q, len_k, padding, kind = MASK_CASES[case]
     generator = torch.Generator().manual_seed(len_q * 31 + len_k)
-    q = torch.randn(2, 4, len_q, 16, generator=generator)
-    k = torch.randn(2, 2, len_k, 16, generator=generator)
-    v = torch.randn(2, 2, len_k, 16, generator=generator)
-    padding_mask = torch.ones(2, len_k, dtype=torch.bool)
+    q = on_device(torch.randn(2, 4, len_q, 16, generator=generator))
+    k = on_device(torch.randn(2, 2, len_k, 16, generator=generator))
+    v = on_device(torch.randn(2, 2, len_k, 16, generator=generator))
+    padding_mask = torch.ones(2, len_k, dtype=torch.bool, device=DEVICE)
     if padding:
         padding_mask[1, :5] = False
     mask_function = causal_mask_function
@@ -259,7 +273,7 @@ def test_interface_matches_sdpa(case, kernel_calls):
         mask_function = and_masks(causal_mask_function, sliding_window_overlay(6))
     mask = sdpa_mask(
         batch_size=2, q_length=len_q, kv_length=len_k, q_offset=len_k - len_q, mask_function=mask_function,
-        attention_mask=padding_mask if padding else None,
+        attention_mask=padding_mask if padding else None, device=DEVICE,
     )
     assert (mask is None) == (kind == "none")
     if mask is not None:
@@ -273,10 +287,10 @@ def test_interface_matches_sdpa(case, kernel_calls):
     assert kernel_calls["attention_forward"] == 1 and kernel_calls["fallback"] == 0
 
 
-@requires_interpreter
+@requires_kernels
 def test_interface_non_causal_module_and_unsupported_kwargs(kernel_calls):
     generator = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, 2, 13, 72, generator=generator) for _ in range(3))
+    q, k, v = (on_device(torch.randn(2, 2, 13, 72, generator=generator)) for _ in range(3))
     module = _module(causal=False, groups=1)  # SigLIP: is_causal=False, passed explicitly as well
     out, _ = kernels.vica2_fused_attention_forward(module, q, k, v, None, is_causal=False)
     torch.testing.assert_close(out, sdpa_attention_forward(module, q, k, v, None, is_causal=False)[0])
@@ -298,7 +312,7 @@ HIERA_CASES = {
 }
 
 
-@requires_interpreter
+@requires_kernels
 @pytest.mark.parametrize("case", sorted(HIERA_CASES))
 def test_fused_hiera_block_matches_library_float64(case, kernel_calls):
     """The fused block in fp32 against the library block in float64: output, input and parameter gradients
@@ -307,12 +321,12 @@ def test_fused_hiera_block_matches_library_float64(case, kernel_calls):
     library = hiera_block(**arguments)
     fused = fused_copy(library)
     reference = copy.deepcopy(library).double()
-    x = torch.randn(2, grid, grid, library.dim, generator=torch.Generator().manual_seed(grid), requires_grad=True)
+    x = on_device(torch.randn(2, grid, grid, library.dim, generator=torch.Generator().manual_seed(grid)), grad=True)
     x64 = x.detach().double().requires_grad_()
     out, expected = fused(x), reference(x64)
     assert out.shape == expected.shape
     assert_relative_close(out, expected, FP32_OUT, "output")
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grad = on_device(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
     out.backward(grad)
     expected.backward(grad.double())
     assert_relative_close(x.grad, x64.grad, FP32_GRAD, "input gradient")
@@ -322,13 +336,13 @@ def test_fused_hiera_block_matches_library_float64(case, kernel_calls):
     assert kernel_calls["attention_forward"] == 0
 
 
-@requires_interpreter
+@requires_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_hiera_block_half_precision(dtype, kernel_calls):
     library = hiera_block(stage=1, block=0, total_block=1, windows=(8, 4, 4, 4))
     fused = fused_copy(library).to(dtype)
     reference = copy.deepcopy(library).double()
-    x = torch.randn(1, 12, 12, library.dim, generator=torch.Generator().manual_seed(2))
+    x = on_device(torch.randn(1, 12, 12, library.dim, generator=torch.Generator().manual_seed(2)))
     with torch.no_grad():
         out, expected = fused(x.to(dtype)), reference(x.double())
     assert out.dtype == dtype
@@ -356,21 +370,21 @@ def _windowed_reference(qkv, bias, heads, window, pool, scale, out_hw):
     return window_unpartition(out, window // pool, pooled_pad, out_hw)
 
 
-@requires_interpreter
+@requires_kernels
 @pytest.mark.parametrize("pool", [1, 2])
 def test_hiera_window_attention_multi_tile(pool, kernel_calls):
     """8x8 windows over a 12x12 grid in 32-wide (or 16 pooled) tiles: several tiles per window, with a head dim
     split into two lane tiles."""
     generator = torch.Generator().manual_seed(pool)
     # head_dim 40 runs as a 32-lane tile plus a 16-lane tail (8 lanes masked).
-    qkv = torch.randn(1, 12, 12, 3 * 2 * 40, generator=generator, requires_grad=True)
-    bias = torch.randn(3 * 2 * 40, generator=generator, requires_grad=True)
+    qkv = on_device(torch.randn(1, 12, 12, 3 * 2 * 40, generator=generator), grad=True)
+    bias = on_device(torch.randn(3 * 2 * 40, generator=generator), grad=True)
     out_hw = (12 // pool, 12 // pool)
     out = kernels.hiera_window_attention(qkv, bias, 2, (8, 8), pool, 0.2, out_hw, block_m=32 // pool, block_n=32)
     qkv64, bias64 = qkv.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
     expected = _windowed_reference(qkv64, bias64, 2, 8, pool, 0.2, out_hw)
     assert_relative_close(out, expected, FP32_OUT, "output")
-    grad = torch.randn(out.shape, generator=generator)
+    grad = on_device(torch.randn(out.shape, generator=generator))
     actual = torch.autograd.grad(out, (qkv, bias), grad)
     reference = torch.autograd.grad(expected, (qkv64, bias64), grad.double())
     assert_relative_close(actual[0], reference[0], FP32_GRAD, "qkv gradient")
@@ -378,14 +392,14 @@ def test_hiera_window_attention_multi_tile(pool, kernel_calls):
     assert kernel_calls["hiera_window_forward"] == 1 and kernel_calls["hiera_window_backward"] == 1
 
 
-@requires_interpreter
+@requires_kernels
 def test_fused_block_defers_to_library_where_it_does_not_apply(kernel_calls):
     """An odd window under a q-pool block is left to the library's own forward, which then routes its attention
     through the `vica2_fused` interface: the sequence kernel with L_q != L_k."""
     library = hiera_block(stage=1, block=0, total_block=1, windows=(7, 4, 4, 4))
     fused = fused_copy(library)
     # A 7x7 grid in one 7x7 window pools to 3x3: odd sizes, which the fused path leaves to the library.
-    x = torch.randn(1, 7, 7, library.dim, generator=torch.Generator().manual_seed(4))
+    x = on_device(torch.randn(1, 7, 7, library.dim, generator=torch.Generator().manual_seed(4)))
     with torch.no_grad():
         torch.testing.assert_close(fused(x), library(x), rtol=1e-5, atol=1e-5)
     assert kernel_calls["hiera_window_forward"] == 0 and kernel_calls["attention_forward"] == 1
@@ -396,7 +410,7 @@ def test_fused_block_defers_to_library_where_it_does_not_apply(kernel_calls):
     assert kernel_calls["attention_forward"] == 1
 
 
-@requires_interpreter
+@requires_kernels
 def test_window_count_folds_into_grid_axis_0(monkeypatch):
     """70,225 windows (more than CUDA's 65,535 limit on grid axes 1 and 2) launch as one axis-0 grid."""
     launches = []
@@ -416,7 +430,7 @@ def test_window_count_folds_into_grid_axis_0(monkeypatch):
 def _video_batch(model):
     """Row 0: a video and text; row 1: text only, left-padded (its padding queries see no key at all)."""
     config = model.config
-    siglip, hiera = random_video_pixels(config, num_frames=2, seed=1)
+    siglip, hiera = (on_device(pixels) for pixels in random_video_pixels(config, num_frames=2, seed=1))
     with torch.no_grad():
         num_video_tokens = model.get_video_features(siglip, hiera)[0].shape[0]
     row0 = [5, 6, 7] + [config.video_token_id] * num_video_tokens + [8, 9, 10, 11]
@@ -426,11 +440,12 @@ def _video_batch(model):
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :pad] = 0
     labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=siglip,
-                hiera_pixel_values_videos=hiera, labels=labels)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=siglip,
+                 hiera_pixel_values_videos=hiera, labels=labels)
+    return {name: on_device(tensor) for name, tensor in batch.items()}
 
 
-@requires_interpreter
+@requires_kernels
 def test_tiny_vica2_matches_sdpa_logits_loss_and_gradients(tmp_path, kernel_calls, fast_interpreter):
     from vica2.modeling_vica2 import Vica2ForConditionalGeneration
 
@@ -438,7 +453,8 @@ def test_tiny_vica2_matches_sdpa_logits_loss_and_gradients(tmp_path, kernel_call
     reference.save_pretrained(tmp_path)
     model = Vica2ForConditionalGeneration.from_pretrained(
         tmp_path, attn_implementation="vica2_fused", dtype=torch.float32
-    )
+    ).to(DEVICE)
+    reference.to(DEVICE)
     config = model.config
     for sub in (config.text_config, config.vision_config, config.hiera_config):
         assert sub._attn_implementation == "vica2_fused"
@@ -466,12 +482,12 @@ def test_tiny_vica2_matches_sdpa_logits_loss_and_gradients(tmp_path, kernel_call
     assert calls.get("fallback", 0) == 0
 
 
-@requires_interpreter
+@requires_kernels
 def test_tiny_vica2_generation_and_per_sub_config_selection(kernel_calls, fast_interpreter):
     """Greedy decoding of a left-padded batch (decode steps carry (B, 1, 1, L_k) masks) matches SDPA; the
     backend can be chosen per sub-config."""
-    reference = tiny_model(attn_implementation="sdpa")
-    model = tiny_model(attn_implementation="sdpa")
+    reference = tiny_model(attn_implementation="sdpa").to(DEVICE)
+    model = tiny_model(attn_implementation="sdpa").to(DEVICE)
     model.set_attn_implementation({"text_config": "vica2_fused", "vision_config": "sdpa", "hiera_config": "sdpa"})
     assert model.config.text_config._attn_implementation == "vica2_fused"
     assert model.config.vision_config._attn_implementation == "sdpa"
@@ -570,7 +586,7 @@ NOT_INTERPRETER_TESTS = "not fallback_to_sdpa and not compile_for_sm90 and not c
 
 
 @requires_triton
-@pytest.mark.skipif(INTERPRETER_IN_PROCESS, reason="the kernel tests run in this process")
+@pytest.mark.skipif(INTERPRETER_IN_PROCESS or ON_CUDA, reason="the kernel tests run in this process")
 def test_kernel_tests_in_a_fresh_interpreter():
     environment = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run(
