@@ -178,8 +178,11 @@ if triton is not None:
     def _allowed(
         offs_m, offs_n, rows, cols, batch, head, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j, causal_offset,
         CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_MASK: tl.constexpr, TRANSPOSED: tl.constexpr,
+        EDGE: tl.constexpr = True,
     ):
-        """Which (query, key) pairs take part; a (BLOCK_M, BLOCK_N) tile, or (BLOCK_N, BLOCK_M) if TRANSPOSED."""
+        """Which (query, key) pairs take part; a (BLOCK_M, BLOCK_N) tile, or (BLOCK_N, BLOCK_M) if TRANSPOSED.
+        EDGE=False: a key block known to lie inside L_k and below the causal diagonal, so only the key padding or
+        mask (and, for the mask's loads, the query bound) apply."""
         if TRANSPOSED:
             qi = offs_m[None, :]
             kj = offs_n[:, None]
@@ -188,7 +191,7 @@ if triton is not None:
             qi = offs_m[:, None]
             kj = offs_n[None, :]
             ok = rows[:, None] & cols[None, :]
-        if CAUSAL:
+        if CAUSAL and EDGE:
             ok = ok & (kj <= qi + causal_offset)
         if HAS_KEY_VALID:
             key_valid = tl.load(KEY_VALID + batch.to(tl.int64) * skv_b + offs_n * skv_j, mask=cols, other=0)
@@ -234,6 +237,59 @@ if triton is not None:
                     offsets = y * sdq_y + x * sdq_x
                     chosen = kept[:, None] & d_mask[None, :] & (winner == dy * POOL + dx)
                     tl.store(dq_base + (offsets[:, None] + offs_d[None, :]), dq, mask=chosen)
+
+    @triton.jit
+    def _forward_key_block(
+        acc, acc_t, m_i, l_i, q, q_t, start_n, k_base, v_base, bias_k, bias_v, bias_k_t, bias_v_t,
+        offs_m, offs_d, d_mask, offs_t, t_mask, rows, batch, head, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+        sk_y, sk_x, sv_y, sv_x, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j, causal_offset, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, WINDOWED: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        UPCAST: tl.constexpr, EDGE: tl.constexpr,
+    ):
+        """One key block of the forward's online softmax: returns the updated (acc, acc_t, m_i, l_i).
+
+        Interior blocks (EDGE=False: inside L_k and wholly below the causal diagonal) skip the bounds and the
+        causal rule, and without key padding or a mask build no mask at all, as the causal diagonal and the
+        partial last block (EDGE=True) must. With no tail (BLOCK_T = 0) `*_t` are placeholders, left untouched."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, cols, k_inside, k_offsets = _load_keys(
+            k_base, bias_k, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sk_y, sk_x,
+            WINDOWED, HAS_BIAS,
+        )
+        v, v_cols, v_inside, v_offsets = _load_keys(
+            v_base, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sv_y, sv_x,
+            WINDOWED, HAS_BIAS,
+        )
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
+        if BLOCK_T > 0:
+            k_t, cols_t, k_inside_t, k_offsets_t = _load_keys(
+                k_base, bias_k_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+                sk_y, sk_x, WINDOWED, HAS_BIAS,
+            )
+            v_t, v_cols_t, v_inside_t, v_offsets_t = _load_keys(
+                v_base, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+                sv_y, sv_x, WINDOWED, HAS_BIAS,
+            )
+            s = _dot(q_t, tl.trans(k_t), s, UPCAST)
+        s = s * qk_scale
+        if EDGE or HAS_KEY_VALID or HAS_MASK:
+            ok = _allowed(
+                offs_m, offs_n, rows, cols, batch, head, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
+                causal_offset, CAUSAL, HAS_KEY_VALID, HAS_MASK, False, EDGE,
+            )
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no allowed key yet keeps m = -inf; shift by 0 there so no inf - inf appears.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(v.dtype)
+        acc = _dot(p, v, acc * alpha[:, None], UPCAST)
+        if BLOCK_T > 0:
+            acc_t = _dot(p, v_t, acc_t * alpha[:, None], UPCAST)
+        return acc, acc_t, m_new, l_i
 
     # Head dims that are not a power of two are split in two lane tiles rather than padded to the next power:
     # BLOCK_D lanes, then BLOCK_T more (0: none). SigLIP's 72 runs as 64 + 16 (80 lanes of matmul work, not 128);
@@ -294,47 +350,31 @@ if triton is not None:
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if BLOCK_T == 0:  # placeholders the key-block steps pass through untouched
+            q_t, acc_t, bias_k_t, bias_v_t, offs_t, t_mask = q, acc, bias_k, bias_v, offs_d, d_mask
+        # Keys [0, interior) lie inside L_k and below every query's causal limit; [interior, hi) need the checks,
+        # keys from hi on are masked for every query of the block (causal) and are never read.
         hi = len_k
+        interior = (len_k // BLOCK_N) * BLOCK_N
         if CAUSAL:
             hi = tl.maximum(tl.minimum(len_k, (q_block + 1) * BLOCK_M + causal_offset), 0)
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k, cols, k_inside, k_offsets = _load_keys(
-                k_base, bias_k, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sk_y, sk_x,
-                WINDOWED, HAS_BIAS,
+            interior = (tl.maximum(tl.minimum(len_k, q_block * BLOCK_M + causal_offset + 1), 0) // BLOCK_N) * BLOCK_N
+        for start_n in range(0, interior, BLOCK_N):
+            acc, acc_t, m_i, l_i = _forward_key_block(
+                acc, acc_t, m_i, l_i, q, q_t, start_n, k_base, v_base, bias_k, bias_v, bias_k_t, bias_v_t,
+                offs_m, offs_d, d_mask, offs_t, t_mask, rows, batch, head, len_k, win_y, win_x, grid_h, grid_w,
+                win_h, win_w, sk_y, sk_x, sv_y, sv_x, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
+                causal_offset, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, WINDOWED, CAUSAL, HAS_KEY_VALID, HAS_MASK,
+                HAS_BIAS, UPCAST, False,
             )
-            v, v_cols, v_inside, v_offsets = _load_keys(
-                v_base, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sv_y, sv_x,
-                WINDOWED, HAS_BIAS,
+        for start_n in range(interior, hi, BLOCK_N):
+            acc, acc_t, m_i, l_i = _forward_key_block(
+                acc, acc_t, m_i, l_i, q, q_t, start_n, k_base, v_base, bias_k, bias_v, bias_k_t, bias_v_t,
+                offs_m, offs_d, d_mask, offs_t, t_mask, rows, batch, head, len_k, win_y, win_x, grid_h, grid_w,
+                win_h, win_w, sk_y, sk_x, sv_y, sv_x, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
+                causal_offset, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, WINDOWED, CAUSAL, HAS_KEY_VALID, HAS_MASK,
+                HAS_BIAS, UPCAST, True,
             )
-            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
-            if BLOCK_T > 0:
-                k_t, cols_t, k_inside_t, k_offsets_t = _load_keys(
-                    k_base, bias_k_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
-                    sk_y, sk_x, WINDOWED, HAS_BIAS,
-                )
-                v_t, v_cols_t, v_inside_t, v_offsets_t = _load_keys(
-                    v_base, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
-                    sv_y, sv_x, WINDOWED, HAS_BIAS,
-                )
-                s = _dot(q_t, tl.trans(k_t), s, UPCAST)
-            s = s * qk_scale
-            ok = _allowed(
-                offs_m, offs_n, rows, cols, batch, head, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
-                causal_offset, CAUSAL, HAS_KEY_VALID, HAS_MASK, False,
-            )
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no allowed key yet keeps m = -inf; shift by 0 there so no inf - inf appears.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_shift)
-            p = tl.exp2(s - m_shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p = p.to(v.dtype)
-            acc = _dot(p, v, acc * alpha[:, None], UPCAST)
-            if BLOCK_T > 0:
-                acc_t = _dot(p, v_t, acc_t * alpha[:, None], UPCAST)
-            m_i = m_new
 
         # A row with no allowed key (e.g. a left-padding query under a causal mask) outputs 0, as torch's SDPA does.
         has_keys = l_i > 0.0
