@@ -1103,7 +1103,15 @@ class Vica2FusedHieraBlock(Sam2MultiScaleBlock):
         hidden_states = self.layer_norm1(hidden_states)
         if self.dim != self.dim_out:
             residual = do_pool(self.proj(hidden_states), self.query_stride)
+        hidden_states = residual + self.windowed_attention(hidden_states)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+    def windowed_attention(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What the library block does between its first layer norm and the residual (window partition, the
+        attention module with its q-pool and projections, unpartition), as one fused kernel between the qkv and
+        output projections: (B, H, W, C) normed grid -> (B, H / stride, W / stride, C_out)."""
         height, width = hidden_states.shape[1:3]
+        stride = self.query_stride[0] if self.query_stride else 1
         window = (self.window_size, self.window_size) if self.window_size > 0 else (height, width)
         padding_qkv = None
         if height % window[0] or width % window[1]:
@@ -1115,12 +1123,11 @@ class Vica2FusedHieraBlock(Sam2MultiScaleBlock):
             padding_qkv,
             self.attn.num_attention_heads,
             window,
-            self.query_stride[0] if self.query_stride else 1,
+            stride,
             self.attn.scale,
-            out_hw=residual.shape[1:3],
+            out_hw=(height // stride, width // stride),
         )
-        hidden_states = residual + self.attn.proj(attention)
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        return self.attn.proj(attention)
 
     def _fused_path_applies(self, hidden_states: torch.Tensor, kwargs: dict) -> bool:
         if self.attn.config._attn_implementation != ATTENTION_NAME or kwargs.get("output_attentions"):
