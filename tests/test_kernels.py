@@ -58,6 +58,9 @@ requires_triton = pytest.mark.skipif(triton is None, reason="triton is not insta
 # On a GPU machine, `TRITON_INTERPRET=0 pytest tests/test_kernels.py` runs the same tests on the compiled kernels.
 ON_CUDA = triton is not None and not kernels.KERNELS_INTERPRETED and torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+if ON_CUDA:  # fp32 references in IEEE fp32, as on the CPU (cuDNN convolutions default to TF32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 if triton is None:
     _NO_KERNELS = "triton is not installed"
 elif os.environ.get("TRITON_INTERPRET") == "0":
