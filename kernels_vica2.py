@@ -4,15 +4,18 @@
 One kernel family (forward with an online softmax and fp32 accumulation; backward as dK/dV and dQ passes)
 serves the three attention shapes of ViCA2:
 
-* plain sequences (Qwen2 prefill and decoding, SigLIP): any head_dim up to 128 (lanes padded to a power of
-  two and masked, or split in two tiles where that is narrower: 72 as 64 + 16), GQA without repeating K/V,
-  causal, key padding or any boolean mask from `sdpa_mask`, L_q != L_k, fp16 / bf16 / fp32;
+* plain sequences (Qwen2 prefill and multi-token steps, SigLIP): any head_dim up to 128 (lanes padded to a
+  power of two and masked, or split in two tiles where that is narrower: 72 as 64 + 16), GQA without repeating
+  K/V, causal, key padding or any boolean mask from `sdpa_mask`, L_q != L_k, fp16 / bf16 / fp32;
 * Hiera windows: the kernel reads each window of the (B, H, W, 3C) `qkv` grid in place, with the 2x2 query
   max-pool of the stage-change blocks done while loading the queries, and writes straight into the
   (B, H', W', C) output grid; no window partition, padding or unpartition copies are made.
 
 Every launch folds (sequence or window, head, block) into grid axis 0, whose limit is 2^31 - 1, so the 32,768
 windows x 2 heads of a 32-frame Hiera stage 1 (past the 65,535 limit of axes 1 and 2) need no chunking.
+
+One-token decode steps go to SDPA by design: its split-KV kernels spread a long cache over the GPU, where this
+kernel family would have one program per (batch, head).
 
 The kernels run on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1` (set before `triton` is first
 imported: Triton decorates its own library and these kernels at import); anywhere else, and when Triton is
@@ -57,7 +60,8 @@ KERNEL_CALLS: Counter = Counter()
 
 def kernel_call_counts() -> dict:
     """A copy of the per-path call counts: `attention_forward`, `attention_backward`, `hiera_window_forward`,
-    `hiera_window_backward` (Triton kernels) and `fallback` (SDPA)."""
+    `hiera_window_backward` (Triton kernels), `decode_sdpa` (one-token decode steps, sent to SDPA by design) and
+    `fallback` (SDPA where the kernels cannot run)."""
     return dict(KERNEL_CALLS)
 
 
@@ -1257,6 +1261,15 @@ def vica2_fused_attention_forward(
             unsupported = str(error)
     if unsupported is not None:
         return _fallback(unsupported, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if query.shape[2] == 1:
+        # A one-token decode step. The kernel parallelises over query blocks, of which a decode step has one per
+        # (batch, head): it would stream the whole cache through a few dozen programs, re-reading each K/V head
+        # for every query head sharing it, while SDPA's split-KV kernels spread the cache over the GPU. So decode
+        # steps go to SDPA by design (no log line); prefill, chunked prefill and training use the kernel.
+        KERNEL_CALLS["decode_sdpa"] += 1
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
 
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
