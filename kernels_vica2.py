@@ -778,8 +778,14 @@ def _strides4(tensor: torch.Tensor, b: int, h: int | None, y: int | None, x: int
 
 
 def _stride_alignment(*strides: tuple) -> int:
-    """The largest power of two up to 16 that divides every given element stride (for the kernels' hints)."""
-    return math.gcd(16, *(stride for group in strides for stride in group))
+    """The largest power of two up to 16 that divides every given element stride (for the kernels' hints).
+
+    1 when a stride does not fit in int32: the kernels multiply the divided strides back in the arguments' own
+    integer type, which must then stay the int64 Triton gives such an argument."""
+    flat = [stride for group in strides for stride in group]
+    if any(abs(stride) >= 2**31 for stride in flat):
+        return 1
+    return math.gcd(16, *flat)
 
 
 def _mask_args(key_valid, mask, reference: torch.Tensor):

@@ -221,6 +221,7 @@ def test_stride_alignment_hint():
     assert kernels._stride_alignment((4096 * 128, 128, 0, 128)) == 16
     assert kernels._stride_alignment((60, 20, 0, 40)) == 4
     assert kernels._stride_alignment((51, 17, 0, 17)) == 1
+    assert kernels._stride_alignment((2**31, 128, 0, 128)) == 1  # int64 strides are passed undivided
 
 
 @requires_kernels
