@@ -161,22 +161,24 @@ if triton is not None:
         return q, winner
 
     @triton.jit
-    def _load_keys(
-        base, bias, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, stride_y, stride_x,
-        WINDOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _load_key_value(
+        k_base, v_base, bias_k, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+        sk_y, sk_x, sv_y, sv_x, WINDOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):
-        """A (BLOCK_N, BLOCK_D) key or value tile. Window positions past the grid hold what the library computes
-        there: the qkv projection of the zero padding, i.e. its bias (they are attended, not masked)."""
+        """(BLOCK_N, lanes) key and value tiles, whether each key is inside L_k, and inside the grid. Window
+        positions past the grid hold what the library computes there: the qkv projection of the zero padding, i.e.
+        its bias (they are attended, not masked)."""
         cols = offs_n < len_k
-        offsets, inside = _token_offsets(
-            offs_n, win_y, win_x, grid_h, grid_w, win_h, win_w, stride_y, stride_x, WINDOWED
-        )
-        tile = tl.load(
-            base + (offsets[:, None] + offs_d[None, :]), mask=(cols & inside)[:, None] & d_mask[None, :], other=0.0
-        )
+        k_offsets, inside = _token_offsets(offs_n, win_y, win_x, grid_h, grid_w, win_h, win_w, sk_y, sk_x, WINDOWED)
+        v_offsets, v_inside = _token_offsets(offs_n, win_y, win_x, grid_h, grid_w, win_h, win_w, sv_y, sv_x, WINDOWED)
+        load_mask = (cols & inside)[:, None] & d_mask[None, :]
+        k = tl.load(k_base + (k_offsets[:, None] + offs_d[None, :]), mask=load_mask, other=0.0)
+        v = tl.load(v_base + (v_offsets[:, None] + offs_d[None, :]), mask=load_mask, other=0.0)
         if HAS_BIAS:
-            tile = tl.where((cols & ~inside)[:, None], bias[None, :], tile)
-        return tile, cols, inside, offsets
+            padded = (cols & ~inside)[:, None]
+            k = tl.where(padded, bias_k[None, :], k)
+            v = tl.where(padded, bias_v[None, :], v)
+        return k, v, cols, inside
 
     @triton.jit
     def _allowed(
@@ -218,6 +220,22 @@ if triton is not None:
         return bias
 
     @triton.jit
+    def _load_query_lanes(
+        q_base, offs_m, offs_d, d_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x, BIAS_K, BIAS_V,
+        head, Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, WINDOWED: tl.constexpr,
+        POOL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):
+        """The query tile of lanes `offs_d` (pooled, with the winning sources), and the padding key and value
+        lanes its key blocks need: (q, winner, bias_k, bias_v)."""
+        q, winner = _load_queries(
+            q_base, offs_m, offs_d, d_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x,
+            BLOCK_M, BLOCK_D, WINDOWED, POOL,
+        )
+        bias_k = _load_bias(BIAS_K, head, offs_d, d_mask, Q, HEAD_DIM, HAS_BIAS)
+        bias_v = _load_bias(BIAS_V, head, offs_d, d_mask, Q, HEAD_DIM, HAS_BIAS)
+        return q, winner, bias_k, bias_v
+
+    @triton.jit
     def _store_query_grad(
         dq_base, dq, winner, offs_m, offs_d, d_mask, kept, win_y, win_x, grid_h, grid_w, win_h, win_w, sdq_y, sdq_x,
         WINDOWED: tl.constexpr, POOL: tl.constexpr,
@@ -257,23 +275,15 @@ if triton is not None:
         causal rule, and without key padding or a mask build no mask at all, as the causal diagonal and the
         partial last block (EDGE=True) must. With no tail (BLOCK_T = 0) `*_t` are placeholders, left untouched."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, cols, k_inside, k_offsets = _load_keys(
-            k_base, bias_k, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sk_y, sk_x,
-            WINDOWED, HAS_BIAS,
-        )
-        v, v_cols, v_inside, v_offsets = _load_keys(
-            v_base, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sv_y, sv_x,
-            WINDOWED, HAS_BIAS,
+        k, v, cols, k_inside = _load_key_value(
+            k_base, v_base, bias_k, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w,
+            win_h, win_w, sk_y, sk_x, sv_y, sv_x, WINDOWED, HAS_BIAS,
         )
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
         if BLOCK_T > 0:
-            k_t, cols_t, k_inside_t, k_offsets_t = _load_keys(
-                k_base, bias_k_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
-                sk_y, sk_x, WINDOWED, HAS_BIAS,
-            )
-            v_t, v_cols_t, v_inside_t, v_offsets_t = _load_keys(
-                v_base, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
-                sv_y, sv_x, WINDOWED, HAS_BIAS,
+            k_t, v_t, cols_t, k_inside_t = _load_key_value(
+                k_base, v_base, bias_k_t, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w,
+                win_h, win_w, sk_y, sk_x, sv_y, sv_x, WINDOWED, HAS_BIAS,
             )
             s = _dot(q_t, tl.trans(k_t), s, UPCAST)
         s = s * qk_scale
@@ -334,22 +344,18 @@ if triton is not None:
         q_base = Q + batch.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h
         k_base = K + batch.to(tl.int64) * sk_b + kv_head.to(tl.int64) * sk_h
         v_base = V + batch.to(tl.int64) * sv_b + kv_head.to(tl.int64) * sv_h
-        q, unused_winner = _load_queries(
-            q_base, offs_m, offs_d, d_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x,
-            BLOCK_M, BLOCK_D, WINDOWED, POOL,
+        q, unused_winner, bias_k, bias_v = _load_query_lanes(
+            q_base, offs_m, offs_d, d_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x, BIAS_K,
+            BIAS_V, head, Q, HEAD_DIM, BLOCK_M, BLOCK_D, WINDOWED, POOL, HAS_BIAS,
         )
-        bias_k = _load_bias(BIAS_K, head, offs_d, d_mask, Q, HEAD_DIM, HAS_BIAS)
-        bias_v = _load_bias(BIAS_V, head, offs_d, d_mask, Q, HEAD_DIM, HAS_BIAS)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if BLOCK_T > 0:
             offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
             t_mask = offs_t < HEAD_DIM
-            q_t, unused_winner_t = _load_queries(
-                q_base, offs_m, offs_t, t_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x,
-                BLOCK_M, BLOCK_T, WINDOWED, POOL,
+            q_t, unused_winner_t, bias_k_t, bias_v_t = _load_query_lanes(
+                q_base, offs_m, offs_t, t_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x, BIAS_K,
+                BIAS_V, head, Q, HEAD_DIM, BLOCK_M, BLOCK_T, WINDOWED, POOL, HAS_BIAS,
             )
-            bias_k_t = _load_bias(BIAS_K, head, offs_t, t_mask, Q, HEAD_DIM, HAS_BIAS)
-            bias_v_t = _load_bias(BIAS_V, head, offs_t, t_mask, Q, HEAD_DIM, HAS_BIAS)
             acc_t = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -435,13 +441,9 @@ if triton is not None:
         v_base = V + batch.to(tl.int64) * sv_b + kv_head.to(tl.int64) * sv_h
         bias_k = _load_bias(BIAS_K, kv_head, offs_d, d_mask, K, HEAD_DIM, HAS_BIAS)
         bias_v = _load_bias(BIAS_V, kv_head, offs_d, d_mask, K, HEAD_DIM, HAS_BIAS)
-        k, cols, k_inside, k_offsets = _load_keys(
-            k_base, bias_k, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sk_y, sk_x,
-            WINDOWED, HAS_BIAS,
-        )
-        v, v_cols, v_inside, v_offsets = _load_keys(
-            v_base, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sv_y, sv_x,
-            WINDOWED, HAS_BIAS,
+        k, v, cols, k_inside = _load_key_value(
+            k_base, v_base, bias_k, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w,
+            win_h, win_w, sk_y, sk_x, sv_y, sv_x, WINDOWED, HAS_BIAS,
         )
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -450,13 +452,9 @@ if triton is not None:
             t_mask = offs_t < HEAD_DIM
             bias_k_t = _load_bias(BIAS_K, kv_head, offs_t, t_mask, K, HEAD_DIM, HAS_BIAS)
             bias_v_t = _load_bias(BIAS_V, kv_head, offs_t, t_mask, K, HEAD_DIM, HAS_BIAS)
-            k_t, cols_t, k_inside_t, k_offsets_t = _load_keys(
-                k_base, bias_k_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
-                sk_y, sk_x, WINDOWED, HAS_BIAS,
-            )
-            v_t, v_cols_t, v_inside_t, v_offsets_t = _load_keys(
-                v_base, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
-                sv_y, sv_x, WINDOWED, HAS_BIAS,
+            k_t, v_t, cols_t, k_inside_t = _load_key_value(
+                k_base, v_base, bias_k_t, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w,
+                win_h, win_w, sk_y, sk_x, sv_y, sv_x, WINDOWED, HAS_BIAS,
             )
             dk_t = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
             dv_t = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
@@ -588,12 +586,10 @@ if triton is not None:
         k_base = K + batch.to(tl.int64) * sk_b + kv_head.to(tl.int64) * sk_h
         v_base = V + batch.to(tl.int64) * sv_b + kv_head.to(tl.int64) * sv_h
         do_base = DO + batch.to(tl.int64) * sdo_b + head.to(tl.int64) * sdo_h
-        q, winner = _load_queries(
-            q_base, offs_m, offs_d, d_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x,
-            BLOCK_M, BLOCK_D, WINDOWED, POOL,
+        q, winner, bias_k, bias_v = _load_query_lanes(
+            q_base, offs_m, offs_d, d_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x, BIAS_K,
+            BIAS_V, head, Q, HEAD_DIM, BLOCK_M, BLOCK_D, WINDOWED, POOL, HAS_BIAS,
         )
-        bias_k = _load_bias(BIAS_K, head, offs_d, d_mask, Q, HEAD_DIM, HAS_BIAS)
-        bias_v = _load_bias(BIAS_V, head, offs_d, d_mask, Q, HEAD_DIM, HAS_BIAS)
         o_offsets, o_inside = _token_offsets(
             offs_m, win_y, win_x, out_h, out_w, win_h // POOL, win_w // POOL, sdo_y, sdo_x, WINDOWED
         )
@@ -603,12 +599,10 @@ if triton is not None:
         if BLOCK_T > 0:
             offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
             t_mask = offs_t < HEAD_DIM
-            q_t, winner_t = _load_queries(
-                q_base, offs_m, offs_t, t_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x,
-                BLOCK_M, BLOCK_T, WINDOWED, POOL,
+            q_t, winner_t, bias_k_t, bias_v_t = _load_query_lanes(
+                q_base, offs_m, offs_t, t_mask, rows, win_y, win_x, grid_h, grid_w, win_h, win_w, sq_y, sq_x, BIAS_K,
+                BIAS_V, head, Q, HEAD_DIM, BLOCK_M, BLOCK_T, WINDOWED, POOL, HAS_BIAS,
             )
-            bias_k_t = _load_bias(BIAS_K, head, offs_t, t_mask, Q, HEAD_DIM, HAS_BIAS)
-            bias_v_t = _load_bias(BIAS_V, head, offs_t, t_mask, Q, HEAD_DIM, HAS_BIAS)
             do_t = tl.load(
                 do_base + (o_offsets[:, None] + offs_t[None, :]), mask=kept[:, None] & t_mask[None, :], other=0.0
             )
@@ -626,24 +620,16 @@ if triton is not None:
             hi = tl.maximum(tl.minimum(len_k, (q_block + 1) * BLOCK_M + causal_offset), 0)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k, cols, k_inside, k_offsets = _load_keys(
-                k_base, bias_k, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sk_y, sk_x,
-                WINDOWED, HAS_BIAS,
-            )
-            v, v_cols, v_inside, v_offsets = _load_keys(
-                v_base, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w, sv_y, sv_x,
-                WINDOWED, HAS_BIAS,
+            k, v, cols, k_inside = _load_key_value(
+                k_base, v_base, bias_k, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w,
+                win_h, win_w, sk_y, sk_x, sv_y, sv_x, WINDOWED, HAS_BIAS,
             )
             s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
             if BLOCK_T > 0:
-                k_t, cols_t, k_inside_t, k_offsets_t = _load_keys(
-                    k_base, bias_k_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
-                    sk_y, sk_x, WINDOWED, HAS_BIAS,
-                )
-                v_t, v_cols_t, v_inside_t, v_offsets_t = _load_keys(
-                    v_base, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
-                    sv_y, sv_x, WINDOWED, HAS_BIAS,
+                k_t, v_t, cols_t, k_inside_t = _load_key_value(
+                    k_base, v_base, bias_k_t, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w,
+                    win_h, win_w, sk_y, sk_x, sv_y, sv_x, WINDOWED, HAS_BIAS,
                 )
                 s = _dot(q_t, tl.trans(k_t), s, UPCAST)
                 dp = _dot(do_t, tl.trans(v_t), dp, UPCAST)
