@@ -305,6 +305,45 @@ if triton is not None:
             acc_t = _dot(p, v_t, acc_t * alpha[:, None], UPCAST)
         return acc, acc_t, m_new, l_i
 
+    @triton.jit
+    def _dq_key_block(
+        dq, dq_t, q, q_t, do, do_t, lse, delta, start_n, k_base, v_base, bias_k, bias_v, bias_k_t, bias_v_t,
+        offs_m, offs_d, d_mask, offs_t, t_mask, kept, batch, head, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
+        sk_y, sk_x, sv_y, sv_x, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j, causal_offset, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, WINDOWED: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        UPCAST: tl.constexpr, EDGE: tl.constexpr,
+    ):
+        """One key block of the dQ pass: returns the updated (dq, dq_t). Interior blocks (EDGE=False) need no
+        bounds or causal mask: rows past L_q have lse = inf (p = 0), rows cropped from a window's output have
+        dO = delta = 0 (dS = 0), and every score of an interior block is allowed, so p <= 1."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v, cols, k_inside = _load_key_value(
+            k_base, v_base, bias_k, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w,
+            win_h, win_w, sk_y, sk_x, sv_y, sv_x, WINDOWED, HAS_BIAS,
+        )
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
+        if BLOCK_T > 0:
+            k_t, v_t, cols_t, k_inside_t = _load_key_value(
+                k_base, v_base, bias_k_t, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w,
+                win_h, win_w, sk_y, sk_x, sv_y, sv_x, WINDOWED, HAS_BIAS,
+            )
+            s = _dot(q_t, tl.trans(k_t), s, UPCAST)
+            dp = _dot(do_t, tl.trans(v_t), dp, UPCAST)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        if EDGE or HAS_KEY_VALID or HAS_MASK:
+            ok = _allowed(
+                offs_m, offs_n, kept, cols, batch, head, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
+                causal_offset, CAUSAL, HAS_KEY_VALID, HAS_MASK, False, EDGE,
+            )
+            p = tl.where(ok, p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = _dot(ds, k, dq, UPCAST)
+        if BLOCK_T > 0:
+            dq_t = _dot(ds, k_t, dq_t, UPCAST)
+        return dq, dq_t
+
     # Head dims that are not a power of two are split in two lane tiles rather than padded to the next power:
     # BLOCK_D lanes, then BLOCK_T more (0: none). SigLIP's 72 runs as 64 + 16 (80 lanes of matmul work, not 128);
     # every matmul over the head dim becomes two accumulating ones, every tile over it two tiles.
@@ -615,34 +654,30 @@ if triton is not None:
         )
         lse = tl.load(LSE + (seq.to(tl.int64) * num_heads + head) * len_q + offs_m, mask=rows, other=float("inf"))
 
+        if BLOCK_T == 0:  # placeholders the key-block steps pass through untouched
+            q_t, do_t, dq_t, bias_k_t, bias_v_t, offs_t, t_mask = q, do, dq, bias_k, bias_v, offs_d, d_mask
+        # As in the forward: [0, interior) needs no bounds or causal checks, [interior, hi) does.
         hi = len_k
+        interior = (len_k // BLOCK_N) * BLOCK_N
         if CAUSAL:
             hi = tl.maximum(tl.minimum(len_k, (q_block + 1) * BLOCK_M + causal_offset), 0)
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k, v, cols, k_inside = _load_key_value(
-                k_base, v_base, bias_k, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w,
-                win_h, win_w, sk_y, sk_x, sv_y, sv_x, WINDOWED, HAS_BIAS,
+            interior = (tl.maximum(tl.minimum(len_k, q_block * BLOCK_M + causal_offset + 1), 0) // BLOCK_N) * BLOCK_N
+        for start_n in range(0, interior, BLOCK_N):
+            dq, dq_t = _dq_key_block(
+                dq, dq_t, q, q_t, do, do_t, lse, delta, start_n, k_base, v_base, bias_k, bias_v, bias_k_t, bias_v_t,
+                offs_m, offs_d, d_mask, offs_t, t_mask, kept, batch, head, len_k, win_y, win_x, grid_h, grid_w,
+                win_h, win_w, sk_y, sk_x, sv_y, sv_x, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
+                causal_offset, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, WINDOWED, CAUSAL, HAS_KEY_VALID, HAS_MASK,
+                HAS_BIAS, UPCAST, False,
             )
-            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
-            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
-            if BLOCK_T > 0:
-                k_t, v_t, cols_t, k_inside_t = _load_key_value(
-                    k_base, v_base, bias_k_t, bias_v_t, offs_n, offs_t, t_mask, len_k, win_y, win_x, grid_h, grid_w,
-                    win_h, win_w, sk_y, sk_x, sv_y, sv_x, WINDOWED, HAS_BIAS,
-                )
-                s = _dot(q_t, tl.trans(k_t), s, UPCAST)
-                dp = _dot(do_t, tl.trans(v_t), dp, UPCAST)
-            s = s * qk_scale
-            ok = _allowed(
-                offs_m, offs_n, kept, cols, batch, head, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
-                causal_offset, CAUSAL, HAS_KEY_VALID, HAS_MASK, False,
+        for start_n in range(interior, hi, BLOCK_N):
+            dq, dq_t = _dq_key_block(
+                dq, dq_t, q, q_t, do, do_t, lse, delta, start_n, k_base, v_base, bias_k, bias_v, bias_k_t, bias_v_t,
+                offs_m, offs_d, d_mask, offs_t, t_mask, kept, batch, head, len_k, win_y, win_x, grid_h, grid_w,
+                win_h, win_w, sk_y, sk_x, sv_y, sv_x, KEY_VALID, MASK, skv_b, skv_j, sm_b, sm_h, sm_i, sm_j,
+                causal_offset, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, WINDOWED, CAUSAL, HAS_KEY_VALID, HAS_MASK,
+                HAS_BIAS, UPCAST, True,
             )
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            ds = (p * (dp - delta[:, None])).to(k.dtype)
-            dq = _dot(ds, k, dq, UPCAST)
-            if BLOCK_T > 0:
-                dq_t = _dot(ds, k_t, dq_t, UPCAST)
 
         dq_base = DQ + batch.to(tl.int64) * sdq_b + head.to(tl.int64) * sdq_h
         _store_query_grad(
