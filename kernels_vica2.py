@@ -985,7 +985,7 @@ def flash_attention(
     A query row with no allowed key returns zeros. H_q must be a multiple of H_kv (GQA), D <= 128.
     """
     if triton is None:
-        raise RuntimeError("flash_attention needs Triton; install the `kernels` extra (triton>=3.0).")
+        raise RuntimeError("flash_attention needs Triton; install the `kernels` extra (triton>=3.6).")
     _check_inputs(query, key, value)
     if scale is None:
         scale = query.shape[-1] ** -0.5
@@ -1112,7 +1112,7 @@ def hiera_window_attention(
     block is one window covering the whole grid. Gradients flow to `qkv` and `padding_qkv`.
     """
     if triton is None:
-        raise RuntimeError("hiera_window_attention needs Triton; install the `kernels` extra (triton>=3.0).")
+        raise RuntimeError("hiera_window_attention needs Triton; install the `kernels` extra (triton>=3.6).")
     return _HieraWindowAttentionFunction.apply(
         qkv, padding_qkv, num_heads, tuple(window_size), int(query_stride), float(scale), tuple(out_hw),
         block_m, block_n,
