@@ -14,8 +14,8 @@ serves the three attention shapes of ViCA2:
 Every launch folds (sequence or window, head, block) into grid axis 0, whose limit is 2^31 - 1, so the 32,768
 windows x 2 heads of a 32-frame Hiera stage 1 (past the 65,535 limit of axes 1 and 2) need no chunking.
 
-One-token decode steps go to SDPA by design: its split-KV kernels spread a long cache over the GPU, where this
-kernel family would have one program per (batch, head).
+Unpadded one-token decode steps go to SDPA by design: its flash path splits a long cache over the GPU with
+native GQA, where this kernel family would have one program per (batch, head).
 
 The kernels run on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1` (set before `triton` is first
 imported: Triton decorates its own library and these kernels at import); anywhere else, and when Triton is
@@ -60,7 +60,7 @@ KERNEL_CALLS: Counter = Counter()
 
 def kernel_call_counts() -> dict:
     """A copy of the per-path call counts: `attention_forward`, `attention_backward`, `hiera_window_forward`,
-    `hiera_window_backward` (Triton kernels), `decode_sdpa` (one-token decode steps, sent to SDPA by design) and
+    `hiera_window_backward` (Triton kernels), `decode_sdpa` (unpadded one-token decode steps, SDPA's by design) and
     `fallback` (SDPA where the kernels cannot run)."""
     return dict(KERNEL_CALLS)
 
@@ -1288,11 +1288,12 @@ def vica2_fused_attention_forward(
             unsupported = str(error)
     if unsupported is not None:
         return _fallback(unsupported, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-    if query.shape[2] == 1:
-        # A one-token decode step. The kernel parallelises over query blocks, of which a decode step has one per
-        # (batch, head): it would stream the whole cache through a few dozen programs, re-reading each K/V head
-        # for every query head sharing it, while SDPA's split-KV kernels spread the cache over the GPU. So decode
-        # steps go to SDPA by design (no log line); prefill, chunked prefill and training use the kernel.
+    if query.shape[2] == 1 and attention_mask is None:
+        # An unpadded one-token decode step. The kernel parallelises over query blocks, of which such a step has
+        # one per (batch, head): it would stream the whole cache through a few dozen programs, re-reading each K/V
+        # head for every query head sharing it, while SDPA runs it as flash attention with native GQA and split-KV
+        # over the cache. So these steps go to SDPA by design (no log line). With a padding mask SDPA would lose
+        # both (transformers then repeats K/V or packs the group into the query, off the flash path): those stay.
         KERNEL_CALLS["decode_sdpa"] += 1
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs

@@ -164,7 +164,7 @@ SEQUENCE_CASES = [
     (80, 2, 2, 17, 30, True, False, torch.float32),
     (20, 2, 1, 9, 13, True, True, torch.float32),  # strides only 4-aligned: ALIGN 4
     (17, 3, 3, 11, 7, False, True, torch.float32),  # odd strides: ALIGN 1
-    (128, 7, 1, 1, 37, True, True, torch.float32),  # one query over a cache (the interface sends these to SDPA)
+    (128, 7, 1, 1, 37, True, True, torch.float32),  # one query over a left-padded cache (a padded decode step)
     (56, 4, 1, 33, 33, True, True, torch.float16),
     (128, 7, 1, 18, 40, True, True, torch.bfloat16),
 ]
@@ -253,6 +253,7 @@ MASK_CASES = {
     # name: (L_q, L_k, padding, mask kind) with the mask as sdpa_mask builds it for a Qwen2 layer
     "causal_no_padding": (19, 19, False, "none"),
     "causal_left_padding": (19, 19, True, "compact"),
+    "decode_one_token_left_padding": (1, 23, True, "compact"),
     "two_token_step_left_padding": (2, 23, True, "compact"),  # e.g. assisted decoding's candidate tokens
     "chunked_prefill_with_cache": (6, 23, False, "compact"),
     "sliding_window": (19, 19, True, "dense"),
@@ -293,17 +294,15 @@ def test_interface_matches_sdpa(case, kernel_calls):
 
 
 @requires_kernels
-def test_interface_sends_one_token_decode_steps_to_sdpa(kernel_calls):
-    """A decode step (L_q = 1, a (B, 1, 1, L_k) left-padding mask) is SDPA's by design, without a log line."""
+def test_interface_sends_unpadded_one_token_steps_to_sdpa(kernel_calls):
+    """An unpadded decode step (L_q = 1, no mask: flash with GQA and split-KV in SDPA) is SDPA's by design, without
+    a log line; a padded one (the decode case of MASK_CASES) stays on the kernel."""
     generator = torch.Generator().manual_seed(9)
     q = on_device(torch.randn(2, 4, 1, 16, generator=generator))
     k, v = (on_device(torch.randn(2, 2, 23, 16, generator=generator)) for _ in range(2))
-    padding_mask = torch.ones(2, 23, dtype=torch.bool, device=DEVICE)
-    padding_mask[1, :5] = False
-    mask = sdpa_mask(batch_size=2, q_length=1, kv_length=23, q_offset=22, attention_mask=padding_mask, device=DEVICE)
     module = _module(causal=True, groups=2)
-    out, _ = kernels.vica2_fused_attention_forward(module, q, k, v, mask, scaling=0.25)
-    torch.testing.assert_close(out, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
+    out, _ = kernels.vica2_fused_attention_forward(module, q, k, v, None, scaling=0.25)
+    torch.testing.assert_close(out, sdpa_attention_forward(module, q, k, v, None, scaling=0.25)[0])
     assert dict(kernel_calls) == {"decode_sdpa": 1}
 
 
@@ -518,9 +517,9 @@ def test_tiny_vica2_generation_and_per_sub_config_selection(kernel_calls, fast_i
         tokens = model.generate(**batch, **settings)
         expected = reference.generate(**batch, **settings)
     torch.testing.assert_close(tokens, expected)
-    # The prefill of both Qwen2 layers ran the kernel; the two one-token decode steps went to SDPA by design.
-    assert kernel_calls["attention_forward"] == 2 and kernel_calls["decode_sdpa"] == 2 * 2, dict(kernel_calls)
-    assert kernel_calls["hiera_window_forward"] == 0 and kernel_calls["fallback"] == 0
+    # Prefill and both decode steps of both Qwen2 layers ran the kernel (the left padding keeps decode steps there).
+    assert kernel_calls["attention_forward"] == 2 * 3 and kernel_calls.get("decode_sdpa", 0) == 0, dict(kernel_calls)
+    assert kernel_calls["hiera_window_forward"] == 0 and kernel_calls.get("fallback", 0) == 0
 
 
 # ============================================================================================== no Triton / no GPU
