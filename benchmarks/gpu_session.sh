@@ -29,7 +29,10 @@ triton.__version__, '| transformers', transformers.__version__, '| cuda', torch.
 
 status=0
 echo "== kernel tests on the GPU"
-timeout 240 "$python" -m pytest tests/test_kernels.py -q -p no:cacheprovider -rs 2>&1 | tee "$out/test_kernels.log"
+# Most of their time is Triton compiling each test's kernel variants: spread them over workers where xdist is there.
+workers=$("$python" -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout 240 "$python" -m pytest tests/test_kernels.py -q -p no:cacheprovider -rs $workers 2>&1 \
+    | tee "$out/test_kernels.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== attention benchmark"
