@@ -11,6 +11,9 @@
 # this checkout importable as the `vica2` package through a link. Each step has a timeout, so the whole run fits
 # one 10-minute device call (9.5 minutes at most; much of it Triton compiling each kernel variant once). Paste
 # bench_attention.md into benchmarks/RESULTS.md.
+#
+#   STEPS=generate bash benchmarks/gpu_session.sh   # a second call, if device time is left: the ViCA2-7B
+#                                                   # generation row (bench_generate.py --sizes 7b, <= 7 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
@@ -28,14 +31,26 @@ triton.__version__, '| transformers', transformers.__version__, '| cuda', torch.
 } 2>&1 | tee "$out/machine.txt"
 
 status=0
-echo "== kernel tests on the GPU"
-# Most of their time is Triton compiling each test's kernel variants: spread them over workers where xdist is there.
-workers=$("$python" -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout 240 "$python" -m pytest tests/test_kernels.py -q -p no:cacheprovider -rs $workers 2>&1 \
-    | tee "$out/test_kernels.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+steps=${STEPS:-tests bench}  # STEPS="generate" for a second call: the ViCA2-7B generation row of RESULTS.md
 
-echo "== attention benchmark"
-timeout 320 "$python" benchmarks/bench_attention.py --frames "${FRAMES:-32}" 2>&1 | tee "$out/bench_attention.md"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [[ " $steps " == *" tests "* ]]; then
+    echo "== kernel tests on the GPU"
+    # Most of their time is Triton compiling each test's kernel variants: spread them over workers where xdist is.
+    workers=$("$python" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout 240 "$python" -m pytest tests/test_kernels.py -q -p no:cacheprovider -rs $workers 2>&1 \
+        | tee "$out/test_kernels.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if [[ " $steps " == *" bench "* ]]; then
+    echo "== attention benchmark"
+    timeout 320 "$python" benchmarks/bench_attention.py --frames "${FRAMES:-32}" 2>&1 | tee "$out/bench_attention.md"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if [[ " $steps " == *" generate "* ]]; then
+    echo "== ViCA2-7B generation (random bf16 weights)"
+    timeout 420 "$python" benchmarks/bench_generate.py --sizes 7b 2>&1 | tee "$out/bench_generate.md"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 exit $status
