@@ -161,6 +161,36 @@ if triton is not None:
         return q, winner
 
     @triton.jit
+    def _query_program(
+        num_q_blocks, num_heads, kv_group, n_win_h, n_win_w, len_q,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, WINDOWED: tl.constexpr,
+    ):
+        """What a forward or dQ program works on: (q_block, head, kv_head, seq, batch, win_y, win_x, offs_m, rows,
+        offs_d, d_mask). Heaviest (last, for causal) query blocks first; blocks of one (sequence, head) run side by
+        side."""
+        pid = tl.program_id(0)
+        q_block = num_q_blocks - 1 - pid % num_q_blocks
+        head = (pid // num_q_blocks) % num_heads
+        seq = pid // (num_q_blocks * num_heads)
+        batch, win_y, win_x = _sequence_coords(seq, n_win_h, n_win_w, WINDOWED)
+        offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        kv_head = head // kv_group
+        return q_block, head, kv_head, seq, batch, win_y, win_x, offs_m, offs_m < len_q, offs_d, offs_d < HEAD_DIM
+
+    @triton.jit
+    def _key_range(q_block, len_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """(interior, hi) for the key loop of query block `q_block`: keys [0, interior) lie inside L_k and below
+        every query's causal limit (no checks needed), [interior, hi) need them, keys from hi on are masked for
+        every query of the block and never read."""
+        hi = len_k
+        interior = (len_k // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            hi = tl.maximum(tl.minimum(len_k, (q_block + 1) * BLOCK_M + causal_offset), 0)
+            interior = (tl.maximum(tl.minimum(len_k, q_block * BLOCK_M + causal_offset + 1), 0) // BLOCK_N) * BLOCK_N
+        return interior, hi
+
+    @triton.jit
     def _load_key_value(
         k_base, v_base, bias_k, bias_v, offs_n, offs_d, d_mask, len_k, win_y, win_x, grid_h, grid_w, win_h, win_w,
         sk_y, sk_x, sv_y, sv_x, WINDOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -367,19 +397,9 @@ if triton is not None:
         sk_b, sk_h, sk_y, sk_x = _aligned(sk_b, sk_h, sk_y, sk_x, ALIGN)
         sv_b, sv_h, sv_y, sv_x = _aligned(sv_b, sv_h, sv_y, sv_x, ALIGN)
         so_b, so_h, so_y, so_x = _aligned(so_b, so_h, so_y, so_x, ALIGN)
-        pid = tl.program_id(0)
-        # Heaviest (last, for causal) query blocks first; blocks of one (sequence, head) run side by side.
-        q_block = num_q_blocks - 1 - pid % num_q_blocks
-        head = (pid // num_q_blocks) % num_heads
-        seq = pid // (num_q_blocks * num_heads)
-        batch, win_y, win_x = _sequence_coords(seq, n_win_h, n_win_w, WINDOWED)
-        kv_head = head // kv_group
-
-        offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        rows = offs_m < len_q
-
+        q_block, head, kv_head, seq, batch, win_y, win_x, offs_m, rows, offs_d, d_mask = _query_program(
+            num_q_blocks, num_heads, kv_group, n_win_h, n_win_w, len_q, HEAD_DIM, BLOCK_M, BLOCK_D, WINDOWED
+        )
         q_base = Q + batch.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h
         k_base = K + batch.to(tl.int64) * sk_b + kv_head.to(tl.int64) * sk_h
         v_base = V + batch.to(tl.int64) * sv_b + kv_head.to(tl.int64) * sv_h
@@ -401,13 +421,7 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         if BLOCK_T == 0:  # placeholders the key-block steps pass through untouched
             q_t, acc_t, bias_k_t, bias_v_t, offs_t, t_mask = q, acc, bias_k, bias_v, offs_d, d_mask
-        # Keys [0, interior) lie inside L_k and below every query's causal limit; [interior, hi) need the checks,
-        # keys from hi on are masked for every query of the block (causal) and are never read.
-        hi = len_k
-        interior = (len_k // BLOCK_N) * BLOCK_N
-        if CAUSAL:
-            hi = tl.maximum(tl.minimum(len_k, (q_block + 1) * BLOCK_M + causal_offset), 0)
-            interior = (tl.maximum(tl.minimum(len_k, q_block * BLOCK_M + causal_offset + 1), 0) // BLOCK_N) * BLOCK_N
+        interior, hi = _key_range(q_block, len_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
         for start_n in range(0, interior, BLOCK_N):
             acc, acc_t, m_i, l_i = _forward_key_block(
                 acc, acc_t, m_i, l_i, q, q_t, start_n, k_base, v_base, bias_k, bias_v, bias_k_t, bias_v_t,
@@ -610,17 +624,9 @@ if triton is not None:
         sv_b, sv_h, sv_y, sv_x = _aligned(sv_b, sv_h, sv_y, sv_x, ALIGN)
         sdo_b, sdo_h, sdo_y, sdo_x = _aligned(sdo_b, sdo_h, sdo_y, sdo_x, ALIGN)
         sdq_b, sdq_h, sdq_y, sdq_x = _aligned(sdq_b, sdq_h, sdq_y, sdq_x, ALIGN)
-        pid = tl.program_id(0)
-        q_block = num_q_blocks - 1 - pid % num_q_blocks
-        head = (pid // num_q_blocks) % num_heads
-        seq = pid // (num_q_blocks * num_heads)
-        batch, win_y, win_x = _sequence_coords(seq, n_win_h, n_win_w, WINDOWED)
-        kv_head = head // kv_group
-
-        offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        rows = offs_m < len_q
+        q_block, head, kv_head, seq, batch, win_y, win_x, offs_m, rows, offs_d, d_mask = _query_program(
+            num_q_blocks, num_heads, kv_group, n_win_h, n_win_w, len_q, HEAD_DIM, BLOCK_M, BLOCK_D, WINDOWED
+        )
         q_base = Q + batch.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h
         k_base = K + batch.to(tl.int64) * sk_b + kv_head.to(tl.int64) * sk_h
         v_base = V + batch.to(tl.int64) * sv_b + kv_head.to(tl.int64) * sv_h
@@ -656,12 +662,7 @@ if triton is not None:
 
         if BLOCK_T == 0:  # placeholders the key-block steps pass through untouched
             q_t, do_t, dq_t, bias_k_t, bias_v_t, offs_t, t_mask = q, do, dq, bias_k, bias_v, offs_d, d_mask
-        # As in the forward: [0, interior) needs no bounds or causal checks, [interior, hi) does.
-        hi = len_k
-        interior = (len_k // BLOCK_N) * BLOCK_N
-        if CAUSAL:
-            hi = tl.maximum(tl.minimum(len_k, (q_block + 1) * BLOCK_M + causal_offset), 0)
-            interior = (tl.maximum(tl.minimum(len_k, q_block * BLOCK_M + causal_offset + 1), 0) // BLOCK_N) * BLOCK_N
+        interior, hi = _key_range(q_block, len_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
         for start_n in range(0, interior, BLOCK_N):
             dq, dq_t = _dq_key_block(
                 dq, dq_t, q, q_t, do, do_t, lse, delta, start_n, k_base, v_base, bias_k, bias_v, bias_k_t, bias_v_t,

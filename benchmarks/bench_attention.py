@@ -197,7 +197,8 @@ def _resource_usage(compiled) -> str:
         usage = found[0] if found else "?"
     ptx = compiled.asm["ptx"]
     # Tensor-core (wgmma) matmuls and asynchronous (pipelined) copies: what a fast Hopper kernel should show.
-    return f"{usage} wgmma:{ptx.count('wgmma.mma_async')} cp.async:{ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}"
+    async_copies = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
+    return f"{usage} wgmma:{ptx.count('wgmma.mma_async')} cp.async:{async_copies}"
 
 
 def compile_only(quick: bool) -> int:
@@ -414,6 +415,28 @@ def library_windowed_attention(block, normed):
     return hidden_states
 
 
+def _hiera_rows(name, library, fused, x, warmup, iters) -> dict:
+    """One table row per measure for one block: "part" (the target's measure: partition + attention +
+    unpartition, from the normed grid) and "block" (the whole block)."""
+    import torch
+
+    cases = {
+        "part": (lambda: library_windowed_attention(library, x), lambda: fused.windowed_attention(x)),
+        "block": (lambda: library(x), lambda: fused(x)),
+    }
+    rows = {}
+    for kind, (run_library, run_fused) in cases.items():
+        with torch.no_grad():
+            difference = (run_fused() - run_library()).abs().max().item()
+        (lib_f, lib_b), (fus_f, fus_b) = (_time_pair(fn, warmup, iters) for fn in (run_library, run_fused))
+        if lib_b is None or fus_b is None:
+            rows[kind] = f"| {name} | {lib_f} | {fus_f} | | | | | |"
+            continue
+        rows[kind] = (f"| {name} | {lib_f:.2f} | {fus_f:.2f} | {lib_f / fus_f:.2f}x | {lib_b:.2f} | {fus_b:.2f} | "
+                      f"{lib_b / fus_b:.2f}x | {difference:.1e} |")
+    return rows
+
+
 def run_hiera_blocks(frames, dtype, warmup, iters, device="cuda"):
     import torch
     from transformers.models.sam2.modeling_sam2 import Sam2MultiScaleBlock
@@ -435,21 +458,9 @@ def run_hiera_blocks(frames, dtype, warmup, iters, device="cuda"):
         fused.attn.config._attn_implementation = kernels.ATTENTION_NAME
         kernels.use_fused_hiera_blocks(fused)
         x = torch.randn(frames, grid, grid, library.dim, device=device, dtype=dtype, requires_grad=True)
-        cases = {
-            # The target's measure: partition + attention + unpartition (from the normed grid).
-            "part": (lambda: library_windowed_attention(library, x), lambda: fused.windowed_attention(x)),
-            "block": (lambda: library(x), lambda: fused(x)),
-        }
-        for kind, (run_library, run_fused) in cases.items():
-            with torch.no_grad():
-                difference = (run_fused() - run_library()).abs().max().item()
-            (lib_f, lib_b), (fus_f, fus_b) = (_time_pair(fn, warmup, iters) for fn in (run_library, run_fused))
-            if lib_b is None or fus_b is None:
-                tables[kind].append(f"| {name} | {lib_f} | {fus_f} | | | | | |")
-                continue
-            tables[kind].append(f"| {name} | {lib_f:.2f} | {fus_f:.2f} | {lib_f / fus_f:.2f}x | {lib_b:.2f} | "
-                                f"{fus_b:.2f} | {lib_b / fus_b:.2f}x | {difference:.1e} |")
-        del library, fused, x, cases
+        for kind, row in _hiera_rows(name, library, fused, x, warmup, iters).items():
+            tables[kind].append(row)
+        del library, fused, x
         if device == "cuda":
             torch.cuda.empty_cache()
     print(f"\n### Hiera windowed attention: partition + attention + unpartition ({label})\n")
