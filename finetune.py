@@ -7,6 +7,12 @@
 
     # several GPUs: torchrun / deepspeed / accelerate launch, with --deepspeed ds_zero3.json
     torchrun --nproc_per_node 8 finetune.py ... --deepspeed ds_zero3.json
+    accelerate launch --config_file accelerate_config.yaml finetune.py ...
+
+The shipped configs (ds_zero2.json, ds_zero3.json, fsdp_config.json, accelerate_config.yaml's DeepSpeed file) are
+found by name from any working directory. Launches that would train wrongly without an error (processes that do
+not train together, data split without gradient sync, a world size other than the launcher's) are refused.
+The model and processor are the installed vica2 classes; `--trust_remote_code True` runs the folder's own code.
 
 `--data_path` is a .json / .jsonl file of the release's LLaVA-style records or a YAML mixture of them with
 sampling strategies ("all", "first:1000", "end:500", "random:10%"). See docs_fragments/finetune.md and
@@ -15,16 +21,29 @@ sampling strategies ("all", "first:1000", "end:500", "random:10%"). See docs_fra
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from transformers import HfArgumentParser, set_seed
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    HfArgumentParser,
+    set_seed,
+)
+from transformers.integrations import deepspeed_config
+from transformers.training_args import ParallelMode
 from transformers.utils import logging as hf_logging
 
+from vica2.configuration_vica2 import Vica2Config
+from vica2.image_processing_vica2 import Vica2ImageProcessor
 from vica2.modeling_vica2 import Vica2ForConditionalGeneration
 from vica2.processing_vica2 import Vica2Processor
 from vica2.training_vica2 import (
@@ -61,6 +80,11 @@ class ModelArguments:
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "sdpa (default), eager, flash_attention_2, vica2_fused, ..."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Load the model and processor with the Python files of the checkpoint folder or hub repo "
+                  "(its auto_map). Default: the installed vica2 classes, and no code from the checkpoint runs."},
     )
 
 
@@ -136,13 +160,40 @@ def apply_stage(tuning: TuningArguments, training: Vica2TrainingArguments, given
         tuning.trainable_parts = "none" if tuning.lora else FULL_MINUS_HIERA
 
 
+def load_processor(args: ModelArguments):
+    if args.trust_remote_code:
+        return AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
+    # The installed classes. The processor loads its image processor through AutoImageProcessor, which would want the
+    # folder's code for a model type it does not know: register ours. A tokenizer needing code is refused.
+    AutoConfig.register(Vica2Config.model_type, Vica2Config, exist_ok=True)
+    AutoImageProcessor.register(Vica2Config, Vica2ImageProcessor, exist_ok=True)
+    return Vica2Processor.from_pretrained(args.model_name_or_path, trust_remote_code=False)
+
+
 def load_model(args: ModelArguments):
     kwargs = {"dtype": DTYPES[args.dtype]}
     if args.attn_implementation is not None:
         kwargs["attn_implementation"] = args.attn_implementation
-    model = Vica2ForConditionalGeneration.from_pretrained(args.model_name_or_path, **kwargs)
+    if args.trust_remote_code:
+        model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, trust_remote_code=True, **kwargs)
+    else:
+        model = Vica2ForConditionalGeneration.from_pretrained(args.model_name_or_path, **kwargs)
+    keep_used_weight_conversions(model)
     set_use_cache(model, False)  # no KV cache while training: it only costs memory (restored before saving)
     return model
+
+
+def keep_used_weight_conversions(model) -> None:
+    """Save with the checkpoint's own key names after a ZeRO-3 load, as after any other load.
+
+    `save_pretrained` undoes the key conversions recorded at load. The normal load records only those that matched
+    the checkpoint (transformers' core_model_loading.py); its ZeRO-3 load (integrations/deepspeed.py) records every
+    candidate, so a save renamed keys that were never renamed (`model.language_model.*` became
+    `model.language_model.model.*`). Keep the used ones, as the normal load does.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions and all(hasattr(conversion, "was_used") for conversion in conversions):
+        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
 
 
 def set_use_cache(model, value: bool) -> None:
@@ -194,16 +245,118 @@ def save_outputs(trainer: Vica2Trainer, processor, tuning: TuningArguments) -> N
         processor.save_pretrained(output_dir / "merged")
 
 
+# ----------------------------------------------------------------------------------------------- launching
+SHIPPED_CONFIG_OPTIONS = ("--deepspeed", "--fsdp_config")
+DEEPSPEED_INSTALL_HINT = "DeepSpeed is not installed: `pip install deepspeed` (or `pip install 'vica2-hf[deepspeed]'`)."
+HERE = Path(__file__).resolve().parent
+
+
+def shipped_config(path: str) -> str:
+    """`path` as given when it exists; else the config of that name shipped next to this script (so that
+    `--deepspeed ds_zero3.json` and accelerate_config.yaml's relative DeepSpeed file work from any folder)."""
+    if Path(path).exists() or Path(path).is_absolute() or not (HERE / path).is_file():
+        return path
+    return str(HERE / path)
+
+
+def locate_shipped_configs(argv: list[str]) -> list[str]:
+    """argv with the config files of `SHIPPED_CONFIG_OPTIONS` located; accelerate's DeepSpeed file too (its
+    launcher passes it in ACCELERATE_DEEPSPEED_CONFIG_FILE, relative to where it was started)."""
+    located = list(argv)
+    for index, arg in enumerate(located):
+        option, equals, value = arg.partition("=")
+        if option not in SHIPPED_CONFIG_OPTIONS:
+            continue
+        if equals:
+            located[index] = f"{option}={shipped_config(value)}"
+        elif index + 1 < len(located):
+            located[index + 1] = shipped_config(located[index + 1])
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = shipped_config(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
+    return located
+
+
+def wants_deepspeed(argv: list[str]) -> bool:
+    named = any(arg.partition("=")[0] == "--deepspeed" for arg in argv)
+    return named or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def launcher_world_size() -> int:
+    """How many processes the launcher started: torchrun, deepspeed and accelerate's GPU launchers set
+    WORLD_SIZE, mpirun its own variables."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
+def launch_problem(training_args, launched: int) -> str | None:
+    """Why this launch would train wrongly without any error (None when it is sound). Reading `world_size` sets
+    up the devices and the process group, before the model is built (ZeRO-3 builds it partitioned)."""
+    world = training_args.world_size
+    if launched > 1 and world == 1:
+        return (f"{launched} processes were launched but training is not distributed (each would train alone on all "
+                "the data and write the same output_dir): on a machine without GPUs add --use_cpu True.")
+    if world > 1 and training_args.parallel_mode != ParallelMode.DISTRIBUTED:
+        return (f"the data is split across {world} processes but their gradients would never be averaged "
+                f"(--ddp_backend {training_args.ddp_backend} without a device for it): on a machine without GPUs "
+                "add --use_cpu True.")
+    if world != launched:
+        return f"training runs on {world} processes but the launcher started {launched}."
+    if launched == 1 and os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true" and os.environ.get(
+        "MASTER_ADDR"
+    ):
+        # accelerate's CPU launcher sets MASTER_ADDR for --num_processes > 1, then starts one process unless
+        # given an mpirun hostfile.
+        return ("`accelerate launch --cpu --num_processes N` started one process (its CPU launcher needs "
+                "--mpirun_hostfile): use `torchrun --nproc_per_node N finetune.py ... --use_cpu True`.")
+    return None
+
+
+def attach_deepspeed(training_args) -> None:
+    """Let DeepSpeed's communication layer use the process group before the model is built.
+
+    With ZeRO-3 `from_pretrained` builds the model partitioned (`deepspeed.zero.Init`, through the
+    `HfDeepSpeedConfig` that TrainingArguments registers), and DeepSpeed reads the world size from its own layer
+    while it reads the config, before it would set that layer up itself: the batch sizes then fail its check. On
+    GPUs accelerate sets it up; with --use_cpu accelerate makes a plain torch (gloo) group, so attach it here.
+    """
+    if training_args.deepspeed_plugin is None or not torch.distributed.is_initialized():
+        return
+    import deepspeed.comm
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
+def batch_summary(training_args) -> str:
+    world, per_device = training_args.world_size, training_args.per_device_train_batch_size
+    accumulation = training_args.gradient_accumulation_steps
+    engine = training_args.parallel_mode.value
+    if training_args.deepspeed_plugin is not None:
+        engine = f"DeepSpeed ZeRO-{deepspeed_config()['zero_optimization'].get('stage', 0)}"
+    return (f"World size {world} ({engine}); per-device batch {per_device} x gradient accumulation {accumulation} "
+            f"x {world} processes = global batch {per_device * accumulation * world}.")
+
+
 def main(argv: list[str] | None = None) -> Vica2Trainer:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = locate_shipped_configs(sys.argv[1:] if argv is None else argv)
+    if wants_deepspeed(argv) and importlib.util.find_spec("deepspeed") is None:
+        sys.exit(f"finetune.py: {DEEPSPEED_INSTALL_HINT}")
     parser = HfArgumentParser((ModelArguments, DataArguments, TuningArguments, Vica2TrainingArguments))
     model_args, data_args, tuning_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     hf_logging.set_verbosity(training_args.get_process_log_level())
+    problem = launch_problem(training_args, launcher_world_size())
+    if problem is not None:
+        sys.exit(f"finetune.py: refused: {problem}")
+    attach_deepspeed(training_args)
+    if training_args.should_log:
+        logger.warning(batch_summary(training_args))
     apply_stage(tuning_args, training_args, given_options(argv))
     set_seed(training_args.seed)
 
-    processor = Vica2Processor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+    processor = load_processor(model_args)
     model = load_model(model_args)
     apply_token_ratio(
         model,
