@@ -25,6 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (still part of the default suite)")
+    config.addinivalue_line("markers", "distributed: multi-process launches (CI runs them once: `-m 'not distributed'`)")
 
 
 def set_attn_implementation(config, implementation: str):
