@@ -654,3 +654,52 @@ def test_deepspeed_and_accelerate_configs():
     accelerate = yaml.safe_load((REPO_ROOT / "accelerate_config.yaml").read_text())
     assert accelerate["distributed_type"] == "DEEPSPEED"
     assert (REPO_ROOT / accelerate["deepspeed_config"]["deepspeed_config_file"]).is_file()
+
+
+def code_marking_checkpoint(folder: Path, marker: Path) -> Path:
+    """A saved tiny checkpoint whose Python files each append their name to `marker` when they run."""
+    model, processor = make_tiny()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    for path in folder.glob("*.py"):
+        path.write_text(path.read_text() + f"\nopen({str(marker)!r}, 'a').write({path.name!r} + '\\n')\n")
+    return folder
+
+
+def test_finetune_loads_the_installed_classes_and_runs_code_from_the_folder_only_when_asked(tmp_path):
+    from transformers import HfArgumentParser
+
+    from vica2.finetune import ModelArguments, load_model, load_processor
+    from vica2.image_processing_vica2 import Vica2ImageProcessor
+    from vica2.modeling_vica2 import Vica2ForConditionalGeneration
+    from vica2.processing_vica2 import Vica2Processor
+
+    marker = tmp_path / "ran.txt"
+    folder = code_marking_checkpoint(tmp_path / "checkpoint", marker)
+    (default,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(["--model_name_or_path", str(folder)])
+    model, processor = load_model(default), load_processor(default)
+    assert not marker.exists()
+    assert type(model) is Vica2ForConditionalGeneration and type(processor) is Vica2Processor
+    assert type(processor.image_processor) is Vica2ImageProcessor
+
+    (asked,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(
+        ["--model_name_or_path", str(folder), "--trust_remote_code", "True"]
+    )
+    model, processor = load_model(asked), load_processor(asked)
+    assert {"modeling_vica2.py", "processing_vica2.py"} <= set(marker.read_text().split())
+    assert type(model).__module__.startswith("transformers_modules")
+    assert type(processor).__module__.startswith("transformers_modules")
+
+
+def test_finetune_refuses_a_tokenizer_that_needs_code_from_the_folder(tmp_path):
+    from vica2.finetune import ModelArguments, load_processor
+
+    marker = tmp_path / "ran.txt"
+    folder = code_marking_checkpoint(tmp_path / "checkpoint", marker)
+    (folder / "evil_tokenizer.py").write_text(f"open({str(marker)!r}, 'a').write('evil_tokenizer.py')\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", None]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_processor(ModelArguments(model_name_or_path=str(folder)))
+    assert not marker.exists()
