@@ -166,7 +166,7 @@ def load_processor(args: ModelArguments):
     # The installed classes. The processor loads its image processor through AutoImageProcessor, which would want the
     # folder's code for a model type it does not know: register ours. A tokenizer needing code is refused.
     AutoConfig.register(Vica2Config.model_type, Vica2Config, exist_ok=True)
-    AutoImageProcessor.register(Vica2Config, Vica2ImageProcessor, exist_ok=True)
+    AutoImageProcessor.register(Vica2Config, image_processor_classes={"pil": Vica2ImageProcessor}, exist_ok=True)
     return Vica2Processor.from_pretrained(args.model_name_or_path, trust_remote_code=False)
 
 
