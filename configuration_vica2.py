@@ -100,16 +100,24 @@ def _default_hiera_config() -> dict:
     }
 
 
+class Vica2ConfigError(ValueError, TypeError):
+    """An invalid ViCA2 setting. A ValueError (what callers catch for bad settings) that is also a TypeError, since a
+    value of the wrong type is one of the ways a setting is invalid."""
+
+
 def _as_sub_config(value, default: dict, name: str) -> PretrainedConfig:
     if value is None:
         value = default()
     if isinstance(value, PretrainedConfig):
         return value
     if not isinstance(value, dict):
-        raise TypeError(f"`{name}` must be a dict or a PretrainedConfig, got {type(value).__name__}.")
+        raise Vica2ConfigError(f"`{name}` must be a dict or a PretrainedConfig, got {type(value).__name__}.")
     value = dict(value)
     model_type = value.pop("model_type", default()["model_type"])
-    return AutoConfig.for_model(model_type, **value)
+    try:
+        return AutoConfig.for_model(model_type, **value)
+    except Exception as error:  # noqa: BLE001 - the library's own errors (strict field checks, ...): name the field
+        raise Vica2ConfigError(f"`{name}` is invalid: {' '.join(str(error).split())}") from error
 
 
 class Vica2Config(PretrainedConfig):
@@ -180,7 +188,12 @@ class Vica2Config(PretrainedConfig):
         self.video_token_id = video_token_id
         self.projector_hidden_act = projector_hidden_act
         self.use_image_newline = use_image_newline
-        self.image_grid_pinpoints = [list(p) for p in (image_grid_pinpoints or DEFAULT_IMAGE_GRID_PINPOINTS)]
+        pinpoints = DEFAULT_IMAGE_GRID_PINPOINTS if image_grid_pinpoints is None else image_grid_pinpoints
+        self.image_grid_pinpoints = (
+            [list(p) if isinstance(p, (list, tuple)) else p for p in pinpoints]
+            if isinstance(pinpoints, (list, tuple))
+            else pinpoints  # refused by validate_vica2 with its name
+        )
         self.vision_aspect_ratio = vision_aspect_ratio
         self.video_frames_budget = video_frames_budget
         self.siglip_pool_stride = siglip_pool_stride
@@ -193,38 +206,116 @@ class Vica2Config(PretrainedConfig):
         self.generatable_vocab_size = generatable_vocab_size
         self.auto_map = {**AUTO_MAP, **(kwargs.pop("auto_map", None) or {})}
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self._check_hiera_feature_stage()  # before the projector width is derived from it
         if self.spatial_projector_input_size is None:
             self.spatial_projector_input_size = self.hiera_stage_width
         self.validate_vica2()
+        self._vica2_constructed = True
 
     # ----------------------------------------------------------------------------------------------- validation
-    def validate_vica2(self):
-        """Raise a ValueError naming the field when the ViCA2-specific settings are inconsistent."""
+    # Why not the library's `@strict` dataclass fields: their validators see one value at a time, while these checks
+    # relate fields (token ids vs the vocabulary, the stage vs the projector width), and the v4-style `__init__`
+    # (sub-configs from dicts, projector width derived from the stage) works unchanged on transformers 5.17 and 5.24.
+    # The hooks are the library's: `validate()` (run by `save_pretrained`) and validation on assignment.
+    def __setattr__(self, name, value):
+        """Validate a ViCA2 setting changed after construction (what `from_pretrained(path, field=value)` and
+        `from_dict(..., field=value)` do); an invalid value is refused and the config keeps its previous one."""
+        if name not in _CHECKED_ON_ASSIGNMENT or not self.__dict__.get("_vica2_constructed"):
+            return super().__setattr__(name, value)
+        missing = object()
+        previous = self.__dict__.get(name, missing)
+        super().__setattr__(name, value)
+        try:
+            # The frame ratio is left to `validate()` and to each call: its two fields may be changed one at a time.
+            self.validate_vica2(frame_ratio=False)
+        except Vica2ConfigError:
+            if previous is missing:
+                self.__dict__.pop(name, None)
+            else:
+                super().__setattr__(name, previous)
+            raise
+
+    def _remove_keys_not_serialized(self, d: dict) -> None:
+        super()._remove_keys_not_serialized(d)
+        d.pop("_vica2_constructed", None)
+
+    def validate(self):
+        """The library's checks, then ViCA2's (`save_pretrained` calls this before writing)."""
+        super().validate()
+        self.validate_vica2()
+
+    def validate_vica2(self, frame_ratio: bool = True):
+        """Raise a `Vica2ConfigError` (a ValueError) naming the field when the ViCA2-specific settings are invalid."""
         for name in ("video_frames_budget", "hiera_frames", "siglip_pool_stride", "hiera_pool_stride"):
-            positive_int(name, getattr(self, name))
-        positive_int("vision_chunk_size", self.vision_chunk_size)
-        check_frame_ratio(self.video_frames_budget, self.hiera_frames)
-        if self.video_pool_mode not in POOL_MODES:
-            raise ValueError(f"video_pool_mode={self.video_pool_mode!r} is not one of {POOL_MODES}.")
-        num_stages = len(self.hiera_config.blocks_per_stage)
-        if not isinstance(self.hiera_feature_stage, int) or not 1 <= self.hiera_feature_stage <= num_stages:
-            raise ValueError(
-                f"hiera_feature_stage={self.hiera_feature_stage!r} is out of range: the Hiera trunk has stages "
-                f"1..{num_stages}."
-            )
+            _checked(positive_int, name, getattr(self, name))
+        _checked(positive_int, "vision_chunk_size", self.vision_chunk_size)
+        if frame_ratio:
+            _checked(check_frame_ratio, self.video_frames_budget, self.hiera_frames)
+        if not isinstance(self.video_pool_mode, str) or self.video_pool_mode not in POOL_MODES:
+            raise Vica2ConfigError(f"video_pool_mode={self.video_pool_mode!r} is not one of {POOL_MODES}.")
+        self._check_hiera_feature_stage()
         if self.spatial_projector_input_size != self.hiera_stage_width:
-            raise ValueError(
-                f"spatial_projector_input_size={self.spatial_projector_input_size} does not match Hiera stage "
+            raise Vica2ConfigError(
+                f"spatial_projector_input_size={self.spatial_projector_input_size!r} does not match Hiera stage "
                 f"{self.hiera_feature_stage}, whose features have {self.hiera_stage_width} channels. A different "
                 "hiera_feature_stage needs a spatial projector trained for it; keep the stage the checkpoint was "
                 "trained with."
             )
-        anyres_max_patches(self.vision_aspect_ratio)  # raises on a malformed value
+        self._check_vocabulary()
+        _checked(anyres_max_patches, self.vision_aspect_ratio)
+        self._check_pinpoints()
+
+    def _check_hiera_feature_stage(self):
+        num_stages = len(self.hiera_config.blocks_per_stage)
+        stage = self.hiera_feature_stage
+        if not _is_int(stage):
+            raise Vica2ConfigError(
+                f"hiera_feature_stage must be an integer (a stage number 1..{num_stages}), got {stage!r} "
+                f"({type(stage).__name__})."
+            )
+        if not 1 <= stage <= num_stages:
+            raise Vica2ConfigError(
+                f"hiera_feature_stage={stage} is out of range: the Hiera trunk has stages 1..{num_stages}."
+            )
+
+    def _check_vocabulary(self):
+        """The placeholder ids must be two distinct rows of the embedding, and the generatable ids a non-empty prefix
+        of it: otherwise the model could never find its placeholders or could emit nothing (or untrained rows)."""
+        vocab_size = self.text_config.vocab_size
+        for name in ("image_token_id", "video_token_id"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 0 <= value < vocab_size:
+                raise Vica2ConfigError(
+                    f"{name}={value!r} is not a token id of the vocabulary (an integer in 0..{vocab_size - 1}, "
+                    "text_config.vocab_size - 1)."
+                )
+        if self.image_token_id == self.video_token_id:
+            raise Vica2ConfigError(
+                f"image_token_id and video_token_id are both {self.image_token_id}: images and videos need distinct "
+                "placeholder tokens."
+            )
+        generatable = self.generatable_vocab_size
+        if generatable is not None and (not _is_int(generatable) or not 1 <= generatable <= vocab_size):
+            raise Vica2ConfigError(
+                f"generatable_vocab_size={generatable!r} must be None or an integer in 1..{vocab_size} "
+                "(text_config.vocab_size): the ids below it are the ones the model may generate."
+            )
+
+    def _check_pinpoints(self):
+        size = self.vision_config.image_size
+        if not isinstance(self.image_grid_pinpoints, (list, tuple)) or not self.image_grid_pinpoints:
+            raise Vica2ConfigError(
+                f"image_grid_pinpoints must be a non-empty list of [height, width], got {self.image_grid_pinpoints!r}."
+            )
         for pinpoint in self.image_grid_pinpoints:
-            if len(pinpoint) != 2 or any(side % self.vision_config.image_size for side in pinpoint):
-                raise ValueError(
-                    f"image_grid_pinpoints entry {pinpoint} must be [height, width] multiples of "
-                    f"vision_config.image_size={self.vision_config.image_size}."
+            if (
+                not isinstance(pinpoint, (list, tuple))
+                or len(pinpoint) != 2
+                or not all(_is_int(side) and side > 0 and side % size == 0 for side in pinpoint)
+            ):
+                raise Vica2ConfigError(
+                    f"image_grid_pinpoints entry {pinpoint!r} must be [height, width], positive multiples of "
+                    f"vision_config.image_size={size}."
                 )
 
     # ----------------------------------------------------------------------------------------------- geometry
@@ -265,6 +356,41 @@ class Vica2Config(PretrainedConfig):
     def num_image_tokens(self, height: int, width: int) -> tuple[int, int]:
         """(SigLIP tokens, Hiera tokens) of one image of the given original size."""
         return num_image_tokens(height, width, **self.token_layout())
+
+
+# Settings re-validated when assigned after construction (the rest are plain data or library fields).
+_CHECKED_ON_ASSIGNMENT = frozenset(
+    {
+        "text_config",
+        "vision_config",
+        "hiera_config",
+        "image_token_id",
+        "video_token_id",
+        "generatable_vocab_size",
+        "hiera_feature_stage",
+        "spatial_projector_input_size",
+        "vision_chunk_size",
+        "video_pool_mode",
+        "vision_aspect_ratio",
+        "image_grid_pinpoints",
+        *TOKEN_RATIO_ARGS,
+    }
+)
+
+
+def _is_int(value) -> bool:
+    """A plain integer as a config stores it (JSON): not a bool, a float or a tensor."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked(check, *args):
+    """Run a shared check (which raises ValueError), re-raised as a `Vica2ConfigError`."""
+    try:
+        return check(*args)
+    except Vica2ConfigError:
+        raise
+    except ValueError as error:
+        raise Vica2ConfigError(str(error)) from error
 
 
 def positive_int(name: str, value, hint: str = "") -> int:

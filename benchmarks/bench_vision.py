@@ -27,7 +27,8 @@ def build_vision_model(dtype):
 
     text = _default_text_config()
     text.update(num_hidden_layers=1, intermediate_size=64, vocab_size=16, num_attention_heads=28, num_key_value_heads=4)
-    config = Vica2Config(text_config=text)  # SigLIP so400m (26 layers) and Hiera b+ at their real sizes
+    # SigLIP so400m (26 layers) and Hiera b+ at their real sizes; the placeholders must be rows of the tiny vocabulary.
+    config = Vica2Config(text_config=text, image_token_id=14, video_token_id=15)
     for sub in (config, config.text_config, config.vision_config, config.hiera_config):
         sub._attn_implementation = "sdpa"
     torch.manual_seed(0)
