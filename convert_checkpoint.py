@@ -36,7 +36,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from vica2.configuration_vica2 import AUTO_MAP, Vica2Config
+from vica2.configuration_vica2 import AUTO_MAP, POOL_MODES, Vica2Config
+
+
+try:  # POSIX: a lock held for the life of a conversion tells a killed run's staging folder from a running one's
+    import fcntl
+except ImportError:  # Windows: leftovers are reported, never removed
+    fcntl = None
 
 
 logger = logging.getLogger("vica2.convert")
@@ -216,20 +222,141 @@ _QWEN2_FIELDS = (
 )
 
 
+# ------------------------------------------------------------------------------------------------ field checks
+# What each field of the release's files must hold: (description, test). A release file is checked field by field
+# before anything reads it, so a bad value is one line naming the file and the field, never a traceback later.
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_list(length: int | None = None):
+    def check(value) -> bool:
+        return (
+            isinstance(value, list)
+            and (length is None or len(value) == length)
+            and all(_is_int(item) and item > 0 for item in value)
+        )
+
+    return check
+
+
+POSITIVE_INT = ("a positive integer", lambda v: _is_int(v) and v > 0)
+NON_NEGATIVE_INT = ("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+POSITIVE_NUMBER = ("a positive number", lambda v: _is_number(v) and v > 0)
+NON_NEGATIVE_NUMBER = ("a number >= 0", lambda v: _is_number(v) and v >= 0)
+BOOLEAN = ("true or false", lambda v: isinstance(v, bool))
+STRING = ("a string", lambda v: isinstance(v, str))
+TOKEN_IDS = ("a token id, a list of token ids or null",
+             lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)))
+OPTIONAL_POSITIVE_INT = ("a positive integer or null", lambda v: v is None or (_is_int(v) and v > 0))
+PINPOINTS = ("null or a list of [width, height] pairs of positive integers",
+             lambda v: v is None or (isinstance(v, list) and all(_int_list(2)(pair) for pair in v)))
+POOL_MODE = (f"one of {', '.join(POOL_MODES)}", lambda v: v in POOL_MODES)
+ASPECT_RATIO = ("'anyres_max_N'", lambda v: isinstance(v, str) and re.fullmatch(r"anyres_max_\d+", v) is not None)
+DTYPE_NAME = ("null or one of bfloat16, float16, float32",
+              lambda v: v is None or (isinstance(v, str) and v.replace("torch.", "") in DTYPES))
+
+REQUIRED = "required"
+# Release config.json: the Qwen2 fields that fix tensor shapes are required; the others default as in the release.
+RELEASE_CONFIG_FIELDS = {
+    "vocab_size": (POSITIVE_INT, REQUIRED),
+    "hidden_size": (POSITIVE_INT, REQUIRED),
+    "intermediate_size": (POSITIVE_INT, REQUIRED),
+    "num_hidden_layers": (POSITIVE_INT, REQUIRED),
+    "num_attention_heads": (POSITIVE_INT, REQUIRED),
+    "num_key_value_heads": (POSITIVE_INT, None),
+    "max_position_embeddings": (POSITIVE_INT, None),
+    "max_window_layers": (NON_NEGATIVE_INT, None),
+    "sliding_window": (OPTIONAL_POSITIVE_INT, None),
+    "use_sliding_window": (BOOLEAN, None),
+    "tie_word_embeddings": (BOOLEAN, None),
+    "hidden_act": (STRING, None),
+    "rms_norm_eps": (POSITIVE_NUMBER, None),
+    "rope_theta": (POSITIVE_NUMBER, None),
+    "attention_dropout": (NON_NEGATIVE_NUMBER, None),
+    "initializer_range": (NON_NEGATIVE_NUMBER, None),
+    "bos_token_id": (TOKEN_IDS, None),
+    "eos_token_id": (TOKEN_IDS, None),
+    "image_token_index": (NON_NEGATIVE_INT, None),
+    "mm_hidden_size": (POSITIVE_INT, None),
+    "mm_projector_type": (STRING, None),
+    "mm_spatial_pool_mode": (POOL_MODE, None),
+    "image_aspect_ratio": (ASPECT_RATIO, None),
+    "image_grid_pinpoints": (PINPOINTS, None),
+    "torch_dtype": (DTYPE_NAME, None),
+    "dtype": (DTYPE_NAME, None),
+}
+# tower_configs.json, per tower (the release's vocabulary; a tower given there replaces the default whole).
+TOWER_FIELDS = {
+    "siglip_vision_model": {
+        "hidden_size": (POSITIVE_INT, REQUIRED),
+        "intermediate_size": (POSITIVE_INT, REQUIRED),
+        "num_hidden_layers": (POSITIVE_INT, REQUIRED),
+        "num_attention_heads": (POSITIVE_INT, REQUIRED),
+        "image_size": (POSITIVE_INT, REQUIRED),
+        "patch_size": (POSITIVE_INT, REQUIRED),
+        "num_hidden_layers_in_checkpoint": (POSITIVE_INT, None),
+        "num_channels": (POSITIVE_INT, None),
+        "hidden_act": (STRING, None),
+        "layer_norm_eps": (POSITIVE_NUMBER, None),
+    },
+    "hiera": {
+        "embed_dim": (POSITIVE_INT, REQUIRED),
+        "num_heads": (POSITIVE_INT, REQUIRED),
+        "stages": (("a list of positive integers", _int_list()), REQUIRED),
+        "window_spec": (("a list of positive integers", _int_list()), REQUIRED),
+        "global_att_blocks": (("a list of integers >= 0", lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)), REQUIRED),
+        "window_pos_embed_bkg_spatial_size": (("a [height, width] pair of positive integers", _int_list(2)), REQUIRED),
+        "q_pool": (NON_NEGATIVE_INT, None),
+        "q_stride": (("a [height, width] pair of positive integers", _int_list(2)), None),
+        "dim_mul": (POSITIVE_NUMBER, None),
+        "head_mul": (POSITIVE_NUMBER, None),
+    },
+}
+
+
+def check_fields(data: dict, fields: dict, source: str) -> None:
+    """Raise a one-line ConversionError naming `source` and the first field that is missing or malformed."""
+    if not isinstance(data, dict):
+        raise ConversionError(f"{source}: expected a JSON object, got {type(data).__name__}.")
+    for name, ((expected, is_valid), required) in fields.items():
+        if name not in data:
+            if required is REQUIRED:
+                raise ConversionError(f"{source}: field '{name}' is missing (expected {expected}).")
+            continue
+        if not is_valid(data[name]):
+            raise ConversionError(f"{source}: field '{name}' must be {expected}, got {_short(data[name])}.")
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list, str, int, float, bool, type(None))) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def release_config_to_vica2(
-    raw: dict, towers: dict | None = None, image_token_id: int | None = None, video_token_id: int | None = None
+    raw: dict,
+    towers: dict | None = None,
+    image_token_id: int | None = None,
+    video_token_id: int | None = None,
+    source: str = "config.json",
 ) -> Vica2Config:
-    """Build our `Vica2Config` from a release `config.json` (model_type "vica_qwen").
+    """Build our `Vica2Config` from a release `config.json` (model_type "vica_qwen"); `source` names it in errors.
 
     `towers` holds the SigLIP / Hiera hyper-parameters in the release's vocabulary (defaults: the towers the release
     hard-codes, SigLIP so400m and SAM2.1 hiera_b+).
     """
-    if raw.get("model_type") != "vica_qwen":
-        raise ValueError(
-            f"Not a ViCA2 release config: model_type is {raw.get('model_type')!r}, expected 'vica_qwen'."
-        )
+    if not isinstance(raw, dict) or raw.get("model_type") != "vica_qwen":
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        raise ConversionError(f"{source}: not a ViCA2 release config: model_type is {model_type!r}, expected 'vica_qwen'.")
+    check_fields(raw, RELEASE_CONFIG_FIELDS, source)
     if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ValueError(f"Unsupported mm_projector_type {raw['mm_projector_type']!r}: ViCA2 uses 'mlp2x_gelu'.")
+        raise ConversionError(
+            f"{source}: field 'mm_projector_type' is {raw['mm_projector_type']!r}; ViCA2 uses 'mlp2x_gelu'."
+        )
     towers = {**RELEASE_TOWERS, **(towers or {})}
     text_config = {key: raw[key] for key in _QWEN2_FIELDS if key in raw}
     text_config.update(
@@ -240,29 +367,34 @@ def release_config_to_vica2(
     )
     siglip = release_siglip_config(towers["siglip_vision_model"])
     if raw.get("mm_hidden_size", siglip["hidden_size"]) != siglip["hidden_size"]:
-        raise ValueError(
-            f"mm_hidden_size={raw['mm_hidden_size']} does not match the SigLIP width {siglip['hidden_size']}."
+        raise ConversionError(
+            f"{source}: field 'mm_hidden_size' is {raw['mm_hidden_size']}, but the SigLIP tower is "
+            f"{siglip['hidden_size']} wide (tower_configs.json, or the release's so400m): the projector was built for "
+            "another vision tower."
         )
     pinpoints = raw.get("image_grid_pinpoints")
-    return Vica2Config(
-        text_config=text_config,
-        vision_config=siglip,
-        hiera_config=release_hiera_config(towers["hiera"]),
-        image_token_id=image_token_id if image_token_id is not None else raw.get("image_token_index", 151646),
-        video_token_id=video_token_id if video_token_id is not None else raw.get("image_token_index", 151646) + 1,
-        use_image_newline=True,
-        # The release lists pinpoints as [width, height]; ours are [height, width].
-        image_grid_pinpoints=[[h, w] for w, h in pinpoints] if pinpoints else None,
-        vision_aspect_ratio=raw.get("image_aspect_ratio", "anyres_max_9"),
-        video_pool_mode=raw.get("mm_spatial_pool_mode", "bilinear"),
-        # The release reads neither its pool-stride field nor a Hiera frame count: 2, 2 and 64 / 32 are hard-coded.
-        siglip_pool_stride=2,
-        hiera_pool_stride=2,
-        video_frames_budget=64,
-        hiera_frames=32,
-        hiera_feature_stage=4,
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
-    )
+    try:
+        return Vica2Config(
+            text_config=text_config,
+            vision_config=siglip,
+            hiera_config=release_hiera_config(towers["hiera"]),
+            image_token_id=image_token_id if image_token_id is not None else raw.get("image_token_index", 151646),
+            video_token_id=video_token_id if video_token_id is not None else raw.get("image_token_index", 151646) + 1,
+            use_image_newline=True,
+            # The release lists pinpoints as [width, height]; ours are [height, width].
+            image_grid_pinpoints=[[h, w] for w, h in pinpoints] if pinpoints else None,
+            vision_aspect_ratio=raw.get("image_aspect_ratio", "anyres_max_9"),
+            video_pool_mode=raw.get("mm_spatial_pool_mode", "bilinear"),
+            # The release reads neither its pool-stride field nor a Hiera frame count: 2, 2 and 64 / 32 are hard-coded.
+            siglip_pool_stride=2,
+            hiera_pool_stride=2,
+            video_frames_budget=64,
+            hiera_frames=32,
+            hiera_feature_stage=4,
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        )
+    except ValueError as error:  # Vica2Config's own checks (ids vs the vocabulary, pinpoints vs the SigLIP size, ...)
+        raise ConversionError(f"{source}: {' '.join(str(error).split())}") from error
 
 
 # ===================================================================================================== converter
@@ -293,6 +425,17 @@ PROCESSOR_AUTO_MAP = {
     "AutoImageProcessor": "image_processing_vica2.Vica2ImageProcessor",
 }
 PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
+# The tokenizer files of a release; the JSON ones are checked before the tokenizer reads them (to name the file).
+TOKENIZER_JSON_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json")
+
+# Ownership marks. Every folder this converter writes holds OUTPUT_MARKER, listing its files: `--overwrite` replaces
+# only such a folder (holding nothing else) or an empty one. Every staging folder holds STAGING_LOCK, locked while its
+# conversion runs: an unlocked one was left by a killed run and is removed.
+WRITTEN_BY = "vica2 convert_checkpoint.py"
+OUTPUT_MARKER = ".vica2-converted.json"
+STAGING_PREFIX = ".vica2-convert-"
+STAGING_LOCK = ".vica2-convert.lock"
 
 # How many names an error message lists per category before summarising.
 _MAX_LISTED = 25
@@ -360,6 +503,11 @@ _SAFETENSORS_DTYPES = {
     "F16": torch.float16,
     "F32": torch.float32,
     "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
@@ -393,15 +541,32 @@ class SafetensorsFile(WeightFile):
     def __init__(self, path: Path):
         self.path, self.name = Path(path), Path(path).name
 
+    @contextlib.contextmanager
+    def _open(self):
+        """safe_open, with a truncated, tiny or corrupt file reported as one line naming it."""
+        try:
+            with safe_open(self.path, framework="pt", device="cpu") as f:
+                yield f
+        except ConversionError:
+            raise
+        except Exception as error:  # noqa: BLE001 - SafetensorError (header too small, incomplete buffer, ...)
+            raise ConversionError(
+                f"{self.path}: not a readable safetensors file (truncated or corrupt?): {_one_line(error)}"
+            ) from error
+
     def infos(self) -> list[TensorInfo]:
-        with safe_open(self.path, framework="pt") as f:
-            return [
-                TensorInfo(key, tuple(f.get_slice(key).get_shape()), _SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()])
-                for key in f.keys()
-            ]
+        infos = []
+        with self._open() as f:
+            for key in f.keys():
+                tensor_slice = f.get_slice(key)
+                name = tensor_slice.get_dtype()
+                if name not in _SAFETENSORS_DTYPES:
+                    raise ConversionError(f"{self.path}: tensor {key} has the unsupported dtype {name}.")
+                infos.append(TensorInfo(key, tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[name]))
+        return infos
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        with safe_open(self.path, framework="pt", device="cpu") as f:
+        with self._open() as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
 
@@ -415,21 +580,24 @@ class TorchFile(WeightFile):
 
     def _load(self) -> dict:
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped; anything else is real
-                raise ConversionError(f"Cannot read {self.path}: {error}") from error
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - UnpicklingError and friends: say which file and why
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped; anything else is real
+                    raise
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - truncated files, UnpicklingError, ...: say which file and why
             raise ConversionError(
                 f"Cannot read {self.path} as plain tensors (loaded with weights_only=True, which refuses arbitrary "
-                f"pickled objects): {error}"
+                f"pickled objects; a truncated file fails too): {_one_line(error)}"
             ) from error
         if self.subkey is not None:
             if not isinstance(state, dict) or self.subkey not in state:
                 raise ConversionError(f"{self.path} has no '{self.subkey}' entry; expected Meta's SAM2.1 checkpoint.")
             state = state[self.subkey]
-        bad = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+        if not isinstance(state, dict):
+            raise ConversionError(f"{self.path} holds a {type(state).__name__}, not a dict of named tensors.")
+        bad = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
         if bad:
             raise ConversionError(f"{self.path} holds non-tensor entries: {_listing(bad)}")
         return state
@@ -476,7 +644,7 @@ def find_weight_files(folder: Path) -> list[WeightFile]:
     for index_name, single_name, file_class in layouts:
         index = folder / index_name
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            names = _index_shard_names(index)
             missing = [name for name in names if not (folder / name).is_file()]
             if missing:
                 raise ConversionError(f"{index} lists shards that are not in {folder}: {_listing(missing)}")
@@ -487,6 +655,23 @@ def find_weight_files(folder: Path) -> list[WeightFile]:
         f"No weights in {folder}: expected model.safetensors, model.safetensors.index.json + shards, "
         "pytorch_model.bin or pytorch_model.bin.index.json + shards."
     )
+
+
+def _index_shard_names(index: Path) -> list[str]:
+    """The shard files an index names: plain file names next to it (a path from a data file never leaves its
+    folder)."""
+    weight_map = _read_json(index, "Weight index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()
+    ):
+        raise ConversionError(f"{index}: field 'weight_map' must map tensor names to shard file names.")
+    names = sorted(set(weight_map.values()))
+    outside = [name for name in names if Path(name).name != name or name in ("", ".", "..")]
+    if outside:
+        raise ConversionError(
+            f"{index}: field 'weight_map' names shards outside the checkpoint folder: {_listing(outside)}"
+        )
+    return names
 
 
 @dataclass
@@ -507,22 +692,42 @@ class ReleaseInputs:
     towers: dict
     sources: list[Source]
     generation_config: dict | None
+    input_dir: Path = Path(".")
 
 
 def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`, or a one-line ConversionError naming the file."""
     if not path.is_file():
         raise ConversionError(f"{what}: {path} not found.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{what}: {path} is not valid JSON ({error}).") from error
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{what}: {path} is not valid JSON ({_one_line(error)}).") from error
+    except OSError as error:
+        raise ConversionError(f"{what}: cannot read {path} ({_one_line(error)}).") from error
+    if not isinstance(data, dict):
+        raise ConversionError(f"{what}: {path} must hold a JSON object, not a {type(data).__name__}.")
+    return data
+
+
+def _one_line(error) -> str:
+    return " ".join(str(error).split())
 
 
 def read_towers(folder: Path) -> dict:
     """Tower hyper-parameters: `tower_configs.json` where present (small test checkpoints), else the release's own
     hard-coded towers (SigLIP so400m, SAM2.1 hiera_b+)."""
     path = folder / "tower_configs.json"
-    towers = json.loads(path.read_text()) if path.is_file() else {}
+    towers = _read_json(path, "Tower config") if path.is_file() else {}
+    for name, fields in TOWER_FIELDS.items():
+        if name in towers:
+            check_fields(towers[name], fields, f"{path} [{name}]")
+    hiera = towers.get("hiera")
+    if hiera is not None and len(hiera["window_spec"]) != len(hiera["stages"]):
+        raise ConversionError(
+            f"{path} [hiera]: field 'window_spec' has {len(hiera['window_spec'])} entries for "
+            f"{len(hiera['stages'])} stages."
+        )
     return {name: dict(towers.get(name, default)) for name, default in RELEASE_TOWERS.items()}
 
 
@@ -557,6 +762,7 @@ def read_inputs(input_dir: Path, sam2_checkpoint: Path | None) -> ReleaseInputs:
             f"{input_dir}/config.json has model_type {model_type!r}; expected a ViCA2 release ('vica_qwen') or, with "
             f"--sam2-checkpoint, a LLaVA-Video-Qwen2 folder ({' or '.join(map(repr, LLAVA_MODEL_TYPES))})."
         )
+    check_fields(raw, RELEASE_CONFIG_FIELDS, str(input_dir / "config.json"))
     towers = read_towers(input_dir)
     num_siglip_layers = release_siglip_config(towers["siglip_vision_model"])["num_hidden_layers"]
     sources = [Source(file, release_mapper(num_siglip_layers)) for file in find_weight_files(input_dir)]
@@ -564,7 +770,8 @@ def read_inputs(input_dir: Path, sam2_checkpoint: Path | None) -> ReleaseInputs:
         sources += sam2_sources(Path(sam2_checkpoint), towers["hiera"])
     generation = input_dir / "generation_config.json"
     return ReleaseInputs(
-        kind, raw, towers, sources, json.loads(generation.read_text()) if generation.is_file() else None
+        kind, raw, towers, sources, _read_json(generation, "Generation config") if generation.is_file() else None,
+        input_dir,
     )
 
 
@@ -592,8 +799,10 @@ def sam2_sources(path: Path, hiera: dict) -> list[Source]:
     if not path.is_dir():
         raise ConversionError(f"--sam2-checkpoint {path} does not exist.")
     config = _read_json(path / "config.json", "SAM2 config")
-    backbone = config.get("vision_config", {}).get("backbone_config")
-    if not config.get("model_type", "").startswith("sam2") or backbone is None:
+    vision = config.get("vision_config")
+    backbone = vision.get("backbone_config") if isinstance(vision, dict) else None
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type.startswith("sam2") or not isinstance(backbone, dict):
         raise ConversionError(
             f"{path} is not a transformers SAM2 folder (config.json needs model_type 'sam2' and "
             "vision_config.backbone_config); pass Meta's sam2.1_hiera_*.pt file or a transformers SAM2 folder."
@@ -686,22 +895,65 @@ def resize_vocab_rows(tensor: torch.Tensor, vocabulary: Vocabulary) -> torch.Ten
 
 
 def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer, PretrainedConfig
+    """The release's tokenizer, as one of transformers' own classes, padding on the left (generation batches).
 
+    Nothing from the folder runs: a tokenizer whose files name code (`auto_map`, or a `tokenizer_class` that is not
+    a transformers class) is refused, the load itself passes `trust_remote_code=False`, and the output gets only the
+    files this tokenizer's `save_pretrained` writes (never a `.py` file: see `check_shipped_code`).
+    """
+    from transformers import AutoTokenizer, PretrainedConfig
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    source = folder / "tokenizer_config.json"
+    settings = {}
+    for name in TOKENIZER_JSON_FILES:  # name a malformed file here, not deep inside the tokenizer
+        if (folder / name).is_file():
+            data = _read_json(folder / name, "Tokenizer file")
+            settings = data if name == source.name else settings
+    needs_code = (
+        f"its field 'auto_map' names tokenizer code ({_short(settings['auto_map'])})"
+        if settings.get("auto_map")
+        else None
+    )
+    tokenizer_class = settings.get("tokenizer_class")
+    if needs_code is None and tokenizer_class is not None:
+        if not isinstance(tokenizer_class, str):
+            raise ConversionError(f"{source}: field 'tokenizer_class' must be a string, got {_short(tokenizer_class)}.")
+        if tokenizer_class_from_name(tokenizer_class) is None:
+            needs_code = f"its field 'tokenizer_class' is {tokenizer_class!r}, which is not a transformers tokenizer"
+    if needs_code:
+        raise _tokenizer_needs_code(source, needs_code)
     try:
         # A bare config keeps AutoTokenizer from trying to parse the release config (model_type "vica_qwen").
-        return AutoTokenizer.from_pretrained(folder, config=PretrainedConfig())
+        # padding_side given at construction is what `save_pretrained` writes into the output's tokenizer_config.
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, config=PretrainedConfig(), trust_remote_code=False, padding_side="left"
+        )
     except Exception as error:  # noqa: BLE001 - any failure here means the folder's tokenizer is unusable
-        raise ConversionError(f"Cannot load the tokenizer from {folder}: {error}") from error
+        if "trust_remote_code" in str(error):
+            raise _tokenizer_needs_code(source, "transformers says it needs custom code") from error
+        raise ConversionError(f"Cannot load the tokenizer from {folder}: {_one_line(error)}") from error
+    if not type(tokenizer).__module__.startswith("transformers.") or getattr(tokenizer, "_auto_class", None):
+        raise _tokenizer_needs_code(source, f"it loads as {type(tokenizer).__module__}.{type(tokenizer).__name__}")
+    return tokenizer
+
+
+def _tokenizer_needs_code(source: Path, why: str) -> ConversionError:
+    return ConversionError(
+        f"{source}: refused: the tokenizer needs code that comes with the checkpoint ({why}); the converter never "
+        "runs or ships code from its input. Use the release's standard Qwen2 tokenizer files (tokenizer_class "
+        "'Qwen2Tokenizer', no auto_map)."
+    )
 
 
 # ------------------------------------------------------------------------------------------------ config
 def build_hub_config(inputs: ReleaseInputs, vocabulary: Vocabulary, dtype: torch.dtype) -> Vica2Config:
     """Our config for the output: the release's, plus the vocabulary rule, the dtype and the full auto_map."""
     config = release_config_to_vica2(
-        inputs.raw_config, inputs.towers, vocabulary.image_token_id, vocabulary.video_token_id
+        {**inputs.raw_config, "vocab_size": vocabulary.rows},  # with the rows added for <image>/<video>, if any
+        inputs.towers, vocabulary.image_token_id, vocabulary.video_token_id,
+        source=str(inputs.input_dir / "config.json"),
     )
-    config.text_config.vocab_size = vocabulary.rows
     config.generatable_vocab_size = vocabulary.tokenizer_size
     config.architectures = ["Vica2ForConditionalGeneration"]
     config.auto_map = {**(getattr(config, "auto_map", None) or {}), **MODEL_AUTO_MAP, **PROCESSOR_AUTO_MAP}
@@ -774,7 +1026,7 @@ def plan_conversion(
     """Map every input key, and abort listing every unknown, unexpected, duplicate, mis-shaped or missing tensor."""
     expected = expected_tensors(config)
     plan = ConversionPlan(config, vocabulary, dtype, sources, [])
-    unknown, unexpected, duplicate, misshaped, seen = [], [], [], [], {}
+    unknown, unexpected, duplicate, misshaped, not_float, seen = [], [], [], [], [], {}
     for index, source in enumerate(sources):
         for info in source.file.infos():
             try:
@@ -792,7 +1044,11 @@ def plan_conversion(
                 seen[target] = info.key
                 wanted = _input_shape(target, expected[target], vocabulary)
                 if info.shape != wanted:
-                    misshaped.append(f"{info.key}: checkpoint {list(info.shape)}, model expects {list(wanted)}")
+                    misshaped.append(
+                        f"{info.key}: checkpoint {list(info.shape)}, model expects {list(wanted)} ({source.file.name})"
+                    )
+                if not info.dtype.is_floating_point:  # ids or flags stored as weights: a cast would hide the damage
+                    not_float.append(f"{info.key} ({str(info.dtype).replace('torch.', '')}, {source.file.name})")
                 plan.tensors.append(PlannedTensor(index, info.key, target, expected[target]))
     missing = [name for name in expected if name not in seen]
     _raise_problems(
@@ -801,6 +1057,7 @@ def plan_conversion(
         ("keys that map onto no model tensor", unexpected),
         ("model tensors given twice", duplicate),
         ("mis-shaped tensors", misshaped),
+        ("non-floating tensors (ViCA2 weights are floating point)", not_float),
         ("model tensors missing from the checkpoint", missing),
     )
     return plan
@@ -812,10 +1069,10 @@ def _listing(names: list[str]) -> str:
 
 
 def _raise_problems(header: str, *categories: tuple[str, list[str]]) -> None:
-    """One ConversionError listing every non-empty category of offending names."""
-    lines = [f"- {len(names)} {title}: {_listing(names)}" for title, names in categories if names]
-    if lines:
-        raise ConversionError("\n".join([header, *lines]))
+    """One ConversionError, on one line, listing every non-empty category of offending names."""
+    parts = [f"{len(names)} {title}: {_listing(names)}" for title, names in categories if names]
+    if parts:
+        raise ConversionError(" ".join([header, "; ".join(parts)]))
 
 
 def summarize_dropped(dropped: list[tuple[str, str]]) -> list[str]:
@@ -839,7 +1096,32 @@ def convert_tensor(tensor: torch.Tensor, planned: PlannedTensor, plan: Conversio
     converted = converted.contiguous()
     if converted.untyped_storage().nbytes() != converted.nbytes:
         converted = converted.clone()
+    check_finite(tensor, converted, f"{plan.sources[planned.source_index].file.name}: tensor {planned.key}")
     return converted
+
+
+def check_finite(tensor: torch.Tensor, converted: torch.Tensor, where: str) -> None:
+    """Refuse a weight with NaN or inf values, whether the input holds them or the cast to the output dtype makes
+    them (a float32 value beyond float16's range). Checked in chunks: no full-size temporary for the embedding."""
+    if _all_finite(converted):
+        return
+    if _all_finite(tensor):
+        largest = tensor.detach().abs().max().item()
+        raise ConversionError(
+            f"{where}: values up to {largest:.3g} overflow {str(converted.dtype).replace('torch.', '')} when "
+            "cast; convert with --dtype bfloat16 or float32. Nothing was written."
+        )
+    flat = tensor.detach().reshape(-1)
+    nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
+    raise ConversionError(
+        f"{where} holds {nan} NaN and {inf} inf value(s) out of {flat.numel()}: the "
+        "input is corrupt (re-download or re-export it). Nothing was written."
+    )
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
 def stream_converted(plan: ConversionPlan, progress: bool = False) -> Iterator[tuple[PlannedTensor, torch.Tensor]]:
@@ -902,8 +1184,9 @@ def write_weights(plan: ConversionPlan, folder: Path, max_shard_size: int | str,
 
 
 # ------------------------------------------------------------------------------------------------ other files
-def write_generation_config(folder: Path, inputs: ReleaseInputs, tokenizer) -> None:
-    """The release's generation settings, with `<|im_end|>` (the tokenizer's eos) as end of turn and a pad id."""
+def build_generation_config(inputs: ReleaseInputs, tokenizer):
+    """The release's generation settings, with `<|im_end|>` (the tokenizer's eos) as end of turn and a pad id; built
+    and validated before anything is written."""
     from transformers import GenerationConfig
 
     settings = {
@@ -912,6 +1195,11 @@ def write_generation_config(folder: Path, inputs: ReleaseInputs, tokenizer) -> N
         if not key.startswith("_") and key != "transformers_version"
     }
     eos = settings.get("eos_token_id", inputs.raw_config.get("eos_token_id"))
+    if not TOKEN_IDS[1](eos):
+        raise ConversionError(
+            f"{inputs.input_dir / 'generation_config.json'}: field 'eos_token_id' must be {TOKEN_IDS[0]}, got "
+            f"{_short(eos)}."
+        )
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.insert(0, tokenizer.eos_token_id)
@@ -919,7 +1207,18 @@ def write_generation_config(folder: Path, inputs: ReleaseInputs, tokenizer) -> N
     settings.setdefault("bos_token_id", inputs.raw_config.get("bos_token_id"))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else settings.get("pad_token_id")
     settings["pad_token_id"] = pad if pad is not None else eos[0]
-    GenerationConfig(**settings).save_pretrained(folder)
+    try:
+        generation = GenerationConfig(**settings)
+        generation.validate(strict=True)  # what save_pretrained would raise, raised now
+    except Exception as error:  # noqa: BLE001 - ValueError / TypeError from the library's checks
+        raise ConversionError(
+            f"{inputs.input_dir / 'generation_config.json'}: not a valid generation config: {_one_line(error)}"
+        ) from error
+    return generation
+
+
+def write_generation_config(folder: Path, generation) -> None:
+    generation.save_pretrained(folder)
 
 
 def write_processor(folder: Path, config: Vica2Config, tokenizer) -> None:
@@ -961,6 +1260,16 @@ def copy_remote_code(folder: Path, root: Path = REPO_ROOT) -> list[str]:
     for path in files:
         shutil.copyfile(path, folder / path.name)
     return [path.name for path in files]
+
+
+def check_shipped_code(folder: Path, remote_code: list[str]) -> None:
+    """The output's Python files are exactly this repository's remote code: nothing from the input (a tokenizer's
+    `save_pretrained` copies its class's module when it has one) can ride along into the hub folder."""
+    foreign = sorted(path.name for path in folder.iterdir() if path.suffix == ".py" and path.name not in remote_code)
+    if foreign:
+        raise ConversionError(
+            f"The output would ship code that is not ViCA2's remote code ({_listing(foreign)}); nothing was written."
+        )
 
 
 def token_ratio_rows(config: Vica2Config) -> list[tuple[str, int, int, int]]:
@@ -1049,34 +1358,142 @@ generated: the model sets their logits to -inf, as the release did by shrinking 
 
 # ------------------------------------------------------------------------------------------------ output folder
 def check_output_dir(output_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse an existing output without --overwrite, and any output that would replace an input."""
+    """Refuse an existing output without --overwrite, any output that would replace an input, and, with
+    --overwrite, any existing folder that is neither empty nor one this converter wrote."""
     resolved = output_dir.resolve()
     for path in inputs:
         path = path.resolve()
         if resolved == path or resolved in path.parents:
             raise ConversionError(f"--output-dir {output_dir} would replace the input {path}; choose another folder.")
-    if output_dir.exists() and not overwrite:
-        raise ConversionError(f"{output_dir} already exists; pass --overwrite to replace it, or choose another folder.")
-    stale = sorted(output_dir.parent.glob(".vica2-convert-*")) if output_dir.parent.is_dir() else []
-    if stale:
-        logger.warning("Left over by interrupted conversions (safe to delete): %s", ", ".join(map(str, stale)))
+    if output_dir.exists() or output_dir.is_symlink():
+        if not overwrite:
+            raise ConversionError(
+                f"{output_dir} already exists; pass --overwrite to replace it, or choose another folder."
+            )
+        check_replaceable(output_dir)
+
+
+def check_replaceable(output_dir: Path) -> None:
+    """--overwrite deletes only what this converter made: an empty folder, or a converted folder (it holds
+    OUTPUT_MARKER) with nothing in it but the files the marker lists."""
+    if output_dir.is_symlink() or not output_dir.is_dir():
+        raise ConversionError(
+            f"--overwrite refuses to replace {output_dir}: it is not a folder (a file or a link). Choose another "
+            "--output-dir."
+        )
+    entries = sorted(path.name for path in output_dir.iterdir())
+    if not entries:
+        return
+    written = _marked_files(output_dir / OUTPUT_MARKER)
+    if written is None:
+        raise ConversionError(
+            f"--overwrite refuses to replace {output_dir}: it is not empty and this converter did not write it (no "
+            f"{OUTPUT_MARKER}); it would delete files that are not its own. Remove it yourself or choose another "
+            "--output-dir."
+        )
+    foreign = [
+        name
+        for name in entries
+        if name != OUTPUT_MARKER and (name not in written or not (output_dir / name).is_file())
+    ]
+    if foreign:
+        raise ConversionError(
+            f"--overwrite refuses to replace {output_dir}: it holds entries this converter did not write "
+            f"({_listing(foreign)}). Move them out or choose another --output-dir."
+        )
+
+
+def _marked_files(marker: Path) -> set[str] | None:
+    """The files a converted folder's marker lists, or None when there is no valid marker of ours."""
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("written_by") != WRITTEN_BY or not isinstance(data.get("files"), list):
+        return None
+    return {name for name in data["files"] if isinstance(name, str)}
+
+
+def write_output_marker(folder: Path) -> None:
+    """Mark `folder` as written by this converter, listing its files (what a later --overwrite may replace)."""
+    files = sorted(path.name for path in folder.iterdir() if path.name != OUTPUT_MARKER)
+    (folder / OUTPUT_MARKER).write_text(json.dumps({"written_by": WRITTEN_BY, "files": files}, indent=1) + "\n")
+
+
+def remove_stale_staging(parent: Path) -> None:
+    """Remove the staging folders that killed conversions left next to the output (each up to the output's size).
+
+    Only provably ours: a `.vica2-convert-*` folder holding our lock file, which no running conversion holds. One
+    without it (or without file locks, on Windows) is named and left alone."""
+    if not parent.is_dir():
+        return
+    for folder in sorted(parent.glob(STAGING_PREFIX + "*")):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        lock = folder / STAGING_LOCK
+        if fcntl is None or lock.is_symlink() or not lock.is_file() or _marked_by(lock) != WRITTEN_BY:
+            logger.warning("Left alone (not provably a staging folder of this converter): %s", folder)
+            continue
+        try:
+            with open(lock, "rb") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a running conversion holds it
+                size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+                shutil.rmtree(folder)
+        except FileNotFoundError:
+            continue  # another conversion removed it first
+        except OSError as error:
+            logger.warning("Could not remove %s, left by an interrupted conversion: %s", folder, error)
+            continue
+        logger.warning("Removed %s, left by an interrupted conversion (%.2f GB).", folder, size / 1e9)
+
+
+def _marked_by(lock: Path) -> str | None:
+    try:
+        return json.loads(lock.read_text(encoding="utf-8")).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _hold_staging_lock(staging_root: Path):
+    """Create STAGING_LOCK in `staging_root`, locked for as long as the returned handle stays open. The file is
+    locked under a temporary name and then renamed, so no other run ever sees it unlocked while this one lives."""
+    if fcntl is None:
+        return None
+    descriptor, temporary = tempfile.mkstemp(dir=staging_root, prefix=".lock-")
+    handle = os.fdopen(descriptor, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle.write(json.dumps({"written_by": WRITTEN_BY, "pid": os.getpid()}))
+    handle.flush()
+    os.replace(temporary, staging_root / STAGING_LOCK)
+    return handle
 
 
 @contextlib.contextmanager
 def staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a folder to write into, next to `output_dir` (same file system), and move it into place only when the
-    block succeeds. On an error nothing is left behind; after a hard kill, only a hidden `.vica2-convert-*` folder.
-    The staged folder has the output's own name, so remote-code module names are the same before and after."""
+    block succeeds. On an error nothing is left behind; a hard kill leaves a hidden `.vica2-convert-*` folder, which
+    the next conversion next to it removes. The staged folder has the output's own name, so remote-code module names
+    are the same before and after."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_root = Path(tempfile.mkdtemp(prefix=".vica2-convert-", dir=output_dir.parent))
-    staged = staging_root / output_dir.name
-    staged.mkdir()
-    previous = staging_root / (output_dir.name + ".previous")
+    remove_stale_staging(output_dir.parent)
+    staging_root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir.parent))
+    lock = None
     try:
+        lock = _hold_staging_lock(staging_root)
+        staged = staging_root / output_dir.name
+        staged.mkdir()
+        previous = staging_root / (output_dir.name + ".previous")
         yield staged
-        if output_dir.exists():
+        write_output_marker(staged)
+        if output_dir.exists() or output_dir.is_symlink():
             if not overwrite:
                 raise ConversionError(f"{output_dir} appeared during the conversion; it was left untouched.")
+            check_replaceable(output_dir)  # again: it may have changed since the start
             os.replace(output_dir, previous)  # kept until the new folder is in place
         try:
             os.replace(staged, output_dir)
@@ -1086,6 +1503,8 @@ def staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
             raise
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
+        if lock is not None:
+            lock.close()
 
 
 # ------------------------------------------------------------------------------------------------ verification
@@ -1113,9 +1532,36 @@ def verify_conversion(folder: Path, plan: ConversionPlan) -> None:
     if not torch.isfinite(logits[..., :limit]).all():
         raise ConversionError(
             "Verification failed; the output was not moved into place: the reloaded model's logits on a synthetic "
-            "video are not finite."
+            f"video are not finite, although every weight is (checked while converting). {non_finite_cause(model)}"
         )
     logger.info("Verified %d tensors and a forward pass (%d positions).", len(compared), logits.shape[1])
+
+
+def non_finite_cause(model) -> str:
+    """Name the first module (in execution order) whose output is not finite on the smoke input, and what to do."""
+    first: list[str] = []
+
+    def hook(name):
+        def record(module, args, output):
+            tensors = output if isinstance(output, (tuple, list)) else (getattr(output, "last_hidden_state", output),)
+            if not first and any(
+                isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in tensors
+            ):
+                first.append(f"{name} ({type(module).__name__})")
+
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    try:
+        smoke_forward(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    dtype = str(model.dtype).replace("torch.", "")
+    if not first:
+        return f"No module's output is non-finite when run again ({dtype}): the logits themselves overflow."
+    advice = "convert with --dtype bfloat16 or float32" if model.dtype == torch.float16 else "check the input checkpoint"
+    return f"The first module with a non-finite output is {first[0]}, computing in {dtype}: its activations overflow; {advice}."
 
 
 @torch.no_grad()
@@ -1166,7 +1612,10 @@ def push_folder(folder: Path, repo_id: str, private: bool) -> str:
 
     api = HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload converted ViCA2")
+    api.upload_folder(
+        repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload converted ViCA2",
+        ignore_patterns=[OUTPUT_MARKER],  # a local ownership mark, not part of the model
+    )
     return str(url)
 
 
@@ -1231,9 +1680,11 @@ def convert_checkpoint(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     sam2_checkpoint = Path(sam2_checkpoint) if sam2_checkpoint is not None else None
     check_output_dir(output_dir, overwrite, [input_dir] + ([sam2_checkpoint] if sam2_checkpoint else []))
+    check_max_shard_size(max_shard_size)
     if push_to_hub:
         check_hub_access(push_to_hub)
     inputs, tokenizer, plan = prepare_conversion(input_dir, sam2_checkpoint, dtype, projector_seed)
+    generation = build_generation_config(inputs, tokenizer)
     for line in summarize_dropped(plan.dropped):
         logger.info("Dropped %s", line)
     if plan.vocabulary.added_rows:
@@ -1244,9 +1695,10 @@ def convert_checkpoint(
     with staged_output(output_dir, overwrite) as staged:
         weight_files = write_weights(plan, staged, max_shard_size, progress)
         plan.config.save_pretrained(staged)
-        write_generation_config(staged, inputs, tokenizer)
+        write_generation_config(staged, generation)
         write_processor(staged, plan.config, tokenizer)
         remote_code = copy_remote_code(staged)
+        check_shipped_code(staged, remote_code)
         build_model_card(plan.config, inputs, list(base_models), license, push_to_hub).save(staged / "README.md")
         if verify:
             verify_conversion(staged, plan)
@@ -1259,8 +1711,34 @@ def convert_checkpoint(
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def check_max_shard_size(value: int | str) -> int:
+    """The shard size in bytes, or a one-line ConversionError. Parsed by huggingface_hub's own parser, the one its
+    shard splitter uses, so what passes here is what the writer accepts."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    problem = None
+    size = None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        problem = f"a {type(value).__name__}"
+    elif isinstance(value, int):
+        size = value
+    else:
+        try:
+            size = parse_size_to_int(value)
+        except ValueError as error:
+            problem = _one_line(error)
+    if problem is None and size <= 0:
+        problem = "not a positive size"
+    if problem is not None:
+        raise ConversionError(
+            f"--max-shard-size {value!r} is not a size ({problem}); give a positive number with a unit, e.g. 5GB or "
+            "500MB."
+        )
+    return size
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--input-dir", required=True, type=Path, help="ViCA2 release (or LLaVA-Video-Qwen2) folder")
     parser.add_argument("--output-dir", required=True, type=Path, help="hub folder to write (must not exist)")
     parser.add_argument(
@@ -1281,9 +1759,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The command line; exit status 0, 2 for input that cannot be converted (one `error:` line), 1 when writing
+    fails (disk full, permissions)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         result = convert_checkpoint(
             args.input_dir,
@@ -1300,7 +1780,10 @@ def main(argv: list[str] | None = None) -> int:
             license=args.license,
         )
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 1
     print(
         f"Wrote {result.output_dir}: {result.num_tensors} tensors ({result.num_bytes / 1e9:.2f} GB, "

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -421,14 +423,78 @@ def test_several_problems_are_listed_together(tmp_path):
 
 def test_existing_output_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    convert(FIXTURE_DIR, out)
+    (out / "config.json").write_text("{}")  # a converted folder, even edited, is still ours to replace
     with pytest.raises(cc.ConversionError, match="already exists; pass --overwrite"):
         convert(FIXTURE_DIR, out)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "config.json").read_text() == "{}"
     convert(FIXTURE_DIR, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "vica2"
     assert not staging_dirs(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    convert(FIXTURE_DIR, empty, overwrite=True)  # an empty folder may be replaced too
+    assert (empty / "config.json").is_file()
+
+
+def _user_folder(path: Path) -> dict[str, bytes]:
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    return {"notes.txt": b"mine"}
+
+
+def _git_checkout(path: Path) -> dict[str, bytes]:
+    path.mkdir()
+    (path / ".git").mkdir()
+    (path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (path / "config.json").write_text("{}")
+    return {".git/HEAD": b"ref: refs/heads/main\n", "config.json": b"{}"}
+
+
+def _converted_plus_user_file(path: Path) -> dict[str, bytes]:
+    convert(FIXTURE_DIR, path)
+    (path / "my_eval_results.json").write_text("[1]")
+    return {"my_eval_results.json": b"[1]"}
+
+
+def _marker_only_names_other_files(path: Path) -> dict[str, bytes]:
+    # A forged or stale marker does not make other files ours: only the files it lists are.
+    _user_folder(path)
+    (path / cc.OUTPUT_MARKER).write_text(json.dumps({"written_by": cc.WRITTEN_BY, "files": ["config.json"]}))
+    return {"notes.txt": b"mine"}
+
+
+def _a_file(path: Path) -> dict[str, bytes]:
+    path.write_text("not a folder")
+    return {"": b"not a folder"}
+
+
+@pytest.mark.parametrize(
+    "make", [_user_folder, _git_checkout, _converted_plus_user_file, _marker_only_names_other_files, _a_file],
+    ids=["user-files", "git-checkout", "converted-plus-user-file", "marker-lists-other-files", "a-file"],
+)
+def test_overwrite_replaces_only_what_the_converter_wrote(tmp_path, make):
+    out = tmp_path / "out"
+    kept = make(out)
+    with pytest.raises(cc.ConversionError, match="--overwrite refuses to replace"):
+        convert(FIXTURE_DIR, out, overwrite=True)
+    for name, content in kept.items():
+        assert (out / name if name else out).read_bytes() == content
+    assert not staging_dirs(tmp_path)
+
+
+def test_overwrite_rechecks_a_folder_that_appears_during_the_conversion(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real = cc.write_processor
+
+    def user_creates_out(folder, *args):
+        real(folder, *args)
+        _user_folder(out)
+
+    monkeypatch.setattr(cc, "write_processor", user_creates_out)
+    with pytest.raises(cc.ConversionError, match="--overwrite refuses to replace"):
+        convert(FIXTURE_DIR, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and not staging_dirs(tmp_path)
 
 
 def test_converted_folder_is_refused_as_input(converted, tmp_path):
@@ -496,10 +562,21 @@ def test_killed_conversion_leaves_no_output(tmp_path, caplog):
     assert not (tmp_path / "out").exists()
     staged = staging_dirs(tmp_path)
     assert len(staged) == 1 and len(list((staged[0] / "out").glob("model-*.safetensors"))) == 1  # really mid-way
-    # The next conversion names the leftover and succeeds.
-    with caplog.at_level("WARNING", logger="vica2.convert"):
-        convert(FIXTURE_DIR, tmp_path / "out")
-    assert str(staged[0]) in caplog.text
+    # Someone else's folder with a look-alike name, and the staging folder of a conversion still running.
+    foreign = tmp_path / (cc.STAGING_PREFIX + "mine")
+    foreign.mkdir()
+    (foreign / "data.bin").write_bytes(b"x")
+    running = Path(tempfile.mkdtemp(prefix=cc.STAGING_PREFIX, dir=tmp_path))
+    lock = cc._hold_staging_lock(running)
+    # The next conversion removes the killed run's leftover, and only it.
+    try:
+        with caplog.at_level("WARNING", logger="vica2.convert"):
+            convert(FIXTURE_DIR, tmp_path / "out")
+    finally:
+        lock.close()
+    assert not staged[0].exists() and f"Removed {staged[0]}" in caplog.text
+    assert (foreign / "data.bin").read_bytes() == b"x" and str(foreign) in caplog.text
+    assert (running / cc.STAGING_LOCK).is_file()
     assert (tmp_path / "out" / "config.json").is_file()
 
 
@@ -568,6 +645,7 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypat
     result = convert(FIXTURE_DIR, tmp_path / "out", push_to_hub="someone/vica2", private=True)
     assert [(kind, repo) for kind, repo, _ in calls] == [("create", "someone/vica2"), ("upload", "someone/vica2")]
     assert calls[0][2]["exist_ok"] is True and calls[0][2]["private"] is True
+    assert calls[1][2]["ignore_patterns"] == [cc.OUTPUT_MARKER]  # the local ownership mark stays local
     assert Path(calls[1][2]["folder_path"]) == tmp_path / "out" and result.hub_url == "url"
     assert 'from_pretrained("someone/vica2"' in (tmp_path / "out" / "README.md").read_text()
 
@@ -691,5 +769,183 @@ def test_cli_converts_and_reports_errors(tmp_path):
     again = subprocess.run(
         command + ["--output-dir", str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
-    assert again.returncode == 1 and "error:" in again.stderr and "--overwrite" in again.stderr
+    assert again.returncode == 2 and "error:" in again.stderr and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+# ------------------------------------------------------------------------------------------------ no code from inputs
+def _custom_tokenizer(release: Path, sentinel: Path, with_auto_map: bool) -> None:
+    settings = json.loads((release / "tokenizer_config.json").read_text())
+    settings["tokenizer_class"] = "EvilTokenizer"
+    if with_auto_map:
+        settings["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (release / "tokenizer_config.json").write_text(json.dumps(settings))
+    (release / "tokenization_evil.py").write_text(
+        f"open({str(sentinel)!r}, 'w').write('ran')\n"
+        "from transformers import Qwen2Tokenizer\n\n\nclass EvilTokenizer(Qwen2Tokenizer):\n    pass\n"
+    )
+
+
+@pytest.mark.parametrize("with_auto_map", [True, False], ids=["auto_map", "unknown-class"])
+def test_tokenizer_that_needs_code_is_refused_and_never_runs(tmp_path, with_auto_map, monkeypatch):
+    release = make_release(tmp_path / "raw")
+    sentinel = tmp_path / "ran.txt"
+    _custom_tokenizer(release, sentinel, with_auto_map)
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked whether to run the input's code"))
+    with pytest.raises(cc.ConversionError, match="tokenizer_config.json: refused: the tokenizer needs code"):
+        convert(release, tmp_path / "out")
+    assert not sentinel.exists() and not (tmp_path / "out").exists() and not staging_dirs(tmp_path)
+
+
+def test_output_never_ships_python_files_other_than_the_remote_code(tmp_path, monkeypatch):
+    release = make_release(tmp_path / "raw")
+    (release / "tokenization_evil.py").write_text("raise SystemExit('ran')\n")  # a stray file is not copied
+    convert(release, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.py")) == sorted(p.name for p in cc.remote_code_files())
+    # And if a writer ever copied one in (a tokenizer's save_pretrained copies its class's module), it is caught.
+    real = cc.write_processor
+
+    def write_processor_and_code(folder, *args):
+        real(folder, *args)
+        (folder / "tokenization_evil.py").write_text("")
+
+    monkeypatch.setattr(cc, "write_processor", write_processor_and_code)
+    with pytest.raises(cc.ConversionError, match="would ship code.*tokenization_evil.py"):
+        convert(release, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+# ------------------------------------------------------------------------------------------------ left padding
+@pytest.mark.parametrize("padding_side", [None, "right"], ids=["unset", "right"])
+def test_converted_processor_pads_left_whatever_the_release_said(tmp_path, padding_side):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    release = make_release(tmp_path / "raw")
+    settings = json.loads((release / "tokenizer_config.json").read_text())
+    settings.pop("padding_side", None)
+    if padding_side:
+        settings["padding_side"] = padding_side
+    (release / "tokenizer_config.json").write_text(json.dumps(settings))
+    convert(release, tmp_path / "out")
+    processor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    batch = processor(text=["a b c d e f", "a"], padding=True, return_tensors="pt")
+    pad = processor.tokenizer.pad_token_id
+    assert batch["input_ids"][1, 0] == pad and batch["input_ids"][1, -1] != pad  # the short row is padded on the left
+    assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][1, -1] == 1
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").padding_side == "left"
+
+
+# ------------------------------------------------------------------------------------------------ bad weights
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weights_are_refused(tmp_path, value, verify):
+    state = fixture_state()
+    state["model.mm_projector.2.weight"][3, 5] = value
+    release = make_release(tmp_path / "raw", state)
+    with pytest.raises(cc.ConversionError, match=r"model.safetensors: tensor model.mm_projector.2.weight holds"):
+        convert(release, tmp_path / "out", verify=verify, max_shard_size="200KB")
+    assert not (tmp_path / "out").exists() and not staging_dirs(tmp_path)
+
+
+def test_weights_overflowing_the_output_dtype_are_refused(tmp_path):
+    state = fixture_state()
+    state["model.image_newline"][0] = 1e6  # finite in float32, inf in float16
+    release = make_release(tmp_path / "raw", state)
+    with pytest.raises(cc.ConversionError, match="model.image_newline: values up to 1e\\+06 overflow float16"):
+        convert(release, tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
+    convert(release, tmp_path / "out", dtype="bfloat16")  # bfloat16 holds it
+
+
+def test_non_floating_weights_are_refused(tmp_path):
+    state = fixture_state()
+    state["model.image_newline"] = state["model.image_newline"].to(torch.int64)
+    release = make_release(tmp_path / "raw", state)
+    with pytest.raises(cc.ConversionError, match=r"1 non-floating tensors.*model.image_newline \(int64"):
+        convert(release, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_names_the_module_whose_output_is_not_finite(converted):
+    model = load_converted(converted).eval()
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_1.bias.fill_(float("inf"))
+    cause = cc.non_finite_cause(model)
+    assert "model.multi_modal_projector.linear_1 (Linear)" in cause and "float32" in cause
+
+
+# ------------------------------------------------------------------------------------------------ one-line errors
+def _edit_json(name: str, **changes):
+    def edit(release: Path) -> None:
+        data = json.loads((release / name).read_text())
+        for key, value in changes.items():
+            if value is _DROP:
+                data.pop(key, None)
+            else:
+                data[key] = value
+        (release / name).write_text(json.dumps(data))
+
+    return edit
+
+
+_DROP = object()
+
+
+def _write(name: str, content: bytes):
+    return lambda release: (release / name).write_bytes(content)
+
+
+def _truncate(release: Path) -> None:
+    data = (release / "model.safetensors").read_bytes()
+    (release / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _tower_stages_of_wrong_type(release: Path) -> None:
+    towers = json.loads((release / "tower_configs.json").read_text())
+    towers["hiera"]["stages"] = "1,2,2,1"
+    (release / "tower_configs.json").write_text(json.dumps(towers))
+
+
+BAD_INPUTS = [
+    ("missing-vocab_size", _edit_json("config.json", vocab_size=_DROP), [], "config.json: field 'vocab_size' is missing"),
+    ("vocab_size-string", _edit_json("config.json", vocab_size="400"), [], "field 'vocab_size' must be a positive"),
+    ("hidden_size-float", _edit_json("config.json", hidden_size=64.5), [], "field 'hidden_size'"),
+    ("pool-mode", _edit_json("config.json", mm_spatial_pool_mode="nearest"), [], "field 'mm_spatial_pool_mode'"),
+    ("projector-width", _edit_json("config.json", mm_hidden_size=33), [], "field 'mm_hidden_size' is 33"),
+    ("image-token-string", _edit_json("config.json", image_token_index="383"), [], "field 'image_token_index'"),
+    ("tower-type", _tower_stages_of_wrong_type, [], r"tower_configs.json \[hiera\]: field 'stages'"),
+    ("config-json", _write("config.json", b"{not json"), [], "config.json is not valid JSON"),
+    ("config-list", _write("config.json", b"[1, 2]"), [], "config.json must hold a JSON object"),
+    ("tower-json", _write("tower_configs.json", b"{"), [], "tower_configs.json is not valid JSON"),
+    ("generation-json", _write("generation_config.json", b"{,}"), [], "generation_config.json is not valid JSON"),
+    ("tokenizer-config-json", _write("tokenizer_config.json", b"{"), [], "tokenizer_config.json is not valid JSON"),
+    ("tokenizer-json", _write("tokenizer.json", b'{"a": '), [], "tokenizer.json is not valid JSON"),
+    ("special-tokens-json", _write("special_tokens_map.json", b"\xff\xfe"), [], "special_tokens_map.json is not valid"),
+    ("truncated-safetensors", _truncate, [], "model.safetensors: not a readable safetensors file"),
+    ("tiny-safetensors", _write("model.safetensors", b"\x01\x00"), [], "model.safetensors: not a readable"),
+    ("shard-size-unit", None, ["--max-shard-size", "5 parsecs"], "--max-shard-size '5 parsecs' is not a size"),
+    ("shard-size-zero", None, ["--max-shard-size", "0GB"], "--max-shard-size '0GB' is not a size"),
+    ("shard-size-negative", None, ["--max-shard-size=-1MB"], "--max-shard-size '-1MB' is not a size"),
+]
+
+
+@pytest.mark.parametrize(("change", "args", "message"), [case[1:] for case in BAD_INPUTS],
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_file_and_field_exit_2_nothing_written(tmp_path, capsys, change, args, message):
+    release = make_release(tmp_path / "raw")
+    if change is not None:
+        change(release)
+    code = cc.main(["--input-dir", str(release), "--output-dir", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
+    assert not (tmp_path / "out").exists() and not staging_dirs(tmp_path)
+
+
+def test_index_naming_a_shard_outside_the_folder_is_refused(tmp_path):
+    release = make_release(tmp_path / "raw", max_shard_size="400KB")
+    index = json.loads((release / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = "../elsewhere.safetensors"
+    (release / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(cc.ConversionError, match="names shards outside the checkpoint folder"):
+        convert(release, tmp_path / "out")
