@@ -233,28 +233,37 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _int_list(length: int | None = None):
+def _int_list(length: int | None = None, minimum: int = 1):
     def check(value) -> bool:
         return (
             isinstance(value, list)
             and (length is None or len(value) == length)
-            and all(_is_int(item) and item > 0 for item in value)
+            and all(_is_int(item) and item >= minimum for item in value)
         )
 
     return check
 
 
+def _token_ids(value) -> bool:
+    return value is None or (_is_int(value) and value >= 0) or _int_list(minimum=0)(value)
+
+
+def _pinpoints(value) -> bool:
+    return value is None or (isinstance(value, list) and all(_int_list(2)(pair) for pair in value))
+
+
 POSITIVE_INT = ("a positive integer", lambda v: _is_int(v) and v > 0)
 NON_NEGATIVE_INT = ("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+OPTIONAL_POSITIVE_INT = ("a positive integer or null", lambda v: v is None or (_is_int(v) and v > 0))
 POSITIVE_NUMBER = ("a positive number", lambda v: _is_number(v) and v > 0)
 NON_NEGATIVE_NUMBER = ("a number >= 0", lambda v: _is_number(v) and v >= 0)
 BOOLEAN = ("true or false", lambda v: isinstance(v, bool))
 STRING = ("a string", lambda v: isinstance(v, str))
-TOKEN_IDS = ("a token id, a list of token ids or null",
-             lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)))
-OPTIONAL_POSITIVE_INT = ("a positive integer or null", lambda v: v is None or (_is_int(v) and v > 0))
-PINPOINTS = ("null or a list of [width, height] pairs of positive integers",
-             lambda v: v is None or (isinstance(v, list) and all(_int_list(2)(pair) for pair in v)))
+TOKEN_IDS = ("a token id, a list of token ids or null", _token_ids)
+PINPOINTS = ("null or a list of [width, height] pairs of positive integers", _pinpoints)
+POSITIVE_INTS = ("a list of positive integers", _int_list())
+NON_NEGATIVE_INTS = ("a list of integers >= 0", _int_list(minimum=0))
+INT_PAIR = ("a [height, width] pair of positive integers", _int_list(2))
 POOL_MODE = (f"one of {', '.join(POOL_MODES)}", lambda v: v in POOL_MODES)
 ASPECT_RATIO = ("'anyres_max_N'", lambda v: isinstance(v, str) and re.fullmatch(r"anyres_max_\d+", v) is not None)
 DTYPE_NAME = ("null or one of bfloat16, float16, float32",
@@ -307,12 +316,12 @@ TOWER_FIELDS = {
     "hiera": {
         "embed_dim": (POSITIVE_INT, REQUIRED),
         "num_heads": (POSITIVE_INT, REQUIRED),
-        "stages": (("a list of positive integers", _int_list()), REQUIRED),
-        "window_spec": (("a list of positive integers", _int_list()), REQUIRED),
-        "global_att_blocks": (("a list of integers >= 0", lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)), REQUIRED),
-        "window_pos_embed_bkg_spatial_size": (("a [height, width] pair of positive integers", _int_list(2)), REQUIRED),
+        "stages": (POSITIVE_INTS, REQUIRED),
+        "window_spec": (POSITIVE_INTS, REQUIRED),
+        "global_att_blocks": (NON_NEGATIVE_INTS, REQUIRED),
+        "window_pos_embed_bkg_spatial_size": (INT_PAIR, REQUIRED),
         "q_pool": (NON_NEGATIVE_INT, None),
-        "q_stride": (("a [height, width] pair of positive integers", _int_list(2)), None),
+        "q_stride": (INT_PAIR, None),
         "dim_mul": (POSITIVE_NUMBER, None),
         "head_mul": (POSITIVE_NUMBER, None),
     },
@@ -351,7 +360,9 @@ def release_config_to_vica2(
     """
     if not isinstance(raw, dict) or raw.get("model_type") != "vica_qwen":
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
-        raise ConversionError(f"{source}: not a ViCA2 release config: model_type is {model_type!r}, expected 'vica_qwen'.")
+        raise ConversionError(
+            f"{source}: not a ViCA2 release config: model_type is {model_type!r}, expected 'vica_qwen'."
+        )
     check_fields(raw, RELEASE_CONFIG_FIELDS, source)
     if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ConversionError(
@@ -1442,7 +1453,8 @@ def remove_stale_staging(parent: Path) -> None:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     continue  # a running conversion holds it
-                size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+                files = [path for path in folder.rglob("*") if path.is_file() and not path.is_symlink()]
+                size = sum(path.stat().st_size for path in files)
                 shutil.rmtree(folder)
         except FileNotFoundError:
             continue  # another conversion removed it first
@@ -1466,7 +1478,12 @@ def _hold_staging_lock(staging_root: Path):
         return None
     descriptor, temporary = tempfile.mkstemp(dir=staging_root, prefix=".lock-")
     handle = os.fdopen(descriptor, "w")
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without locks: convert anyway; a leftover is then only reported
+        handle.close()
+        os.unlink(temporary)
+        return None
     handle.write(json.dumps({"written_by": WRITTEN_BY, "pid": os.getpid()}))
     handle.flush()
     os.replace(temporary, staging_root / STAGING_LOCK)
@@ -1560,8 +1577,11 @@ def non_finite_cause(model) -> str:
     dtype = str(model.dtype).replace("torch.", "")
     if not first:
         return f"No module's output is non-finite when run again ({dtype}): the logits themselves overflow."
-    advice = "convert with --dtype bfloat16 or float32" if model.dtype == torch.float16 else "check the input checkpoint"
-    return f"The first module with a non-finite output is {first[0]}, computing in {dtype}: its activations overflow; {advice}."
+    advice = "convert with --dtype bfloat16 or float32" if model.dtype == torch.float16 else "check the checkpoint"
+    return (
+        f"The first module with a non-finite output is {first[0]}, computing in {dtype}: its activations overflow; "
+        f"{advice}."
+    )
 
 
 @torch.no_grad()

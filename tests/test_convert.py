@@ -907,7 +907,8 @@ def _tower_stages_of_wrong_type(release: Path) -> None:
 
 
 BAD_INPUTS = [
-    ("missing-vocab_size", _edit_json("config.json", vocab_size=_DROP), [], "config.json: field 'vocab_size' is missing"),
+    ("missing-vocab_size", _edit_json("config.json", vocab_size=_DROP), [],
+     "config.json: field 'vocab_size' is missing"),
     ("vocab_size-string", _edit_json("config.json", vocab_size="400"), [], "field 'vocab_size' must be a positive"),
     ("hidden_size-float", _edit_json("config.json", hidden_size=64.5), [], "field 'hidden_size'"),
     ("pool-mode", _edit_json("config.json", mm_spatial_pool_mode="nearest"), [], "field 'mm_spatial_pool_mode'"),
