@@ -669,5 +669,5 @@ def test_tokenizer_without_placeholders_is_refused():
 def test_config_and_tokenizer_ids_must_agree():
     from vica2.processing_vica2 import Vica2Processor
 
-    with pytest.raises(ValueError, match="expects 151646"):
-        Vica2Processor.from_model_config(tiny_config(image_token_id=151646), fixture_tokenizer())
+    with pytest.raises(ValueError, match="expects 100"):
+        Vica2Processor.from_model_config(tiny_config(image_token_id=100), fixture_tokenizer())
