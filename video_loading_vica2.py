@@ -12,6 +12,15 @@ reads a video in two passes:
    (they are not needed to decode any other frame, so the sampled frames are bit-identical to a full decode), and
    converts only the sampled frames to RGB. At most the sampled frames are held in memory.
 
+The decode pass splits the sampled frames by keyframe segment (GOP): segments are independent, so `decode_workers`
+threads (default: the cores this process may use) each open the container, take segments from a shared queue, seek
+to the segment's keyframe and decode up to its last sampled frame. PyAV releases the GIL while demuxing, decoding
+and converting, so threads use the cores; each decoder gets the cores left over as FFmpeg frame threads. Frames are
+placed by their presentation position, so the result does not depend on which worker decoded what. A `frame_sink`
+receives each sampled frame as soon as it is decoded (on the calling thread, while the workers decode on): the
+processor prepares the model's pixels there, so preprocessing overlaps decoding and no full-size frame is kept.
+Rotation from the video's display matrix is applied to every frame, as players do.
+
 transformers' own `load_video(..., backend="pyav")` decodes every frame of the video and keeps them all, which is
 why ViCA2 has its own reader.
 """
@@ -21,6 +30,8 @@ from __future__ import annotations
 import bisect
 import io
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -44,6 +55,8 @@ AV_INSTALL_HINT = (
 )
 
 URL_PREFIXES = ("http://", "https://", "rtsp://", "rtmp://", "ftp://")
+# Decoded frames waiting for the frame sink, per decode worker: bounds memory when preprocessing is the slower stage.
+QUEUED_FRAMES_PER_WORKER = 2
 
 
 class VideoLoadError(ValueError):
@@ -73,6 +86,13 @@ class DecodeStats:
     frames_decoded: int = 0
     frames_converted: int = 0
     seeks: int = 0
+    workers: int = 0  # decode workers that ran
+
+    def add(self, other: DecodeStats) -> None:
+        self.frames_decoded += other.frames_decoded
+        self.frames_converted += other.frames_converted
+        self.seeks += other.seeks
+        self.workers += other.workers
 
 
 class DecodedVideo:
@@ -80,8 +100,9 @@ class DecodedVideo:
 
     Exact mode: `frames` is (T, H, W, 3) uint8 RGB. Fast mode: `frames` is None and `siglip_frames` (T, 3, S, S) /
     `hiera_frames` (ceil(T / k), 3, Hs, Hs) hold channels-first uint8 RGB already resized for the two towers, k
-    being `hiera_frame_stride`. (A plain class, not a dataclass: transformers' chat templates turn dataclasses found
-    in messages into dicts.)
+    being `hiera_frame_stride`. `pixels` optionally holds the model's pixels already prepared while decoding (the
+    processor's output tensors), with `pixels_key` the settings they were prepared for; `frames` may then be None.
+    (A plain class, not a dataclass: transformers' chat templates turn dataclasses found in messages into dicts.)
     """
 
     def __init__(
@@ -92,6 +113,8 @@ class DecodedVideo:
         hiera_frames: np.ndarray | None = None,
         hiera_frame_stride: int | None = None,
         stats: DecodeStats | None = None,
+        pixels: dict | None = None,
+        pixels_key: tuple | None = None,
     ):
         self.metadata = metadata
         self.frames = frames
@@ -99,13 +122,18 @@ class DecodedVideo:
         self.hiera_frames = hiera_frames
         self.hiera_frame_stride = hiera_frame_stride
         self.stats = stats if stats is not None else DecodeStats()
+        self.pixels = pixels
+        self.pixels_key = pixels_key
 
     @property
     def num_frames(self) -> int:
-        return len(self.frames if self.frames is not None else self.siglip_frames)
+        for held in (self.frames, self.siglip_frames):
+            if held is not None:
+                return len(held)
+        return len(self.pixels["pixel_values_videos"])
 
     def __repr__(self) -> str:
-        mode = "exact" if self.frames is not None else "fast"
+        mode = "exact" if self.siglip_frames is None else "fast"
         return f"DecodedVideo({mode}, num_frames={self.num_frames}, metadata={self.metadata})"
 
 
@@ -152,19 +180,70 @@ def load_video(source, num_frames: int) -> tuple[np.ndarray, VideoMetadata]:
     return video.frames, video.metadata
 
 
-def read_video(source, num_frames: int, fast_resize: FastResize | None = None) -> DecodedVideo:
-    """Sample and decode `num_frames` frames of a video file (see `load_video`); `fast_resize` selects fast mode."""
+def read_video(
+    source,
+    num_frames: int,
+    fast_resize: FastResize | None = None,
+    decode_workers: int | None = None,
+    frame_sink: Callable | None = None,
+    keep_frames: bool = True,
+) -> DecodedVideo:
+    """Sample and decode `num_frames` frames of a video file (see `load_video`); `fast_resize` selects fast mode.
+
+    Args:
+        decode_workers: threads that decode keyframe segments in parallel (default: `default_decode_workers()`, the
+            cores this process may use). The frames do not depend on it. A file object is read by one worker.
+        frame_sink: called as `frame_sink(position, frame)` once per distinct sampled frame, as soon as it is
+            decoded, on the calling thread (in completion order, not presentation order; `position` is the frame's
+            index in the video). `frame` is the (H, W, 3) uint8 RGB frame, or in fast mode the (siglip, hiera) pair
+            (hiera None for frames Hiera does not encode). Lets preprocessing run while later frames decode.
+        keep_frames: with a `frame_sink`, False keeps no frames in the result (only the metadata and stats).
+    """
     _check_num_frames(num_frames)
+    workers = default_decode_workers() if decode_workers is None else _check_workers(decode_workers)
     video_file = _VideoFile(source)
     with video_file.open() as container:
         stream = video_file.video_stream(container)
         index = _index_stream(container, stream, video_file.name)
         indices = _sample_checked(index.num_frames, int(num_frames), video_file.name)
         metadata = _metadata(stream, index.num_frames, indices)
-    convert = _converter(indices, fast_resize)
+    if video_file.start is not None:
+        workers = 1  # one file object cannot be read at two places at once
+    kept, sizes = {}, set()
+
+    def take(position: int, value, size: tuple[int, int]) -> None:
+        sizes.add(size)
+        if len(sizes) > 1:
+            raise _size_changes(video_file, sorted(sizes))
+        if frame_sink is not None:
+            frame_sink(position, value)
+        if frame_sink is None or keep_frames:
+            kept[position] = value
+
     stats = DecodeStats()
-    decoded = _decode_positions(video_file, index, sorted(set(indices)), convert, stats)
-    return _assemble(decoded, indices, metadata, fast_resize, stats)
+    _decode_positions(video_file, index, sorted(set(indices)), _converter(indices, fast_resize), take, stats, workers)
+    (metadata.height, metadata.width), = sizes  # as displayed: rotation applied
+    if frame_sink is not None and not keep_frames:
+        return DecodedVideo(metadata, stats=stats)
+    return _assemble(kept, indices, metadata, fast_resize, stats)
+
+
+def default_decode_workers() -> int:
+    """Decode workers by default: the cores this process may run on (its CPU affinity, which containers and job
+    schedulers narrow), not the machine's core count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity outside Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _check_workers(decode_workers) -> int:
+    if isinstance(decode_workers, bool) or not isinstance(decode_workers, (int, np.integer)) or decode_workers < 1:
+        raise ValueError(
+            f"decode_workers must be a positive integer (threads decoding the video), got {decode_workers!r}; leave "
+            f"it unset for one per available core ({default_decode_workers()} here)."
+        )
+    return int(decode_workers)
 
 
 def probe_video(source, num_frames: int) -> VideoMetadata:
@@ -195,6 +274,11 @@ class _VideoFile:
             self.source, self.start = path, None
         elif hasattr(source, "read"):
             self.name = f"video file object ({type(source).__name__})"
+            if _reads_text(source):
+                raise TypeError(
+                    f"The {self.name} was opened in text mode: a video is binary data. Open it with "
+                    "`open(path, 'rb')`, or pass the path itself."
+                )
             if not _is_seekable(source):
                 source = io.BytesIO(source.read())  # read twice (index pass, decode pass): buffer it
             self.source, self.start = source, source.tell()
@@ -226,6 +310,15 @@ class _VideoFile:
         return stream
 
 
+def _reads_text(fileobj) -> bool:
+    if isinstance(fileobj, io.TextIOBase):
+        return True
+    try:
+        return isinstance(fileobj.read(0), str)  # reads nothing, even from a pipe
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _is_seekable(fileobj) -> bool:
     try:
         return bool(fileobj.seekable())
@@ -237,10 +330,14 @@ def _is_seekable(fileobj) -> bool:
 def _index_stream(container, stream, name: str) -> StreamIndex:
     """Demux every packet of the stream (no decoding): frame count, presentation order, keyframes."""
     packets = []  # (pts, dts, is_keyframe) in decode order
+    demuxed = 0  # every packet with data, those to be dropped included: what a header's frame count counts
     try:
         for packet in container.demux(stream):
-            if packet.size == 0 or getattr(packet, "is_discard", False):
-                continue  # flush packets, and packets the demuxer marks to be dropped (edit lists)
+            if packet.size == 0:
+                continue  # flush packets
+            demuxed += 1
+            if getattr(packet, "is_discard", False):
+                continue  # packets the demuxer marks to be dropped (edit lists)
             packets.append((packet.pts, packet.dts, packet.is_keyframe))
     except av.FFmpegError as error:
         raise VideoLoadError(
@@ -252,6 +349,8 @@ def _index_stream(container, stream, name: str) -> StreamIndex:
             f"The {name} contains no video frames. Check that the file was written completely, or pass decoded "
             "frames instead."
         )
+    if stream.frames and demuxed < stream.frames:
+        raise _truncated(name, stream, demuxed)
     if stream.frames and stream.frames != len(packets):
         logger.info(f"The {name} declares {stream.frames} frames but holds {len(packets)}; using {len(packets)}.")
     pts = [p for p, _, _ in packets]
@@ -261,6 +360,21 @@ def _index_stream(container, stream, name: str) -> StreamIndex:
     position = {value: i for i, value in enumerate(order)}
     keyframes = sorted((position[p], p if d is None else d) for p, d, key in packets if key)
     return StreamIndex(len(order), order, [k for k, _ in keyframes], [d for _, d in keyframes])
+
+
+def _truncated(name: str, stream, demuxed: int) -> VideoLoadError:
+    """The file ends before the frames its header lists (an interrupted download or copy of an index-first mp4).
+
+    An error rather than sampling the frames that are there: the answer would be about the start of the video
+    only, while the user asked about all of it, and a warning in a log is easily missed (a server never shows it).
+    Whoever does want the part that is there can rewrite the header for it, as the message says."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    seconds = lambda frames: f" ({frames / float(rate):.2f} s)" if rate else ""  # noqa: E731
+    return VideoLoadError(
+        f"The {name} is truncated: its header lists {stream.frames} frames{seconds(stream.frames)} but the file "
+        f"holds only {demuxed}{seconds(demuxed)}. Download or copy it again; to use only the part that is there, "
+        "rewrite its header for those frames (`ffmpeg -i in.mp4 -c copy part.mp4`) or pass decoded frames instead."
+    )
 
 
 def _presentation_timestamps(pts: list, format_name: str) -> bool:
@@ -305,20 +419,46 @@ def _metadata(stream, total_frames: int, indices: list[int]) -> VideoMetadata:
 
 # --------------------------------------------------------------------------------------------------- decode pass
 def _converter(indices: list[int], fast_resize: FastResize | None) -> Callable:
-    """What to keep of a sampled frame: its full-size RGB array, or (fast mode) the two resized RGB arrays."""
+    """What to keep of a sampled frame, turned as the display matrix says, and its displayed (height, width): the
+    full-size RGB array, or (fast mode) the two resized RGB arrays."""
     if fast_resize is None:
-        return lambda frame, position: frame.to_ndarray(format="rgb24")
+
+        def convert_exact(frame, position):
+            turns = _quarter_turns(frame)
+            rgb = frame.to_ndarray(format="rgb24")
+            if turns:
+                rgb = np.ascontiguousarray(np.rot90(rgb, turns))
+            return rgb, rgb.shape[:2]
+
+        return convert_exact
 
     hiera_positions = {indices[j] for j in range(0, len(indices), fast_resize.hiera_frame_stride)}
 
-    def convert(frame, position):
-        siglip = _reformat(frame, fast_resize.siglip_size, fast_resize.siglip_interpolation)
+    def convert_fast(frame, position):
+        turns = _quarter_turns(frame)
+        siglip = _turned(_reformat(frame, fast_resize.siglip_size, fast_resize.siglip_interpolation), turns)
         hiera = None
         if position in hiera_positions:
-            hiera = _reformat(frame, fast_resize.hiera_size, fast_resize.hiera_interpolation)
-        return siglip, hiera
+            hiera = _turned(_reformat(frame, fast_resize.hiera_size, fast_resize.hiera_interpolation), turns)
+        size = (frame.height, frame.width)
+        return (siglip, hiera), size[::-1] if turns % 2 else size
 
-    return convert
+    return convert_fast
+
+
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that show the frame upright (its display matrix, as players apply it).
+
+    PyAV's `frame.rotation` is the display matrix's counter-clockwise angle; phones store multiples of 90 degrees.
+    (Mirroring entries of the matrix are not applied.)"""
+    rotation = frame.rotation
+    if rotation % 90:
+        logger.warning_once(f"A video's display matrix rotates by {rotation} degrees; rounding to a quarter turn.")
+    return round(rotation / 90) % 4
+
+
+def _turned(channels_first: np.ndarray, turns: int) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(channels_first, turns, axes=(1, 2))) if turns else channels_first
 
 
 def _reformat(frame, size: int, interpolation: str) -> np.ndarray:
@@ -331,53 +471,172 @@ def _reformat(frame, size: int, interpolation: str) -> np.ndarray:
     return np.stack([red, green, blue])
 
 
+def _size_changes(video_file: _VideoFile, sizes: list) -> VideoLoadError:
+    shown = ", ".join(f"{width}x{height}" for height, width in sizes)
+    return VideoLoadError(
+        f"The frame size of the {video_file.name} changes mid-stream ({shown}): the sampled frames of one video must "
+        "share one size. Re-encode it to one size, e.g. `ffmpeg -i in.h264 -vf scale=1280:720 out.mp4`, or pass "
+        "decoded frames of one size instead."
+    )
+
+
 class _UnreliableTimestamps(Exception):
     """Decoded frames came out of order of their timestamps: positions cannot be derived from them."""
 
 
-def _decode_positions(video_file: _VideoFile, index: StreamIndex, positions: list[int], convert, stats) -> dict:
-    """Decode the frames at the given presentation positions (sorted, unique); returns {position: converted}."""
-    if index.frame_pts is None:
-        return _decode_sequentially(video_file, positions, convert, stats)
+def _decode_positions(video_file: _VideoFile, index: StreamIndex, positions: list[int], convert, take, stats, workers):
+    """Decode the frames at the given presentation positions (sorted, unique), handing each to
+    `take(position, converted, size)` on the calling thread."""
+    if index.frame_pts is not None:
+        attempt = DecodeStats()
+        try:
+            _run_workers(_SeekingDecoder, video_file, index, _segments(index, positions), convert, take, attempt, workers)
+            return stats.add(attempt)
+        except _UnreliableTimestamps:
+            logger.info(f"Timestamps of the {video_file.name} do not follow presentation order; decoding sequentially.")
+    _run_workers(_SequentialDecoder, video_file, index, [positions], convert, take, stats, 1)
+
+
+def _segments(index: StreamIndex, positions: list[int]) -> list[list[int]]:
+    """The positions grouped by the last keyframe at or before them (the frames before the first keyframe form a
+    group of their own): each group decodes from its keyframe alone, independently of the others."""
+    groups: dict[int, list[int]] = {}
+    for position in positions:
+        groups.setdefault(bisect.bisect_right(index.keyframe_positions, position), []).append(position)
+    return list(groups.values())
+
+
+_DONE = object()
+
+
+def _run_workers(decoder_class, video_file, index, tasks: list, convert, take, stats, workers: int) -> None:
+    """Decode `tasks` (lists of positions) on up to `workers` threads, each with its own container, taking tasks
+    from a shared queue (so a slow segment does not hold the others back); the calling thread hands the decoded
+    frames to `take` as they come, through a bounded queue (memory stays flat however long the video)."""
+    workers = max(1, min(workers, len(tasks)))
+    # The cores left per worker go to FFmpeg's frame threads (one decoder on many cores; none when GOPs use them).
+    decoder_threads = max(1, default_decode_workers() // workers)
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for task in tasks:
+        todo.put(task)
+    done: queue.Queue = queue.Queue(maxsize=QUEUED_FRAMES_PER_WORKER * workers)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                return done.put(item, timeout=0.05)
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        worker_stats = DecodeStats(workers=1)
+        try:
+            with decoder_class(video_file, index, convert, worker_stats, decoder_threads) as decoder:
+                while not stop.is_set():
+                    try:
+                        task = todo.get_nowait()
+                    except queue.Empty:
+                        break
+                    for item in decoder.decode(task):
+                        put(item)
+                        if stop.is_set():
+                            return
+            put((_DONE, worker_stats))
+        except BaseException as error:  # noqa: BLE001 - handed to the calling thread, which raises it
+            put(error)
+
+    threads = [threading.Thread(target=work, name=f"vica2-decode-{i}", daemon=True) for i in range(workers)]
+    for thread in threads:
+        thread.start()
     try:
-        return _decode_with_seeks(video_file, index, positions, convert, stats)
-    except _UnreliableTimestamps:
-        logger.info(f"Timestamps of the {video_file.name} do not follow presentation order; decoding sequentially.")
-        return _decode_sequentially(video_file, positions, convert, stats)
+        finished = 0
+        while finished < workers:
+            item = done.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item[0] is _DONE:
+                stats.add(item[1])
+                finished += 1
+                continue
+            take(*item)
+            stats.frames_converted += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
-def _decode_with_seeks(video_file: _VideoFile, index: StreamIndex, positions: list[int], convert, stats) -> dict:
-    wanted_pts = {index.frame_pts[p] for p in positions}
-    position_of = {pts: position for position, pts in enumerate(index.frame_pts)}
-    locate = lambda frame: position_of.get(frame.pts)  # noqa: E731
-    results, current = {}, -1
-    with video_file.open() as container:
-        stream = _decoding_stream(video_file, container)
-        frames = _decoded_frames(container, stream, locate, wanted_pts, video_file, stats)
+class _Decoder:
+    """One worker's container and decoder (a context manager); `decode(positions)` yields (position, converted,
+    size) for the given sampled positions."""
+
+    def __init__(self, video_file: _VideoFile, index: StreamIndex, convert, stats: DecodeStats, threads: int):
+        self.video_file, self.index, self.convert, self.stats, self.threads = video_file, index, convert, stats, threads
+
+    def __enter__(self):
+        self.container = self.video_file.open()
+        self.stream = self.video_file.video_stream(self.container)
+        self.stream.thread_type = "AUTO"  # frame and slice threads where the worker has cores to spare
+        self.stream.codec_context.thread_count = self.threads
+        return self
+
+    def __exit__(self, *exc_info):
+        self.container.close()
+
+    def _frames(self, locate, wanted_pts, first_packet=None) -> Iterator:
+        return _decoded_frames(
+            self.container, self.stream, locate, wanted_pts, self.video_file, self.stats, first_packet
+        )
+
+
+class _SeekingDecoder(_Decoder):
+    """Seeks to the last keyframe before a sampled frame when a keyframe lies between it and the current position."""
+
+    def __enter__(self):
+        super().__enter__()
+        index = self.index
+        self.position_of = {pts: position for position, pts in enumerate(index.frame_pts)}
+        self.frames, self.current = None, -1
+        return self
+
+    def decode(self, positions: list[int]) -> Iterator:
+        index = self.index
+        wanted_pts = {index.frame_pts[p] for p in positions}
+        locate = lambda frame: self.position_of.get(frame.pts)  # noqa: E731
+        if self.frames is None:
+            self.frames = self._frames(locate, wanted_pts)
         for target in positions:
-            if _keyframe_between(index, current, target):
-                first_packet = _seek_to_keyframe(container, stream, index, target)
+            if _keyframe_between(index, self.current, target):
+                first_packet = _seek_to_keyframe(self.container, self.stream, index, target)
                 if first_packet is None:  # the demuxer could not seek there: decode in order instead
                     raise _UnreliableTimestamps
-                stats.seeks += 1
-                frames = _decoded_frames(container, stream, locate, wanted_pts, video_file, stats, first_packet)
-            for position, frame in frames:
-                current = max(current, position)
+                self.stats.seeks += 1
+                self.frames = self._frames(locate, wanted_pts, first_packet)
+            for position, frame in self.frames:
+                self.current = max(self.current, position)
                 if position == target:
-                    results[target] = convert(frame, position)
-                    stats.frames_converted += 1
+                    yield (target, *self.convert(frame, position))
                     break
                 if position > target:
                     raise _UnreliableTimestamps  # the frame was never produced: its pts did not come out
             else:
-                raise _ended_early(video_file, target, index.num_frames)
-    return results
+                raise _ended_early(self.video_file, target, index.num_frames)
 
 
-def _decoding_stream(video_file: _VideoFile, container):
-    stream = video_file.video_stream(container)
-    stream.thread_type = "AUTO"  # frame and slice threads: decoding is the bulk of the work
-    return stream
+class _SequentialDecoder(_Decoder):
+    """Decodes from the start, counting frames: for streams without usable timestamps, or when seeking misbehaves."""
+
+    def decode(self, positions: list[int]) -> Iterator:
+        missing = set(positions)
+        counter = iter(range(1 << 62))
+        for position, frame in self._frames(lambda _: next(counter), None):
+            if position in missing:
+                yield (position, *self.convert(frame, position))
+                missing.discard(position)
+                if not missing:
+                    return
+        raise _ended_early(self.video_file, min(missing), None)
 
 
 def _keyframe_between(index: StreamIndex, current: int, target: int) -> bool:
@@ -433,24 +692,6 @@ def _packets(container, stream, first_packet=None) -> Iterator:
     yield from container.demux(stream)
 
 
-def _decode_sequentially(video_file: _VideoFile, positions: list[int], convert, stats) -> dict:
-    """Decode from the start, counting frames: for streams without usable timestamps, or when seeking misbehaves."""
-    wanted, results = set(positions), {}
-    counter = iter(range(1 << 62))
-    with video_file.open() as container:
-        stream = _decoding_stream(video_file, container)
-        for position, frame in _decoded_frames(container, stream, lambda _: next(counter), None, video_file, stats):
-            if position in wanted:
-                results[position] = convert(frame, position)
-                stats.frames_converted += 1
-                if len(results) == len(wanted):
-                    break
-    missing = sorted(wanted - results.keys())
-    if missing:
-        raise _ended_early(video_file, missing[0], None)
-    return results
-
-
 def _ended_early(video_file: _VideoFile, target: int, total: int | None) -> VideoLoadError:
     of_total = f" of {total}" if total else ""
     return VideoLoadError(
@@ -478,6 +719,7 @@ __all__ = [
     "read_video",
     "probe_video",
     "sample_frame_indices",
+    "default_decode_workers",
     "FastResize",
     "DecodedVideo",
     "VideoLoadError",

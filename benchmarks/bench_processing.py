@@ -35,8 +35,11 @@ PROMPT = "<video>\nWhere is the red ball at the end of the video?"
 
 
 # ----------------------------------------------------------------------------------------------- test video
-def textured_video(path: Path, seconds: float, width: int = 1280, height: int = 720, fps: int = 30) -> Path:
-    """A multi-scale noise texture panning under two moving shapes; realistic bitrate (~1 Mbit/s), h264 veryfast."""
+def textured_video(
+    path: Path, seconds: float, keyint: int = 250, width: int = 1280, height: int = 720, fps: int = 30
+) -> Path:
+    """A multi-scale noise texture panning under two moving shapes; realistic bitrate (~1 Mbit/s), h264 veryfast,
+    a keyframe exactly every `keyint` frames (scene-cut detection off, so the GOP length is the one asked for)."""
     import av
     import numpy as np
     from PIL import Image
@@ -54,7 +57,11 @@ def textured_video(path: Path, seconds: float, width: int = 1280, height: int = 
     yy, xx = np.mgrid[0:height, 0:width]
     tmp = path.with_suffix(".part.mp4")
     with av.open(str(tmp), "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "23"})
+        stream = container.add_stream(
+            "libx264",
+            rate=fps,
+            options={"preset": "veryfast", "crf": "23", "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0"},
+        )
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(int(seconds * fps)):
             frame = texture[(2 * i) % height :][:height, (5 * i) % width :][:, :width].copy()
