@@ -145,6 +145,7 @@ class Vica2ImageProcessor(PilBackend):
         hiera_frame_stride: int = 1,
         hiera_antialias: bool | None = None,
         return_tensors="pt",
+        device=None,
     ) -> BatchFeature:
         """SigLIP pixels of every frame and Hiera pixels of every `hiera_frame_stride`-th frame.
 
@@ -152,6 +153,8 @@ class Vica2ImageProcessor(PilBackend):
             frames: (T, H, W, 3) uint8 RGB, e.g. from `load_video` or `to_video_frames`.
             hiera_frame_stride: k = video_frames_budget / hiera_frames; only frames 0, k, 2k, ... are prepared for
                 Hiera (the model encodes no others), which saves most of the 1024 x 1024 work.
+            device: run the Hiera resize and both normalisations there (e.g. `"cuda"`); the uint8 frames move once.
+                SigLIP's PIL bicubic stays on the CPU (the release's exact recipe). Outputs are on `device`.
 
         Returns:
             `pixel_values_videos` (T, 3, S, S) and `hiera_pixel_values_videos` (ceil(T / k), 3, Hs, Hs).
@@ -159,15 +162,21 @@ class Vica2ImageProcessor(PilBackend):
         frames = to_video_frames(frames)
         side = _square_side(self.size)
         resized = np.stack([pil_resize(frame, side, self.resample) for frame in frames])
-        hiera = self._hiera(
-            frames[::hiera_frame_stride], self.hiera_size, self.hiera_image_mean, self.hiera_image_std, hiera_antialias
-        )
+        hiera_frames = frames[::hiera_frame_stride]
+        if device is not None:
+            resized, hiera_frames = (torch.from_numpy(x).to(device) for x in (resized, np.ascontiguousarray(hiera_frames)))
+        hiera = self._hiera(hiera_frames, self.hiera_size, self.hiera_image_mean, self.hiera_image_std, hiera_antialias)
         siglip = normalize_uint8(resized, *self._default_siglip_normalization())
         data = {"pixel_values_videos": siglip, "hiera_pixel_values_videos": hiera}
         return BatchFeature(_as_return_type(data, return_tensors))
 
-    def preprocess_resized_video(self, siglip_frames: np.ndarray, hiera_frames: np.ndarray, return_tensors="pt"):
-        """Normalise frames that fast decoding already resized: (T, 3, S, S) and (T_h, 3, Hs, Hs) uint8 RGB."""
+    def preprocess_resized_video(
+        self, siglip_frames: np.ndarray, hiera_frames: np.ndarray, return_tensors="pt", device=None
+    ):
+        """Normalise frames that fast decoding already resized: (T, 3, S, S) and (T_h, 3, Hs, Hs) uint8 RGB (on
+        `device` when given: the uint8 frames move there once)."""
+        if device is not None:
+            siglip_frames, hiera_frames = (torch.from_numpy(x).to(device) for x in (siglip_frames, hiera_frames))
         hiera_normalization = (1 / 255, self.hiera_image_mean, self.hiera_image_std)
         data = {
             "pixel_values_videos": normalize_uint8(
@@ -200,6 +209,59 @@ class Vica2ImageProcessor(PilBackend):
             std if std is not None else self.hiera_image_std,
             self.hiera_antialias if antialias is None else antialias,
         )
+
+
+    def video_pixel_sink(
+        self, indices: list[int], hiera_frame_stride: int = 1, hiera_antialias: bool | None = None, device=None
+    ) -> VideoPixelSink:
+        """A `read_video` frame sink that prepares the pixels of the sampled frames `indices` as they are decoded
+        (see `VideoPixelSink`); `sink.pixels()` then equals `preprocess_video` of the stacked frames."""
+        return VideoPixelSink(self, indices, hiera_frame_stride, hiera_antialias, device)
+
+
+class VideoPixelSink:
+    """The video recipe of `Vica2ImageProcessor.preprocess_video`, one decoded frame at a time.
+
+    Called as `sink(position, frame)` with each distinct sampled frame ((H, W, 3) uint8 RGB, `position` its index in
+    the video) in any order, it writes the frame's SigLIP pixels into every output slot sampling that frame and its
+    Hiera pixels into the slots of the frames Hiera encodes (0, k, 2k, ... of the sample), so no full-size frame is
+    kept and preprocessing runs while later frames decode. Every step of the recipe works on each frame alone (PIL
+    resize, bilinear interpolation, the element-wise normalisation), so the result is bit-identical to the batched
+    `preprocess_video`. With `device`, the Hiera resize and both normalisations run there on the uint8 frame moved
+    once; SigLIP's PIL bicubic stays on the CPU.
+    """
+
+    def __init__(self, image_processor, indices: list[int], hiera_frame_stride: int, hiera_antialias, device):
+        self.processor, self.side = image_processor, _square_side(image_processor.size)
+        self.hiera_antialias = image_processor.hiera_antialias if hiera_antialias is None else hiera_antialias
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.siglip_slots, self.hiera_slots = _slots(indices), _slots(indices[::hiera_frame_stride])
+        self.siglip = torch.empty(len(indices), 3, self.side, self.side, device=self.device)
+        size = image_processor.hiera_size
+        self.hiera = torch.empty(len(indices[::hiera_frame_stride]), 3, size, size, device=self.device)
+
+    def __call__(self, position: int, frame: np.ndarray) -> None:
+        processor = self.processor
+        resized = torch.from_numpy(np.array(pil_resize(frame, self.side, processor.resample)[None])).to(self.device)
+        siglip = normalize_uint8(resized, *processor._default_siglip_normalization())
+        self.siglip[self.siglip_slots[position]] = siglip
+        if position in self.hiera_slots:
+            full = torch.from_numpy(frame[None]).to(self.device)
+            hiera = hiera_pixels(
+                full, processor.hiera_size, processor.hiera_image_mean, processor.hiera_image_std, self.hiera_antialias
+            )
+            self.hiera[self.hiera_slots[position]] = hiera
+
+    def pixels(self) -> dict:
+        return {"pixel_values_videos": self.siglip, "hiera_pixel_values_videos": self.hiera}
+
+
+def _slots(indices: list[int]) -> dict[int, list[int]]:
+    """frame index -> the output slots holding it (a frame sampled twice fills two slots)."""
+    slots: dict[int, list[int]] = {}
+    for slot, index in enumerate(indices):
+        slots.setdefault(index, []).append(slot)
+    return slots
 
 
 # ----------------------------------------------------------------------------------------------- pixel recipes
@@ -241,17 +303,23 @@ def hiera_pixels(frames: np.ndarray, size: int, mean, std, antialias: bool = Fal
 
     /255 as torchvision's ToTensor does it (float division), bilinear resize on the float tensor
     (align_corners=False, antialias off by default as in torchvision 0.16), then (x - mean) / std.
+    `frames` may also be a uint8 tensor, on any device: the work then runs there (device preprocessing).
     """
-    out = torch.empty(len(frames), 3, size, size)
+    frames = _as_tensor(frames)
+    out = torch.empty(len(frames), 3, size, size, device=frames.device)
     for start in range(0, len(frames), HIERA_CHUNK_FRAMES):
-        chunk = torch.from_numpy(np.ascontiguousarray(frames[start : start + HIERA_CHUNK_FRAMES]))
-        chunk = chunk.permute(0, 3, 1, 2).contiguous().float().div_(255)
+        chunk = frames[start : start + HIERA_CHUNK_FRAMES].permute(0, 3, 1, 2).contiguous().float().div_(255)
         out[start : start + len(chunk)] = F.interpolate(
             chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
         )
-    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
     return out.sub_(mean).div_(std)
+
+
+def _as_tensor(pixels) -> torch.Tensor:
+    """A tensor as given (kept on its device), or a numpy array viewed as a CPU tensor."""
+    return pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 def _lut(rescale_factor: float, mean, std) -> np.ndarray:
@@ -275,18 +343,19 @@ def normalize_uint8(
     (checked on all 256 values every call); otherwise the table is gathered.
     """
     lut = _lut(rescale_factor, mean, std)
-    pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+    pixels = _as_tensor(pixels)  # a uint8 tensor on another device is normalised there
+    device = pixels.device
     if channels_first:
         out = pixels.float()
     else:  # one pass that converts and transposes (cheaper than transposing the float copy)
-        out = torch.empty(pixels.shape[0], 3, *pixels.shape[1:3]).copy_(pixels.permute(0, 3, 1, 2))
+        out = torch.empty(pixels.shape[0], 3, *pixels.shape[1:3], device=device).copy_(pixels.permute(0, 3, 1, 2))
     divisor = 1.0 / rescale_factor
-    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    values = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256).expand(1, 3, 1, 256)
-    if torch.equal(((values / divisor - mean) / std).view(3, 256), torch.from_numpy(lut)):
+    mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    values = torch.arange(256, dtype=torch.float32, device=device).view(1, 1, 1, 256).expand(1, 3, 1, 256)
+    table = torch.from_numpy(lut).to(device)
+    if torch.equal(((values / divisor - mean) / std).view(3, 256), table):  # checked where it runs
         return out.div_(divisor).sub_(mean).div_(std)
-    table = torch.from_numpy(lut)
     for channel in range(3):
         out[:, channel] = table[channel][out[:, channel].long()]
     return out

@@ -41,7 +41,9 @@ from .video_loading_vica2 import DecodedVideo, FastResize, probe_video, read_vid
 logger = logging.get_logger(__name__)
 
 # Settings that only matter when a video file is read.
-VIDEO_LOADING_ARGS = ("num_frames", "fast_decode")
+VIDEO_LOADING_ARGS = ("num_frames", "fast_decode", "decode_workers")
+# Image-processor settings that decide a video's pixels (prepared while it decodes, so needed before it is read).
+VIDEO_PIXEL_ARGS = ("hiera_antialias", "device")
 # Accepted for compatibility with transformers' video conventions (`apply_chat_template` sets it); ViCA2 always
 # samples frames from a file and never from decoded frames.
 IGNORED_ARGS = ("do_sample_frames",)
@@ -184,6 +186,10 @@ class Vica2Processor(ProcessorMixin):
             num_frames (`int`): frames to sample from each video file (default: the video frame budget).
             video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride (`int`): token-ratio overrides;
                 returned in the output for the model.
+            decode_workers (`int`): threads decoding keyframe segments of a video file in parallel (default: one
+                per core this process may use); the pixels do not depend on it.
+            device (`str` or `torch.device`): prepare video pixels there (e.g. `"cuda"`): the Hiera resize and both
+                normalisations run on it, SigLIP's exact PIL resize stays on the CPU. Outputs are on `device`.
             fast_decode (`bool`, defaults to `False`): resize while decoding (swscale, from YUV); faster, not
                 bit-exact.
             hiera_antialias (`bool`): antialias the Hiera resize (default off, as the release).
@@ -222,6 +228,7 @@ class Vica2Processor(ProcessorMixin):
             layout=self.resolve_token_layout(**overrides),
             num_frames=None if num_frames is None else positive_int("num_frames", num_frames, "frames to sample"),
             fast_decode=bool(kwargs.pop("fast_decode", False)),
+            decode_workers=kwargs.pop("decode_workers", None),
             video_metadata=kwargs.pop("video_metadata", None),
             return_metadata=bool(kwargs.pop("return_metadata", False)),
             return_offsets=bool(kwargs.pop("return_text_replacement_offsets", False)),
@@ -246,7 +253,7 @@ class Vica2Processor(ProcessorMixin):
         if not videos:
             return []
         decoded = self._decoded_videos(videos, settings)
-        data.update(self._video_pixels(decoded, settings.layout, settings.image_kwargs.get("hiera_antialias")))
+        data.update(self._video_pixels(decoded, settings.layout, _pixel_options(settings.image_kwargs)))
         if settings.return_metadata:
             data["video_metadata"] = [video.metadata for video in decoded]
         return [self.video_token * sum(num_video_tokens(v.num_frames, **settings.layout)) for v in decoded]
@@ -273,21 +280,62 @@ class Vica2Processor(ProcessorMixin):
 
     # ------------------------------------------------------------------------------------------- videos
     def load_video(
-        self, source, num_frames: int | None = None, fast_decode: bool = False, **overrides
+        self,
+        source,
+        num_frames: int | None = None,
+        fast_decode: bool = False,
+        decode_workers: int | None = None,
+        hiera_antialias: bool | None = None,
+        device=None,
+        **overrides,
     ) -> DecodedVideo:
         """Read and sample a video file once, e.g. to reuse it across prompts: pass the result as `videos=`.
 
-        `num_frames` defaults to the (overridden) frame budget. With `fast_decode=True` the frames are resized while
-        decoding for the Hiera frame stride of `overrides`; use the same overrides when passing the result on.
+        `num_frames` defaults to the (overridden) frame budget. The model's pixels are prepared while the video
+        decodes, for the Hiera frame stride of `overrides` and the given `hiera_antialias` / `device`; calls with
+        those settings reuse them, calls with others prepare them again from the kept frames. With
+        `fast_decode=True` the frames are resized while decoding; use the same overrides when passing the result on.
         """
-        return self._read_video(source, self.resolve_token_layout(**overrides), num_frames, fast_decode)
+        layout = self.resolve_token_layout(**overrides)
+        options = {"hiera_antialias": hiera_antialias, "device": device}
+        return self._read_video(source, layout, num_frames, fast_decode, decode_workers, options, keep_frames=True)
 
-    def _read_video(self, source, layout: dict, num_frames: int | None, fast_decode: bool) -> DecodedVideo:
+    def _read_video(
+        self, source, layout, num_frames, fast_decode, decode_workers=None, pixel_options=None, keep_frames=False
+    ) -> DecodedVideo:
+        """Read a video file; in exact mode its pixels are prepared as its frames decode (`pixel_options`: the
+        call's `hiera_antialias` / `device`), keeping the full-size frames only with `keep_frames`."""
         num_frames = positive_int(
             "num_frames", num_frames if num_frames is not None else layout["video_frames_budget"], "frames to sample"
         )
-        fast = FastResize(_side(self.image_processor), self.image_processor.hiera_size, _hiera_frame_stride(layout))
-        return read_video(source, num_frames, fast if fast_decode else None)
+        stride = _hiera_frame_stride(layout)
+        if fast_decode:
+            fast = FastResize(_side(self.image_processor), self.image_processor.hiera_size, stride)
+            return read_video(source, num_frames, fast, decode_workers=decode_workers)
+        options = pixel_options or {}
+        sinks = []
+
+        def make_sink(metadata):  # called once the sampled indices are known, before decoding starts
+            sinks.append(
+                self.image_processor.video_pixel_sink(
+                    metadata.frames_indices, stride, options.get("hiera_antialias"), options.get("device")
+                )
+            )
+            return sinks[0]
+
+        video = read_video(source, num_frames, None, decode_workers, make_frame_sink=make_sink, keep_frames=keep_frames)
+        video.pixels, video.pixels_key = sinks[0].pixels(), self._pixels_key(layout, options)
+        return video
+
+    def _pixels_key(self, layout: dict, options: dict) -> tuple:
+        """What a video's prepared pixels depend on besides its frames."""
+        antialias = options.get("hiera_antialias")
+        device = options.get("device")
+        return (
+            _hiera_frame_stride(layout),
+            self.image_processor.hiera_antialias if antialias is None else bool(antialias),
+            str(torch.device(device if device is not None else "cpu")),
+        )
 
     def _decoded_videos(self, videos: list, settings: _CallSettings) -> list[DecodedVideo]:
         metadata_list = _metadata_list(settings.video_metadata, len(videos))
@@ -296,24 +344,46 @@ class Vica2Processor(ProcessorMixin):
             if isinstance(video, DecodedVideo):
                 decoded.append(video)
             elif _is_file_source(video):
-                decoded.append(self._read_video(video, settings.layout, settings.num_frames, settings.fast_decode))
+                decoded.append(
+                    self._read_video(
+                        video,
+                        settings.layout,
+                        settings.num_frames,
+                        settings.fast_decode,
+                        settings.decode_workers,
+                        _pixel_options(settings.image_kwargs),
+                    )
+                )
             else:
                 decoded.append(_decoded_frames_video(video, metadata, settings))
         return decoded
 
-    def _video_pixels(self, decoded: list[DecodedVideo], layout: dict, hiera_antialias) -> dict:
+    def _video_pixels(self, decoded: list[DecodedVideo], layout: dict, options: dict) -> dict:
         stride = _hiera_frame_stride(layout)
+        key = self._pixels_key(layout, options)
         siglip, hiera = [], []
         for video in decoded:
-            if video.frames is None:  # fast-decoded: already resized
+            if video.pixels is not None and video.pixels_key == key:  # prepared while decoding
+                pixels = video.pixels
+            elif video.siglip_frames is None and video.frames is None:
+                raise ValueError(
+                    f"This video's pixels were prepared for (Hiera frame stride, antialias, device) = "
+                    f"{video.pixels_key} and its frames were not kept, but the call asks for {key}: load it with "
+                    "`processor.load_video(...)` (which keeps the frames), or with the call's settings."
+                )
+            elif video.frames is None:  # fast-decoded: already resized
                 if video.hiera_frame_stride != stride:
                     raise ValueError(
                         f"This video was fast-decoded for a Hiera frame stride of {video.hiera_frame_stride}, but the "
                         f"call's settings give {stride}: load it again with the same token-ratio settings."
                     )
-                pixels = self.image_processor.preprocess_resized_video(video.siglip_frames, video.hiera_frames)
+                pixels = self.image_processor.preprocess_resized_video(
+                    video.siglip_frames, video.hiera_frames, device=options.get("device")
+                )
             else:
-                pixels = self.image_processor.preprocess_video(video.frames, stride, hiera_antialias=hiera_antialias)
+                pixels = self.image_processor.preprocess_video(
+                    video.frames, stride, hiera_antialias=options.get("hiera_antialias"), device=options.get("device")
+                )
             siglip.append(pixels["pixel_values_videos"])
             hiera.append(pixels["hiera_pixel_values_videos"])
         if len(siglip) == 1:  # a view, not a copy of the (large) pixels
@@ -377,6 +447,7 @@ class Vica2Processor(ProcessorMixin):
         for name in [k for k in kwargs if k not in CHAT_TEMPLATE_ARGS and k not in _template_variables(template)]:
             processor_kwargs[name] = kwargs.pop(name)
         loading = {name: processor_kwargs.pop(name) for name in VIDEO_LOADING_ARGS if name in processor_kwargs}
+        loading["pixel_options"] = _pixel_options(_flatten_modality_kwargs(processor_kwargs))
         overrides = {
             name: processor_kwargs[name] for name in TOKEN_RATIO_ARGS if processor_kwargs.get(name) is not None
         }
@@ -420,7 +491,14 @@ class Vica2Processor(ProcessorMixin):
         if _is_file_source(source):
             layout = self.resolve_token_layout(**overrides)
             if tokenize:
-                video = self._read_video(source, layout, loading.get("num_frames"), loading.get("fast_decode", False))
+                video = self._read_video(
+                    source,
+                    layout,
+                    loading.get("num_frames"),
+                    loading.get("fast_decode", False),
+                    loading.get("decode_workers"),
+                    loading["pixel_options"],
+                )
                 return video, video.metadata
             if not add_time:
                 return source, None
@@ -466,12 +544,18 @@ class _CallSettings:
     layout: dict  # the token layout with those overrides applied
     num_frames: int | None
     fast_decode: bool
+    decode_workers: int | None
     video_metadata: object
     return_metadata: bool
     return_offsets: bool
     return_mm_token_type_ids: bool
     image_kwargs: dict
     text_kwargs: dict
+
+
+def _pixel_options(kwargs: dict) -> dict:
+    """The call's settings that decide a video's pixels besides the token layout."""
+    return {name: kwargs.get(name) for name in VIDEO_PIXEL_ARGS}
 
 
 def _decoded_frames_video(video, metadata, settings: _CallSettings) -> DecodedVideo:

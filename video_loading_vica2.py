@@ -185,7 +185,7 @@ def read_video(
     num_frames: int,
     fast_resize: FastResize | None = None,
     decode_workers: int | None = None,
-    frame_sink: Callable | None = None,
+    make_frame_sink: Callable | None = None,
     keep_frames: bool = True,
 ) -> DecodedVideo:
     """Sample and decode `num_frames` frames of a video file (see `load_video`); `fast_resize` selects fast mode.
@@ -193,11 +193,13 @@ def read_video(
     Args:
         decode_workers: threads that decode keyframe segments in parallel (default: `default_decode_workers()`, the
             cores this process may use). The frames do not depend on it. A file object is read by one worker.
-        frame_sink: called as `frame_sink(position, frame)` once per distinct sampled frame, as soon as it is
-            decoded, on the calling thread (in completion order, not presentation order; `position` is the frame's
-            index in the video). `frame` is the (H, W, 3) uint8 RGB frame, or in fast mode the (siglip, hiera) pair
-            (hiera None for frames Hiera does not encode). Lets preprocessing run while later frames decode.
-        keep_frames: with a `frame_sink`, False keeps no frames in the result (only the metadata and stats).
+        make_frame_sink: called with the video's metadata (its sampled `frames_indices`) before decoding starts;
+            returns the frame sink, called as `sink(position, frame)` once per distinct sampled frame as soon as it
+            is decoded, on the calling thread (in completion order, not presentation order; `position` is the
+            frame's index in the video). `frame` is the (H, W, 3) uint8 RGB frame, or in fast mode the
+            (siglip, hiera) pair (hiera None for frames Hiera does not encode). Lets preprocessing run while later
+            frames decode.
+        keep_frames: with a frame sink, False keeps no frames in the result (only the metadata and stats).
     """
     _check_num_frames(num_frames)
     workers = default_decode_workers() if decode_workers is None else _check_workers(decode_workers)
@@ -209,6 +211,7 @@ def read_video(
         metadata = _metadata(stream, index.num_frames, indices)
     if video_file.start is not None:
         workers = 1  # one file object cannot be read at two places at once
+    frame_sink = make_frame_sink(metadata) if make_frame_sink is not None else None
     kept, sizes = {}, set()
 
     def take(position: int, value, size: tuple[int, int]) -> None:
