@@ -25,20 +25,46 @@ from vica2.video_loading_vica2 import (  # noqa: E402
 )
 
 
-def write_video(path, num_frames=300, fps=30, width=64, height=48, gop=30, codec="libx264", preset="veryfast"):
-    """An h264 video of a bar moving over a gradient, with the frame number in the blue channel (B-frames on)."""
+def write_video(
+    path,
+    num_frames=300,
+    fps=30,
+    width=64,
+    height=48,
+    gop=30,
+    codec="libx264",
+    preset="veryfast",
+    x264_params=None,
+    pts_ms=None,
+    rotation=None,
+    format=None,
+):
+    """An h264 video of a bar moving over a gradient, with the frame number in the blue channel (B-frames on).
+
+    `x264_params` (e.g. open GOPs), `pts_ms` (variable frame rate: each frame's time in ms), `rotation` (a display
+    matrix, counter-clockwise degrees) and `format` (e.g. "h264": a raw stream) vary the file."""
     yy, xx = np.mgrid[0:height, 0:width]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps, options={"preset": preset} if codec == "libx264" else {})
+    options = {"preset": preset} if codec == "libx264" else {}
+    if x264_params:
+        options["x264-params"] = x264_params
+    with av.open(str(path), "w", format=format) as container:
+        stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = gop
+        if pts_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
         for i in range(num_frames):
             frame = np.zeros((height, width, 3), np.uint8)
             frame[..., 0] = (xx * 3 + 2 * i) % 256
             frame[..., 1] = (yy * 4) % 256
             frame[..., 2] = i % 256
             frame[(abs(xx - (3 * i) % width) < 6) & (abs(yy - height // 2) < 8)] = (250, 250, 20)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if pts_ms is not None:
+                video_frame.pts, video_frame.time_base = pts_ms[i], Fraction(1, 1000)
+            for packet in stream.encode(video_frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -60,6 +86,13 @@ def videos(tmp_path_factory):
         "avi": write_video(folder / "moving.avi"),  # AVI stores decode-order timestamps only
         "short": write_video(folder / "short.mp4", num_frames=10),
         "single": write_video(folder / "single.mp4", num_frames=1),
+        # Keyframes every 30 frames whose leading B-frames reference the previous GOP (b-adapt=0 forces B-frames).
+        "open_gop": write_video(
+            folder / "open_gop.mp4", 120, x264_params="keyint=30:min-keyint=30:scenecut=0:open-gop=1:bframes=3:b-adapt=0"
+        ),
+        "vfr": write_video(folder / "vfr.mkv", 90, gop=20, pts_ms=np.cumsum(np.random.default_rng(0).integers(10, 80, 90))),
+        "one_gop": write_video(folder / "one_gop.mp4", 90, gop=1000, x264_params="keyint=1000:scenecut=0"),
+        "large": write_video(folder / "large.mp4", 30, width=160, height=96),  # above the tiny Hiera size (64)
     }
 
 
@@ -101,6 +134,48 @@ def test_frames_equal_a_full_sequential_decode(videos, reference_frames, contain
     indices = video.metadata.frames_indices
     assert video.metadata.total_num_frames == 300  # mkv has no count in its header: counted from packets
     np.testing.assert_array_equal(video.frames, reference_frames[container][indices])
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv", "avi", "open_gop", "vfr", "one_gop"])
+def test_parallel_segments_give_the_frames_of_a_sequential_decode(videos, reference_frames, container):
+    # 37 frames: several per GOP and GOPs split over the workers; the order is presentation order whoever decoded.
+    one = read_video(videos[container], 37, decode_workers=1)
+    three = read_video(videos[container], 37, decode_workers=3)
+    expected = reference_frames[container][one.metadata.frames_indices]
+    np.testing.assert_array_equal(one.frames, expected)
+    np.testing.assert_array_equal(three.frames, expected)
+    assert one.stats.workers == 1
+    # AVI has no presentation timestamps and one GOP has one segment: one worker; the others are split.
+    assert three.stats.workers == (1 if container in ("avi", "one_gop") else 3)
+
+
+def test_frame_sink_gets_each_frame_once_and_keeps_none(videos, reference_frames):
+    received = {}
+
+    def make_sink(metadata):
+        assert metadata.frames_indices == exact_uniform_indices(300, 12)
+        return lambda position, frame: received.setdefault(position, []).append(frame)
+
+    video = read_video(videos["mp4"], 12, decode_workers=2, make_frame_sink=make_sink, keep_frames=False)
+    assert video.frames is None and video.metadata.frames_indices == exact_uniform_indices(300, 12)
+    assert sorted(received) == exact_uniform_indices(300, 12)
+    for position, frames in received.items():
+        assert len(frames) == 1
+        np.testing.assert_array_equal(frames[0], reference_frames["mp4"][position])
+
+
+@pytest.mark.parametrize("decode_workers", [0, -1, 1.5, True, "2"])
+def test_bad_worker_counts(videos, decode_workers):
+    with pytest.raises(ValueError, match="decode_workers must be a positive integer"):
+        read_video(videos["mp4"], 4, decode_workers=decode_workers)
+
+
+def test_default_workers_are_the_available_cores():
+    import os
+
+    from vica2.video_loading_vica2 import default_decode_workers
+
+    assert default_decode_workers() == len(os.sched_getaffinity(0))
 
 
 def test_decodes_only_what_is_needed(videos):
@@ -196,12 +271,45 @@ def test_truncated_faststart_mp4_is_reported(tmp_path):
             container.mux(packet)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * 0.6)])
-    try:
-        frames, metadata = load_video(path, 8)
-    except VideoLoadError as error:
-        assert "truncated or corrupt" in str(error)
-    else:  # the demuxer dropped the missing packets: only frames that exist were counted and decoded
-        assert metadata.total_num_frames < 60 and frames.shape[0] == 8
+    # Not the frames that are there with a shorter duration (a silently wrong time instruction): an error.
+    with pytest.raises(VideoLoadError, match=r"truncated: its header lists 60 frames \(2.00 s\) but the file holds only"):
+        load_video(path, 8)
+    with pytest.raises(VideoLoadError, match="truncated"):
+        probe_video(path, 8)  # the chat template's time instruction comes from here
+
+
+def test_text_mode_file_object_is_refused(videos):
+    with open(videos["mp4"], encoding="latin-1") as text_file:
+        with pytest.raises(TypeError, match="opened in text mode.*'rb'"):
+            load_video(text_file, 8)
+    with pytest.raises(TypeError, match="text mode"):
+        load_video(io.StringIO("not a video"), 8)
+
+
+def test_frame_size_change_mid_stream_is_an_error(tmp_path):
+    first = write_video(tmp_path / "a.h264", 20, format="h264")
+    second = write_video(tmp_path / "b.h264", 20, width=32, height=32, format="h264")
+    path = tmp_path / "both.h264"
+    path.write_bytes(first.read_bytes() + second.read_bytes())  # a raw stream: a new size is just a new header
+    with pytest.raises(VideoLoadError, match=r"changes mid-stream \(32x32, 64x48\).*Re-encode it to one size"):
+        load_video(path, 8)
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])
+def test_display_matrix_rotation_is_applied(tmp_path, rotation, suffix):
+    path = write_video(tmp_path / f"turned.{suffix}", 12, rotation=rotation)
+    stored = decode_all(path)  # as coded: 48 x 64
+    upright = np.rot90(stored, rotation // 90, axes=(1, 2))  # PyAV's rotation is counter-clockwise, as np.rot90
+    for workers in (1, 2):
+        video = read_video(path, 6, decode_workers=workers)
+        np.testing.assert_array_equal(video.frames, upright[video.metadata.frames_indices])
+        assert (video.metadata.height, video.metadata.width) == upright.shape[1:3]
+    fast = read_video(path, 6, FastResize(siglip_size=16, hiera_size=24, hiera_frame_stride=2))
+    plain = read_video(write_video(tmp_path / f"plain.{suffix}", 12), 6, FastResize(16, 24, 2))
+    turned = np.rot90(plain.siglip_frames, rotation // 90, axes=(2, 3)).astype(int)
+    # swscale's filters are not exactly mirror-symmetric: upright within a level or two, far from the coded frame
+    assert np.abs(fast.siglip_frames - turned).mean() < 2 < np.abs(fast.siglip_frames - plain.siglip_frames.astype(int)).mean()
 
 
 def test_corrupt_header_is_reported(videos, tmp_path):
@@ -287,3 +395,70 @@ def test_through_the_processor(videos, reference_frames):
     )
     assert torch.equal(inputs["pixel_values_videos"][0], from_full_decode["pixel_values_videos"])
     assert torch.equal(inputs["hiera_pixel_values_videos"][0], from_full_decode["hiera_pixel_values_videos"])
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from conftest import FIXTURE_DIR, fixture_available, tiny_config
+
+    if not fixture_available():
+        pytest.skip("needs the fixture's tokenizer")
+    from transformers import AutoTokenizer
+
+    from vica2.processing_vica2 import Vica2Processor
+
+    return Vica2Processor.from_model_config(tiny_config(), AutoTokenizer.from_pretrained(str(FIXTURE_DIR)))
+
+
+@pytest.mark.parametrize("container", ["mp4", "avi", "open_gop"])
+def test_pixels_prepared_while_decoding_equal_the_batched_recipe(processor, videos, reference_frames, container):
+    # Parallel decode + per-frame preprocessing, on the CPU and through the device path (device="cpu"), against
+    # the batched recipe on frames of a plain sequential decode: bit for bit.
+    indices = processor.load_video(videos[container], 9).metadata.frames_indices
+    expected = processor.image_processor.preprocess_video(reference_frames[container][indices], hiera_frame_stride=2)
+    for options in ({"decode_workers": 1}, {"decode_workers": 3}, {"device": "cpu", "decode_workers": 2}):
+        inputs = processor(text="<video>\nWhat moves?", videos=str(videos[container]), num_frames=9, **options)
+        for key in ("pixel_values_videos", "hiera_pixel_values_videos"):
+            assert torch.equal(inputs[key][0], expected[key]), (key, options)
+
+
+def test_device_path_of_the_image_processor_equals_the_default(processor, reference_frames):
+    frames = reference_frames["mp4"][:5]
+    image_processor = processor.image_processor
+    default = image_processor.preprocess_video(frames, hiera_frame_stride=2)
+    on_device = image_processor.preprocess_video(frames, hiera_frame_stride=2, device="cpu")
+    fast_default = image_processor.preprocess_resized_video(frames.transpose(0, 3, 1, 2), frames[::2].transpose(0, 3, 1, 2))
+    fast_device = image_processor.preprocess_resized_video(
+        np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), np.ascontiguousarray(frames[::2].transpose(0, 3, 1, 2)), device="cpu"
+    )
+    for key in ("pixel_values_videos", "hiera_pixel_values_videos"):
+        assert torch.equal(default[key], on_device[key])
+        assert torch.equal(fast_default[key], fast_device[key])
+
+
+def test_a_loaded_video_reuses_its_pixels_and_keeps_its_frames(processor, videos, reference_frames):
+    video = processor.load_video(str(videos["large"]), 8)
+    assert video.frames is not None and video.pixels is not None
+    first = processor(text="<video>\nQ1", videos=video)
+    second = processor(text="<video>\nQ2", videos=video)
+    assert first["pixel_values_videos"][0].data_ptr() == video.pixels["pixel_values_videos"].data_ptr()  # not redone
+    assert torch.equal(first["hiera_pixel_values_videos"], second["hiera_pixel_values_videos"])
+    # Other settings are prepared again from the kept frames.
+    antialiased = processor(text="<video>\nQ3", videos=video, hiera_antialias=True)
+    expected = processor.image_processor.preprocess_video(
+        reference_frames["large"][video.metadata.frames_indices], hiera_frame_stride=2, hiera_antialias=True
+    )
+    assert torch.equal(antialiased["hiera_pixel_values_videos"][0], expected["hiera_pixel_values_videos"])
+    assert not torch.equal(antialiased["hiera_pixel_values_videos"], first["hiera_pixel_values_videos"])
+
+
+def test_chat_template_reads_with_the_calls_settings(processor, videos, reference_frames):
+    messages = [{"role": "user", "content": [{"type": "video", "path": str(videos["large"])}, {"type": "text", "text": "Q"}]}]
+    indices = exact_uniform_indices(30, 6)
+    frames = reference_frames["large"][indices]
+    for antialias in (True, False):
+        inputs = processor.apply_chat_template(
+            messages, tokenize=True, return_dict=True, num_frames=6, hiera_antialias=antialias, decode_workers=2
+        )
+        expected = processor.image_processor.preprocess_video(frames, hiera_frame_stride=2, hiera_antialias=antialias)
+        assert torch.equal(inputs["hiera_pixel_values_videos"][0], expected["hiera_pixel_values_videos"])
