@@ -243,14 +243,23 @@ class VideoPixelSink:
     def __call__(self, position: int, frame: np.ndarray) -> None:
         processor = self.processor
         resized = torch.from_numpy(np.array(pil_resize(frame, self.side, processor.resample)[None])).to(self.device)
-        siglip = normalize_uint8(resized, *processor._default_siglip_normalization())
-        self.siglip[self.siglip_slots[position]] = siglip
+        first, *repeats = self.siglip_slots[position]  # written in place; a frame sampled twice is copied
+        normalize_uint8(resized, *processor._default_siglip_normalization(), out=self.siglip[first : first + 1])
+        if repeats:
+            self.siglip[repeats] = self.siglip[first]
         if position in self.hiera_slots:
             full = torch.from_numpy(frame[None]).to(self.device)
-            hiera = hiera_pixels(
-                full, processor.hiera_size, processor.hiera_image_mean, processor.hiera_image_std, self.hiera_antialias
+            first, *repeats = self.hiera_slots[position]
+            hiera_pixels(
+                full,
+                processor.hiera_size,
+                processor.hiera_image_mean,
+                processor.hiera_image_std,
+                self.hiera_antialias,
+                out=self.hiera[first : first + 1],
             )
-            self.hiera[self.hiera_slots[position]] = hiera
+            if repeats:
+                self.hiera[repeats] = self.hiera[first]
 
     def pixels(self) -> dict:
         return {"pixel_values_videos": self.siglip, "hiera_pixel_values_videos": self.hiera}
@@ -298,15 +307,16 @@ def _fitted_size(height: int, width: int, target_height: int, target_width: int)
     return target_height, min(math.ceil(width * scale_h), target_width)
 
 
-def hiera_pixels(frames: np.ndarray, size: int, mean, std, antialias: bool = False) -> torch.Tensor:
+def hiera_pixels(frames: np.ndarray, size: int, mean, std, antialias: bool = False, out=None) -> torch.Tensor:
     """The release's SAM2 recipe on uint8 RGB frames (N, H, W, 3) -> float32 (N, 3, size, size).
 
     /255 as torchvision's ToTensor does it (float division), bilinear resize on the float tensor
     (align_corners=False, antialias off by default as in torchvision 0.16), then (x - mean) / std.
-    `frames` may also be a uint8 tensor, on any device: the work then runs there (device preprocessing).
+    `frames` may also be a uint8 tensor, on any device: the work then runs there (device preprocessing). `out`: a
+    float32 (N, 3, size, size) tensor there to write into (saves a copy when filling a larger batch).
     """
     frames = _as_tensor(frames)
-    out = torch.empty(len(frames), 3, size, size, device=frames.device)
+    out = torch.empty(len(frames), 3, size, size, device=frames.device) if out is None else out
     for start in range(0, len(frames), HIERA_CHUNK_FRAMES):
         chunk = frames[start : start + HIERA_CHUNK_FRAMES].permute(0, 3, 1, 2).contiguous().float().div_(255)
         out[start : start + len(chunk)] = F.interpolate(
@@ -333,22 +343,23 @@ def _lut(rescale_factor: float, mean, std) -> np.ndarray:
 
 
 def normalize_uint8(
-    pixels: np.ndarray, rescale_factor: float, mean, std, channels_first: bool = False
+    pixels: np.ndarray, rescale_factor: float, mean, std, channels_first: bool = False, out=None
 ) -> torch.Tensor:
     """uint8 (N, H, W, 3) (or (N, 3, H, W) with `channels_first`) -> float32 (N, 3, H, W) =
     (x * rescale_factor - mean) / std, bit-identical to the release.
 
     Each output value depends on one uint8 value only, so the release's result is the 256-entry table `_lut`.
     Batched float32 tensor ops `(x / divisor - mean) / std` reproduce that table exactly for the recipes used here
-    (checked on all 256 values every call); otherwise the table is gathered.
+    (checked on all 256 values every call); otherwise the table is gathered. `out`: a float32 (N, 3, H, W) tensor
+    on the pixels' device to write into.
     """
     lut = _lut(rescale_factor, mean, std)
     pixels = _as_tensor(pixels)  # a uint8 tensor on another device is normalised there
     device = pixels.device
-    if channels_first:
-        out = pixels.float()
-    else:  # one pass that converts and transposes (cheaper than transposing the float copy)
-        out = torch.empty(pixels.shape[0], 3, *pixels.shape[1:3], device=device).copy_(pixels.permute(0, 3, 1, 2))
+    if out is None:
+        out = torch.empty(pixels.shape[0], 3, *pixels.shape[2:4] if channels_first else pixels.shape[1:3], device=device)
+    # one pass that converts (and transposes, channels last): cheaper than transposing the float copy
+    out.copy_(pixels if channels_first else pixels.permute(0, 3, 1, 2))
     divisor = 1.0 / rescale_factor
     mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)

@@ -1,21 +1,26 @@
-"""Video preprocessing cost: the release's way, our processor (exact), our processor (fast), on one generated video.
+"""Video preprocessing cost: file -> model tensors, the release's way vs Vica2Processor, on generated 720p clips.
 
-Generates (once, cached) a 1280x720 30 fps 60 s h264 mp4 with textured moving content, then prepares 64 frames for
-ViCA2-7B (SigLIP 384, Hiera 1024, Hiera on every 2nd frame) three ways:
+Generates (once, cached) two 1280x720 30 fps 60 s h264 mp4s of textured moving content, one with a keyframe every
+250 frames (x264's default GOP: uniform sampling then makes the decoder walk almost every frame) and one with a
+keyframe every 30, and prepares 64 frames of each for ViCA2-7B (SigLIP 384, Hiera 1024 on every 2nd frame):
 
-  (a) release-style: decode and RGB-convert every frame (as decord / the release's PyAV reader do), keep the
-      sampled ones, then SigLIP preprocessing frame by frame (transformers' PIL resize / rescale / normalize, the
-      release's SigLipImageProcessor) and Hiera preprocessing frame by frame for all 64 frames (ToTensor-style /255,
-      bilinear resize without antialias, ImageNet normalisation: the release's SAM2 processor);
-  (b) Vica2Processor, exact mode (bit-identical pixels to (a) for the frames the model uses);
-  (c) Vica2Processor, fast mode (`fast_decode=True`: swscale resizes straight from YUV while decoding).
+  release      decode and RGB-convert every frame (as decord / the release's PyAV reader do), keep the sampled
+               ones, then SigLIP preprocessing frame by frame (transformers' PIL resize / rescale / normalize, the
+               release's SigLipImageProcessor) and Hiera frame by frame for all 64 frames (/255, bilinear resize
+               without antialias, ImageNet normalisation: the release's SAM2 processor);
+  decode       `read_video` alone, all workers: the sampled frames as RGB, no preprocessing (the floor);
+  exact        Vica2Processor, exact mode: keyframe segments decoded in parallel (one worker per core), each frame's
+               pixels prepared as it arrives (bit-identical to the release's for the frames the model uses);
+  exact-1w     the same with `decode_workers=1` (PyAV's frame threads only);
+  fast         Vica2Processor, fast mode (`fast_decode=True`: swscale resizes straight from YUV while decoding);
+  exact-cuda   exact mode with `device="cuda"` (only where CUDA is available).
 
 Each run is its own process, so its peak RSS is its own; wall time covers the preprocessing only (imports and
-processor construction excluded), best of `--repeats`. (b) also runs on a shorter clip of the same content to show
-that its peak memory does not grow with the video's length. Finally the fast mode's pixel deviation from the exact
-mode and its effect on the logits of the release fixture's tiny model (same 384 / 1024 input sizes) are reported.
+processor construction excluded), best of `--repeats`, the modes interleaved so that load from elsewhere spreads
+over all of them. Exact mode also runs on a 15 s clip to show that its peak memory does not grow with the length.
+`--quality` adds the fast mode's pixel deviation from the exact mode and its effect on the release fixture's logits.
 
-    python benchmarks/bench_processing.py [--frames 64] [--repeats 3] [--logit-frames 16] [--cache DIR]
+    python benchmarks/bench_processing.py [--frames 64] [--repeats 2] [--quality] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -128,22 +133,34 @@ def build_processor(config=None):
     return Vica2Processor.from_model_config(config, AutoTokenizer.from_pretrained(str(FIXTURE_DIR)))
 
 
+MODES = ("release", "decode", "exact", "exact-1w", "fast", "exact-cuda")
+
+
 def run_mode(mode: str, path: str, frames: int, warmup: str) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    processor = build_processor() if mode != "release" else None
-    if mode == "release":  # warm up imports and PIL / torch kernels on a one-second clip
-        release_style(warmup, 2)
-    else:
-        processor(text=PROMPT, videos=warmup, num_frames=2, fast_decode=mode == "fast")
+    processor = build_processor() if mode not in ("release", "decode") else None
+    options = {"exact-1w": {"decode_workers": 1}, "fast": {"fast_decode": True}, "exact-cuda": {"device": "cuda"}}
+    options = options.get(mode, {})
+
+    def prepare(video: str, num_frames: int):
+        if mode == "release":
+            return release_style(video, num_frames)
+        if mode == "decode":
+            from vica2.video_loading_vica2 import read_video
+
+            decoded = read_video(video, num_frames)
+            return decoded.frames, decoded.frames[::2]
+        out = processor(text=PROMPT, videos=video, num_frames=num_frames, **options)
+        if mode == "exact-cuda":
+            torch.cuda.synchronize()
+        return out["pixel_values_videos"][0], out["hiera_pixel_values_videos"][0]
+
+    prepare(warmup, 2)  # imports, PIL / torch kernels, CUDA context
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
-    if mode == "release":
-        siglip, hiera = release_style(path, frames)
-    else:
-        out = processor(text=PROMPT, videos=path, num_frames=frames, fast_decode=mode == "fast")
-        siglip, hiera = out["pixel_values_videos"][0], out["hiera_pixel_values_videos"][0]
+    siglip, hiera = prepare(path, frames)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
@@ -230,12 +247,14 @@ def fast_mode_quality(path: Path, frames: int, logit_frames: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--short-seconds", type=float, default=15.0)
+    parser.add_argument("--keyints", type=int, nargs="+", default=[250, 30])
+    parser.add_argument("--quality", action="store_true", help="also measure fast mode's deviation (slow)")
     parser.add_argument("--logit-frames", type=int, default=16)
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "vica2_bench")
-    parser.add_argument("--child", choices=("release", "exact", "fast"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--video", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,37 +262,64 @@ def main():
         print(json.dumps(run_mode(args.child, args.video, args.frames, args.warmup)))
         return
 
-    video = textured_video(args.cache / f"textured_1280x720_30fps_{args.seconds:g}s.mp4", args.seconds)
-    short = textured_video(args.cache / f"textured_1280x720_30fps_{args.short_seconds:g}s.mp4", args.short_seconds)
-    warmup = textured_video(args.cache / "textured_1280x720_30fps_1s.mp4", 1)
-    print(f"video: {video} ({video.stat().st_size / 1e6:.1f} MB), {args.frames} frames, {os.cpu_count()} CPU cores")
+    import torch
 
-    runs = {"release": [], "exact": [], "fast": []}
-    for _ in range(args.repeats):  # interleaved, so that load from elsewhere spreads over all modes
-        for mode in runs:
-            runs[mode].append(measure(mode, video, args.frames, warmup))
-    best = {mode: min(results, key=lambda r: r["seconds"]) for mode, results in runs.items()}
-    short_exact = min(
-        (measure("exact", short, args.frames, warmup) for _ in range(args.repeats)), key=lambda r: r["seconds"]
+    from vica2.video_loading_vica2 import default_decode_workers
+
+    modes = [m for m in MODES if m != "exact-cuda" or torch.cuda.is_available()]
+    clip = lambda seconds, keyint: textured_video(  # noqa: E731
+        args.cache / f"textured_1280x720_30fps_{seconds:g}s_key{keyint}.mp4", seconds, keyint
     )
-
-    base = best["release"]["seconds"]
-    print(f"\n{'mode':<28}{'wall s':>9}{'frames/s':>10}{'speed-up':>10}{'peak RSS MB':>13}{'RSS before':>12}")
-    labels = {"release": "(a) release-style", "exact": "(b) processor, exact", "fast": "(c) processor, fast"}
-    for mode, result in best.items():
-        print(
-            f"{labels[mode]:<28}{result['seconds']:>9.2f}{args.frames / result['seconds']:>10.1f}"
-            f"{base / result['seconds']:>9.2f}x{result['peak_rss_mb']:>13.0f}{result['rss_before_mb']:>12.0f}"
-        )
-        all_runs = ", ".join(f"{r['seconds']:.2f}" for r in runs[mode])
-        print(f"{'':<28}all runs: {all_runs} s")
+    warmup = clip(1, 250)
     print(
-        f"(b) on the {args.short_seconds:g} s clip: {short_exact['seconds']:.2f} s, peak RSS "
-        f"{short_exact['peak_rss_mb']:.0f} MB (vs {best['exact']['peak_rss_mb']:.0f} MB on {args.seconds:g} s)"
+        f"{args.frames} frames from 1280x720 30 fps {args.seconds:g} s h264 clips; {os.cpu_count()} CPU cores, "
+        f"{default_decode_workers()} available (the default decode_workers); load average before: "
+        f"{os.getloadavg()[0]:.1f}"
     )
-    quality = fast_mode_quality(video, args.frames, args.logit_frames)
-    exact_vs_release = quality["exact_vs_release_max_abs"]
-    print(f"\nexact mode vs release-style pixels (the frames the model uses): max |diff| {exact_vs_release}")
+    report = {}
+    for keyint in args.keyints:
+        video = clip(args.seconds, keyint)
+        runs = {mode: [] for mode in modes}
+        for _ in range(args.repeats):  # interleaved, so that load from elsewhere spreads over all modes
+            for mode in modes:
+                runs[mode].append(measure(mode, video, args.frames, warmup))
+        best = {mode: min(results, key=lambda r: r["seconds"]) for mode, results in runs.items()}
+        report[keyint] = {"best": best, "runs": runs}
+        print_clip(f"keyframe every {keyint} frames ({video.stat().st_size / 1e6:.1f} MB)", best, runs, args.frames)
+    short = clip(args.short_seconds, args.keyints[0])
+    short_exact = min((measure("exact", short, args.frames, warmup) for _ in range(args.repeats)), key=lambda r: r["seconds"])
+    long_exact = report[args.keyints[0]]["best"]["exact"]
+    print(
+        f"\nmemory vs length (exact): {args.short_seconds:g} s clip peak RSS {short_exact['peak_rss_mb']:.0f} MB, "
+        f"{args.seconds:g} s clip {long_exact['peak_rss_mb']:.0f} MB"
+    )
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    if args.quality:
+        report["quality"] = print_quality(fast_mode_quality(clip(args.seconds, args.keyints[0]), args.frames, args.logit_frames))
+    report["short_exact"] = short_exact
+    print(json.dumps(report))
+
+
+def print_clip(title: str, best: dict, runs: dict, frames: int) -> None:
+    release, decode = best["release"]["seconds"], best["decode"]["seconds"]
+    print(f"\n{title}")
+    print(f"{'mode':<12}{'wall s':>8}{'vs release':>12}{'vs decode':>11}{'peak RSS MB':>13}   all runs (s)")
+    for mode, result in best.items():
+        seconds = result["seconds"]
+        all_runs = ", ".join(f"{r['seconds']:.2f}" for r in runs[mode])
+        print(
+            f"{mode:<12}{seconds:>8.2f}{release / seconds:>11.2f}x{seconds / decode:>10.2f}x"
+            f"{result['peak_rss_mb']:>13.0f}   {all_runs}"
+        )
+    print(
+        f"exact: {release / best['exact']['seconds']:.2f}x faster than release-style (target >= 2.5x), "
+        f"{best['exact']['seconds'] / decode:.2f}x decode alone (target <= 1.3x); 1 worker / default workers: "
+        f"{best['exact-1w']['seconds'] / best['exact']['seconds']:.2f}x"
+    )
+
+
+def print_quality(quality: dict) -> dict:
+    print(f"\nexact mode vs release-style pixels (the frames the model uses): max |diff| {quality['exact_vs_release_max_abs']}")
     print("fast mode vs exact mode (normalised pixel units):")
     for name in ("siglip", "hiera"):
         q = quality[name]
@@ -284,7 +330,7 @@ def main():
         f"{q['max_abs_diff']:.4f} (last position {q['last_position_max_abs_diff']:.4f}; logit std "
         f"{q['logit_std']:.3f}); same next token: {q['same_next_token']}"
     )
-    print(json.dumps({"best": best, "short_exact": short_exact, "quality": quality}))
+    return quality
 
 
 if __name__ == "__main__":

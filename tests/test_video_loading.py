@@ -462,3 +462,11 @@ def test_chat_template_reads_with_the_calls_settings(processor, videos, referenc
         )
         expected = processor.image_processor.preprocess_video(frames, hiera_frame_stride=2, hiera_antialias=antialias)
         assert torch.equal(inputs["hiera_pixel_values_videos"][0], expected["hiera_pixel_values_videos"])
+
+
+def test_pixels_of_repeated_frames_fill_every_slot(processor, videos, reference_frames):
+    inputs = processor(text="<video>\nQ", videos=str(videos["short"]), num_frames=16)  # 10 frames: some sampled twice
+    indices = np.linspace(0, 9, 16, dtype=int).tolist()
+    expected = processor.image_processor.preprocess_video(reference_frames["short"][indices], hiera_frame_stride=2)
+    for key in ("pixel_values_videos", "hiera_pixel_values_videos"):
+        assert torch.equal(inputs[key][0], expected[key])
