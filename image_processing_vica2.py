@@ -245,8 +245,8 @@ class VideoPixelSink:
         resized = torch.from_numpy(np.array(pil_resize(frame, self.side, processor.resample)[None])).to(self.device)
         first, *repeats = self.siglip_slots[position]  # written in place; a frame sampled twice is copied
         normalize_uint8(resized, *processor._default_siglip_normalization(), out=self.siglip[first : first + 1])
-        if repeats:
-            self.siglip[repeats] = self.siglip[first]
+        for slot in repeats:
+            self.siglip[slot].copy_(self.siglip[first])
         if position in self.hiera_slots:
             full = torch.from_numpy(frame[None]).to(self.device)
             first, *repeats = self.hiera_slots[position]
@@ -258,8 +258,8 @@ class VideoPixelSink:
                 self.hiera_antialias,
                 out=self.hiera[first : first + 1],
             )
-            if repeats:
-                self.hiera[repeats] = self.hiera[first]
+            for slot in repeats:
+                self.hiera[slot].copy_(self.hiera[first])
 
     def pixels(self) -> dict:
         return {"pixel_values_videos": self.siglip, "hiera_pixel_values_videos": self.hiera}
