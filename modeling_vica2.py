@@ -510,7 +510,9 @@ class Vica2Model(Vica2PreTrainedModel):
         past_length = _cache_length(cache)
         if input_ids is not None:
             _check_input_ids(input_ids, self.get_input_embeddings(), past_length)
-        _check_attention_mask(attention_mask, (input_ids if input_ids is not None else inputs_embeds).shape, past_length)
+        input_shape = (input_ids if input_ids is not None else inputs_embeds).shape
+        _check_attention_mask(attention_mask, input_shape, past_length)
+        _check_position_ids(position_ids, input_shape)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -652,6 +654,30 @@ def _check_attention_mask(attention_mask, input_shape, past_length: int) -> None
             f"`attention_mask` has shape {tuple(attention_mask.shape)}, but the input is {input_shape[0]} row(s) of "
             f"{input_shape[1]} token(s){cached}: it must be {expected}. Pass the mask the processor / tokenizer "
             "returned with these ids."
+        )
+
+
+def _check_position_ids(position_ids, input_shape) -> None:
+    """One position per new token (`generate` derives them from the attention mask, so a mask of the wrong length
+    shows up here)."""
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() >= 1 and position_ids.shape[-1] != input_shape[1]:
+        raise ValueError(
+            f"`position_ids` has shape {tuple(position_ids.shape)} but the input has {input_shape[1]} new token(s) per "
+            "row. (With `generate` they come from `attention_mask`: it must have one entry per token of `input_ids`.)"
+        )
+
+
+def _check_generation_mask(attention_mask, input_shape, past_length: int) -> None:
+    """`generate`'s mask covers `input_ids` (or, continuing from a cache, the cached tokens and the new ones); any
+    other length would shift every position silently (an all-ones mask is dropped after positions are made)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return
+    batch, length = input_shape[0], input_shape[1]
+    allowed = {(batch, length)} | ({(batch, past_length + length)} if past_length else set())
+    if tuple(attention_mask.shape) not in allowed:
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has shape {(batch, length)}: "
+            f"give one mask entry per token (the processor / tokenizer returns matching ids and mask)."
         )
 
 
@@ -837,6 +863,12 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
                 if name in visual:
                     expanded[name] = _take_items(visual[name], order)
         return expanded
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # The last point where `generate` still holds the caller's mask (it drops an all-ones mask next).
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        _check_generation_mask(model_kwargs.get("attention_mask"), inputs_tensor.shape, _cache_length(cache))
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool = False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(

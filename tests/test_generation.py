@@ -121,6 +121,18 @@ def test_sampling_is_seeded_and_overrides_pass_through(model):
     assert torch.equal(runs[0], runs[1]) and runs[0].shape[1] > ids.shape[1]
 
 
+def test_generate_refuses_a_mask_of_the_wrong_length(model):
+    """`generate` made positions from the mask and then dropped it (all ones): a longer mask shifted every position
+    silently, a shorter one failed deep in the rotary embedding."""
+    ids = torch.tensor([[5, 6, 7]])
+    for length in (2, 5):
+        with pytest.raises(ValueError, match=rf"`attention_mask` has shape \(1, {length}\) but `input_ids` has shape"):
+            model.generate(input_ids=ids, attention_mask=torch.ones(1, length, dtype=torch.long), max_new_tokens=1)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones(1, 3, dtype=torch.long), max_new_tokens=1,
+                         do_sample=False)
+    assert out.shape == (1, 4)
+
+
 def test_text_iterator_streamer(model):
     from transformers import TextIteratorStreamer
 

@@ -484,6 +484,8 @@ def test_attention_mask_of_the_wrong_length_is_named():
     for mask in (torch.ones(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long), torch.ones(2, 4)):
         with pytest.raises(ValueError, match=r"`attention_mask` has shape .* it must be \(1, 4\)"):
             model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"`position_ids` has shape \(1, 3\) but the input has 4 new token"):
+        model(input_ids=ids, position_ids=torch.arange(3)[None])
     # After prefill the mask covers the cached tokens too.
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones(1, 4, dtype=torch.long), use_cache=True)
