@@ -300,10 +300,10 @@ class Vica2Processor(ProcessorMixin):
     def _remote_media_allowed(self) -> bool:
         if self.allow_remote_media is not None:
             return bool(self.allow_remote_media)
-        value = os.environ.get(REMOTE_MEDIA_ENV, "").strip().lower()
-        if value in ("", "1", "true", "yes", "on"):
+        value = os.environ.get(REMOTE_MEDIA_ENV, "")
+        if value.strip().lower() in ("", "1", "true", "yes", "on"):
             return True
-        if value in ("0", "false", "no", "off"):
+        if value.strip().lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{REMOTE_MEDIA_ENV}={value!r}: set it to 1 (fetch media URLs) or 0 (refuse them).")
 
@@ -331,7 +331,7 @@ class Vica2Processor(ProcessorMixin):
         decoded = []
         for video, metadata in zip(videos, metadata_list):
             if isinstance(video, DecodedVideo):
-                check_decoded_video(video.num_frames, video.metadata, settings.num_frames)
+                _check_decoded_video(video.num_frames, video.metadata, settings.num_frames)
                 decoded.append(video)
             elif _is_file_source(video):
                 decoded.append(self._read_video(video, settings.layout, settings.num_frames, settings.fast_decode))
@@ -461,7 +461,7 @@ class Vica2Processor(ProcessorMixin):
             raise ValueError(f"A video entry needs exactly one of 'video', 'path' or 'url'; got {sorted(block)}.")
         source = sources[0]
         if isinstance(source, DecodedVideo):
-            check_decoded_video(source.num_frames, source.metadata, loading.get("num_frames"))
+            _check_decoded_video(source.num_frames, source.metadata, loading.get("num_frames"))
             return source, source.metadata
         if _is_file_source(source):
             layout = self.resolve_token_layout(**overrides)
@@ -475,7 +475,7 @@ class Vica2Processor(ProcessorMixin):
         metadata = _as_metadata(block.get("metadata"))
         num_frames = _decoded_frame_count(source)
         if num_frames is not None:  # else `__call__` names what is wrong with the frames
-            check_decoded_video(num_frames, metadata, loading.get("num_frames"))
+            _check_decoded_video(num_frames, metadata, loading.get("num_frames"))
         if metadata is None:
             return source, None
         return (source, metadata), metadata
@@ -529,13 +529,13 @@ def _decoded_frames_video(video, metadata, settings: _CallSettings) -> DecodedVi
         video, metadata = video
     frames = to_video_frames(video, settings.image_kwargs.get("input_data_format"))
     metadata = _as_metadata(metadata)
-    check_decoded_video(len(frames), metadata, settings.num_frames)
+    _check_decoded_video(len(frames), metadata, settings.num_frames)
     if settings.fast_decode:
         logger.warning_once("fast_decode applies to video files only; decoded frames are processed exactly.")
     return DecodedVideo(metadata, frames=frames)
 
 
-def check_decoded_video(num_frames: int, metadata: VideoMetadata | None, requested: int | None) -> None:
+def _check_decoded_video(num_frames: int, metadata: VideoMetadata | None, requested: int | None) -> None:
     """Decoded frames are used as given, so a `num_frames` asking for another count, or metadata describing other
     frames (its indices make the time instruction), would leave a silently wrong prompt."""
     if requested is not None and requested != num_frames:
