@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -29,7 +30,13 @@ from PIL import Image
 
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, load_image
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+    load_image,
+)
 from transformers.processing_utils import ImagesKwargs
 
 from .configuration_vica2 import DEFAULT_IMAGE_GRID_PINPOINTS, select_best_resolution
@@ -37,6 +44,13 @@ from .configuration_vica2 import DEFAULT_IMAGE_GRID_PINPOINTS, select_best_resol
 
 # Frames per chunk of the Hiera resize: bounds the float copy of full-resolution frames (4 x 1080p ~ 100 MB).
 HIERA_CHUNK_FRAMES = 4
+
+# Channel counts an image array may have (grayscale, RGB, RGBA).
+CHANNEL_COUNTS = (1, 3, 4)
+
+# A media string of the form `scheme:...` (two or more letters, so a Windows drive `C:` is not one): http(s), rtsp,
+# rtmp, ftp, data, ... Such a string names something to fetch, not a local file.
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")
 
 
 class Vica2ImageProcessorKwargs(ImagesKwargs, total=False):
@@ -93,9 +107,9 @@ class Vica2ImageProcessor(PilBackend):
         """A flat list of images from an image, a list, a nested list, or a (N, H, W, C) batch array."""
         return flatten_images(images)
 
-    def process_image(self, image, **kwargs) -> np.ndarray:
-        """One image as a uint8 RGB (H, W, 3) array."""
-        return to_rgb_uint8(image, what="image")
+    def process_image(self, image, input_data_format=None, **kwargs) -> np.ndarray:
+        """One image as a uint8 RGB (H, W, 3) array (`input_data_format` says where an array's channels are)."""
+        return to_rgb_uint8(image, what="image", input_data_format=input_data_format)
 
     # ------------------------------------------------------------------------------------------- images
     def _preprocess(
@@ -146,6 +160,7 @@ class Vica2ImageProcessor(PilBackend):
         hiera_antialias: bool | None = None,
         return_tensors="pt",
         device=None,
+        input_data_format: str | ChannelDimension | None = None,
     ) -> BatchFeature:
         """SigLIP pixels of every frame and Hiera pixels of every `hiera_frame_stride`-th frame.
 
@@ -155,11 +170,13 @@ class Vica2ImageProcessor(PilBackend):
                 Hiera (the model encodes no others), which saves most of the 1024 x 1024 work.
             device: run the Hiera resize and both normalisations there (e.g. `"cuda"`); the uint8 frames move once.
                 SigLIP's PIL bicubic stays on the CPU (the release's exact recipe). Outputs are on `device`.
+            input_data_format: `"channels_last"` / `"channels_first"` (a `ChannelDimension`); needed only when the
+                shape does not tell (tiny frames).
 
         Returns:
             `pixel_values_videos` (T, 3, S, S) and `hiera_pixel_values_videos` (ceil(T / k), 3, Hs, Hs).
         """
-        frames = to_video_frames(frames)
+        frames = to_video_frames(frames, input_data_format)
         side = _square_side(self.size)
         resized = np.stack([pil_resize(frame, side, self.resample) for frame in frames])
         hiera_frames = frames[::hiera_frame_stride]
@@ -415,13 +432,17 @@ def flatten_images(images) -> list:
     return [images]
 
 
-def to_rgb_uint8(image, what: str = "image") -> np.ndarray:
-    """A PIL image, uint8 array / tensor ((H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4) or a path / URL as a
-    uint8 RGB (H, W, 3) array. Grayscale is replicated, alpha dropped (as PIL's `convert("RGB")`)."""
+def to_rgb_uint8(image, what: str = "image", input_data_format=None) -> np.ndarray:
+    """A PIL image, an array / tensor ((H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4) or a path / URL as a uint8
+    RGB (H, W, 3) array. Grayscale is replicated, alpha dropped (as PIL's `convert("RGB")`); 16- and 32-bit integer
+    pixels are scaled to 0..255 (see `as_uint8`)."""
     if isinstance(image, (str, os.PathLike)):
         image = _load_image_file(os.fspath(image))
     if isinstance(image, Image.Image):
-        return np.array(image if image.mode == "RGB" else image.convert("RGB"))  # a writable copy
+        if not image.mode.startswith(("I", "F")):
+            return _check_not_empty(np.array(image if image.mode == "RGB" else image.convert("RGB")), what)
+        # 16/32-bit integer and float modes: PIL's convert("RGB") would clip them at 255; scale them as arrays.
+        image, input_data_format = np.array(image), ChannelDimension.LAST
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
@@ -429,25 +450,83 @@ def to_rgb_uint8(image, what: str = "image") -> np.ndarray:
             f"Unsupported {what} type {type(image).__name__}: pass a PIL image, a uint8 numpy array or torch tensor "
             "of shape (height, width, 3), or a path."
         )
-    if image.dtype != np.uint8:
-        raise ValueError(
-            f"The {what} array has dtype {image.dtype}; ViCA2's preprocessing is defined on uint8 RGB (0..255). "
-            "Convert it first, e.g. `(x * 255).round().clip(0, 255).astype(np.uint8)` for floats in [0, 1]."
-        )
-    return _to_three_channels(_channels_last(image, what), what)
-
-
-def _channels_last(image: np.ndarray, what: str) -> np.ndarray:
     if image.ndim == 2:
-        return image[..., None]
-    if image.ndim == 3 and image.shape[-1] in (1, 3, 4):
-        return image
-    if image.ndim == 3 and image.shape[0] in (1, 3, 4):
-        return np.moveaxis(image, 0, -1)
+        image = image[..., None]
+    elif image.ndim != 3:
+        raise ValueError(
+            f"The {what} array has shape {tuple(image.shape)}; expected (height, width, 3) RGB (also accepted: "
+            "(height, width) grayscale, 4-channel RGBA, or channels first)."
+        )
+    elif _channel_dimension(image.shape, what, input_data_format) == ChannelDimension.FIRST:
+        image = np.moveaxis(image, 0, -1)
+    return _check_not_empty(_to_three_channels(as_uint8(image, what), what), what)
+
+
+def as_uint8(pixels: np.ndarray, what: str = "image") -> np.ndarray:
+    """Pixels as uint8: uint8 as is, bool as 0 / 255, 16- and 32-bit integers scaled by their dtype's range (a
+    uint16 image's 65535 is white, as in a 16-bit PNG; int32 by 2**31 - 1, PIL's mode "I"; rounded to nearest).
+
+    Refused: floats (whether they span [0, 1] or [0, 255] is the caller's convention, not something to guess) and
+    8- / 64-bit signed integers (no image format uses them; an int64 array is nearly always 0..255 values in numpy's
+    or torch's default integer type, which scaling by 2**63 would turn black)."""
+    dtype = pixels.dtype
+    if dtype == np.uint8:
+        return pixels
+    if dtype == np.bool_:
+        return pixels.astype(np.uint8) * np.uint8(255)
+    if np.issubdtype(dtype, np.integer) and dtype.itemsize not in (2, 4):
+        raise ValueError(
+            f"The {what} array has dtype {dtype}; ViCA2 takes uint8 RGB (0..255), bool masks, or 16- / 32-bit integer "
+            "pixels (scaled by their range). For 0..255 values use `.astype(np.uint8)` (torch: `.to(torch.uint8)`)."
+        )
+    if np.issubdtype(dtype, np.integer):
+        if np.issubdtype(dtype, np.signedinteger) and pixels.size and pixels.min() < 0:
+            raise ValueError(
+                f"The {what} array ({dtype}) has negative values; integer pixels must be 0 (black) to the dtype's "
+                f"maximum {np.iinfo(dtype).max} (white). Convert it to uint8 yourself if it uses another range."
+            )
+        return np.rint(pixels * (255 / np.iinfo(dtype).max)).astype(np.uint8)
     raise ValueError(
-        f"The {what} array has shape {tuple(image.shape)}; expected (height, width, 3) RGB (also accepted: "
-        "(height, width) grayscale, 4-channel RGBA, or channels first)."
+        f"The {what} array has dtype {dtype}; ViCA2's preprocessing is defined on uint8 RGB (0..255) (integer types "
+        "are scaled by their range). Convert floats first, e.g. `(x * 255).round().clip(0, 255).astype(np.uint8)` "
+        "for floats in [0, 1]."
     )
+
+
+def _channel_dimension(shape: tuple, what: str, input_data_format) -> ChannelDimension:
+    """Where the channels of an (A, B, C) image are: `input_data_format` when given, else the one end that can hold
+    1, 3 or 4 channels. When both ends can (tiny images such as (3, 4, 4)), guessing would read the pixels wrongly
+    half of the time, so the caller is asked."""
+    if input_data_format is not None:
+        try:
+            return ChannelDimension(input_data_format)
+        except ValueError:
+            raise ValueError(
+                f"input_data_format must be 'channels_last' or 'channels_first' (a ChannelDimension), got "
+                f"{input_data_format!r}."
+            ) from None
+    first, last = shape[0] in CHANNEL_COUNTS, shape[-1] in CHANNEL_COUNTS
+    if first and last:
+        raise ValueError(
+            f"Cannot tell where the channels of the {what} of shape {tuple(shape)} are: both its first and its last "
+            "dimension could be channels. Pass input_data_format='channels_last' (height, width, channels) or "
+            "input_data_format='channels_first' (channels, height, width)."
+        )
+    if not (first or last):
+        raise ValueError(
+            f"The {what} has shape {tuple(shape)}; expected (height, width, 3) RGB (also accepted: (height, width) "
+            "grayscale, 1- or 4-channel frames, or channels first)."
+        )
+    return ChannelDimension.LAST if last else ChannelDimension.FIRST
+
+
+def _check_not_empty(image: np.ndarray, what: str) -> np.ndarray:
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(
+            f"The {what} is empty (height {image.shape[0]}, width {image.shape[1]}); pass a picture of at least 1 x 1 "
+            "pixels."
+        )
+    return image
 
 
 def _to_three_channels(image: np.ndarray, what: str) -> np.ndarray:
@@ -461,22 +540,44 @@ def _to_three_channels(image: np.ndarray, what: str) -> np.ndarray:
     raise ValueError(f"The {what} has {channels} channels; expected 3 (RGB), 1 (grayscale) or 4 (RGBA).")
 
 
+def is_remote_media(source) -> bool:
+    """Whether a media string names something to fetch (a URL: http(s), rtsp, ftp, data, ...) rather than a local
+    file. An existing local file is never remote, whatever its name looks like."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    path = os.fspath(source)
+    return isinstance(path, str) and bool(URL_SCHEME.match(path)) and not os.path.exists(path)
+
+
 def _load_image_file(path: str) -> Image.Image:
-    if not path.startswith(("http://", "https://", "data:")) and not os.path.isfile(path):
+    is_url = path.startswith(("http://", "https://", "data:"))
+    if not is_url and not os.path.isfile(path):
         raise FileNotFoundError(f"Image file not found: '{path}'. Check the path, or pass a PIL image or an array.")
-    return load_image(path)
+    try:  # decode now, so that a truncated file or an error page fails here, naming its source
+        image = load_image(path)
+        image.load()
+    except Exception as error:  # noqa: BLE001 - network, HTTP and image-format errors all mean "cannot read it"
+        source = _short(path)
+        hint = "Check the URL (or fetch the image yourself and pass it)" if is_url else "Check that it is an image"
+        raise ValueError(f"Could not read the image '{source}': {type(error).__name__}: {error}. {hint}.") from error
+    return image
 
 
-def to_video_frames(video) -> np.ndarray:
+def _short(path: str, limit: int = 200) -> str:
+    return path if len(path) <= limit else path[:limit] + "..."  # a data: URL can be megabytes long
+
+
+def to_video_frames(video, input_data_format=None) -> np.ndarray:
     """Decoded frames as a uint8 RGB (T, H, W, 3) array, used as given (no resampling of time).
 
-    Accepts a uint8 array or tensor of shape (T, H, W, C) (or (T, C, H, W)) with C in 1, 3, 4, or a list of PIL
-    images / (H, W, C) arrays of one size. Anything else raises an error that says what was expected.
+    Accepts an array or tensor of shape (T, H, W, C) (or (T, C, H, W); `input_data_format` says which when the
+    shape does not) with C in 1, 3, 4, or a list of PIL images / (H, W, C) arrays of one size. uint8, bool and
+    integer pixels are accepted (see `as_uint8`). Anything else raises an error that says what was expected.
     """
     if isinstance(video, (list, tuple)):
         if not video:
             raise ValueError("A video has no frames: pass at least one frame.")
-        frames = [to_rgb_uint8(frame, what="video frame") for frame in video]
+        frames = [to_rgb_uint8(frame, "video frame", input_data_format) for frame in video]
         sizes = sorted({frame.shape[:2] for frame in frames})
         if len(sizes) > 1:
             raise ValueError(
@@ -498,19 +599,16 @@ def to_video_frames(video) -> np.ndarray:
         )
     if video.shape[0] == 0:
         raise ValueError("A video has no frames (its first dimension is 0): pass at least one frame.")
-    if video.dtype != np.uint8:
-        raise ValueError(
-            f"Video frames have dtype {video.dtype}; ViCA2's preprocessing is defined on uint8 RGB (0..255). Convert "
-            "them first, e.g. `(x * 255).round().clip(0, 255).astype(np.uint8)` for floats in [0, 1]."
-        )
-    if video.shape[-1] not in (1, 3, 4) and video.shape[1] in (1, 3, 4):
+    if _channel_dimension(video.shape[1:], "video frame", input_data_format) == ChannelDimension.FIRST:
         video = np.moveaxis(video, 1, -1)
-    if video.shape[-1] not in (1, 3, 4):
+    if video.shape[-1] not in CHANNEL_COUNTS:
         raise ValueError(
             f"Video frames have shape {tuple(video.shape[1:])}; expected (height, width, 3) RGB frames "
             "(1-channel grayscale and 4-channel RGBA are converted)."
         )
-    return _to_three_channels(video, "video")
+    frames = _to_three_channels(as_uint8(video, "video"), "video")
+    _check_not_empty(frames[0], "video frame")
+    return frames
 
 
 Vica2ImageProcessor.register_for_auto_class("AutoImageProcessor")

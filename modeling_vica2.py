@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging as std_logging
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +54,38 @@ CACHE_NAME = "cache" if "cache" in inspect.signature(Qwen2Model.forward).paramet
 HIERA_PIXEL_INPUTS = ("hiera_pixel_values", "hiera_pixel_values_videos")
 
 VISUAL_INPUTS = ("pixel_values", "image_sizes", "hiera_pixel_values", "pixel_values_videos", "hiera_pixel_values_videos")
+
+# bitsandbytes' 8-bit matmul says it casts its (float32 / bfloat16) inputs to float16 on every call of every quantized
+# Linear: hundreds of identical lines per forward. Once is enough; only that message is deduplicated.
+BNB_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast"
+
+
+class _FirstRecordOnly(std_logging.Filter):
+    """Lets the first log record starting with `prefix` through and drops its repeats; others pass untouched."""
+
+    vica2_once_filter = True  # marker: remote code may import this file more than once, so isinstance won't do
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def _show_bnb_cast_warning_once() -> None:
+    bnb_logger = std_logging.getLogger("bitsandbytes.autograd._functions")  # bitsandbytes 0.50 logs it
+    if not any(getattr(f, "vica2_once_filter", False) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_FirstRecordOnly(BNB_CAST_MESSAGE))
+    warnings.filterwarnings("once", message=BNB_CAST_MESSAGE)  # up to 0.49 it used `warnings.warn`
+
+
+_show_bnb_cast_warning_once()
 
 
 @dataclass
@@ -176,7 +211,47 @@ def _as_item_list(pixels, name: str, channels: int, size: int) -> list[torch.Ten
             )
         if item.shape[0] == 0:
             raise ValueError(f"`{name}` holds an item with zero frames.")
+    _check_pixel_values(items, name)
     return list(items)
+
+
+def _check_pixel_values(items: list[torch.Tensor], name: str) -> None:
+    """Pixels must be normalised floats: raw uint8 frames would be cast to float unscaled (wrong features), and one
+    NaN / inf spreads to every logit (greedy decoding then emits id 0 forever). One reduction per item, at prefill."""
+    for item in items:
+        if not item.is_floating_point():
+            raise TypeError(
+                f"`{name}` has dtype {item.dtype}; the model takes normalised floating-point pixels (float32, "
+                "bfloat16 or float16), not raw image values. Prepare images and videos with the Vica2Processor, "
+                "which rescales and normalises them."
+            )
+    bad = [index for index, item in enumerate(items) if not torch.isfinite(item.sum(dtype=torch.float32))]
+    if bad:
+        raise ValueError(
+            f"`{name}` contains NaN or infinite values (item(s) {', '.join(map(str, bad))}); the model would "
+            "produce NaN logits. Check the source frames or the code that made these pixels (the Vica2Processor "
+            "never does)."
+        )
+
+
+def _image_size_list(image_sizes) -> list[tuple[int, int]]:
+    """`image_sizes` as (height, width) pairs of positive integers; anything else is named, not a deep shape error."""
+    sizes = image_sizes.tolist() if hasattr(image_sizes, "tolist") else image_sizes  # a tensor or numpy array
+    pairs = list(sizes) if isinstance(sizes, (list, tuple)) else []
+    if not pairs:
+        raise ValueError(f"`image_sizes` must be a (num_images, 2) tensor of (height, width); got {sizes!r}.")
+    for index, size in enumerate(pairs):
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_positive_integer, size))):
+            raise ValueError(
+                f"`image_sizes` must hold each image's original (height, width) in pixels, positive integers; item "
+                f"{index} is {size!r}. Pass the Vica2Processor's `image_sizes` unchanged (an empty image cannot be "
+                "used)."
+            )
+    return [(int(height), int(width)) for height, width in pairs]
+
+
+def _is_positive_integer(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 1 and float(value).is_integer()
 
 
 def _setting(name: str, value, default: int) -> int:
@@ -341,8 +416,7 @@ class Vica2Model(Vica2PreTrainedModel):
         """
         chunk_size = self._chunk_size(vision_chunk_size)
         siglip_size, hiera_size = self.config.vision_config.image_size, self._hiera_image_size()
-        if isinstance(image_sizes, torch.Tensor):
-            image_sizes = image_sizes.tolist()
+        image_sizes = _image_size_list(image_sizes)
         if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4 and len(image_sizes) == 1:
             pixel_values = pixel_values[None]
         if isinstance(hiera_pixel_values, torch.Tensor) and hiera_pixel_values.dim() == 4:
@@ -432,6 +506,13 @@ class Vica2Model(Vica2PreTrainedModel):
     ) -> Vica2ModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        cache = cache if cache is not None else past_key_values
+        past_length = _cache_length(cache)
+        if input_ids is not None:
+            _check_input_ids(input_ids, self.get_input_embeddings(), past_length)
+        input_shape = (input_ids if input_ids is not None else inputs_embeds).shape
+        _check_attention_mask(attention_mask, input_shape, past_length)
+        _check_position_ids(position_ids, input_shape)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -458,12 +539,11 @@ class Vica2Model(Vica2PreTrainedModel):
             inputs_embeds = self._merge_placeholders(
                 input_ids, inputs_embeds, video_features, self.config.video_token_id, "video"
             )
-        if image_features is None and video_features is None and input_ids is not None:
-            _check_no_orphan_placeholders(input_ids, self.config, _cache_length(cache or past_key_values))
+        if input_ids is not None and past_length == 0:
+            _check_no_orphan_placeholders(input_ids, self.config, image_features is not None, video_features is not None)
 
-        cache = cache if cache is not None else past_key_values
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-            position_ids = _positions_from_mask(attention_mask, inputs_embeds.shape[1], _cache_length(cache))
+            position_ids = _positions_from_mask(attention_mask, inputs_embeds.shape[1], past_length)
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -523,12 +603,81 @@ def _check_placeholder_runs(mask: torch.Tensor, lengths: list[int], kind: str) -
             )
 
 
-def _check_no_orphan_placeholders(input_ids: torch.Tensor, config, past_length: int) -> None:
-    # Placeholders without pixels would silently be embedded as text; that is never what a caller wants.
-    if past_length == 0 and ((input_ids == config.image_token_id) | (input_ids == config.video_token_id)).any():
+def _check_no_orphan_placeholders(input_ids: torch.Tensor, config, has_images: bool, has_videos: bool) -> None:
+    """Placeholders of a kind without that kind's pixels would silently be embedded as text; never what a caller
+    wants (e.g. a `<video>` prompt given image pixels)."""
+    kinds = [
+        ("image", config.image_token_id, "`pixel_values`, `image_sizes`, `hiera_pixel_values`", has_images),
+        ("video", config.video_token_id, "`pixel_values_videos`, `hiera_pixel_values_videos`", has_videos),
+    ]
+    for kind, token_id, names, has_pixels in kinds:
+        if not has_pixels and bool((input_ids == token_id).any()):
+            given = "no pixels were given" if not (has_images or has_videos) else f"no {kind} pixels were given"
+            raise ValueError(
+                f"`input_ids` contain `<{kind}>` placeholders but {given}; pass the processor's {names} along with "
+                f"the ids (a {kind} must go in as {kind}s=, and its placeholder must be `<{kind}>`)."
+            )
+
+
+def _check_input_ids(input_ids, embeddings: nn.Module, past_length: int) -> None:
+    """Integer ids inside the vocabulary: otherwise the embedding lookup fails deep inside torch (on CUDA as a
+    device-side assert that breaks the whole process). The range is checked at prefill only (one reduction; the ids
+    `generate` appends are the model's own)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"`input_ids` must be a torch tensor of token ids, got {type(input_ids).__name__}.")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(
+            f"`input_ids` has dtype {input_ids.dtype}; token ids must be integers (torch.long). Use the ids the "
+            "Vica2Processor / tokenizer returns, without converting them."
+        )
+    vocab_size = getattr(embeddings, "num_embeddings", None)
+    if past_length or vocab_size is None or input_ids.numel() == 0:
+        return
+    low, high = (int(value) for value in torch.aminmax(input_ids))
+    if low < 0 or high >= vocab_size:
         raise ValueError(
-            "`input_ids` contain `<image>`/`<video>` placeholders but no pixels were given; pass the processor's "
-            "`pixel_values*` / `hiera_pixel_values*` outputs along with the ids."
+            f"`input_ids` hold ids from {low} to {high} but the vocabulary has {vocab_size} tokens (ids 0 to "
+            f"{vocab_size - 1}). Tokenize with this checkpoint's processor; pad with its pad_token_id (-100 marks "
+            "ignored labels, not input ids)."
+        )
+
+
+def _check_attention_mask(attention_mask, input_shape, past_length: int) -> None:
+    """A 2-D mask covers the cached tokens and the new ones of every row; a wrong length would fail deep in the
+    mask builder or shift positions. (Shape only: no cost per decoding step.)"""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return
+    expected = (input_shape[0], past_length + input_shape[1])
+    if tuple(attention_mask.shape) != expected:
+        cached = f" after {past_length} cached token(s)" if past_length else ""
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)}, but the input is {input_shape[0]} row(s) of "
+            f"{input_shape[1]} token(s){cached}: it must be {expected}. Pass the mask the processor / tokenizer "
+            "returned with these ids."
+        )
+
+
+def _check_position_ids(position_ids, input_shape) -> None:
+    """One position per new token (`generate` derives them from the attention mask, so a mask of the wrong length
+    shows up here)."""
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() >= 1 and position_ids.shape[-1] != input_shape[1]:
+        raise ValueError(
+            f"`position_ids` has shape {tuple(position_ids.shape)} but the input has {input_shape[1]} new token(s) per "
+            "row. (With `generate` they come from `attention_mask`: it must have one entry per token of `input_ids`.)"
+        )
+
+
+def _check_generation_mask(attention_mask, input_shape, past_length: int) -> None:
+    """`generate`'s mask covers `input_ids` (or, continuing from a cache, the cached tokens and the new ones); any
+    other length would shift every position silently (an all-ones mask is dropped after positions are made)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return
+    batch, length = input_shape[0], input_shape[1]
+    allowed = {(batch, length)} | ({(batch, past_length + length)} if past_length else set())
+    if tuple(attention_mask.shape) not in allowed:
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has shape {(batch, length)}: "
+            f"give one mask entry per token (the processor / tokenizer returns matching ids and mask)."
         )
 
 
@@ -714,6 +863,12 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
                 if name in visual:
                     expanded[name] = _take_items(visual[name], order)
         return expanded
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # The last point where `generate` still holds the caller's mask (it drops an all-ones mask next).
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        _check_generation_mask(model_kwargs.get("attention_mask"), inputs_tensor.shape, _cache_length(cache))
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool = False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(

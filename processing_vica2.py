@@ -34,7 +34,7 @@ from .configuration_vica2 import (
     num_video_tokens,
     positive_int,
 )
-from .image_processing_vica2 import Vica2ImageProcessor, flatten_images, to_video_frames
+from .image_processing_vica2 import Vica2ImageProcessor, flatten_images, is_remote_media, to_video_frames
 from .video_loading_vica2 import DecodedVideo, FastResize, probe_video, read_video
 
 
@@ -51,6 +51,11 @@ TOKENIZER_ARGS = frozenset(TextKwargs.__annotations__) - {
     "return_mm_token_type_ids",
     "return_text_replacement_offsets",
 }
+# The switch for media URLs (http(s), rtsp, ftp, data, ...): fetched by default, as transformers does. A server that
+# passes users' chats through the processor sets `allow_remote_media=False` (or this variable to 0), so that a chat
+# cannot make it call internal addresses.
+REMOTE_MEDIA_ENV = "VICA2_ALLOW_REMOTE_MEDIA"
+
 # Arguments of `ProcessorMixin.apply_chat_template` itself (the rest goes to `__call__`).
 CHAT_TEMPLATE_ARGS = frozenset(
     {
@@ -121,6 +126,9 @@ class Vica2Processor(ProcessorMixin):
         token_layout (`dict`, *optional*): `Vica2Config.token_layout()` of the checkpoint (defaults: ViCA2-7B).
         add_time_instruction (`bool`, defaults to `True`): `apply_chat_template` adds the release's time
             instruction after a video whose timing is known (training used it).
+        allow_remote_media (`bool`, *optional*): whether media given as URLs (http, https, rtsp, ftp, data, ...) are
+            fetched. `False` refuses them before anything is fetched; unset (`None`), the environment variable
+            `VICA2_ALLOW_REMOTE_MEDIA` decides (`0` refuses), and URLs are fetched when it is unset too.
     """
 
     def __init__(
@@ -132,6 +140,7 @@ class Vica2Processor(ProcessorMixin):
         video_token: str = "<video>",
         token_layout: dict | None = None,
         add_time_instruction: bool = True,
+        allow_remote_media: bool | None = None,
         **kwargs,
     ):
         self.image_token = image_token
@@ -140,6 +149,7 @@ class Vica2Processor(ProcessorMixin):
         self.video_token_id = _placeholder_id(tokenizer, video_token)
         self.token_layout = dict(token_layout) if token_layout is not None else Vica2Config().token_layout()
         self.add_time_instruction = add_time_instruction
+        self.allow_remote_media = allow_remote_media
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
         _check_layout_matches(self.token_layout, self.image_processor)
 
@@ -206,6 +216,10 @@ class Vica2Processor(ProcessorMixin):
         settings = self._call_settings(kwargs)
         texts = _as_text_list(text)
         image_list, video_list = flatten_images(images), flatten_videos(videos)
+        for item in image_list:
+            self.check_media_source(item, "image")
+        for item in video_list:
+            self.check_media_source(item, "video")
         if texts is not None:  # before any decoding: a wrong prompt fails fast
             self._check_placeholders(texts, len(image_list), len(video_list))
         data = {}
@@ -278,6 +292,28 @@ class Vica2Processor(ProcessorMixin):
         check_frame_ratio(layout["video_frames_budget"], layout["hiera_frames"])
         return layout
 
+    def check_media_source(self, source, kind: str = "media") -> None:
+        """Refuse a media URL when remote media are off (`allow_remote_media`); called before anything is fetched."""
+        if not is_remote_media(source) or self._remote_media_allowed():
+            return
+        source = os.fspath(source)
+        shown = source if len(source) <= 120 else source[:120] + "..."
+        raise ValueError(
+            f"Refusing to fetch the {kind} '{shown}': this processor does not fetch remote media "
+            f"(allow_remote_media=False or {REMOTE_MEDIA_ENV}=0). Download it yourself and pass the local file, a PIL "
+            "image or decoded frames."
+        )
+
+    def _remote_media_allowed(self) -> bool:
+        if self.allow_remote_media is not None:
+            return bool(self.allow_remote_media)
+        value = os.environ.get(REMOTE_MEDIA_ENV, "")
+        if value.strip().lower() in ("", "1", "true", "yes", "on"):
+            return True
+        if value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{REMOTE_MEDIA_ENV}={value!r}: set it to 1 (fetch media URLs) or 0 (refuse them).")
+
     # ------------------------------------------------------------------------------------------- videos
     def load_video(
         self,
@@ -305,6 +341,7 @@ class Vica2Processor(ProcessorMixin):
     ) -> DecodedVideo:
         """Read a video file; in exact mode its pixels are prepared as its frames decode (`pixel_options`: the
         call's `hiera_antialias` / `device`), keeping the full-size frames only with `keep_frames`."""
+        self.check_media_source(source, "video")
         num_frames = positive_int(
             "num_frames", num_frames if num_frames is not None else layout["video_frames_budget"], "frames to sample"
         )
@@ -342,6 +379,7 @@ class Vica2Processor(ProcessorMixin):
         decoded = []
         for video, metadata in zip(videos, metadata_list):
             if isinstance(video, DecodedVideo):
+                _check_decoded_video(video.num_frames, video.metadata, settings.num_frames)
                 decoded.append(video)
             elif _is_file_source(video):
                 decoded.append(
@@ -382,7 +420,8 @@ class Vica2Processor(ProcessorMixin):
                 )
             else:
                 pixels = self.image_processor.preprocess_video(
-                    video.frames, stride, hiera_antialias=options.get("hiera_antialias"), device=options.get("device")
+                    video.frames, stride, hiera_antialias=options.get("hiera_antialias"), device=options.get("device"),
+                    input_data_format="channels_last",
                 )
             siglip.append(pixels["pixel_values_videos"])
             hiera.append(pixels["hiera_pixel_values_videos"])
@@ -453,6 +492,11 @@ class Vica2Processor(ProcessorMixin):
         }
         add_time = self.add_time_instruction if add_time_instruction is None else add_time_instruction
         conversations, is_batched = _copy_conversations(conversation)
+        for messages in conversations:  # before anything is read or probed
+            for message in messages:
+                for block in message.get("content") if isinstance(message.get("content"), list) else []:
+                    for kind, source in _chat_media_sources(block):
+                        self.check_media_source(source, kind)
         for messages in conversations:
             for message in messages:
                 if isinstance(message.get("content"), list):
@@ -487,6 +531,7 @@ class Vica2Processor(ProcessorMixin):
             raise ValueError(f"A video entry needs exactly one of 'video', 'path' or 'url'; got {sorted(block)}.")
         source = sources[0]
         if isinstance(source, DecodedVideo):
+            _check_decoded_video(source.num_frames, source.metadata, loading.get("num_frames"))
             return source, source.metadata
         if _is_file_source(source):
             layout = self.resolve_token_layout(**overrides)
@@ -505,6 +550,9 @@ class Vica2Processor(ProcessorMixin):
             num_frames = loading.get("num_frames") or layout["video_frames_budget"]
             return source, probe_video(source, positive_int("num_frames", num_frames, "frames to sample"))
         metadata = _as_metadata(block.get("metadata"))
+        num_frames = _decoded_frame_count(source)
+        if num_frames is not None:  # else `__call__` names what is wrong with the frames
+            _check_decoded_video(num_frames, metadata, loading.get("num_frames"))
         if metadata is None:
             return source, None
         return (source, metadata), metadata
@@ -562,15 +610,37 @@ def _decoded_frames_video(video, metadata, settings: _CallSettings) -> DecodedVi
     """Already-decoded frames (optionally with their metadata), used as given."""
     if isinstance(video, tuple) and len(video) == 2 and _is_metadata(video[1]):
         video, metadata = video
-    frames = to_video_frames(video)
-    if settings.num_frames is not None and settings.num_frames != len(frames):
-        logger.warning_once(
-            f"num_frames={settings.num_frames} does not apply to decoded frames: the {len(frames)} given frames are "
-            "used as they are. Sample them yourself, or pass the video file."
-        )
+    frames = to_video_frames(video, settings.image_kwargs.get("input_data_format"))
+    metadata = _as_metadata(metadata)
+    _check_decoded_video(len(frames), metadata, settings.num_frames)
     if settings.fast_decode:
         logger.warning_once("fast_decode applies to video files only; decoded frames are processed exactly.")
-    return DecodedVideo(_as_metadata(metadata), frames=frames)
+    return DecodedVideo(metadata, frames=frames)
+
+
+def _check_decoded_video(num_frames: int, metadata: VideoMetadata | None, requested: int | None) -> None:
+    """Decoded frames are used as given, so a `num_frames` asking for another count, or metadata describing other
+    frames (its indices make the time instruction), would leave a silently wrong prompt."""
+    if requested is not None and requested != num_frames:
+        raise ValueError(
+            f"num_frames={requested} was asked for, but this video is already decoded into {num_frames} frames, "
+            f"which are used as they are. Leave num_frames out, sample the frames yourself, or pass the video file "
+            f"to have {requested} frames sampled."
+        )
+    indices = None if metadata is None else metadata.frames_indices
+    if indices is None:
+        return
+    if len(indices) != num_frames:
+        raise ValueError(
+            f"The video's metadata lists {len(indices)} frame indices (frames_indices) for {num_frames} frames; give "
+            "one index per frame: its position in the source video."
+        )
+    total = metadata.total_num_frames
+    if len(indices) and (min(indices) < 0 or (total is not None and max(indices) >= total)):
+        raise ValueError(
+            f"The video's metadata has frames_indices from {min(indices)} to {max(indices)}, outside its "
+            f"total_num_frames={total} (indices run from 0 to total_num_frames - 1)."
+        )
 
 
 def _token_in_vocab(tokenizer, token: str) -> int | None:
@@ -703,6 +773,15 @@ def _metadata_list(video_metadata, count: int) -> list:
     return items
 
 
+def _decoded_frame_count(video) -> int | None:
+    """The number of frames of decoded frames (an array / tensor (T, ...) or a list of frames), else None."""
+    if isinstance(video, (np.ndarray, torch.Tensor)):
+        return int(video.shape[0]) if video.ndim == 4 else None
+    if isinstance(video, (list, tuple)) and video and all(_is_frame(frame) for frame in video):
+        return len(video)
+    return None
+
+
 def _as_metadata(metadata) -> VideoMetadata | None:
     if metadata is None or isinstance(metadata, VideoMetadata):
         return metadata
@@ -728,6 +807,19 @@ def _copy_conversations(conversation) -> tuple[list, bool]:
             ]
         )
     return copied, bool(is_batched)
+
+
+def _chat_media_sources(block) -> list[tuple[str, object]]:
+    """(kind, source) of the media a chat content block names (HF and OpenAI "image_url" forms)."""
+    if not isinstance(block, dict):
+        return []
+    kind = block.get("type")
+    if kind == "image_url":
+        url = block.get("image_url")
+        return [("image", url.get("url") if isinstance(url, dict) else url)]
+    if kind not in ("image", "video"):
+        return []
+    return [(kind, block[key]) for key in (kind, "url", "path") if key in block]
 
 
 def _template_variables(template) -> frozenset:

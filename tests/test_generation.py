@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -120,6 +121,18 @@ def test_sampling_is_seeded_and_overrides_pass_through(model):
     assert torch.equal(runs[0], runs[1]) and runs[0].shape[1] > ids.shape[1]
 
 
+def test_generate_refuses_a_mask_of_the_wrong_length(model):
+    """`generate` made positions from the mask and then dropped it (all ones): a longer mask shifted every position
+    silently, a shorter one failed deep in the rotary embedding."""
+    ids = torch.tensor([[5, 6, 7]])
+    for length in (2, 5):
+        with pytest.raises(ValueError, match=rf"`attention_mask` has shape \(1, {length}\) but `input_ids` has shape"):
+            model.generate(input_ids=ids, attention_mask=torch.ones(1, length, dtype=torch.long), max_new_tokens=1)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones(1, 3, dtype=torch.long), max_new_tokens=1,
+                         do_sample=False)
+    assert out.shape == (1, 4)
+
+
 def test_text_iterator_streamer(model):
     from transformers import TextIteratorStreamer
 
@@ -159,7 +172,7 @@ def test_offloaded_model_generates_the_same_tokens(model, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_bitsandbytes_quantizes_only_the_language_model(model, tmp_path, bits):
+def test_bitsandbytes_quantizes_only_the_language_model(model, tmp_path, bits, caplog):
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
@@ -178,9 +191,21 @@ def test_bitsandbytes_quantizes_only_the_language_model(model, tmp_path, bits):
     assert type(quantized.lm_head) is torch.nn.Linear
     siglip, hiera = random_video_pixels(model.config, 2)
     ids = torch.tensor([_video_row(model, 2, [5], [6])])
-    out = quantized.generate(input_ids=ids, pixel_values_videos=siglip, hiera_pixel_values_videos=hiera,
-                             max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    _forget_shown_bnb_cast_warning()
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        out = quantized.generate(input_ids=ids, pixel_values_videos=siglip, hiera_pixel_values_videos=hiera,
+                                 max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 3
+    # 8-bit matmuls say "inputs will be cast" once per process, not once per quantized Linear per step.
+    casts = [r for r in caplog.records if r.getMessage().startswith("MatMul8bitLt: inputs will be cast")]
+    assert len(casts) == (1 if bits == 8 else 0)
+
+
+def _forget_shown_bnb_cast_warning():
+    """Reset the once-only filter, so this test sees the first cast message whatever ran before it."""
+    for log_filter in logging.getLogger("bitsandbytes.autograd._functions").filters:
+        if getattr(log_filter, "vica2_once_filter", False):
+            log_filter.seen = False
 
 
 def test_quantization_skip_list_has_full_prefixes():

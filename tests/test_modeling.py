@@ -32,7 +32,7 @@ from conftest import (
 )
 from vica2.configuration_vica2 import Vica2Config, anyres_feature_shape
 from vica2.convert_checkpoint import release_key_to_hub
-from vica2.modeling_vica2 import Vica2ForConditionalGeneration
+from vica2.modeling_vica2 import CACHE_NAME, Vica2ForConditionalGeneration
 
 
 TOKEN_ID = {"video": FIXTURE_VIDEO_TOKEN_ID, "image": FIXTURE_IMAGE_TOKEN_ID}
@@ -405,6 +405,94 @@ def test_placeholders_without_pixels_are_an_error():
     model = _small_model()
     with pytest.raises(ValueError, match="no pixels were given"):
         model(input_ids=torch.tensor([[1, FIXTURE_IMAGE_TOKEN_ID, 2]]))
+
+
+def test_placeholders_of_the_other_kind_are_an_error():
+    """A `<video>` prompt given only image pixels (or the reverse) would embed its placeholders as text."""
+    model = _small_model()
+    config = model.config
+    siglip, hiera = random_video_pixels(config, 4)
+    n_video, n_image = sum(config.num_video_tokens(4)), sum(config.num_image_tokens(100, 150))
+    image_row = [1] + [FIXTURE_IMAGE_TOKEN_ID] * n_image + [2]
+    with pytest.raises(ValueError, match="`<video>` placeholders but no video pixels"):
+        model(input_ids=torch.tensor([image_row + [FIXTURE_VIDEO_TOKEN_ID] * n_video]),
+              **_image_inputs(config, 100, 150))
+    with pytest.raises(ValueError, match="`<image>` placeholders but no image pixels"):
+        model(input_ids=torch.tensor([image_row + [FIXTURE_VIDEO_TOKEN_ID] * n_video]),
+              pixel_values_videos=siglip, hiera_pixel_values_videos=hiera)
+
+
+def _video_call(model, siglip, hiera):
+    n = sum(model.config.num_video_tokens(siglip.shape[1]))
+    ids = torch.tensor([[1] + [FIXTURE_VIDEO_TOKEN_ID] * n + [2]])
+    return model(input_ids=ids, pixel_values_videos=siglip, hiera_pixel_values_videos=hiera)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_non_float_pixels_are_refused(dtype):
+    """Raw uint8 frames (or any integer pixels) were cast to float unscaled: wrong logits, no error."""
+    model = _small_model()
+    siglip, hiera = random_video_pixels(model.config, 2)
+    with pytest.raises(TypeError, match=f"`pixel_values_videos` has dtype {dtype}.*Vica2Processor"):
+        _video_call(model, (siglip * 40 + 128).clamp(0, 255).to(dtype), hiera)
+    with pytest.raises(TypeError, match=f"`hiera_pixel_values` has dtype {dtype}"):
+        inputs = _image_inputs(model.config, 60, 60)
+        model.model.get_image_features(**{**inputs, "hiera_pixel_values": inputs["hiera_pixel_values"].to(dtype)})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_pixels_are_refused(bad):
+    """One NaN / inf pixel made every logit NaN (greedy decoding then emits id 0 forever)."""
+    model = _small_model()
+    siglip, hiera = random_video_pixels(model.config, 2, num_videos=2)
+    hiera[1, 0, 2, 5, 5] = bad
+    with pytest.raises(ValueError, match=r"`hiera_pixel_values_videos` contains NaN or infinite values \(item\(s\) 1\)"):
+        model.model.get_video_features(siglip, hiera)
+    inputs = _image_inputs(model.config, 60, 60)
+    inputs["pixel_values"][0, 0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match="`pixel_values` contains NaN or infinite"):
+        model.model.get_image_features(**inputs)
+    half = siglip[:1].to(torch.bfloat16)  # half-precision pixels are checked too
+    half[0, 1, 0, 3, 3] = bad
+    with pytest.raises(ValueError, match="`pixel_values_videos` contains NaN or infinite"):
+        model.model.get_video_features(half, hiera[:1].nan_to_num().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("sizes", [[[0, 60]], [[60, -4]], [[60.5, 60]], [[60]], [60, 60]])
+def test_bad_image_sizes_are_named(sizes):
+    model = _small_model()
+    inputs = _image_inputs(model.config, 60, 60)
+    with pytest.raises(ValueError, match="`image_sizes` must"):
+        model.model.get_image_features(**{**inputs, "image_sizes": torch.tensor(sizes)})
+
+
+def test_bad_input_ids_are_named():
+    model = _small_model()
+    vocab = model.config.text_config.vocab_size
+    with pytest.raises(TypeError, match="`input_ids` has dtype torch.float32; token ids must be integers"):
+        model(input_ids=torch.tensor([[1.0, 2.0]]))
+    for bad in (vocab, -100):
+        with pytest.raises(ValueError, match=f"ids from .* the vocabulary has {vocab} tokens"):
+            model(input_ids=torch.tensor([[1, bad, 2]]))
+    with pytest.raises(TypeError, match="must be a torch tensor"):
+        model(input_ids=[[1, 2]])
+
+
+def test_attention_mask_of_the_wrong_length_is_named():
+    model = _small_model()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for mask in (torch.ones(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long), torch.ones(2, 4)):
+        with pytest.raises(ValueError, match=r"`attention_mask` has shape .* it must be \(1, 4\)"):
+            model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"`position_ids` has shape \(1, 3\) but the input has 4 new token"):
+        model(input_ids=ids, position_ids=torch.arange(3)[None])
+    # After prefill the mask covers the cached tokens too.
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones(1, 4, dtype=torch.long), use_cache=True)
+        cache = {CACHE_NAME: getattr(out, CACHE_NAME)}
+        model(input_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, 5, dtype=torch.long), **cache)
+    with pytest.raises(ValueError, match=r"after 5 cached token\(s\): it must be \(1, 6\)"):
+        model(input_ids=torch.tensor([[6]]), attention_mask=torch.ones(1, 1, dtype=torch.long), **cache)
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,14 @@ saving / loading, and a clear error for every kind of bad input."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import http.server
+import io
 import json
 import math
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -525,6 +530,11 @@ def test_save_and_load_through_auto_classes(processor, samples, tmp_path):
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
     image_processor = AutoImageProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(image_processor).__name__ == "Vica2ImageProcessor" and image_processor.hiera_size == 1024
+    # The remote-media switch is unset in a saved processor (the environment decides) and can be set at load.
+    assert loaded.allow_remote_media is None
+    strict = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True, allow_remote_media=False)
+    with pytest.raises(ValueError, match="Refusing to fetch the image"):
+        strict(text="<image>", images="https://127.0.0.1:1/a.png")
 
 
 def test_optional_packages_are_guarded(monkeypatch):
@@ -671,3 +681,204 @@ def test_config_and_tokenizer_ids_must_agree():
 
     with pytest.raises(ValueError, match="expects 100"):
         Vica2Processor.from_model_config(tiny_config(image_token_id=100), fixture_tokenizer())
+
+
+
+# ----------------------------------------------------------------------------------------------- pixel types, layout
+def _scaled(image8: np.ndarray, dtype) -> np.ndarray:
+    """uint8 pixels written in a wider integer type, spanning that type's range (65535 is white in 16 bits)."""
+    return np.rint(image8 * (np.iinfo(dtype).max / 255)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint32, np.int32])
+def test_wide_integer_pixels_are_scaled_by_their_range(tiny, dtype):
+    """16/32-bit images were refused (arrays) or clipped at 255 (PIL's convert("RGB")): scale them instead."""
+    _, processor = tiny
+    image8 = np.random.default_rng(6).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    expected = processor(images=image8)
+    out = processor(images=_scaled(image8, dtype))
+    for key in ("pixel_values", "hiera_pixel_values"):
+        assert torch.equal(out[key], expected[key]), key
+    video8 = np.stack([image8, image8[::-1]])
+    assert torch.equal(processor(videos=torch.from_numpy(_scaled(video8, dtype)))["pixel_values_videos"],
+                       processor(videos=video8)["pixel_values_videos"])
+
+
+def test_16_and_32_bit_pil_images_and_bool_masks_are_scaled(tiny):
+    _, processor = tiny
+    gray8 = np.random.default_rng(7).integers(0, 256, (24, 36), dtype=np.uint8)
+    expected = processor(images=np.repeat(gray8[..., None], 3, -1))["pixel_values"]
+    for wide in (_scaled(gray8, np.uint16), _scaled(gray8, np.int32)):
+        image = Image.fromarray(wide)
+        assert image.mode in ("I;16", "I")
+        assert torch.equal(processor(images=image)["pixel_values"], expected), image.mode
+    mask = gray8 > 128
+    assert torch.equal(processor(images=mask)["pixel_values"],
+                       processor(images=mask.astype(np.uint8) * 255)["pixel_values"])
+    with pytest.raises(ValueError, match="negative values"):
+        processor(images=np.full((8, 8, 3), -1, np.int16))
+    with pytest.raises(ValueError, match="dtype int64.*astype\\(np.uint8\\)"):  # 0..255 in the default int type
+        processor(images=torch.randint(0, 256, (8, 8, 3)))
+    with pytest.raises(ValueError, match="dtype float32"):  # PIL "F": its range is the caller's convention
+        processor(images=Image.fromarray(gray8.astype(np.float32)))
+
+
+def test_ambiguous_channel_layout_asks_for_input_data_format(tiny):
+    """A channels-first (T, 3, 4, 4) video of tiny frames was read as channels-last 3 x 4 RGBA frames."""
+    from transformers.image_utils import ChannelDimension
+
+    _, processor = tiny
+    last = np.random.default_rng(8).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    first = np.ascontiguousarray(last.transpose(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="Cannot tell where the channels .* input_data_format='channels_first'"):
+        processor(videos=first)
+    with pytest.raises(ValueError, match="Cannot tell where the channels"):
+        processor(videos=last)
+    reference = processor(videos=last, input_data_format="channels_last")["pixel_values_videos"]
+    assert torch.equal(processor(videos=first, input_data_format="channels_first")["pixel_values_videos"], reference)
+    assert torch.equal(processor(videos=torch.from_numpy(first),
+                                 input_data_format=ChannelDimension.FIRST)["pixel_values_videos"], reference)
+    with pytest.raises(ValueError, match="Cannot tell"):
+        processor(images=first[0])
+    assert torch.equal(processor(images=first[0], input_data_format="channels_first")["pixel_values"],
+                       processor(images=Image.fromarray(last[0]))["pixel_values"])
+    with pytest.raises(ValueError, match="input_data_format must be 'channels_last' or 'channels_first'"):
+        processor(images=first[0], input_data_format="sideways")
+
+
+@pytest.mark.parametrize(
+    "images, videos",
+    [
+        (np.zeros((0, 10, 3), np.uint8), None),
+        (Image.new("RGB", (12, 0)), None),
+        (None, np.zeros((2, 0, 10, 3), np.uint8)),
+    ],
+)
+def test_empty_pictures_are_named(tiny, images, videos):
+    _, processor = tiny
+    text = "<image>" if images is not None else "<video>"
+    with pytest.raises(ValueError, match="is empty \\(height"):
+        processor(text=text, images=images, videos=videos)
+
+
+# ----------------------------------------------------------------------------------------------- decoded videos
+def test_decoded_video_metadata_must_describe_its_frames(tiny):
+    _, processor = tiny
+    frames = np.zeros((4, 16, 16, 3), np.uint8)
+    short = {"total_num_frames": 90, "fps": 30.0, "frames_indices": [0, 44, 89]}  # 3 indices for 4 frames
+    with pytest.raises(ValueError, match="lists 3 frame indices \\(frames_indices\\) for 4 frames"):
+        processor(text="<video>", videos=frames, video_metadata=short)
+    chat = user_turn({"type": "video", "video": frames, "metadata": short}, {"type": "text", "text": "Q"})
+    for tokenize in (False, True):  # the prompt alone would already say "3 frames"
+        with pytest.raises(ValueError, match="lists 3 frame indices"):
+            processor.apply_chat_template(chat, tokenize=tokenize)
+    outside = {"total_num_frames": 10, "fps": 5.0, "frames_indices": [0, 3, 6, 12]}
+    with pytest.raises(ValueError, match="outside its total_num_frames=10"):
+        processor(text="<video>", videos=(frames, outside))
+
+
+def test_decoded_video_with_another_num_frames_is_an_error(tiny, video_file):
+    """num_frames cannot resample decoded frames; it used to be ignored with a log line."""
+    _, processor = tiny
+    frames = np.zeros((4, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="num_frames=3 was asked for, but this video is already decoded into 4"):
+        processor(text="<video>", videos=frames, num_frames=3)
+    assert processor(text="<video>", videos=frames, num_frames=4)["pixel_values_videos"].shape[1] == 4
+    loaded = processor.load_video(str(video_file), num_frames=5)
+    with pytest.raises(ValueError, match="num_frames=8 was asked for, but this video is already decoded into 5"):
+        processor(text="<video>", videos=loaded, num_frames=8)
+    for source in (frames, loaded):
+        with pytest.raises(ValueError, match="num_frames=6 was asked for"):
+            processor.apply_chat_template(user_turn({"type": "video", "video": source}), num_frames=6, tokenize=True)
+
+
+# ----------------------------------------------------------------------------------------------- remote media
+@contextlib.contextmanager
+def media_server(files: dict):
+    """A 127.0.0.1 HTTP server for the test's duration; yields (base URL, list of requested paths)."""
+    requested = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            body = files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_remote_media_are_fetched_by_default_and_refused_by_the_switch(tiny, monkeypatch):
+    _, processor = tiny
+    picture = np.random.default_rng(9).integers(0, 256, (20, 28, 3), dtype=np.uint8)
+    data_url = "data:image/png;base64," + base64.b64encode(_png_bytes(picture)).decode()
+    expected = processor(text="<image>", images=picture)["pixel_values"]
+    with media_server({"/a.png": _png_bytes(picture), "/clip.mp4": b"\x00" * 64}) as (base, requested):
+        # Default (transformers' behaviour): URLs are fetched.
+        monkeypatch.delenv("VICA2_ALLOW_REMOTE_MEDIA", raising=False)
+        assert torch.equal(processor(text="<image>", images=f"{base}/a.png")["pixel_values"], expected)
+        assert torch.equal(processor(text="<image>", images=data_url)["pixel_values"], expected)
+        assert requested == ["/a.png"]
+        question = {"type": "text", "text": "Q"}
+        chats = [
+            user_turn({"type": "image", "url": f"{base}/a.png"}, question),
+            user_turn({"type": "image_url", "image_url": {"url": f"{base}/a.png"}}, question),
+            user_turn({"type": "video", "url": f"{base}/clip.mp4"}, question),
+            user_turn({"type": "video", "path": "rtsp://127.0.0.1:1/stream"}, question),
+        ]
+        # The switch, as an attribute and as the environment variable: refused before anything is fetched.
+        for switch in ("attribute", "environment"):
+            if switch == "attribute":
+                monkeypatch.setattr(processor, "allow_remote_media", False)
+            else:
+                monkeypatch.setattr(processor, "allow_remote_media", None)
+                monkeypatch.setenv("VICA2_ALLOW_REMOTE_MEDIA", "0")
+            for kwargs in (dict(text="<image>", images=f"{base}/a.png"), dict(text="<image>", images=data_url),
+                           dict(text="<video>", videos=f"{base}/clip.mp4"),
+                           dict(text="<video>", videos="ftp://127.0.0.1/clip.mp4")):
+                with pytest.raises(ValueError, match="Refusing to fetch the (image|video) '(http|data|ftp)"):
+                    processor(**kwargs)
+            for chat in chats:
+                for tokenize in (False, True):
+                    with pytest.raises(ValueError, match="Refusing to fetch"):
+                        processor.apply_chat_template(chat, tokenize=tokenize)
+            with pytest.raises(ValueError, match="Refusing to fetch"):
+                processor.load_video(f"{base}/clip.mp4")
+            assert torch.equal(processor(text="<image>", images=picture)["pixel_values"], expected)  # local: fine
+        assert requested == ["/a.png"]
+        monkeypatch.setenv("VICA2_ALLOW_REMOTE_MEDIA", "maybe")
+        with pytest.raises(ValueError, match="VICA2_ALLOW_REMOTE_MEDIA='maybe'"):
+            processor(text="<image>", images=f"{base}/a.png")
+
+
+def test_an_image_url_that_fails_is_named(tiny):
+    _, processor = tiny
+    with media_server({"/page.html": b"<html>not an image</html>"}) as (base, requested):
+        for path in ("/missing.png", "/page.html"):
+            with pytest.raises(ValueError, match=f"Could not read the image '{base}{path}'.*Check the URL"):
+                processor(text="<image>", images=base + path)
+        assert requested == ["/missing.png", "/page.html"]
+    with pytest.raises(ValueError, match=f"Could not read the image '{base}/a.png': Connect"):  # server gone
+        processor(text="<image>", images=f"{base}/a.png")
