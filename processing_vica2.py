@@ -36,15 +36,15 @@ from .configuration_vica2 import (
 )
 from .image_processing_vica2 import Vica2ImageProcessor, flatten_images, to_video_frames
 from .video_loading_vica2 import DecodedVideo, FastResize, probe_video, read_video
+from .video_processing_vica2 import Vica2VideoProcessor
 
 
 logger = logging.get_logger(__name__)
 
 # Settings that only matter when a video file is read.
 VIDEO_LOADING_ARGS = ("num_frames", "fast_decode")
-# Accepted for compatibility with transformers' video conventions (`apply_chat_template` sets it); ViCA2 always
-# samples frames from a file and never from decoded frames.
-IGNORED_ARGS = ("do_sample_frames",)
+# Per-video outputs of the token-ratio settings, read by the model (`video_token_ratio`).
+VIDEO_TOKEN_RATIO = "video_token_ratio"
 TOKENIZER_ARGS = frozenset(TextKwargs.__annotations__) - {
     "return_mm_token_type_ids",
     "return_text_replacement_offsets",
@@ -140,6 +140,8 @@ class Vica2Processor(ProcessorMixin):
         self.add_time_instruction = add_time_instruction
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
         _check_layout_matches(self.token_layout, self.image_processor)
+        # Built from the image processor (it has no settings of its own to save); serving engines look for it.
+        self.video_processor = Vica2VideoProcessor(self.image_processor)
 
     @classmethod
     def from_model_config(cls, config, tokenizer, image_processor=None, **kwargs) -> Vica2Processor:
@@ -186,6 +188,10 @@ class Vica2Processor(ProcessorMixin):
                 returned in the output for the model.
             fast_decode (`bool`, defaults to `False`): resize while decoding (swscale, from YUV); faster, not
                 bit-exact.
+            do_sample_frames (`bool`, defaults to `False`): decoded frames given with metadata (which frames of the
+                video they are: `frames_indices`, `total_num_frames`) are sampled as the release samples a file,
+                `num_frames` (default: the frame budget) of the whole video. An explicit `num_frames` samples too.
+                Serving engines (vLLM) pass it with the frames they decoded.
             hiera_antialias (`bool`): antialias the Hiera resize (default off, as the release).
             video_metadata: `VideoMetadata` (or dict) per decoded-frames video, kept for `return_metadata=True`.
             padding, padding_side, truncation, max_length, return_tensors (default `"pt"`), ...: tokenizer options.
@@ -193,7 +199,8 @@ class Vica2Processor(ProcessorMixin):
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, and for images `pixel_values`, `image_sizes`,
             `hiera_pixel_values`, for videos `pixel_values_videos`, `hiera_pixel_values_videos` (lists when the
-            videos have different frame counts), plus any token-ratio overrides that were passed.
+            videos have different frame counts) and `video_token_ratio` (the four token-ratio settings of each video,
+            for the model), plus any token-ratio overrides that were passed.
         """
         if audio is not None:
             raise ValueError("ViCA2 does not take audio; pass images and/or videos.")
@@ -212,8 +219,6 @@ class Vica2Processor(ProcessorMixin):
 
     def _call_settings(self, kwargs: dict) -> _CallSettings:
         kwargs = _flatten_modality_kwargs(kwargs)
-        for name in IGNORED_ARGS:
-            kwargs.pop(name, None)
         overrides = {name: kwargs.pop(name) for name in TOKEN_RATIO_ARGS if name in kwargs}
         overrides = {name: value for name, value in overrides.items() if value is not None}
         num_frames = kwargs.pop("num_frames", None)
@@ -222,6 +227,7 @@ class Vica2Processor(ProcessorMixin):
             layout=self.resolve_token_layout(**overrides),
             num_frames=None if num_frames is None else positive_int("num_frames", num_frames, "frames to sample"),
             fast_decode=bool(kwargs.pop("fast_decode", False)),
+            sample_frames=bool(kwargs.pop("do_sample_frames", False)),
             video_metadata=kwargs.pop("video_metadata", None),
             return_metadata=bool(kwargs.pop("return_metadata", False)),
             return_offsets=bool(kwargs.pop("return_text_replacement_offsets", False)),
@@ -249,6 +255,8 @@ class Vica2Processor(ProcessorMixin):
         data.update(self._video_pixels(decoded, settings.layout, settings.image_kwargs.get("hiera_antialias")))
         if settings.return_metadata:
             data["video_metadata"] = [video.metadata for video in decoded]
+        row = [settings.layout[name] for name in TOKEN_RATIO_ARGS]
+        data[VIDEO_TOKEN_RATIO] = torch.tensor([row] * len(decoded), dtype=torch.long)
         return [self.video_token * sum(num_video_tokens(v.num_frames, **settings.layout)) for v in decoded]
 
     def _text_inputs(self, texts, image_replacements, video_replacements, settings: _CallSettings) -> dict:
@@ -298,29 +306,33 @@ class Vica2Processor(ProcessorMixin):
             elif _is_file_source(video):
                 decoded.append(self._read_video(video, settings.layout, settings.num_frames, settings.fast_decode))
             else:
-                decoded.append(_decoded_frames_video(video, metadata, settings))
+                decoded.append(self._decoded_frames_video(video, metadata, settings))
         return decoded
 
+    def _decoded_frames_video(self, video, metadata, settings: _CallSettings) -> DecodedVideo:
+        """Already-decoded frames (optionally with their metadata): sampled as the release samples a file when asked
+        (`do_sample_frames` / `num_frames`) and the metadata says which frames they are, else used as given."""
+        if isinstance(video, tuple) and len(video) == 2 and _is_metadata(video[1]):
+            video, metadata = video
+        frames, metadata = to_video_frames(video), _as_metadata(metadata)
+        sampled = False
+        if settings.sample_frames or settings.num_frames is not None:
+            num_frames = settings.num_frames or settings.layout["video_frames_budget"]
+            frames, new_metadata = self.video_processor.sample_frames(frames, metadata, num_frames)
+            sampled = new_metadata is not metadata
+            metadata = new_metadata
+        if settings.num_frames is not None and not sampled and settings.num_frames != len(frames):
+            logger.warning_once(
+                f"num_frames={settings.num_frames} does not apply to decoded frames without metadata saying which "
+                f"frames they are: the {len(frames)} given frames are used as they are. Sample them yourself, pass "
+                "their metadata (frames_indices, total_num_frames), or pass the video file."
+            )
+        if settings.fast_decode:
+            logger.warning_once("fast_decode applies to video files only; decoded frames are processed exactly.")
+        return DecodedVideo(metadata, frames=frames)
+
     def _video_pixels(self, decoded: list[DecodedVideo], layout: dict, hiera_antialias) -> dict:
-        stride = _hiera_frame_stride(layout)
-        siglip, hiera = [], []
-        for video in decoded:
-            if video.frames is None:  # fast-decoded: already resized
-                if video.hiera_frame_stride != stride:
-                    raise ValueError(
-                        f"This video was fast-decoded for a Hiera frame stride of {video.hiera_frame_stride}, but the "
-                        f"call's settings give {stride}: load it again with the same token-ratio settings."
-                    )
-                pixels = self.image_processor.preprocess_resized_video(video.siglip_frames, video.hiera_frames)
-            else:
-                pixels = self.image_processor.preprocess_video(video.frames, stride, hiera_antialias=hiera_antialias)
-            siglip.append(pixels["pixel_values_videos"])
-            hiera.append(pixels["hiera_pixel_values_videos"])
-        if len(siglip) == 1:  # a view, not a copy of the (large) pixels
-            return {"pixel_values_videos": siglip[0][None], "hiera_pixel_values_videos": hiera[0][None]}
-        if len({item.shape[0] for item in siglip}) == 1:
-            return {"pixel_values_videos": torch.stack(siglip), "hiera_pixel_values_videos": torch.stack(hiera)}
-        return {"pixel_values_videos": siglip, "hiera_pixel_values_videos": hiera}
+        return self.video_processor(decoded, _hiera_frame_stride(layout), hiera_antialias)
 
     # ------------------------------------------------------------------------------------------- text
     def _check_placeholders(self, texts: list[str], num_images: int, num_videos: int) -> None:
@@ -359,7 +371,7 @@ class Vica2Processor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         names = list(self.tokenizer.model_input_names) + list(self.image_processor.model_input_names)
-        return list(dict.fromkeys(names + ["pixel_values_videos", "hiera_pixel_values_videos"]))
+        return list(dict.fromkeys(names + list(self.video_processor.model_input_names)))
 
     # ------------------------------------------------------------------------------------------- chat template
     def apply_chat_template(self, conversation, chat_template=None, add_time_instruction=None, **kwargs):
@@ -466,27 +478,13 @@ class _CallSettings:
     layout: dict  # the token layout with those overrides applied
     num_frames: int | None
     fast_decode: bool
+    sample_frames: bool
     video_metadata: object
     return_metadata: bool
     return_offsets: bool
     return_mm_token_type_ids: bool
     image_kwargs: dict
     text_kwargs: dict
-
-
-def _decoded_frames_video(video, metadata, settings: _CallSettings) -> DecodedVideo:
-    """Already-decoded frames (optionally with their metadata), used as given."""
-    if isinstance(video, tuple) and len(video) == 2 and _is_metadata(video[1]):
-        video, metadata = video
-    frames = to_video_frames(video)
-    if settings.num_frames is not None and settings.num_frames != len(frames):
-        logger.warning_once(
-            f"num_frames={settings.num_frames} does not apply to decoded frames: the {len(frames)} given frames are "
-            "used as they are. Sample them yourself, or pass the video file."
-        )
-    if settings.fast_decode:
-        logger.warning_once("fast_decode applies to video files only; decoded frames are processed exactly.")
-    return DecodedVideo(_as_metadata(metadata), frames=frames)
 
 
 def _token_in_vocab(tokenizer, token: str) -> int | None:
