@@ -200,7 +200,7 @@ class Vica2Processor(ProcessorMixin):
             `BatchFeature` with `input_ids`, `attention_mask`, and for images `pixel_values`, `image_sizes`,
             `hiera_pixel_values`, for videos `pixel_values_videos`, `hiera_pixel_values_videos` (lists when the
             videos have different frame counts) and `video_token_ratio` (the four token-ratio settings of each video,
-            for the model), plus any token-ratio overrides that were passed.
+            overrides applied, for the model).
         """
         if audio is not None:
             raise ValueError("ViCA2 does not take audio; pass images and/or videos.")
@@ -214,7 +214,8 @@ class Vica2Processor(ProcessorMixin):
         video_replacements = self._video_inputs(video_list, settings, data)
         if texts is not None:
             data = {**self._text_inputs(texts, image_replacements, video_replacements, settings), **data}
-        data.update({name: settings.layout[name] for name in settings.overrides})
+        # Token-ratio overrides reach the model through each video's `video_token_ratio` row (a per-item field is
+        # what a serving engine can batch; call-level scalars would not be attributable to an item).
         return BatchFeature(data)
 
     def _call_settings(self, kwargs: dict) -> _CallSettings:
