@@ -146,3 +146,22 @@ def test_bad_requests_name_the_problem_and_the_engine_goes_on(llm, media, prompt
         llm.generate(request, greedy(2), use_tqdm=False)
     assert message in _messages(error.value)
     assert len(_token_ids(llm.generate(chat("Still there?"), greedy(2), use_tqdm=False))[0]) == 2
+
+
+def test_front_end_engine_answers_as_transformers(llm, reference, hub_folder, media):
+    """`VllmEngine` (what the evaluator submits through): ViCA2's own decoded videos, all questions at once."""
+    from transformers import AutoTokenizer
+
+    from vica2.video_loading_vica2 import read_video
+    from vica2.vllm_engine_vica2 import VllmEngine
+
+    paths = [str(media[name]) for name in ("long", "other", "long", "short")]
+    prompts = [chat(f"<video>\nQuestion {i}?") for i in range(len(paths))]
+    engine = VllmEngine(str(hub_folder), llm=llm)
+    assert engine.generatable == 383
+    got = engine.generate(prompts, [read_video(path, 8) for path in paths], MAX_TOKENS)
+    tokenizer = AutoTokenizer.from_pretrained(hub_folder)
+    expected = reference.generate([{"prompt": p, "max_new_tokens": MAX_TOKENS, "videos": v} for p, v in zip(prompts, paths)])
+    assert got == [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in expected]
+    with pytest.raises(ValueError, match="one video per prompt"):
+        engine.generate(prompts, [], MAX_TOKENS)
