@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.utils import logging
 
@@ -53,7 +53,14 @@ CACHE_NAME = "cache" if "cache" in inspect.signature(Qwen2Model.forward).paramet
 # standard `pixel_values*` / `image_sizes` names).
 HIERA_PIXEL_INPUTS = ("hiera_pixel_values", "hiera_pixel_values_videos")
 
-VISUAL_INPUTS = ("pixel_values", "image_sizes", "hiera_pixel_values", "pixel_values_videos", "hiera_pixel_values_videos")
+VISUAL_INPUTS = (
+    "pixel_values",
+    "image_sizes",
+    "hiera_pixel_values",
+    "pixel_values_videos",
+    "hiera_pixel_values_videos",
+    "video_token_ratio",
+)
 
 # bitsandbytes' 8-bit matmul says it casts its (float32 / bfloat16) inputs to float16 on every call of every quantized
 # Linear: hundreds of identical lines per forward. Once is enough; only that message is deduplicated.
@@ -259,6 +266,20 @@ def _setting(name: str, value, default: int) -> int:
     return default if value is None else positive_int(name, value)
 
 
+def _per_video_ratio(video_token_ratio, num_videos: int, scalar_settings: tuple) -> list[tuple]:
+    """The (video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride) of each video: the rows of
+    `video_token_ratio` when given (None entries fall back to the config), else the scalar settings for all."""
+    if video_token_ratio is None:
+        return [scalar_settings] * num_videos
+    rows = video_token_ratio.tolist() if isinstance(video_token_ratio, torch.Tensor) else list(video_token_ratio)
+    if len(rows) != num_videos or any(len(row) != len(TOKEN_RATIO_ARGS) for row in rows):
+        raise ValueError(
+            f"`video_token_ratio` must hold one row of {len(TOKEN_RATIO_ARGS)} settings ({', '.join(TOKEN_RATIO_ARGS)}) "
+            f"per video; got {_describe(video_token_ratio)} for {num_videos} video(s). Use the Vica2Processor."
+        )
+    return [tuple(row) for row in rows]
+
+
 def _describe(value) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -266,8 +287,15 @@ def _describe(value) -> str:
 class Vica2Model(Vica2PreTrainedModel):
     """The towers, the two projectors, `image_newline` and the language model (no LM head)."""
 
-    # Loading a full checkpoint into the base model leaves the head behind, as intended.
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+    # No `_keys_to_ignore_on_load_unexpected` here: transformers merges a child's patterns into its parent's, and
+    # loaders that read the merged list (vLLM's Transformers backend) then skipped `lm_head.weight` of the full model
+    # silently, leaving the head uninitialised. Only the base model, loaded by itself, leaves the head behind.
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # Called on the model being loaded only (never on a child), so this quiets the head of a full checkpoint
+        # when the base model alone is loaded, and nothing else.
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        loading_info.unexpected_keys = {k for k in loading_info.unexpected_keys if not k.startswith("lm_head.")}
 
     def __init__(self, config: Vica2Config):
         super().__init__(config)
@@ -328,7 +356,9 @@ class Vica2Model(Vica2PreTrainedModel):
         siglip_pool_stride: int | None = None,
         hiera_pool_stride: int | None = None,
         vision_chunk_size: int | None = None,
-    ) -> list[torch.Tensor]:
+        video_token_ratio: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> list[torch.Tensor] | BaseModelOutputWithPooling:
         """The token sequence of each video: [SigLIP tokens ; Hiera tokens], each stream in newline rows.
 
         Args:
@@ -338,11 +368,16 @@ class Vica2Model(Vica2PreTrainedModel):
             video_frames_budget, hiera_frames: k = video_frames_budget / hiera_frames (defaults: config, 64 / 32).
             siglip_pool_stride, hiera_pool_stride: spatial pool strides (defaults: config, 2 and 2).
             vision_chunk_size: frames per tower forward (default: config); does not change the result.
+            video_token_ratio: (num_videos, 4) per-video (video_frames_budget, hiera_frames, siglip_pool_stride,
+                hiera_pool_stride), as the processor returns them; takes the place of the four settings above, so
+                that videos prepared with different settings can share one call (a serving engine batches them).
+            return_dict: return a `BaseModelOutputWithPooling` whose `pooler_output` is the list (serving engines
+                ask for it).
 
         Returns:
             A list with one (T * p * (p + 1) + ceil(T / k) * q * (q + 1), hidden_size) tensor per video.
         """
-        settings = self._token_ratio(video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride)
+        scalar_settings = (video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride)
         chunk_size = self._chunk_size(vision_chunk_size)
         siglip_size, hiera_size = self.config.vision_config.image_size, self._hiera_image_size()
         videos = _as_item_list(pixel_values_videos, "pixel_values_videos", 3, siglip_size)
@@ -352,13 +387,15 @@ class Vica2Model(Vica2PreTrainedModel):
                 f"Got SigLIP pixels for {len(videos)} videos but Hiera pixels for {len(hiera_videos)}; pass both for "
                 "every video (the Vica2Processor returns `pixel_values_videos` and `hiera_pixel_values_videos`)."
             )
+        rows = _per_video_ratio(video_token_ratio, len(videos), scalar_settings)
         features = []
-        for video, hiera_video in zip(videos, hiera_videos):
+        for video, hiera_video, row in zip(videos, hiera_videos, rows):
+            settings = self._token_ratio(*row)
             hiera_video = self._hiera_video_frames(video.shape[0], hiera_video, settings["frame_stride"])
             siglip = self._siglip_frames(video, chunk_size, settings["siglip_pool_stride"])
             hiera = self._hiera_frames(hiera_video, chunk_size, settings["hiera_pool_stride"])
             features.append(torch.cat([newline_rows(siglip, self.image_newline), newline_rows(hiera, self.image_newline)]))
-        return features
+        return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
 
     def _hiera_video_frames(self, num_frames: int, hiera_video: torch.Tensor, frame_stride: int) -> torch.Tensor:
         """The frames Hiera encodes: every `frame_stride`-th of the video's frames."""
@@ -397,7 +434,8 @@ class Vica2Model(Vica2PreTrainedModel):
         image_sizes,
         hiera_pixel_values,
         vision_chunk_size: int | None = None,
-    ) -> list[torch.Tensor]:
+        return_dict: bool | None = None,
+    ) -> list[torch.Tensor] | BaseModelOutputWithPooling:
         """The token sequence of each image: [SigLIP tokens ; Hiera tokens].
 
         SigLIP: the base view's 27 x 27 tokens (no newline), then the anyres tiles' feature map unpadded to the
@@ -410,6 +448,7 @@ class Vica2Model(Vica2PreTrainedModel):
             image_sizes: (num_images, 2) original (height, width) of each image.
             hiera_pixel_values: (num_images, 3, 1024, 1024) (or a list of (1, 3, 1024, 1024)).
             vision_chunk_size: tiles per tower forward (default: config).
+            return_dict: return a `BaseModelOutputWithPooling` whose `pooler_output` is the list.
 
         Returns:
             A list with one (num_tokens_i, hidden_size) tensor per image.
@@ -435,7 +474,7 @@ class Vica2Model(Vica2PreTrainedModel):
             siglip = self._anyres_tokens(tiles, int(height), int(width), chunk_size)
             hiera = newline_rows(self._hiera_frames(hiera_image, chunk_size), self.image_newline)
             features.append(torch.cat([siglip, hiera]))
-        return features
+        return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
 
     def _anyres_tokens(self, tiles: torch.Tensor, height: int, width: int, chunk_size: int) -> torch.Tensor:
         config = self.config
@@ -502,8 +541,10 @@ class Vica2Model(Vica2PreTrainedModel):
         siglip_pool_stride: int | None = None,
         hiera_pool_stride: int | None = None,
         vision_chunk_size: int | None = None,
+        video_token_ratio: torch.Tensor | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> Vica2ModelOutputWithPast:
+    ) -> Vica2ModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         cache = cache if cache is not None else past_key_values
@@ -535,6 +576,7 @@ class Vica2Model(Vica2PreTrainedModel):
                 siglip_pool_stride,
                 hiera_pool_stride,
                 vision_chunk_size,
+                video_token_ratio,
             )
             inputs_embeds = self._merge_placeholders(
                 input_ids, inputs_embeds, video_features, self.config.video_token_id, "video"
@@ -552,7 +594,7 @@ class Vica2Model(Vica2PreTrainedModel):
             **{CACHE_NAME: cache},
             **kwargs,
         )
-        return Vica2ModelOutputWithPast(
+        output = Vica2ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -560,6 +602,8 @@ class Vica2Model(Vica2PreTrainedModel):
             video_hidden_states=video_features,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
+        # Serving engines (vLLM's Transformers backend) call with return_dict=False and read output[0].
+        return output if return_dict is None or return_dict else output.to_tuple()
 
 
 def _cache_length(cache) -> int:
@@ -756,6 +800,7 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
         siglip_pool_stride: int | None = None,
         hiera_pool_stride: int | None = None,
         vision_chunk_size: int | None = None,
+        video_token_ratio: torch.Tensor | None = None,
         **kwargs,
     ) -> Vica2CausalLMOutputWithPast:
         r"""
@@ -769,6 +814,8 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
             ignored, and so is every visual placeholder position.
         video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride (`int`, *optional*): per-call token
             ratio control (defaults from the config); the processor must expand placeholders with the same values.
+        video_token_ratio (`torch.LongTensor` of shape `(num_videos, 4)`, *optional*): the same four settings per
+            video, as the processor returns them (they take precedence over the scalar settings).
         vision_chunk_size (`int`, *optional*): frames per vision-tower forward.
         """
         outputs = self.model(
@@ -789,7 +836,8 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
             siglip_pool_stride=siglip_pool_stride,
             hiera_pool_stride=hiera_pool_stride,
             vision_chunk_size=vision_chunk_size,
-            **{k: v for k, v in kwargs.items() if k != "num_items_in_batch"},
+            video_token_ratio=video_token_ratio,
+            **{k: v for k, v in kwargs.items() if k not in ("num_items_in_batch", "return_dict")},
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -854,8 +902,16 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
         if "pixel_values_videos" in visual:
             videos = visual["pixel_values_videos"]
             frames = [video.shape[0] for video in (videos.unbind(0) if isinstance(videos, torch.Tensor) else videos)]
-            lengths = [sum(config.num_video_tokens(t, **overrides)) for t in frames]
-            groups[config.video_token_id] = (("pixel_values_videos", "hiera_pixel_values_videos"), lengths)
+            scalars = tuple(overrides.get(name) for name in TOKEN_RATIO_ARGS)
+            rows = _per_video_ratio(visual.get("video_token_ratio"), len(frames), scalars)
+            lengths = [
+                sum(config.num_video_tokens(t, **{k: int(v) for k, v in zip(TOKEN_RATIO_ARGS, row) if v is not None}))
+                for t, row in zip(frames, rows)
+            ]
+            groups[config.video_token_id] = (
+                ("pixel_values_videos", "hiera_pixel_values_videos", "video_token_ratio"),
+                lengths,
+            )
         expanded = {}
         for token_id, (names, lengths) in groups.items():
             order = _row_major_item_order(input_ids, token_id, lengths, expand_size)

@@ -36,6 +36,7 @@ from .configuration_vica2 import (
 )
 from .image_processing_vica2 import Vica2ImageProcessor, flatten_images, is_remote_media, to_video_frames
 from .video_loading_vica2 import DecodedVideo, FastResize, probe_video, read_video
+from .video_processing_vica2 import Vica2VideoProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -44,9 +45,8 @@ logger = logging.get_logger(__name__)
 VIDEO_LOADING_ARGS = ("num_frames", "fast_decode", "decode_workers")
 # Image-processor settings that decide a video's pixels (prepared while it decodes, so needed before it is read).
 VIDEO_PIXEL_ARGS = ("hiera_antialias", "device")
-# Accepted for compatibility with transformers' video conventions (`apply_chat_template` sets it); ViCA2 always
-# samples frames from a file and never from decoded frames.
-IGNORED_ARGS = ("do_sample_frames",)
+# Per-video outputs of the token-ratio settings, read by the model (`video_token_ratio`).
+VIDEO_TOKEN_RATIO = "video_token_ratio"
 TOKENIZER_ARGS = frozenset(TextKwargs.__annotations__) - {
     "return_mm_token_type_ids",
     "return_text_replacement_offsets",
@@ -152,6 +152,8 @@ class Vica2Processor(ProcessorMixin):
         self.allow_remote_media = allow_remote_media
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
         _check_layout_matches(self.token_layout, self.image_processor)
+        # Built from the image processor (it has no settings of its own to save); serving engines look for it.
+        self.video_processor = Vica2VideoProcessor(self.image_processor)
 
     @classmethod
     def from_model_config(cls, config, tokenizer, image_processor=None, **kwargs) -> Vica2Processor:
@@ -202,6 +204,10 @@ class Vica2Processor(ProcessorMixin):
                 normalisations run on it, SigLIP's exact PIL resize stays on the CPU. Outputs are on `device`.
             fast_decode (`bool`, defaults to `False`): resize while decoding (swscale, from YUV); faster, not
                 bit-exact.
+            do_sample_frames (`bool`, defaults to `False`): decoded frames given with metadata (which frames of the
+                video they are: `frames_indices`, `total_num_frames`) are sampled as the release samples a file,
+                `num_frames` (default: the frame budget) of the whole video. An explicit `num_frames` samples too.
+                Serving engines (vLLM) pass it with the frames they decoded.
             hiera_antialias (`bool`): antialias the Hiera resize (default off, as the release).
             video_metadata: `VideoMetadata` (or dict) per decoded-frames video, kept for `return_metadata=True`.
             padding, padding_side, truncation, max_length, return_tensors (default `"pt"`), ...: tokenizer options.
@@ -209,7 +215,8 @@ class Vica2Processor(ProcessorMixin):
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, and for images `pixel_values`, `image_sizes`,
             `hiera_pixel_values`, for videos `pixel_values_videos`, `hiera_pixel_values_videos` (lists when the
-            videos have different frame counts), plus any token-ratio overrides that were passed.
+            videos have different frame counts) and `video_token_ratio` (the four token-ratio settings of each video,
+            overrides applied, for the model).
         """
         if audio is not None:
             raise ValueError("ViCA2 does not take audio; pass images and/or videos.")
@@ -227,13 +234,12 @@ class Vica2Processor(ProcessorMixin):
         video_replacements = self._video_inputs(video_list, settings, data)
         if texts is not None:
             data = {**self._text_inputs(texts, image_replacements, video_replacements, settings), **data}
-        data.update({name: settings.layout[name] for name in settings.overrides})
+        # Token-ratio overrides reach the model through each video's `video_token_ratio` row (a per-item field is
+        # what a serving engine can batch; call-level scalars would not be attributable to an item).
         return BatchFeature(data)
 
     def _call_settings(self, kwargs: dict) -> _CallSettings:
         kwargs = _flatten_modality_kwargs(kwargs)
-        for name in IGNORED_ARGS:
-            kwargs.pop(name, None)
         overrides = {name: kwargs.pop(name) for name in TOKEN_RATIO_ARGS if name in kwargs}
         overrides = {name: value for name, value in overrides.items() if value is not None}
         num_frames = kwargs.pop("num_frames", None)
@@ -243,6 +249,7 @@ class Vica2Processor(ProcessorMixin):
             num_frames=None if num_frames is None else positive_int("num_frames", num_frames, "frames to sample"),
             fast_decode=bool(kwargs.pop("fast_decode", False)),
             decode_workers=kwargs.pop("decode_workers", None),
+            sample_frames=bool(kwargs.pop("do_sample_frames", False)),
             video_metadata=kwargs.pop("video_metadata", None),
             return_metadata=bool(kwargs.pop("return_metadata", False)),
             return_offsets=bool(kwargs.pop("return_text_replacement_offsets", False)),
@@ -270,6 +277,8 @@ class Vica2Processor(ProcessorMixin):
         data.update(self._video_pixels(decoded, settings.layout, _pixel_options(settings.image_kwargs)))
         if settings.return_metadata:
             data["video_metadata"] = [video.metadata for video in decoded]
+        row = [settings.layout[name] for name in TOKEN_RATIO_ARGS]
+        data[VIDEO_TOKEN_RATIO] = torch.tensor([row] * len(decoded), dtype=torch.long)
         return [self.video_token * sum(num_video_tokens(v.num_frames, **settings.layout)) for v in decoded]
 
     def _text_inputs(self, texts, image_replacements, video_replacements, settings: _CallSettings) -> dict:
@@ -365,14 +374,7 @@ class Vica2Processor(ProcessorMixin):
         return video
 
     def _pixels_key(self, layout: dict, options: dict) -> tuple:
-        """What a video's prepared pixels depend on besides its frames."""
-        antialias = options.get("hiera_antialias")
-        device = options.get("device")
-        return (
-            _hiera_frame_stride(layout),
-            self.image_processor.hiera_antialias if antialias is None else bool(antialias),
-            str(torch.device(device if device is not None else "cpu")),
-        )
+        return self.video_processor.pixels_key(_hiera_frame_stride(layout), options)
 
     def _decoded_videos(self, videos: list, settings: _CallSettings) -> list[DecodedVideo]:
         metadata_list = _metadata_list(settings.video_metadata, len(videos))
@@ -393,43 +395,27 @@ class Vica2Processor(ProcessorMixin):
                     )
                 )
             else:
-                decoded.append(_decoded_frames_video(video, metadata, settings))
+                decoded.append(self._decoded_frames_video(video, metadata, settings))
         return decoded
 
+    def _decoded_frames_video(self, video, metadata, settings: _CallSettings) -> DecodedVideo:
+        """Already-decoded frames (optionally with their metadata): sampled as the release samples a file when asked
+        (`do_sample_frames` / `num_frames`) and the metadata says which frames they are, else used as given (then a
+        different `num_frames` is an error)."""
+        if isinstance(video, tuple) and len(video) == 2 and _is_metadata(video[1]):
+            video, metadata = video
+        frames = to_video_frames(video, settings.image_kwargs.get("input_data_format"))
+        metadata = _as_metadata(metadata)
+        if settings.sample_frames or settings.num_frames is not None:
+            num_frames = settings.num_frames or settings.layout["video_frames_budget"]
+            frames, metadata = self.video_processor.sample_frames(frames, metadata, num_frames)
+        _check_decoded_video(len(frames), metadata, settings.num_frames)
+        if settings.fast_decode:
+            logger.warning_once("fast_decode applies to video files only; decoded frames are processed exactly.")
+        return DecodedVideo(metadata, frames=frames)
+
     def _video_pixels(self, decoded: list[DecodedVideo], layout: dict, options: dict) -> dict:
-        stride = _hiera_frame_stride(layout)
-        key = self._pixels_key(layout, options)
-        siglip, hiera = [], []
-        for video in decoded:
-            if video.pixels is not None and video.pixels_key == key:  # prepared while decoding
-                pixels = video.pixels
-            elif video.siglip_frames is None and video.frames is None:
-                raise ValueError(
-                    f"This video's pixels were prepared for (Hiera frame stride, antialias, device) = "
-                    f"{video.pixels_key} and its frames were not kept, but the call asks for {key}: load it with "
-                    "`processor.load_video(...)` (which keeps the frames), or with the call's settings."
-                )
-            elif video.frames is None:  # fast-decoded: already resized
-                if video.hiera_frame_stride != stride:
-                    raise ValueError(
-                        f"This video was fast-decoded for a Hiera frame stride of {video.hiera_frame_stride}, but the "
-                        f"call's settings give {stride}: load it again with the same token-ratio settings."
-                    )
-                pixels = self.image_processor.preprocess_resized_video(
-                    video.siglip_frames, video.hiera_frames, device=options.get("device")
-                )
-            else:
-                pixels = self.image_processor.preprocess_video(
-                    video.frames, stride, hiera_antialias=options.get("hiera_antialias"), device=options.get("device"),
-                    input_data_format="channels_last",
-                )
-            siglip.append(pixels["pixel_values_videos"])
-            hiera.append(pixels["hiera_pixel_values_videos"])
-        if len(siglip) == 1:  # a view, not a copy of the (large) pixels
-            return {"pixel_values_videos": siglip[0][None], "hiera_pixel_values_videos": hiera[0][None]}
-        if len({item.shape[0] for item in siglip}) == 1:
-            return {"pixel_values_videos": torch.stack(siglip), "hiera_pixel_values_videos": torch.stack(hiera)}
-        return {"pixel_values_videos": siglip, "hiera_pixel_values_videos": hiera}
+        return self.video_processor(decoded, _hiera_frame_stride(layout), options)
 
     # ------------------------------------------------------------------------------------------- text
     def _check_placeholders(self, texts: list[str], num_images: int, num_videos: int) -> None:
@@ -468,7 +454,7 @@ class Vica2Processor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         names = list(self.tokenizer.model_input_names) + list(self.image_processor.model_input_names)
-        return list(dict.fromkeys(names + ["pixel_values_videos", "hiera_pixel_values_videos"]))
+        return list(dict.fromkeys(names + list(self.video_processor.model_input_names)))
 
     # ------------------------------------------------------------------------------------------- chat template
     def apply_chat_template(self, conversation, chat_template=None, add_time_instruction=None, **kwargs):
@@ -593,6 +579,7 @@ class _CallSettings:
     num_frames: int | None
     fast_decode: bool
     decode_workers: int | None
+    sample_frames: bool
     video_metadata: object
     return_metadata: bool
     return_offsets: bool
@@ -604,18 +591,6 @@ class _CallSettings:
 def _pixel_options(kwargs: dict) -> dict:
     """The call's settings that decide a video's pixels besides the token layout."""
     return {name: kwargs.get(name) for name in VIDEO_PIXEL_ARGS}
-
-
-def _decoded_frames_video(video, metadata, settings: _CallSettings) -> DecodedVideo:
-    """Already-decoded frames (optionally with their metadata), used as given."""
-    if isinstance(video, tuple) and len(video) == 2 and _is_metadata(video[1]):
-        video, metadata = video
-    frames = to_video_frames(video, settings.image_kwargs.get("input_data_format"))
-    metadata = _as_metadata(metadata)
-    _check_decoded_video(len(frames), metadata, settings.num_frames)
-    if settings.fast_decode:
-        logger.warning_once("fast_decode applies to video files only; decoded frames are processed exactly.")
-    return DecodedVideo(metadata, frames=frames)
 
 
 def _check_decoded_video(num_frames: int, metadata: VideoMetadata | None, requested: int | None) -> None:

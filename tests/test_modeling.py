@@ -658,3 +658,62 @@ def test_model_imports_without_optional_packages():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------- serving engines
+@pytest.mark.parametrize("model_class", ["Vica2ForConditionalGeneration", "Vica2Model"])
+def test_no_ignore_pattern_matches_a_weight_of_the_model(model_class):
+    """Loaders skip checkpoint keys that match `_keys_to_ignore_on_load_unexpected` (merged over all sub-models by
+    transformers); vLLM drops them outright. A pattern matching one of the model's own weights (the old `^lm_head\\.`
+    of Vica2Model, merged into the full model) leaves that weight uninitialised: every logit NaN in vLLM."""
+    import re
+
+    import vica2.modeling_vica2 as modeling
+
+    model = getattr(modeling, model_class)(tiny_config())
+    patterns = [re.compile(p) for p in (model._keys_to_ignore_on_load_unexpected or ())]
+    dropped = sorted(key for key in model.state_dict() if any(p.search(key) for p in patterns))
+    assert dropped == []
+
+
+def test_loading_a_full_checkpoint_keeps_the_head_and_the_base_model_leaves_it(tmp_path, caplog):
+    from vica2.modeling_vica2 import Vica2Model
+
+    model = tiny_model(seed=3)
+    model.save_pretrained(tmp_path)
+    loaded = Vica2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    with caplog.at_level("WARNING"):
+        base = Vica2Model.from_pretrained(tmp_path)
+    assert "lm_head" not in caplog.text  # the head is left behind by design, not reported as unexpected
+    assert torch.equal(base.language_model.norm.weight, model.model.language_model.norm.weight)
+
+
+def test_serving_engine_calling_conventions():
+    """vLLM's Transformers backend calls `get_*_features(..., return_dict=True)` and reads `.pooler_output`, calls
+    `Vica2Model.forward(..., return_dict=False)` and reads `[0]`, and batches videos of different requests with one
+    `video_token_ratio` row per video."""
+    model = tiny_model(seed=5)
+    config = model.config
+    siglip, hiera = random_video_pixels(config, 8, num_videos=2)
+    plain = model.model.get_video_features(siglip, hiera)
+    wrapped = model.model.get_video_features(siglip, hiera, return_dict=True).pooler_output
+    assert all(torch.equal(a, b) for a, b in zip(plain, wrapped, strict=True))
+    # Row 0: the defaults; row 1: a token-ratio override. Each equals the video computed alone with its settings.
+    ratio = torch.tensor([[8, 4, 2, 2], [8, 2, 1, 2]])
+    batched = model.model.get_video_features(siglip, hiera, video_token_ratio=ratio)
+    alone = model.model.get_video_features(siglip[1:], hiera[1:], hiera_frames=2, siglip_pool_stride=1)[0]
+    assert torch.equal(batched[0], plain[0]) and torch.equal(batched[1], alone)
+    assert batched[1].shape[0] == sum(config.num_video_tokens(8, hiera_frames=2, siglip_pool_stride=1))
+    with pytest.raises(ValueError, match="one row of 4 settings"):
+        model.model.get_video_features(siglip, hiera, video_token_ratio=ratio[:1])
+    n = sum(config.num_video_tokens(8))
+    ids = torch.tensor([[4] + [FIXTURE_VIDEO_TOKEN_ID] * n + [5]])
+    with torch.no_grad():
+        as_dict = model.model(input_ids=ids, pixel_values_videos=siglip[:1], hiera_pixel_values_videos=hiera[:1])
+        as_tuple = model.model(input_ids=ids, pixel_values_videos=siglip[:1], hiera_pixel_values_videos=hiera[:1],
+                               return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.last_hidden_state)
+    images = model.model.get_image_features(torch.randn(1, 2, 3, 56, 56), torch.tensor([[56, 56]]),
+                                            torch.randn(1, 3, 64, 64), return_dict=True)
+    assert images.pooler_output[0].shape[0] == sum(config.num_image_tokens(56, 56))

@@ -284,7 +284,7 @@ def test_placeholders_equal_the_tokens_the_model_emits(
         videos=rng.integers(0, 256, (num_frames, *frame_size, 3), dtype=np.uint8),
         **overrides,
     )
-    assert {k: inputs[k] for k in overrides} == overrides  # handed to the model
+    assert inputs["video_token_ratio"].tolist() == [list(overrides.values())]  # handed to the model, per video
     with torch.no_grad():
         video_tokens = model.get_video_features(
             inputs["pixel_values_videos"], inputs["hiera_pixel_values_videos"], **overrides
@@ -434,7 +434,7 @@ def test_chat_template_settings_reach_loading_and_the_model(tiny, video_file):
     inputs = processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, num_frames=6, processor_kwargs={"hiera_frames": 2}
     )
-    assert inputs["pixel_values_videos"].shape[1] == 6 and inputs["hiera_frames"] == 2
+    assert inputs["pixel_values_videos"].shape[1] == 6 and inputs["video_token_ratio"][0, 1] == 2  # hiera_frames
     assert inputs["hiera_pixel_values_videos"].shape[1] == 2  # every 4th of 6 frames (8 / 2 = 4)
     assert expected_time_instruction(30, 10, 6) in processor.tokenizer.decode(inputs["input_ids"][0])
     with torch.no_grad():
@@ -664,7 +664,7 @@ def test_overrides_as_tensors_are_accepted(tiny):
     model, processor = tiny
     frames = np.zeros((4, 20, 20, 3), np.uint8)
     inputs = processor(text="<video>", videos=frames, hiera_frames=torch.tensor(2))
-    assert inputs["hiera_frames"] == 2 and inputs["hiera_pixel_values_videos"].shape[1] == 1
+    assert inputs["video_token_ratio"].tolist() == [[8, 2, 2, 2]] and inputs["hiera_pixel_values_videos"].shape[1] == 1
     with torch.no_grad():
         model(**inputs)
 

@@ -1,0 +1,167 @@
+"""`vllm.LLM` on a ViCA2 folder (our remote code through vLLM's Transformers backend) vs transformers, greedy.
+
+One engine serves the whole module (an engine start is most of the time here). vLLM decodes the videos itself
+(its own loader, as `vllm serve` does); transformers reads the file with ViCA2's PyAV reader.
+"""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from conftest import engine_kwargs, greedy, vllm_decoded_video
+
+
+def chat(text: str) -> str:
+    return f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def llm(hub_folder):
+    from vllm import LLM
+
+    # Blocks of 32 tokens (the CPU default is 128, longer than these prompts), so prefixes can be reused here.
+    engine = LLM(**engine_kwargs(hub_folder, enable_prefix_caching=True, disable_log_stats=False, block_size=32))
+    yield engine
+    del engine
+
+
+def _token_ids(outputs) -> list[list[int]]:
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def test_mixed_requests_submitted_together_match_transformers(llm, reference, media):
+    """8 requests in one call: text, an image, a video decoded by vLLM at its frame budget (8) and at 4 frames (the
+    release's 4-frame sampling chosen from all decoded frames), a 6-frame video (the release repeats frames), a
+    token-ratio override, and two more text / video questions."""
+    long, short, other = (str(media[name]) for name in ("long", "short", "other"))
+    cases = [
+        (chat("Hello there"), None, {}, {}),
+        (chat("<image>\nWhat is it?"), {"image": Image.open(media["image"])}, {}, {"images": str(media["image"])}),
+        (chat("<video>\nWhat happens?"), {"video": vllm_decoded_video(long, 8)}, {}, {"videos": long}),
+        (
+            chat("<video>\nWhat happens?"),
+            {"video": vllm_decoded_video(long, -1)},
+            {"num_frames": 4},
+            {"videos": long, "num_frames": 4},
+        ),
+        (chat("<video>\nHow many?"), {"video": vllm_decoded_video(short, -1)}, {}, {"videos": short}),
+        (
+            chat("<video>\nWhere?"),
+            {"video": vllm_decoded_video(other, 8)},
+            {"hiera_frames": 2, "siglip_pool_stride": 1},
+            {"videos": other, "hiera_frames": 2, "siglip_pool_stride": 1},
+        ),
+        (chat("Tell me more"), None, {}, {}),
+        (chat("<video>\nAnd now?"), {"video": vllm_decoded_video(other, 8)}, {}, {"videos": other}),
+    ]
+    prompts = []
+    for text, data, kwargs, _ in cases:
+        prompt = {"prompt": text}
+        if data:
+            prompt["multi_modal_data"] = data
+        if kwargs:
+            prompt["mm_processor_kwargs"] = kwargs
+        prompts.append(prompt)
+    expected = reference.generate([{"prompt": text, "max_new_tokens": MAX_TOKENS, **ref} for text, _, _, ref in cases])
+    got = _token_ids(llm.generate(prompts, greedy(MAX_TOKENS), use_tqdm=False))
+    assert got == expected
+    assert len({tuple(tokens) for tokens in got}) >= 3  # the inputs really steer the answers
+
+
+def test_placeholder_counts_follow_the_frames_and_overrides(llm, media):
+    """The prompt vLLM builds holds exactly the placeholder tokens transformers' processor counts."""
+    from vica2.configuration_vica2 import num_video_tokens
+
+    long = str(media["long"])
+    outputs = llm.generate(
+        [
+            {"prompt": chat("<video>\nQ"), "multi_modal_data": {"video": vllm_decoded_video(long, 8)}},
+            {
+                "prompt": chat("<video>\nQ"),
+                "multi_modal_data": {"video": vllm_decoded_video(long, -1)},
+                "mm_processor_kwargs": {"num_frames": 4, "hiera_pool_stride": 1},
+            },
+        ],
+        greedy(1),
+        use_tqdm=False,
+    )
+    layout = dict(siglip_grid=4, hiera_grid=2, use_image_newline=True, video_pool_mode="bilinear")
+    counts = [output.prompt_token_ids.count(384) for output in outputs]
+    assert counts == [
+        sum(num_video_tokens(8, video_frames_budget=8, hiera_frames=4, siglip_pool_stride=2, hiera_pool_stride=2, **layout)),
+        sum(num_video_tokens(4, video_frames_budget=8, hiera_frames=4, siglip_pool_stride=2, hiera_pool_stride=1, **layout)),
+    ]
+
+
+def _prefix_cache_hits(llm) -> float:
+    return sum(metric.value for metric in llm.get_metrics() if metric.name == "vllm:prefix_cache_hits")
+
+
+def test_second_question_about_a_video_hits_the_prefix_cache(llm, reference, media):
+    """vLLM hashes the video into its cache keys: the second question reuses the video's KV blocks, and answers as
+    transformers (no cache) does."""
+    other = str(media["other"])
+    questions = [chat("<video>\nWhat colour is the bar?"), chat("<video>\nWhich way does it move?")]
+    video = vllm_decoded_video(other, 8)
+    expected = reference.generate([{"prompt": q, "max_new_tokens": MAX_TOKENS, "videos": other} for q in questions])
+    before = _prefix_cache_hits(llm)
+    first = _token_ids(llm.generate({"prompt": questions[0], "multi_modal_data": {"video": video}}, greedy(MAX_TOKENS), use_tqdm=False))
+    after_first = _prefix_cache_hits(llm)
+    second = _token_ids(llm.generate({"prompt": questions[1], "multi_modal_data": {"video": video}}, greedy(MAX_TOKENS), use_tqdm=False))
+    after_second = _prefix_cache_hits(llm)
+    assert [first[0], second[0]] == expected
+    # The second prompt shares the system turn and the video (56 placeholder tokens) with the first: their full
+    # blocks of 32 come from the cache.
+    assert after_second - after_first >= 64
+    assert after_first >= before
+
+
+def _messages(error: BaseException) -> str:
+    """The messages of an error and of the errors it was raised from (vLLM wraps the processor's)."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "data", "kwargs", "message"),
+    [
+        (chat("<video>\n<video>\nQ"), "two_videos", {}, "At most 1 video"),
+        (chat("<video>\nQ"), "video", {"hiera_frames": 3}, "multiple of hiera_frames=3"),
+        (chat("<video>\nQ"), "video", {"num_frames": 16}, "were not decoded"),
+    ],
+    ids=["two-videos", "bad-override", "frames-not-decoded"],
+)
+def test_bad_requests_name_the_problem_and_the_engine_goes_on(llm, media, prompt, data, kwargs, message):
+    video = vllm_decoded_video(str(media["long"]), 8)
+    multi_modal_data = {"video": [video, video]} if data == "two_videos" else {"video": video}
+    request = {"prompt": prompt, "multi_modal_data": multi_modal_data, "mm_processor_kwargs": kwargs}
+    with pytest.raises(Exception) as error:
+        llm.generate(request, greedy(2), use_tqdm=False)
+    assert message in _messages(error.value)
+    assert len(_token_ids(llm.generate(chat("Still there?"), greedy(2), use_tqdm=False))[0]) == 2
+
+
+def test_front_end_engine_answers_as_transformers(llm, reference, hub_folder, media):
+    """`VllmEngine` (what the evaluator submits through): ViCA2's own decoded videos, all questions at once."""
+    from transformers import AutoTokenizer
+
+    from vica2.video_loading_vica2 import read_video
+    from vica2.vllm_engine_vica2 import VllmEngine
+
+    paths = [str(media[name]) for name in ("long", "other", "long", "short")]
+    prompts = [chat(f"<video>\nQuestion {i}?") for i in range(len(paths))]
+    engine = VllmEngine(str(hub_folder), llm=llm)
+    assert engine.generatable == 383
+    got = engine.generate(prompts, [read_video(path, 8) for path in paths], MAX_TOKENS)
+    tokenizer = AutoTokenizer.from_pretrained(hub_folder)
+    expected = reference.generate([{"prompt": p, "max_new_tokens": MAX_TOKENS, "videos": v} for p, v in zip(prompts, paths)])
+    assert got == [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in expected]
+    with pytest.raises(ValueError, match="one video per prompt"):
+        engine.generate(prompts, [], MAX_TOKENS)

