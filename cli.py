@@ -263,14 +263,10 @@ def _delegated(argv: list[str]) -> int | None:
     debug = argv[:1] == ["--debug"]
     command, rest = (argv[1:2], argv[2:]) if debug else (argv[:1], argv[1:])
     if command == ["convert"]:
-        from vica2 import convert_checkpoint
+        from vica2.convert_checkpoint import main as convert_main
 
-        # argparse names the program after sys.argv[0]: make `vica2 convert --help` say `vica2 convert`
-        program, sys.argv[0] = sys.argv[0], "vica2 convert"
-        try:
-            return convert_checkpoint.main([arg for arg in rest if arg != "--debug"])
-        finally:
-            sys.argv[0] = program
+        # the converter prints its own one-line errors; `prog` makes its usage say `vica2 convert`
+        return convert_main([arg for arg in rest if arg != "--debug"], prog="vica2 convert")
     if command == ["eval-vsibench"]:
         from vica2.evaluate_vsibench import main as eval_vsibench_main
 
