@@ -103,7 +103,7 @@ def test_demo_removes_the_temporary_folder_it_made(tmp_path):
     result = _run("demo", "--frames", "2", "--max-new-tokens", "1", env={"TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--workdir DIR --frames 2 keeps the files" in result.stdout
-    assert list(tmp_path.iterdir()) == []
+    assert not list(tmp_path.glob("vica2-demo-*"))  # (torch may leave its own caches there)
 
 
 def test_ask_several_questions_from_one_prefix(converted):
