@@ -443,43 +443,45 @@ def _pad_id(processor) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def answer_prompts(model, processor, prompts: list[str], media: MediaInputs | None, *, batch_size: int = 1,
-                   reuse: bool = True, max_cache_bytes: int | None = None, stats: ReuseStats | None = None,
-                   skip_special_tokens: bool = True, **generate_kwargs) -> list[str]:
+def answer_prompts(model, processor, prompts: list[str], media: MediaInputs | None, **kwargs) -> list[str]:
     """Generated text (raw, not stripped) for each of `prompts`, which all show the same `media` (or none).
 
-    With `reuse` (default) their common token prefix is encoded once and they are answered from its cache in batches
-    of `batch_size` rows (fewer if `max_cache_bytes` cannot hold that many cache copies). Without it each batch is
-    run from scratch, the towers included (left padding, as plain batched `generate`). `generate_kwargs` go to
-    `generate` (max_new_tokens, do_sample, ...); `stats` (a `ReuseStats`) is updated.
+    With `reuse=True` (default) their common token prefix is encoded once and they are answered from its cache in
+    batches of `batch_size` rows (fewer if `max_cache_bytes` cannot hold that many cache copies). With
+    `reuse=False` each batch runs from scratch, the towers included (left padding, as plain batched `generate`).
+    Other keyword arguments go to `generate` (max_new_tokens, do_sample, ...); `stats` (a `ReuseStats`) is updated.
     """
+    return [text for batch in iter_answer_prompts(model, processor, prompts, media, **kwargs) for text in batch]
+
+
+def iter_answer_prompts(model, processor, prompts: list[str], media: MediaInputs | None, *, batch_size: int = 1,
+                        reuse: bool = True, max_cache_bytes: int | None = None, stats: ReuseStats | None = None,
+                        skip_special_tokens: bool = True, **generate_kwargs) -> Iterator[list[str]]:
+    """`answer_prompts`, one batch at a time (in prompt order), e.g. to save each batch as it is done."""
     stats = stats if stats is not None else ReuseStats()
     if not prompts:
-        return []
+        return
     ids = media.tokenize(processor, prompts) if media is not None else [
         list(row) for row in processor.tokenizer(list(prompts), padding=False)["input_ids"]]
     length = reusable_prefix_length(ids, media) if reuse else 0
     stats.prompts += len(prompts)
     if length == 0:
-        outputs = []
         for start in range(0, len(prompts), batch_size):
-            outputs += _generate_from_scratch(model, processor, ids[start:start + batch_size], media, stats,
-                                              skip_special_tokens, **generate_kwargs)
-        return outputs
+            yield _generate_from_scratch(model, processor, ids[start:start + batch_size], media, stats,
+                                         skip_special_tokens, **generate_kwargs)
+        return
     prefix = EncodedPrefix.encode(model, ids[0][:length], media)
     stats.prefixes_encoded += 1
     stats.tower_runs += int(media is not None)
     stats.prefill_tokens += length
     rows = prefix.rows_within(batch_size, max_cache_bytes)
-    outputs = []
     for start in range(0, len(ids), rows):
         batch = ids[start:start + rows]
         new_ids, _ = prefix.generate(batch, pad_token_id=_pad_id(processor), **generate_kwargs)
-        outputs += processor.batch_decode(new_ids, skip_special_tokens=skip_special_tokens)
         stats.prefill_tokens += sum(len(s) - length for s in batch)
         stats.cached_tokens += length * len(batch)
-    stats.prefills_saved += len(prompts) - 1
-    return outputs
+        stats.prefills_saved += len(batch) - (start == 0)  # every prompt but the first skips the prefix's prefill
+        yield processor.batch_decode(new_ids, skip_special_tokens=skip_special_tokens)
 
 
 def _generate_from_scratch(model, processor, ids: list[list[int]], media: MediaInputs | None, stats: ReuseStats,
@@ -591,8 +593,9 @@ def ask(model, processor, questions: str | list[str], *, video=None, image=None,
         answers.append(Answer(
             text=processor.decode(new_ids[0], skip_special_tokens=True).strip(), new_ids=new_ids[0],
             prompt_tokens=len(sequence), cached_tokens=length, visual_tokens=dict(media.visual_tokens),
-            timings=_timings(started if not answers else start, start, streamer, done, len(new_ids[0]),
-                             encode_s=encoded - prepared if not answers else 0.0),
+            # the first answer's time to first token includes encoding the prefix (towers + prefill)
+            timings=_timings(start if answers else started, start if answers else prepared, streamer, done,
+                             len(new_ids[0]), encode_s=0.0 if answers else encoded - prepared),
         ))
         if stream:
             _on_text(stream)("\n")
@@ -780,5 +783,6 @@ __all__ = [
     "UsageError", "load_model_and_processor", "register_installed_classes", "check_model_path", "check_device",
     "inputs_to_model", "implied_token_counts", "visual_token_counts", "MediaInputs", "prepare_media",
     "common_prefix_length", "reusable_prefix_length", "EncodedPrefix", "Answer", "ReuseStats", "answer_prompts",
+    "iter_answer_prompts",
     "ask", "user_message", "render_chat", "SessionStats", "ChatSession",
 ]
