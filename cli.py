@@ -71,8 +71,8 @@ def print_answer(answer: Answer, verbose: bool, streamed: bool) -> None:
     if verbose:
         t = answer.timings
         print(f"[tokens] prompt {answer.prompt_tokens} (SigLIP {answer.visual_tokens['siglip']}, Hiera "
-              f"{answer.visual_tokens['hiera']}; {answer.cached_tokens} from the cache), generated "
-              f"{answer.new_tokens}", file=sys.stderr)
+              f"{answer.visual_tokens['hiera']}), generated {answer.new_tokens}; {answer.cached_tokens} prompt tokens "
+              "read from the cache", file=sys.stderr)
         print(f"[time] preprocessing {t['preprocess_s']:.2f}s, time to first token {t['time_to_first_token_s']:.2f}s,"
               f" decode {t['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
 
