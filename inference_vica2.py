@@ -256,6 +256,13 @@ def prepare_media(model, processor, *, video=None, image=None, num_frames: int |
         if isinstance(value, (str, Path)) and not Path(value).is_file():
             raise UsageError(f"{flag} {str(value)!r}: no such file.")
     overrides = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        return _prepare_media(model, processor, video, image, num_frames, fast_decode, overrides)
+    except (ValueError, OSError) as error:  # an unreadable file, a bad setting: the user's to fix
+        raise UsageError(str(error)) from error
+
+
+def _prepare_media(model, processor, video, image, num_frames, fast_decode, overrides) -> MediaInputs:
     if video is not None:
         from .video_loading_vica2 import DecodedVideo
 

@@ -223,11 +223,16 @@ def test_chat_turn_logits_equal_from_scratch_and_iter_ask_streams(setup):
     assert len(logits) == 4 and chat.stats.tower_runs == 1
 
 
-def test_chat_without_media_and_bad_questions(setup):
-    model, processor = setup[:2]
+def test_chat_without_media_and_bad_input(setup, tmp_path):
+    model, processor, frames, _ = setup
     chat = ChatSession(model, processor, max_new_tokens=2)
     assert chat.ask("Hello?").prompt_tokens > 0 and chat.stats.tower_runs == 0
     with pytest.raises(UsageError):
         chat.ask("   ")
     with pytest.raises(UsageError, match="no such file"):
         chat.set_video("/nonexistent/room.mp4")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(UsageError, match="broken.mp4"):
+        chat.set_video(tmp_path / "broken.mp4")
+    with pytest.raises(UsageError, match="hiera_frames"):
+        ChatSession(model, processor, hiera_frames=3).set_video(frames)
