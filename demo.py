@@ -9,7 +9,9 @@ converter on it and then the real processor and model: the same path as for ViCA
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -168,3 +170,38 @@ def write_demo_video(path: str | Path, num_frames: int = 96, fps: int = 24, size
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+@dataclass
+class DemoCheckpoint:
+    release: Path  # the tiny checkpoint in the release's layout
+    hub: Path  # the same, converted: load it with `load_model_and_processor(hub, "float32", "cpu")`
+    video: Path  # a generated 4 s, 24 fps test video
+    result: object  # the converter's ConversionResult
+
+
+def build_demo_checkpoint(workdir: str | Path, report: Callable[[str], None] | None = None) -> DemoCheckpoint:
+    """What `vica2 demo` runs on (and the web app's built-in model): a tiny random release written to
+    `workdir/release`, converted and verified into `workdir/hub`, and a test video `workdir/room.mp4`.
+    `report` (e.g. `print`) gets one line per step."""
+    from transformers.utils import logging as hf_logging
+
+    from vica2.convert_checkpoint import convert_checkpoint
+
+    report = report or (lambda line: None)
+    workdir = Path(workdir)
+    release = build_demo_release(workdir / "release")
+    report(f"1. wrote a tiny random ViCA2 in the research release's layout: {release}")
+    hub = workdir / "hub"
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the verification reload would show a second "Loading weights" bar
+    try:
+        result = convert_checkpoint(release, hub, overwrite=True, verify=True, progress=False)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    report(f"2. converted it with convert_checkpoint.py (verified): {hub} ({result.num_tensors} tensors, "
+           f"{len(result.dropped)} unused release tensors dropped, remote code: {', '.join(result.remote_code)})")
+    video = write_demo_video(workdir / "room.mp4")
+    report(f"3. generated a 4 s, 24 fps test video: {video}")
+    return DemoCheckpoint(release, hub, video, result)

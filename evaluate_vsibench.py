@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vica2.cli import UsageError
+from vica2.inference_vica2 import UsageError, check_device, check_model_path
 
 
 EXIT_USAGE = 2
@@ -210,6 +210,8 @@ def load_questions(path: str | Path) -> list[Question]:
     if not path.is_file():
         raise UsageError(f"--data {str(path)!r}: no such file (the VSI-Bench test split: parquet, JSON or JSONL).")
     rows = _read_parquet(path) if path.suffix == ".parquet" else _read_json_rows(path)
+    if not rows:
+        raise UsageError(f"--data {str(path)!r} holds no questions (an empty file?).")
     questions = [_question_from_row(row, index) for index, row in enumerate(rows)]
     duplicates = _duplicates(question.key for question in questions)
     if duplicates:
@@ -232,16 +234,36 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 def _read_json_rows(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); give JSON or JSONL.") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:  # JSON Lines (also what `datasets`' to_json writes to a .json file)
-        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as whole:
+        if text.lstrip().startswith("["):  # one JSON document (a list) that is broken somewhere
+            raise UsageError(f"{path}, line {whole.lineno}: not valid JSON ({whole.msg}).") from None
+        data = _json_lines(path, text)  # JSON Lines (also what `datasets`' to_json writes to a .json file)
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
         raise UsageError(f"{path}: expected a list of question objects or one JSON object per line.")
     return data
+
+
+def _json_lines(path: Path, text: str) -> list:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}, line {number}: not a JSON object ({error.msg}); fix or remove the line.") \
+                from None
+        if not isinstance(rows[-1], dict):
+            raise UsageError(f"{path}, line {number}: expected one question object per line.")
+    return rows
 
 
 def _question_from_row(row: dict, index: int) -> Question:
@@ -252,9 +274,14 @@ def _question_from_row(row: dict, index: int) -> Question:
     if question_type not in QUESTION_TYPES:
         raise UsageError(f"Question {row['id']!r} has an unknown question_type {question_type!r}.")
     options = row.get("options")
+    if options is not None and (isinstance(options, (str, bytes, dict)) or not hasattr(options, "__len__")):
+        raise UsageError(f"Question {row['id']!r}: options must be a list of strings, got {type(options).__name__} "
+                         f"{_short(options)}.")
     options = tuple(str(option) for option in options) if options is not None and len(options) else None
     if question_type in MULTIPLE_CHOICE_TYPES and options is None:
         raise UsageError(f"Question {row['id']!r} is multiple choice ({question_type}) but has no options.")
+    for name in ("dataset", "scene_name"):
+        _check_path_part(row, name)
     return Question(
         id=row["id"].item() if hasattr(row["id"], "item") else row["id"],  # numpy ints from pandas
         dataset=str(row["dataset"]),
@@ -264,6 +291,22 @@ def _question_from_row(row: dict, index: int) -> Question:
         options=options,
         ground_truth=str(row["ground_truth"]),
     )
+
+
+def _check_path_part(row: dict, name: str) -> None:
+    """`dataset` and `scene_name` name one folder and one file under --video-root: a separator, '..', or an
+    absolute path would read a video from outside it, so they are refused."""
+    value = str(row[name])
+    if value in ("", ".", "..") or any(char in value for char in "/\\\0") or Path(value).is_absolute():
+        raise UsageError(
+            f"Question {row['id']!r}: {name} {value!r} is not a plain name; videos are read from "
+            "<video-root>/<dataset>/<scene_name>.mp4 only, never from outside --video-root."
+        )
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _duplicates(keys) -> list[str]:
@@ -321,14 +364,6 @@ def shard_questions(questions: list[Question], index: int, count: int) -> list[Q
         owner[video] = shard
         loads[shard] += by_video[video]
     return [q for q in questions if owner[q.video] == index]
-
-
-def grouped_by_video(questions: list[Question]) -> list[Question]:
-    """Questions of one video next to each other (first-appearance order), so a decoded video is reused."""
-    first_seen: dict[str, int] = {}
-    for position, question in enumerate(questions):
-        first_seen.setdefault(question.video, position)
-    return sorted(questions, key=lambda q: first_seen[q.video])
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
@@ -496,31 +531,81 @@ def _is_video_load_error(error: Exception) -> bool:
     return any(cls.__name__ == "VideoLoadError" for cls in type(error).__mro__)
 
 
-def evaluate(model, processor, questions: list[Question], video_root: Path, settings: RunSettings,
-             writer: PredictionWriter, batch_size: int = 1, progress=None) -> None:
-    """Answer `questions` in batches (grouped by video), appending one record per question to `writer`."""
-    cache = VideoCache(processor, video_root, settings.frames)
-    ordered = grouped_by_video(questions)
-    for start in range(0, len(ordered), batch_size):
-        batch = ordered[start : start + batch_size]
-        videos = [cache.get(question.video) for question in batch]
-        writer.write(_answer_batch(model, processor, batch, videos, settings))
-        if progress is not None:
-            progress.update(len(batch))
+def evaluate(engine, processor, questions: list[Question], video_root: Path, settings: RunSettings,
+             writer: PredictionWriter, progress=None) -> None:
+    """Answer `questions` video by video with `engine`, appending one record per question to `writer`.
+
+    The records are made here, the same for any engine: an engine only turns one video's prompts into generated
+    texts (`engine.answer(video, prompts)`, yielding the texts batch by batch, in order), so a batch's records are
+    saved as soon as it is done and an interrupted run resumes mid-video.
+    """
+    cache = VideoCache(processor, video_root, settings.frames, capacity=1)
+    for video_name, group in videos_with_questions(questions):
+        video = cache.get(video_name)
+        prompts = [_prompt_for(question, video, processor, settings) for question in group]
+        if isinstance(video, Exception):
+            batches = [(group, prompts, None)]
+        else:
+            batches = _batches_of(group, prompts, engine.answer(video, prompts))
+        for batch, batch_prompts, outputs in batches:
+            writer.write([
+                make_record(question, prompt, settings, output=output) if outputs is not None
+                else make_record(question, prompt, settings, error=_one_line(video))
+                for question, prompt, output in zip(batch, batch_prompts, outputs or [None] * len(batch))
+            ])
+            if progress is not None:
+                progress.update(len(batch))
 
 
-def _answer_batch(model, processor, batch: list[Question], videos: list, settings: RunSettings) -> list[dict]:
-    """Records for one batch, in batch order: error rows for unreadable videos, generations for the rest."""
-    prompts = [_prompt_for(question, video, processor, settings) for question, video in zip(batch, videos)]
-    readable = [i for i, video in enumerate(videos) if not isinstance(video, Exception)]
-    outputs = _generate(model, processor, [prompts[i] for i in readable], [videos[i] for i in readable],
-                        settings.max_new_tokens) if readable else []
-    generated = dict(zip(readable, outputs))
-    return [
-        make_record(question, prompts[i], settings, output=generated[i]) if i in generated
-        else make_record(question, prompts[i], settings, error=_one_line(videos[i]))
-        for i, question in enumerate(batch)
-    ]
+def _batches_of(questions: list[Question], prompts: list[str], outputs):
+    """(questions, prompts, outputs) per batch the engine yields, in order."""
+    done = 0
+    for texts in outputs:
+        yield questions[done:done + len(texts)], prompts[done:done + len(texts)], list(texts)
+        done += len(texts)
+
+
+def videos_with_questions(questions: list[Question]) -> list[tuple[str, list[Question]]]:
+    """(video, its questions) in first-appearance order: each video is read and encoded once."""
+    groups: dict[str, list[Question]] = {}
+    for question in questions:
+        groups.setdefault(question.video, []).append(question)
+    return list(groups.items())
+
+
+class TransformersEngine:
+    """Answers a video's prompts with a transformers model, greedily, `batch_size` prompts per generate call.
+
+    With `prefix_reuse` (the default) the video's towers and its prompts' shared prefix run once and every question
+    continues from that KV cache (`vica2.inference_vica2`); at most `max_cache_bytes` of cache copies are held for a
+    batch. Without it every question runs its whole prompt (the plain path). Both give the same texts.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model, processor, *, batch_size: int = 1, max_new_tokens: int = 16, prefix_reuse: bool = True,
+                 max_cache_bytes: int | None = None):
+        from vica2.inference_vica2 import ReuseStats
+
+        self.model, self.processor = model, processor
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.prefix_reuse, self.max_cache_bytes = prefix_reuse, max_cache_bytes
+        self.stats = ReuseStats()
+
+    def answer(self, video, prompts: list[str]):
+        """Yields the raw generated texts of `prompts` (each showing `video`, a DecodedVideo) batch by batch."""
+        from vica2.inference_vica2 import iter_answer_prompts, prepare_media
+
+        media = prepare_media(self.model, self.processor, video=video)
+        yield from iter_answer_prompts(
+            self.model, self.processor, prompts, media, batch_size=self.batch_size, reuse=self.prefix_reuse,
+            max_cache_bytes=self.max_cache_bytes, stats=self.stats, max_new_tokens=self.max_new_tokens,
+            do_sample=False, skip_special_tokens=True,
+        )
+
+    def summary(self) -> dict:
+        """What this run's engine did, for summary.json."""
+        return {"name": self.name, "prefix_reuse": self.prefix_reuse, **self.stats.as_dict()}
 
 
 def _prompt_for(question: Question, video, processor, settings: RunSettings) -> str:
@@ -530,22 +615,6 @@ def _prompt_for(question: Question, video, processor, settings: RunSettings) -> 
     if settings.time_instruction and not isinstance(video, Exception):  # an unread video has no timing
         timing = time_instruction(video.metadata)
     return chat_prompt(processor, build_prompt(question, settings.prompt_style, timing, processor.video_token))
-
-
-def _generate(model, processor, prompts: list[str], videos: list, max_new_tokens: int) -> list[str]:
-    """Greedy generation for a left-padded batch; the decoded new text of each row, not stripped (raw)."""
-    import torch
-
-    from vica2.cli import inputs_to_model
-
-    inputs = processor(text=prompts, videos=videos, padding=True, padding_side="left", return_tensors="pt")
-    inputs = inputs_to_model(inputs, model)
-    pad_id = processor.tokenizer.pad_token_id
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                **({"pad_token_id": pad_id} if pad_id is not None else {}))
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    return processor.batch_decode(new_tokens, skip_special_tokens=True)
 
 
 def make_record(question: Question, prompt: str, settings: RunSettings, output: str | None = None,
@@ -626,33 +695,51 @@ def run_evaluation(args) -> int:
     pending = [question for question in selected if question.key not in done]
     video_root = Path(args.video_root)
     check_videos_exist(pending, video_root)
+    if pending:  # before the slow model load
+        check_device(args.device)
+        check_model_path(args.model)
     extra = {"model": args.model, "data": str(args.data), "settings": settings.as_dict(),
              "shard": args.shard, "selected": len(selected)}
+    engine = None
     try:
         if pending:
-            _run_pending(args, settings, pending, len(selected), predictions_path, video_root)
+            engine = build_engine(args)
+            _run_pending(engine, settings, pending, len(selected), predictions_path, video_root)
     finally:  # also after Ctrl-C: the summary of what is done so far
         records = read_records(predictions_path)
         remaining = len({q.key for q in selected} - {str(record["id"]) for record in records})
-        summary = write_summary(summary_path, records, {**extra, "remaining": remaining})
+        run = {"engine": engine.summary()} if engine is not None else {}
+        summary = write_summary(summary_path, records, {**extra, "remaining": remaining, **run})
     print(format_table(summary))
+    if engine is not None:
+        stats = engine.summary()
+        print(f"prefix reuse {'on' if stats['prefix_reuse'] else 'off'}: {stats['prompts']} questions, towers ran "
+              f"{stats['tower_runs']} times, {stats['prefills_saved']} prefills saved")
     print(f"predictions: {predictions_path}\nsummary: {summary_path}")
     return 0
 
 
-def _run_pending(args, settings: RunSettings, pending: list[Question], total: int, predictions_path: Path,
+def build_engine(args):
+    """The engine that answers the questions (transformers; a serving engine can be chosen here too)."""
+    from vica2.inference_vica2 import load_model_and_processor
+
+    model, processor = load_model_and_processor(args.model, args.dtype, args.device,
+                                                attn_implementation=args.attn_implementation,
+                                                trust_remote_code=args.trust_remote_code)
+    budget = None if args.cache_budget_gb is None else int(args.cache_budget_gb * 1e9)
+    return TransformersEngine(model, processor, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              prefix_reuse=args.prefix_reuse, max_cache_bytes=budget)
+
+
+def _run_pending(engine, settings: RunSettings, pending: list[Question], total: int, predictions_path: Path,
                  video_root: Path) -> None:
     from tqdm.auto import tqdm
 
-    from vica2.cli import load_model_and_processor
-
-    model, processor = load_model_and_processor(args.model, args.dtype, args.device,
-                                                attn_implementation=args.attn_implementation)
     writer = PredictionWriter(predictions_path)
     try:
         with tqdm(total=total, initial=total - len(pending), unit="question", desc="VSI-Bench",
                   file=sys.stderr) as progress:
-            evaluate(model, processor, pending, video_root, settings, writer, args.batch_size, progress)
+            evaluate(engine, engine.processor, pending, video_root, settings, writer, progress)
     finally:
         writer.close()
 
@@ -718,7 +805,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add the release's time instruction after the video (the release's VSI-Bench "
                              "inference code leaves it out; training used it)")
     parser.add_argument("--frames", type=int, default=64, help="frames sampled per video (default 64)")
-    parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call")
+    parser.add_argument("--batch-size", type=int, default=1, help="questions of a video per generate call")
+    parser.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="encode each video and its prompts' shared prefix once and answer its questions from "
+                             "that KV cache (default; same answers): --no-prefix-reuse runs every prompt whole")
+    parser.add_argument("--cache-budget-gb", type=float, default=8.0,
+                        help="with prefix reuse: at most this many GB of KV-cache copies per batch (fewer rows "
+                             "than --batch-size if needed; a 64-frame ViCA2-7B video is ~1.2 GB per row in bf16)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--limit", type=int, help="only the first N (selected) questions")
     parser.add_argument("--question-types", help="comma-separated, e.g. object_counting,object_rel_direction")
@@ -728,6 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--attn-implementation", help="eager, sdpa, flash_attention_2, ...")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code that comes with the model folder / repo instead of the installed "
+                             "vica2 classes (only for a source you trust)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -743,6 +839,8 @@ def _check_run_args(args, parser) -> None:
                         ("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1")
+    if args.cache_budget_gb is not None and not args.cache_budget_gb > 0:
+        parser.error("--cache-budget-gb must be positive")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,9 +33,18 @@ def converted(tmp_path_factory):
     return {"hub": root / "hub", "video": video, "image": image, "root": root}
 
 
-def _run(*args, cwd=None):
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*VICA2, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+def _run(*args, cwd=None, stdin=None, env=None):
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([*VICA2, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600,
+                          input=stdin)
+
+
+def _one_error_line(result, command="ask"):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith(f"vica2 {command}: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
 
 
 def test_ask_about_a_video_prints_answer_tokens_and_timings(converted):
@@ -77,12 +86,95 @@ def test_bad_video_is_a_one_line_error_with_exit_code_2(converted, kind):
 
 
 def test_demo_runs_the_whole_path_offline(tmp_path):
-    result = _run("demo", "--workdir", tmp_path, "--frames", "4", "--max-new-tokens", "2")
+    result = _run("demo", "--workdir", tmp_path, "--frames", "4", "--max-new-tokens", "2",
+                  env={"TRANSFORMERS_VERBOSITY": "warning"})
     assert result.returncode == 0, result.stderr[-2000:]
     for step in ("1. wrote a tiny random ViCA2", "2. converted it", "3. generated", "4. asking", "answer:"):
         assert step in result.stdout
     assert json.loads((tmp_path / "hub" / "config.json").read_text())["model_type"] == "vica2"
     assert "(SigLIP 840, Hiera 544)" in result.stderr
+    assert result.stderr.count("Loading weights: 100%") <= 1  # the converter's verification load shows none
+    command = result.stdout.split("Run it yourself: ")[1].strip()  # the frames and files the demo used
+    assert command == (f"vica2 ask --model {tmp_path / 'hub'} --video {tmp_path / 'room.mp4'} --frames 4 "
+                       "--max-new-tokens 2 --question \"How many chairs are in the room?\" --verbose")
+
+
+def test_demo_removes_the_temporary_folder_it_made(tmp_path):
+    result = _run("demo", "--frames", "2", "--max-new-tokens", "1", env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--workdir DIR --frames 2 keeps the files" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ask_several_questions_from_one_prefix(converted):
+    result = _run("ask", "--model", converted["hub"], "--video", converted["video"], "--question", "How many?",
+                  "--question", "Where is the ball?", "--frames", "4", "--max-new-tokens", "2", "--verbose")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("[tokens] prompt") == 2
+    assert "[reuse] 2 questions from one encoded prefix: the towers ran once, 1 prefills saved" in result.stderr
+
+
+def test_chat_through_a_pipe(converted):
+    stdin = "How many chairs?\nAnd tables?\n/reset\nHow many chairs?\n/video missing.mp4\n/bogus\n/quit\nnever\n"
+    result = _run("chat", "--model", converted["hub"], "--video", converted["video"], "--frames", "4",
+                  "--max-new-tokens", "3", "--verbose", stdin=stdin, cwd=converted["root"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    sessions = [line for line in result.stderr.splitlines() if line.startswith("[session]")]
+    assert len(sessions) == 3 and all("towers ran 1x" in line for line in sessions)  # encoded once, /reset kept it
+    assert "3 turns" in sessions[-1]
+    assert "conversation reset" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vica2 chat: error:")]
+    assert len(errors) == 2 and "missing.mp4" in errors[0] and "/bogus" in errors[1]
+    answers = result.stdout.split("conversation reset")
+    first, again = answers[0].splitlines()[1], answers[1].splitlines()[1]
+    assert first == again  # the same question about the same video after /reset: the same greedy answer
+    assert result.stderr.count("[tokens] prompt") == 3  # "never" after /quit was not asked
+
+
+def test_model_folder_code_runs_only_when_asked(converted, tmp_path):
+    import shutil
+
+    folder = tmp_path / "tampered"
+    shutil.copytree(converted["hub"], folder)
+    marker = tmp_path / "ran.txt"
+    with open(folder / "modeling_vica2.py", "a") as handle:
+        handle.write(f"\nopen({str(marker)!r}, 'w').write('folder code ran')\n")
+    args = ("ask", "--model", folder, "--video", converted["video"], "--question", "Why?", "--frames", "2",
+            "--max-new-tokens", "1")
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = _run(*args, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not marker.exists()
+    result = _run(*args, "--trust-remote-code", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert marker.read_text() == "folder code ran"
+
+
+def test_bad_device_model_and_release_folder_are_one_line_errors(converted, tmp_path):
+    video = converted["video"]
+    ask = ("ask", "--video", video, "--question", "Why?")
+    line = _one_error_line(_run(*ask, "--model", converted["hub"], "--device", "banana"))
+    assert "--device 'banana': unknown device" in line
+    if not torch.cuda.is_available():
+        line = _one_error_line(_run(*ask, "--model", converted["hub"], "--device", "cuda"))
+        assert "--device 'cuda'" in line and "--device cpu" in line
+    for missing in (tmp_path / "nowhere", "./models/vica2", "~/nope"):
+        line = _one_error_line(_run(*ask, "--model", missing))
+        assert "no such folder" in line
+    line = _one_error_line(_run(*ask, "--model", converted["root"] / "release"))
+    assert "research-release checkpoint" in line and "vica2 convert --input-dir" in line
+    # the missing video is reported before any model is looked for (this repo id does not exist offline)
+    line = _one_error_line(_run("ask", "--model", "nobody/no-such-model", "--video", tmp_path / "gone.mp4",
+                                "--question", "Why?"))
+    assert "gone.mp4" in line and "no such file" in line
+
+
+def test_debug_works_after_the_command_and_convert_help_names_itself(tmp_path):
+    for args in (("--debug", "ask"), ("ask", "--debug")):
+        result = _run(*args, "--model", tmp_path / "nowhere", "--video", tmp_path / "v.mp4", "--question", "?")
+        assert result.returncode != 2 and "Traceback" in result.stderr and "UsageError" in result.stderr
+    result = _run("convert", "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: vica2 convert")
 
 
 def test_pipeline_answers_image_and_video_chats(converted):

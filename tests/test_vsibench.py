@@ -256,6 +256,50 @@ def test_bad_question_files_are_explained(tmp_path):
         load_questions(tmp_path / "missing.parquet")
 
 
+def _write_rows(path, rows, lines=True):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) if lines else json.dumps(rows, indent=1))
+    return path
+
+
+def test_broken_json_names_the_file_and_line(tmp_path):
+    text = "".join(json.dumps(row) + "\n" for row in _rows())
+    broken = text.splitlines()
+    broken[1] = broken[1][:-3]  # a truncated object on line 2
+    (tmp_path / "a.jsonl").write_text("\n".join(broken) + "\n")
+    with pytest.raises(UsageError, match=r"a\.jsonl, line 2: not a JSON object"):
+        load_questions(tmp_path / "a.jsonl")
+    (tmp_path / "b.json").write_text('[\n {"id": 1},\n {"id": 2,,}\n]')  # one JSON list, broken on line 3
+    with pytest.raises(UsageError, match=r"b\.json, line 3: not valid JSON"):
+        load_questions(tmp_path / "b.json")
+    (tmp_path / "c.jsonl").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(UsageError, match="not UTF-8"):
+        load_questions(tmp_path / "c.jsonl")
+
+
+@pytest.mark.parametrize("options", ["A. sofa B. lamp", {"A": "sofa"}, 3])
+def test_options_that_are_not_a_list_are_refused(tmp_path, options):
+    rows = _rows()
+    rows[1].update(question_type="route_planning", options=options, ground_truth="A")
+    with pytest.raises(UsageError, match="options must be a list"):
+        load_questions(_write_rows(tmp_path / "q.jsonl", rows))
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "[]"])
+def test_an_empty_data_file_is_refused(tmp_path, content):
+    (tmp_path / "q.json").write_text(content)
+    with pytest.raises(UsageError, match="no questions"):
+        load_questions(tmp_path / "q.json")
+
+
+@pytest.mark.parametrize("field, value", [("dataset", ".."), ("dataset", "../outside"), ("scene_name", "../../etc"),
+                                          ("scene_name", "/etc/passwd"), ("dataset", "a\\b"), ("scene_name", "")])
+def test_videos_outside_the_video_root_are_refused(tmp_path, field, value):
+    rows = _rows()
+    rows[2][field] = value
+    with pytest.raises(UsageError, match="not a plain name"):
+        load_questions(_write_rows(tmp_path / "q.jsonl", rows))
+
+
 def test_parquet_needs_pyarrow_or_reads_like_json(tmp_path):
     rows = _rows()
     rows[1].update(question_type="route_planning", options=["A. left", "B. right"], ground_truth="A")
@@ -424,6 +468,23 @@ def test_cli_runs_resumes_and_summarises(bench, finished_run):
         finished_run["resumed"].stdout
     assert "12 questions, 2 error rows" in finished_run["resumed"].stdout
     assert "incomplete last line" in finished_run["resumed"].stderr
+    # Resumed mid-video: ids 105..109 were pending, 2 of scene_a and 3 of scene_b: one prefix per video, the other
+    # questions of each video saved their prefill; the unreadable video's two questions never reach the engine.
+    assert summary["engine"] == {"name": "transformers", "prefix_reuse": True, "prompts": 5, "prefixes_encoded": 2,
+                                 "tower_runs": 2, "prefills_saved": 3, "prefill_tokens": summary["engine"][
+                                     "prefill_tokens"], "cached_tokens": summary["engine"]["cached_tokens"]}
+    assert "towers ran 2 times, 3 prefills saved" in finished_run["resumed"].stdout
+
+
+def test_records_are_the_same_without_prefix_reuse(bench, finished_run):
+    out = bench["root"] / "plain"
+    result = _cli(bench, out, "--no-prefix-reuse", "--batch-size", "2")
+    plain = {r["id"]: r for r in _lines(out / "predictions.jsonl")}
+    reused = {r["id"]: r for r in _lines(finished_run["out"] / "predictions.jsonl")}
+    assert plain == reused
+    engine = json.loads((out / "summary.json").read_text())["engine"]
+    assert (engine["prefix_reuse"], engine["prefills_saved"], engine["tower_runs"]) == (False, 0, 10)
+    assert "prefix reuse off" in result.stdout
 
 
 def test_finished_run_is_not_rerun_and_other_settings_are_refused(bench, finished_run):

@@ -1,0 +1,238 @@
+"""Encode once, ask many: answers from a reused prefix equal answers from scratch (inference_vica2.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from vica2.inference_vica2 import (
+    ChatSession,
+    EncodedPrefix,
+    ReuseStats,
+    UsageError,
+    answer_prompts,
+    common_prefix_length,
+    implied_token_counts,
+    prepare_media,
+    render_chat,
+    reusable_prefix_length,
+    user_message,
+)
+
+
+QUESTIONS = ["How many chairs are in the room?", "Where is the red ball?", "Is the table left of the sofa, or not?"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from vica2.demo import build_byte_tokenizer
+    from vica2.processing_vica2 import Vica2Processor
+
+    tokenizer = build_byte_tokenizer()
+    model = tiny_model(seed=3, attn_implementation="sdpa", image_token_id=len(tokenizer),
+                       video_token_id=len(tokenizer) + 1)
+    model.generation_config.eos_token_id = None  # random weights: always generate max_new_tokens
+    processor = Vica2Processor.from_model_config(model.config, tokenizer)
+    frames = (np.random.default_rng(0).random((8, 40, 52, 3)) * 255).astype("uint8")
+    image = (np.random.default_rng(1).random((70, 150, 3)) * 255).astype("uint8")
+    return model, processor, frames, image
+
+
+def _media(setup, kind, **overrides):
+    model, processor, frames, image = setup
+    item = {"video": frames} if kind == "video" else {"image": image}
+    return prepare_media(model, processor, **item, **overrides)
+
+
+def _from_scratch(model, processor, prompt, media, **generate_kwargs):
+    """The plain path: the processor on the whole prompt, then generate (towers included)."""
+    item = {"videos": [media.source]} if media.kind == "video" else {"images": [media.source]}
+    inputs = processor(text=[prompt], **item, return_tensors="pt", **media.overrides)
+    with torch.inference_mode():
+        return model.generate(**inputs, pad_token_id=0, **generate_kwargs), inputs["input_ids"].shape[1]
+
+
+GREEDY = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+def _assert_same(reused_new_ids, reused_logits, scratch, prompt_length, row=0):
+    assert reused_new_ids == scratch.sequences[0, prompt_length:].tolist()
+    for step, logits in enumerate(scratch.logits):
+        torch.testing.assert_close(reused_logits[step][row], logits[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, overrides", [("video", {}), ("image", {}),
+                                             ("video", {"hiera_frames": 8, "hiera_pool_stride": 1})])
+def test_prompt_ids_equal_the_processors(setup, kind, overrides):
+    model, processor = setup[:2]
+    media = _media(setup, kind, **overrides)
+    prompts = [render_chat(processor, [user_message(media, q)]) for q in QUESTIONS]
+    item = {"videos": [media.source]} if kind == "video" else {"images": [media.source]}
+    for prompt, ids in zip(prompts, media.tokenize(processor, prompts)):
+        assert ids == processor(text=[prompt], **item, **overrides)["input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize("kind, overrides", [("video", {}), ("image", {}),
+                                             ("video", {"hiera_frames": 8, "hiera_pool_stride": 1})])
+def test_batched_continuations_equal_each_prompt_from_scratch(setup, kind, overrides):
+    model, processor = setup[:2]
+    media = _media(setup, kind, **overrides)
+    prompts = [render_chat(processor, [user_message(media, q)]) for q in QUESTIONS]
+    ids = media.tokenize(processor, prompts)
+    length = reusable_prefix_length(ids, media)
+    assert len({len(row) for row in ids}) == 3 and 0 < length < min(map(len, ids))  # padding is exercised
+    prefix = EncodedPrefix.encode(model, ids[0][:length], media)
+    batched, output = prefix.generate(ids, pad_token_id=0, **GREEDY)
+    for row, prompt in enumerate(prompts):
+        scratch, prompt_length = _from_scratch(model, processor, prompt, media, **GREEDY)
+        _assert_same(batched[row], output.logits, scratch, prompt_length, row)
+        single, single_output = prefix.generate([ids[row]], pad_token_id=0, **GREEDY)
+        _assert_same(single[0], single_output.logits, scratch, prompt_length)
+    assert prefix.cache.get_seq_length() == length  # generation wrote into copies
+
+
+def test_sampling_and_streaming_from_the_prefix_equal_from_scratch(setup):
+    from transformers import TextIteratorStreamer
+
+    model, processor = setup[:2]
+    media = _media(setup, "video")
+    prompts = [render_chat(processor, [user_message(media, q)]) for q in QUESTIONS[:2]]
+    ids = media.tokenize(processor, prompts)
+    prefix = EncodedPrefix.encode(model, ids[0][:reusable_prefix_length(ids, media)], media)
+    sampling = dict(max_new_tokens=6, do_sample=True, temperature=1.5, top_k=50)
+    torch.manual_seed(7)
+    sampled, _ = prefix.generate([ids[1]], pad_token_id=0, **sampling)
+    torch.manual_seed(7)
+    scratch, prompt_length = _from_scratch(model, processor, prompts[1], media, **sampling)
+    assert sampled[0] == scratch[0, prompt_length:].tolist()
+
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True)
+    streamed, _ = prefix.generate([ids[0]], pad_token_id=0, max_new_tokens=5, do_sample=False, streamer=streamer)
+    assert "".join(streamer) == processor.decode(streamed[0])
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_answer_prompts_with_and_without_reuse_agree_and_count_what_was_saved(setup, kind):
+    model, processor = setup[:2]
+    media = _media(setup, kind)
+    prompts = [render_chat(processor, [user_message(media, q)]) for q in QUESTIONS]
+    reused, plain = ReuseStats(), ReuseStats()
+    with_reuse = answer_prompts(model, processor, prompts, media, batch_size=2, stats=reused, max_new_tokens=4,
+                                do_sample=False)
+    without = answer_prompts(model, processor, prompts, media, batch_size=2, reuse=False, stats=plain,
+                             max_new_tokens=4, do_sample=False)
+    assert with_reuse == without
+    assert (reused.tower_runs, reused.prefixes_encoded, reused.prefills_saved) == (1, 1, 2)
+    assert (plain.tower_runs, plain.prefixes_encoded, plain.prefills_saved) == (3, 0, 0)
+    ids = media.tokenize(processor, prompts)
+    length = reusable_prefix_length(ids, media)
+    assert plain.prefill_tokens == sum(map(len, ids)) and reused.cached_tokens == 3 * length
+    assert reused.prefill_tokens == length + sum(len(row) - length for row in ids)  # the prefix once, then the rest
+
+
+def test_a_video_after_the_question_gets_no_reuse_and_still_the_same_answers(setup):
+    model, processor = setup[:2]
+    media = _media(setup, "video")
+    prompts = [f"<|im_start|>user\n{q}\n{processor.video_token}<|im_end|>\n<|im_start|>assistant\n"
+               for q in QUESTIONS[:2]]
+    ids = media.tokenize(processor, prompts)
+    assert common_prefix_length(ids) > 0 and reusable_prefix_length(ids, media) == 0
+    stats = ReuseStats()
+    answers = answer_prompts(model, processor, prompts, media, stats=stats, max_new_tokens=3, do_sample=False)
+    assert stats.prefills_saved == 0 and stats.tower_runs == 2
+    for prompt, answer in zip(prompts, answers):
+        scratch, prompt_length = _from_scratch(model, processor, prompt, media, max_new_tokens=3, do_sample=False)
+        assert answer == processor.decode(scratch[0, prompt_length:], skip_special_tokens=True)
+
+
+def test_batch_rows_are_bounded_by_the_cache_memory_budget(setup):
+    model, processor = setup[:2]
+    media = _media(setup, "video")
+    ids = media.tokenize(processor, [render_chat(processor, [user_message(media, "Why?")])])[0]
+    prefix = EncodedPrefix.encode(model, ids[:-1], media)
+    config = model.config.text_config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size //
+                                                                               config.num_attention_heads) * 4
+    assert prefix.cache_bytes() == per_token * (len(ids) - 1)
+    assert prefix.rows_within(8, None) == 8
+    assert prefix.rows_within(8, 3 * prefix.cache_bytes()) == 3
+    assert prefix.rows_within(8, 1) == 1  # always at least one row
+
+
+def test_implied_token_counts_before_running(setup):
+    model = setup[0]
+    config = model.config
+    assert implied_token_counts(config, num_frames=8) == dict(zip(("siglip", "hiera"), config.num_video_tokens(8)),
+                                                              total=sum(config.num_video_tokens(8)))
+    media = _media(setup, "video", hiera_frames=8, hiera_pool_stride=1)
+    counts = implied_token_counts(config, num_frames=8, hiera_frames=8, hiera_pool_stride=1)
+    assert counts["total"] == media.num_tokens and {k: counts[k] for k in ("siglip", "hiera")} == media.visual_tokens
+    with pytest.raises(UsageError):
+        implied_token_counts(config, num_frames=8, hiera_frames=3)
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_chat_turns_equal_the_whole_conversation_from_scratch(setup, kind):
+    model, processor, frames, image = setup
+    chat = ChatSession(model, processor, max_new_tokens=4)
+    chat.set_video(frames) if kind == "video" else chat.set_image(image)
+    assert chat.stats.tower_runs == 1
+    answers = []
+    for turn, question in enumerate(QUESTIONS):
+        conversation = [*chat.history, user_message(chat.media if turn == 0 else None, question)]
+        prompt = render_chat(processor, conversation)
+        answer = chat.ask(question, max_new_tokens=4, return_dict_in_generate=True)
+        scratch, prompt_length = _from_scratch(model, processor, prompt, chat.media, max_new_tokens=4,
+                                               do_sample=False)
+        assert answer.new_ids == scratch[0, prompt_length:].tolist()
+        assert answer.prompt_tokens == prompt_length and 0 < answer.cached_tokens < prompt_length
+        assert chat.history[-1]["role"] == "assistant"
+        answers.append(answer)
+    assert chat.stats.tower_runs == 1 and chat.stats.turns == 3
+    chat.reset()
+    again = chat.ask(QUESTIONS[0])
+    assert again.new_ids == answers[0].new_ids and chat.stats.tower_runs == 1  # media kept across /reset
+    assert len(chat.history) == 2
+
+
+def test_chat_turn_logits_equal_from_scratch_and_iter_ask_streams(setup):
+    model, processor, frames, _ = setup
+    chat = ChatSession(model, processor, max_new_tokens=4)
+    chat.set_video(frames)
+    chat.ask(QUESTIONS[0])
+    prompt = render_chat(processor, [*chat.history, user_message(None, QUESTIONS[1])])
+    pieces = list(chat.iter_ask(QUESTIONS[1]))
+    assert "".join(pieces).strip() == chat.last_answer.text
+    # the same turn again, compared logit by logit: rewind the conversation one turn
+    chat.history = chat.history[:2]
+    logits = []
+
+    class Keep:
+        def __call__(self, input_ids, scores):
+            logits.append(scores.clone())
+            return scores
+
+    from transformers import LogitsProcessorList
+
+    chat.ask(QUESTIONS[1], logits_processor=LogitsProcessorList([Keep()]))
+    scratch, _ = _from_scratch(model, processor, prompt, chat.media, **GREEDY)
+    for mine, reference in zip(logits, scratch.logits):
+        torch.testing.assert_close(mine[0], reference[0], rtol=0, atol=1e-5)
+    assert len(logits) == 4 and chat.stats.tower_runs == 1
+
+
+def test_chat_without_media_and_bad_input(setup, tmp_path):
+    model, processor, frames, _ = setup
+    chat = ChatSession(model, processor, max_new_tokens=2)
+    assert chat.ask("Hello?").prompt_tokens > 0 and chat.stats.tower_runs == 0
+    with pytest.raises(UsageError):
+        chat.ask("   ")
+    with pytest.raises(UsageError, match="no such file"):
+        chat.set_video("/nonexistent/room.mp4")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(UsageError, match="broken.mp4"):
+        chat.set_video(tmp_path / "broken.mp4")
+    with pytest.raises(UsageError, match="hiera_frames"):
+        ChatSession(model, processor, hiera_frames=3).set_video(frames)
