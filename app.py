@@ -234,8 +234,9 @@ class Vica2App:
             tab.messages[-1] = {"role": "assistant", "content": answer}
             yield tab, tab.messages, self.stats(tab), status, ""
         tab.messages[-1] = {"role": "assistant", "content": tab.session.last_answer.text}
+        status = self._ready(tab)  # still says why the conversation restarted, once
         tab.note = ""
-        yield tab, tab.messages, self.stats(tab), self._ready(tab), ""
+        yield tab, tab.messages, self.stats(tab), status, ""
 
     def reset(self, frames, hiera_frames, siglip_pool_stride, hiera_pool_stride, time_instruction, tab=None):
         """Forget the chat and start again about the same media (re-encoded only if the settings changed).
