@@ -17,6 +17,7 @@ import argparse
 import atexit
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -193,8 +194,9 @@ class Vica2App:
             settings = TokenSettings.parse(frames, hiera_frames, siglip_pool_stride, hiera_pool_stride,
                                            time_instruction)
             new_tab = self._open(str(path), settings)
-        except USER_ERRORS as error:
-            return tab, tab.messages, tab.thumbnails, self.stats(tab), f"⚠️ {_message(error)}"
+        except USER_ERRORS as error:  # name the file as the user knows it, not by the server's upload path
+            message = _message(error).replace(str(path), Path(path).name)
+            return tab, tab.messages, tab.thumbnails, self.stats(tab), f"⚠️ {message}"
         self._forget(tab)
         self._keep(new_tab)
         return new_tab, new_tab.messages, new_tab.thumbnails, self.stats(new_tab), self._ready(new_tab)
@@ -378,15 +380,18 @@ class Vica2App:
                         question = gr.Textbox(placeholder="How far is the table from the ball?", show_label=False,
                                               scale=4, elem_id="question")
                         ask = gr.Button("Ask", variant="primary", scale=1, elem_id="ask")
-                    frame_strip = gr.Gallery(label="Sampled frames (time in the video)", columns=8, height="auto",
-                                             object_fit="contain", allow_preview=False, elem_id="frames-strip")
+                    frame_strip = gr.Gallery(label="Sampled frames (time in the video)", columns=8, fit_columns=False,
+                                             height=140, object_fit="contain", allow_preview=False,
+                                             elem_id="frames-strip")
                     stats = gr.Markdown(elem_id="stats")
 
             settings = [frames, hiera_frames, siglip_stride, hiera_stride, time_instruction]
             on_model = {"concurrency_id": "model", "concurrency_limit": 1}  # one model call at a time, queued
             for control in settings:
                 control.change(self.preview, [*settings, tab], preview, queue=False)
-            media.upload(self.upload, [media, *settings, tab], [tab, chat, frame_strip, stats, status], **on_model)
+            # The file box empties after each upload, ready for the next (the status names what is loaded).
+            media.upload(self.upload, [media, *settings, tab], [tab, chat, frame_strip, stats, status],
+                         **on_model).then(lambda: None, None, media, queue=False)
             example.click(self.upload_example, [*settings, tab], [tab, chat, frame_strip, stats, status], **on_model)
             for trigger in (ask.click, question.submit):
                 trigger(self.ask, [question, *settings, tab], [tab, chat, stats, status, question], **on_model)
@@ -470,9 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=os.environ.get("VICA2_MODEL"),
                         help="converted ViCA2 folder or hub repo id (default: $VICA2_MODEL, else the built-in tiny "
                              "random model)")
-    parser.add_argument("--host", default=os.environ.get("VICA2_HOST", "127.0.0.1"),
-                        help="address to listen on (default 127.0.0.1; a Space sets VICA2_HOST=0.0.0.0)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("VICA2_PORT", 7860))))
+    # Spaces tell Gradio where to listen through GRADIO_SERVER_NAME / _PORT (0.0.0.0:7860); locally: this machine only.
+    parser.add_argument("--host", default=os.environ.get("VICA2_HOST") or os.environ.get("GRADIO_SERVER_NAME")
+                        or "127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860))
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--frames", type=int, help="default frames to sample (the model's budget, 8 for the tiny one)")
@@ -497,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vica2 app: error: {_message(error)}", file=sys.stderr)
         return 2
+    # A stop by SIGTERM (a Space restarting, `kill`) exits like Ctrl-C, so the temporary folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"vica2 app: serving {app.model_name} on http://{args.host}:{args.port}", file=sys.stderr)
     app.build().launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=True)
     return 0

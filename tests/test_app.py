@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +132,9 @@ def test_unreadable_files_are_messages_and_the_conversation_goes_on(demo):
     (media / "broken.png").write_bytes(b"not a png at all")
     tab, *_ = _upload(app, demo["video"])
     (tab, messages, *_), _ = _ask(app, "First?", tab)
-    for path, expected in ((demo["broken"], "Could not open the video"), (media / "missing.mp4", "missing.mp4: no "
-                           "such file"), (media / "broken.png", "broken.png is not a readable image")):
+    for path, expected in ((demo["broken"], "Could not open the video 'broken.mp4' as a video"),
+                           (media / "missing.mp4", "missing.mp4: no such file"),
+                           (media / "broken.png", "broken.png is not a readable image")):
         kept, kept_messages, _, _, status = _upload(app, path, tab)
         assert status.startswith("⚠️") and expected in status
         assert kept is tab and kept_messages == messages  # the previous conversation is untouched
@@ -242,3 +244,182 @@ def test_app_py_runs_as_a_script_outside_the_package(tmp_path):
     used, help_text = result.stdout.split("\n", 1)
     assert Path(used) == tmp_path / "inference_vica2.py"  # the files beside app.py, not an installed vica2
     assert "--cache-budget-gb" in help_text
+
+
+# ------------------------------------------------------------------------------------------- the page, in Chromium
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sync_playwright = None
+
+requires_browser = pytest.mark.skipif(
+    CHROMIUM is None or sync_playwright is None,
+    reason="browser tests need Debian's chromium (apt-get install chromium) and playwright (pip install playwright)",
+)
+# Headless (Playwright adds --headless), no sandbox (CI runs as root), and nothing that would reach the network.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+WAIT_MS = 120_000  # generous: CI shares two cores between the server and the browser
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    """The real page on 127.0.0.1 (a free port), stopped after the module's tests."""
+    page = demo["app"].build()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server, tmp_path_factory):
+    """Headless system Chromium with a fresh profile; records every URL the pages request."""
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    requested = []
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1280,
+                                                                                                "height": 900})
+        context.on("request", lambda request: requested.append(request.url))
+        context.set_default_timeout(WAIT_MS)
+        try:
+            yield context, requested
+        finally:
+            context.close()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def _open_tab(browser, server):
+    context, _ = browser
+    page = context.new_page()
+    page.goto(server)
+    page.wait_for_selector("#status")
+    return page
+
+
+def _wait_text(page, selector: str, text: str):
+    page.wait_for_function("([selector, text]) => (document.querySelector(selector)?.innerText || '').includes(text)",
+                           arg=[selector, text], timeout=WAIT_MS)
+
+
+def _page_upload(page, path, expected_status="Ready"):
+    page.locator("#media input[type=file]").set_input_files(str(path))
+    _wait_text(page, "#status", expected_status)
+
+
+def _page_ask(page, question: str, turns: int):
+    page.fill("#question textarea", question)
+    page.click("#ask")
+    _wait_text(page, "#stats", f"{turns} turn(s)")
+    _wait_text(page, "#status", "Ready")
+
+
+def _chat(page) -> tuple[list[str], list[str]]:
+    users = [text.strip() for text in page.locator("#chat [data-testid=user]").all_inner_texts()]
+    bots = [text.strip() for text in page.locator("#chat [data-testid=bot]").all_inner_texts()]
+    return users, bots
+
+
+@requires_browser
+def test_browser_upload_ask_and_follow_up_without_re_encoding(demo, server, browser, screenshots):
+    towers = demo["towers"]
+    page = _open_tab(browser, server)
+    assert "answers are random" in page.inner_text("#random-note")
+    assert "SigLIP 420 + Hiera 272" in page.inner_text("#preview")  # the implied tokens, before anything ran
+    _page_upload(page, demo["video"])
+    after_upload = towers.snapshot()
+    strip = page.inner_text("#frames-strip")
+    assert page.locator("#frames-strip img").count() == 2 and "0.00 s" in strip and "1.92 s" in strip
+    _page_ask(page, "How many chairs are in the room?", turns=1)
+    users, bots = _chat(page)
+    assert users == ["How many chairs are in the room?"] and len(bots) == 1
+    assert TOKENS_TEXT in page.inner_text("#stats")
+    page.screenshot(path=screenshots / "1-first-answer.png", full_page=True)
+    _page_ask(page, "And how many tables?", turns=2)
+    users, bots = _chat(page)
+    assert users == ["How many chairs are in the room?", "And how many tables?"] and len(bots) == 2
+    assert towers.snapshot() == after_upload  # the follow-up ran no tower
+    assert "vision towers ran 1× · 2 turn(s)" in page.inner_text("#stats")
+    page.screenshot(path=screenshots / "2-follow-up.png", full_page=True)
+    page.close()
+
+
+@requires_browser
+def test_browser_unreadable_file_shows_an_error_and_the_next_upload_works(demo, server, browser, screenshots):
+    page = _open_tab(browser, server)
+    _page_upload(page, demo["broken"], expected_status="Could not open the video 'broken.mp4'")
+    page.screenshot(path=screenshots / "3-unreadable-file.png", full_page=True)
+    _page_upload(page, demo["video"])
+    _page_ask(page, "Is the ball moving?", turns=1)
+    assert _chat(page)[0] == ["Is the ball moving?"]
+    page.close()
+
+
+class ModelGate:
+    """Holds every language-model forward until opened, and records the most forwards that ever ran at once."""
+
+    def __init__(self, model):
+        self.open, self.running, self.most_at_once = threading.Event(), 0, 0
+        self.lock = threading.Lock()
+        language_model = model.model.language_model
+        self.handles = [language_model.register_forward_pre_hook(self._enter),
+                        language_model.register_forward_hook(self._leave)]
+
+    def _enter(self, *_):
+        self.open.wait(WAIT_MS / 1000)
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+
+    def _leave(self, *_):
+        with self.lock:
+            self.running -= 1
+
+    def remove(self):
+        self.open.set()
+        for handle in self.handles:
+            handle.remove()
+
+
+@requires_browser
+def test_browser_two_tabs_keep_their_own_conversations_one_generation_at_a_time(demo, server, browser, screenshots):
+    first, second = _open_tab(browser, server), _open_tab(browser, server)
+    for page in (first, second):
+        _page_upload(page, demo["video"])
+    gate = ModelGate(demo["app"].model)
+    try:
+        first.fill("#question textarea", "Question from the first tab?")
+        first.click("#ask")  # held inside the model by the gate
+        second.fill("#question textarea", "Question from the second tab?")
+        second.click("#ask")
+        _wait_text(second, "#chat", "queue: 1/1")  # the second tab waits its turn, and the page says where it stands
+        second.screenshot(path=screenshots / "4-second-tab-queued.png", full_page=True)
+        gate.open.set()
+        for page in (first, second):
+            _wait_text(page, "#stats", "1 turn(s)")
+    finally:
+        gate.remove()
+    assert gate.most_at_once == 1
+    assert _chat(first)[0] == ["Question from the first tab?"]
+    assert _chat(second)[0] == ["Question from the second tab?"]
+    first.screenshot(path=screenshots / "5-first-tab.png", full_page=True)
+    first.close()
+    second.close()
+
+
+@requires_browser
+def test_browser_loaded_nothing_from_the_internet(server, browser):
+    """Runs after the others: every request of every page went to the app's own server (no CDN, no telemetry)."""
+    _, requested = browser
+    assert requested, "no page was loaded"
+    outside = sorted({url for url in requested if not url.startswith((server, "data:", "blob:"))})
+    assert outside == []
