@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -109,14 +110,7 @@ def cache_bytes_per_token(model) -> int:
     """Bytes of KV cache one prompt token takes: keys and values of every language-model layer."""
     text = model.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    item_size = torch_dtype_size(model.dtype)
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * item_size
-
-
-def torch_dtype_size(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * model.dtype.itemsize
 
 
 def media_kind(path: str | Path) -> str:
@@ -163,6 +157,7 @@ class Vica2App:
         hiera = max(1, frames * config.hiera_frames // config.video_frames_budget)
         self.default_settings = TokenSettings(frames, hiera, config.siglip_pool_stride, config.hiera_pool_stride)
         self._live: OrderedDict[int, TabState] = OrderedDict()  # tabs holding a cache, least recently used first
+        self._live_lock = threading.Lock()  # Gradio drops a closed tab's state from its own thread
 
     # ------------------------------------------------------------------ handlers
     def preview(self, frames, hiera_frames, siglip_pool_stride, hiera_pool_stride, time_instruction, tab=None) -> str:
@@ -220,7 +215,7 @@ class Vica2App:
                 raise UsageError("Upload a video or an image first (or try the example clip).")
             settings = TokenSettings.parse(frames, hiera_frames, siglip_pool_stride, hiera_pool_stride,
                                            time_instruction)
-            if tab.session is None or settings != tab.settings:
+            if tab.session is None or self._settings_changed(tab, settings):
                 why = ("the settings changed" if tab.session is not None else
                        "its cache had been released to make room for other conversations")
                 tab = self._restart(tab, settings, f"New conversation: {why}, so the media was encoded again.")
@@ -250,7 +245,7 @@ class Vica2App:
         try:
             settings = TokenSettings.parse(frames, hiera_frames, siglip_pool_stride, hiera_pool_stride,
                                            time_instruction)
-            if tab.session is None or settings != tab.settings:
+            if tab.session is None or self._settings_changed(tab, settings):
                 tab = self._restart(tab, settings, "")
             else:
                 tab.session.reset()
@@ -294,7 +289,8 @@ class Vica2App:
         start = time.perf_counter()
         if kind == "video":
             self._check_budget(implied_token_counts(self.model.config, num_frames=settings.frames,
-                                                    **settings.overrides())["total"], f"{settings.frames} frames")
+                                                    **settings.overrides())["total"], f"{settings.frames} frames",
+                               "Sample fewer frames or use larger pool strides.")
             decoded = self.processor.load_video(path, num_frames=settings.frames, **settings.overrides())
             thumbnails = video_thumbnails(decoded)
             decode_s = time.perf_counter() - start
@@ -302,12 +298,16 @@ class Vica2App:
         else:
             image = open_image(path)
             self._check_budget(implied_token_counts(self.model.config, image_size=(image.height, image.width))["total"],
-                               f"{image.width}x{image.height}")
+                               f"{image.width}x{image.height} pixels", "Use a smaller image.")
             thumbnails = [(thumbnail(image), f"image {image.width}x{image.height}")]
             decode_s = time.perf_counter() - start
             session.set_image(image)
         return TabState(session=session, media_path=path, kind=kind, settings=settings, thumbnails=thumbnails,
                         decode_s=decode_s)
+
+    @staticmethod
+    def _settings_changed(tab: TabState, settings: TokenSettings) -> bool:
+        return tab.kind == "video" and settings != tab.settings  # an image's tokens follow its size alone
 
     def _restart(self, tab: TabState, settings: TokenSettings, note: str) -> TabState:
         new_tab = self._open(tab.media_path, settings)
@@ -315,30 +315,32 @@ class Vica2App:
         self._forget(tab)
         return new_tab
 
-    def _check_budget(self, visual_tokens: int, what: str) -> None:
+    def _check_budget(self, visual_tokens: int, what: str, fix: str) -> None:
         needed = visual_tokens * cache_bytes_per_token(self.model)
         if needed > self.cache_budget_gb * 2**30:
             raise UsageError(
                 f"Too long for this app's memory budget: {what} are {visual_tokens:,} visual tokens, whose cache needs "
                 f"{needed / 2**30:.2f} GB, but each conversation may use {self.cache_budget_gb:g} GB "
-                "(--cache-budget-gb). Sample fewer frames or use larger pool strides."
+                f"(--cache-budget-gb). {fix}"
             )
         limit = self.model.config.text_config.max_position_embeddings
         if visual_tokens >= limit:
-            raise UsageError(f"{what} are {visual_tokens:,} visual tokens, more than the model's {limit:,} positions: "
-                             "sample fewer frames or use larger pool strides.")
+            raise UsageError(f"{what} are {visual_tokens:,} visual tokens, more than the model's {limit:,} positions. "
+                             f"{fix}")
 
     def _keep(self, tab: TabState) -> None:
         """Mark `tab` as the most recent holder of a cache; release the oldest beyond `max_conversations`."""
-        self._live[id(tab)] = tab
-        self._live.move_to_end(id(tab))
-        while len(self._live) > self.max_conversations:
-            _, oldest = self._live.popitem(last=False)
-            oldest.session = None  # its next turn re-encodes the media (the tab is told why)
+        with self._live_lock:
+            self._live[id(tab)] = tab
+            self._live.move_to_end(id(tab))
+            while len(self._live) > self.max_conversations:
+                _, oldest = self._live.popitem(last=False)
+                oldest.session = None  # its next turn re-encodes the media (the tab is told why)
 
     def _forget(self, tab: TabState | None) -> None:
         if tab is not None:
-            self._live.pop(id(tab), None)
+            with self._live_lock:
+                self._live.pop(id(tab), None)
 
     def _ready(self, tab: TabState) -> str:
         name = Path(tab.media_path).name if tab.media_path else ""
@@ -402,14 +404,13 @@ class Vica2App:
 
 # ---------------------------------------------------------------------------------------------------- media helpers
 def video_thumbnails(decoded) -> list:
-    """(thumbnail, "t = 1.25 s") for every sampled frame of a `DecodedVideo`."""
+    """(thumbnail, "1.25 s") for every sampled frame of a `DecodedVideo` (decoded exactly: full frames)."""
     from PIL import Image
 
-    frames = decoded.frames if decoded.frames is not None else decoded.siglip_frames.transpose(0, 2, 3, 1)
     metadata = decoded.metadata
-    times = list(metadata.timestamps) if metadata is not None and metadata.fps else [None] * len(frames)
+    times = list(metadata.timestamps) if metadata is not None and metadata.fps else [None] * decoded.num_frames
     return [(thumbnail(Image.fromarray(frame)), f"{t:.2f} s" if t is not None else f"frame {i + 1}")
-            for i, (frame, t) in enumerate(zip(frames, times))]
+            for i, (frame, t) in enumerate(zip(decoded.frames, times))]
 
 
 def thumbnail(image):
