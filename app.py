@@ -37,6 +37,7 @@ if __package__ in (None, ""):
     sys.modules.setdefault("vica2", _package)
 
 from vica2.inference_vica2 import ChatSession, UsageError, implied_token_counts, load_model_and_processor  # noqa: E402
+from vica2.video_loading_vica2 import VideoLoadError  # noqa: E402
 
 
 GRADIO_INSTALL_HINT = "The web demo needs Gradio: pip install 'vica2-hf[app]' (or pip install gradio)."
@@ -46,9 +47,9 @@ RANDOM_MODEL_NOTE = (
     "Start the app with `--model DIR_OR_REPO` (or set `VICA2_MODEL`) to chat with a real ViCA2."
 )
 THUMBNAIL_HEIGHT = 96
-# Errors a user can cause (bad file, bad setting, too long a video): shown in the page, the app goes on.
-# (A video that cannot be read is a VideoLoadError, a ValueError; an unreadable image an OSError.)
-USER_ERRORS = (UsageError, ValueError, OSError)
+# Errors a user can cause (bad file, bad setting, too long a video): shown in the page, the app goes on. The app
+# decodes videos itself (its thumbnails come from the frames the model sees), so the reader's error is one of them.
+USER_ERRORS = (UsageError, VideoLoadError)
 
 
 def import_gradio():
