@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch (any torch in setup.cfg's range works; this pin keeps CPU-only machines off CUDA wheels).
 TORCH ?= torch==2.13.0
-EXTRAS ?= test,video,train,quant,kernels,deepspeed
+EXTRAS ?= test,video,train,quant,kernels,deepspeed,app
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -7,6 +7,7 @@
     vica2 demo                      # the whole path offline, on a tiny random model and a generated video
     vica2 convert --input-dir RAW --output-dir OUT ...   # = python convert_checkpoint.py
     vica2 eval-vsibench --model M --data test.parquet --video-root DIR ...   # = python evaluate_vsibench.py
+    vica2 app --model DIR_OR_REPO   # a web demo in the browser (= python app.py; needs the `app` extra)
 
 Errors a user can fix (a missing file, a corrupt video, a bad setting) are printed as one line, exit code 2;
 `--debug` (before or after the command) shows the traceback instead. The model's own classes are used; no code that
@@ -255,11 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("convert", help="convert a release checkpoint (see convert_checkpoint.py)", add_help=False)
     commands.add_parser("eval-vsibench", help="evaluate on VSI-Bench (see evaluate_vsibench.py)", add_help=False)
+    commands.add_parser("app", help="a web demo: chat about a video in the browser (see app.py)", add_help=False)
     return parser
 
 
 def _delegated(argv: list[str]) -> int | None:
-    """`convert` and `eval-vsibench` have their own parsers; a --debug before the command goes along to them."""
+    """`convert`, `eval-vsibench` and `app` have their own parsers; a --debug before the command goes along to them."""
     debug = argv[:1] == ["--debug"]
     command, rest = (argv[1:2], argv[2:]) if debug else (argv[:1], argv[1:])
     if command == ["convert"]:
@@ -271,6 +273,10 @@ def _delegated(argv: list[str]) -> int | None:
         from vica2.evaluate_vsibench import main as eval_vsibench_main
 
         return eval_vsibench_main(rest + (["--debug"] if debug and "--debug" not in rest else []))
+    if command == ["app"]:  # the web demo: Gradio is imported only here
+        from vica2.app import main as app_main
+
+        return app_main(rest + (["--debug"] if debug and "--debug" not in rest else []))
     return None
 
 

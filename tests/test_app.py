@@ -1,0 +1,425 @@
+"""`vica2 app`: the web demo's handlers called directly, then the real page driven in headless Chromium.
+
+The app runs the built-in tiny random model (its towers at the real input sizes, 2 frames: SigLIP 2 x 14 x 15 = 420
+tokens, Hiera every 2nd frame, 1 x 16 x 17 = 272). Vision-tower runs are counted by forward hooks on the model, not
+by the app's own counters, so "encoded once" is checked independently of the code under test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+pytest.importorskip("gradio")
+pytest.importorskip("av")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio builds anything: no version check, no telemetry
+
+from vica2 import app as app_module  # noqa: E402
+from vica2.demo import write_demo_video  # noqa: E402
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SETTINGS = (2, 1, 2, 2, True)  # frames, Hiera frames, SigLIP and Hiera pool strides, time instruction
+TOKENS_TEXT = "SigLIP 420 · Hiera 272"
+
+
+class TowerRuns:
+    """Counts forward calls of both vision towers (hooks on the model's own modules)."""
+
+    def __init__(self, model):
+        self.calls = {"siglip": 0, "hiera": 0}
+        for name, module in (("siglip", model.model.vision_tower), ("hiera", model.model.hiera_tower)):
+            module.register_forward_hook(lambda *_, name=name: self.calls.__setitem__(name, self.calls[name] + 1))
+
+    def snapshot(self) -> dict:
+        return dict(self.calls)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The app on the tiny offline model, plus a generated video, an image and an unreadable file."""
+    root = tmp_path_factory.mktemp("app")
+    app = app_module.create_app(None, workdir=root / "work", frames=2, max_new_tokens=4, cache_budget_gb=0.01)
+    media = root / "media"
+    media.mkdir()
+    video = write_demo_video(media / "room.mp4", num_frames=24, fps=12)
+    image = media / "room.png"
+    Image.fromarray((np.random.default_rng(0).random((120, 200, 3)) * 255).astype("uint8")).save(image)
+    broken = media / "broken.mp4"
+    broken.write_bytes(video.read_bytes()[:1500])  # a truncated mp4: PyAV cannot open it
+    return {"app": app, "towers": TowerRuns(app.model), "video": video, "image": image, "broken": broken,
+            "root": root}
+
+
+@pytest.fixture(scope="module")
+def ready_tab(demo):
+    """A tab with the video encoded and no turn yet (for tests that must leave it unchanged)."""
+    return _upload(demo["app"], demo["video"])[0]
+
+
+def _upload(app, path, tab=None, settings=SETTINGS):
+    tab, messages, thumbnails, stats, status = app.upload(str(path), *settings, tab)
+    return tab, messages, thumbnails, stats, status
+
+
+def _ask(app, question, tab, settings=SETTINGS):
+    outputs = list(app.ask(question, *settings, tab))
+    return outputs[-1], outputs
+
+
+# ------------------------------------------------------------------------------------------- handlers, no browser
+def test_upload_encodes_once_and_every_turn_continues_from_the_cache(demo):
+    app, towers = demo["app"], demo["towers"]
+    before = towers.snapshot()
+    tab, messages, thumbnails, stats, status = _upload(app, demo["video"])
+    after_upload = towers.snapshot()
+    assert after_upload["siglip"] > before["siglip"] and after_upload["hiera"] > before["hiera"]
+    assert status.startswith("Ready") and messages == []
+    # 2 frames sampled from 24 at 12 fps: indices 0 and 23.
+    assert [caption for _, caption in thumbnails] == ["0.00 s", "1.92 s"]
+    assert TOKENS_TEXT in stats
+
+    (tab, messages, stats, status, box), streamed = _ask(app, "How many chairs are in the room?", tab)
+    assert len(streamed) >= 2 and box == ""  # streamed pieces, then the final state; the question box is cleared
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["content"] == tab.session.last_answer.text
+    (tab, messages, stats, status, _), _ = _ask(app, "And how many tables?", tab)
+    assert [m["content"] for m in messages[::2]] == ["How many chairs are in the room?", "And how many tables?"]
+    assert towers.snapshot() == after_upload  # neither turn ran a tower
+    assert "vision towers ran 1× · 2 turn(s)" in stats
+    cached = tab.session.last_answer.cached_tokens
+    assert cached > 692 and f"({cached:,} from the cache" in stats
+
+
+def test_answer_equals_plain_generate_from_scratch(demo):
+    """What the page shows is the model's own greedy answer to the whole prompt (no app-side loss in streaming)."""
+    app = demo["app"]
+    tab, *_ = _upload(app, demo["video"])
+    (tab, messages, *_), _ = _ask(app, "Where is the ball?", tab)
+    messages_in = [{"role": "user", "content": [{"type": "video", "path": str(demo["video"])},
+                                                {"type": "text", "text": "Where is the ball?"}]}]
+    inputs = app.processor.apply_chat_template(
+        messages_in, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", num_frames=2,
+        video_frames_budget=2, hiera_frames=1, siglip_pool_stride=2, hiera_pool_stride=2, add_time_instruction=True)
+    with torch.inference_mode():
+        output = app.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    expected = app.processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert messages[-1]["content"] == expected
+
+
+def test_image_upload(demo):
+    tab, messages, thumbnails, stats, status = _upload(demo["app"], demo["image"])
+    assert status.startswith("Ready") and [caption for _, caption in thumbnails] == ["image 200x120"]
+    assert "Hiera 1,056" in stats  # a single image: un-pooled 32 x 33
+    (tab, messages, *_), _ = _ask(demo["app"], "What is it?", tab)
+    assert messages[0]["content"] == "What is it?"
+
+
+def test_unreadable_files_are_messages_and_the_conversation_goes_on(demo):
+    app, media = demo["app"], demo["root"] / "media"
+    (media / "broken.png").write_bytes(b"not a png at all")
+    tab, *_ = _upload(app, demo["video"])
+    (tab, messages, *_), _ = _ask(app, "First?", tab)
+    for path, expected in ((demo["broken"], "Could not open the video 'broken.mp4' as a video"),
+                           (media / "missing.mp4", "missing.mp4: no such file"),
+                           (media / "broken.png", "broken.png is not a readable image")):
+        kept, kept_messages, _, _, status = _upload(app, path, tab)
+        assert status.startswith("⚠️") and expected in status
+        assert kept is tab and kept_messages == messages  # the previous conversation is untouched
+    (tab, messages, _, status, _), _ = _ask(app, "Second?", tab)
+    assert status.startswith("Ready") and len(messages) == 4
+    new_tab, _, _, _, status = _upload(app, demo["video"], tab)  # and the next upload works
+    assert status.startswith("Ready") and new_tab is not tab
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ((4, 3, 2, 2, True), "Hiera frames (3) must divide Frames (4)"),
+    ((0, 2, 2, 2, True), "Frames must be a whole number of at least 1"),
+    ((4, 2, None, 2, True), "SigLIP pool stride must be a whole number"),
+    ((4, 8, 2, 2, True), "Hiera frames (8) must divide Frames (4)"),
+    ((4, 2, 2.5, 2, True), "SigLIP pool stride must be a whole number of at least 1 (got 2.5)"),
+])
+def test_bad_settings_are_messages(demo, ready_tab, settings, expected):
+    app, tab = demo["app"], ready_tab
+    assert expected in app.preview(*settings)
+    fresh, _, _, _, status = _upload(app, demo["video"], settings=settings)
+    assert status.startswith("⚠️") and expected in status and fresh.session is None
+    (same, messages, _, status, _), _ = _ask(app, "Why?", tab, settings=settings)
+    assert expected in status and messages == [] and same is tab
+
+
+def test_too_long_a_video_for_the_memory_budget(demo):
+    # The fixture's budget is 0.01 GB; the tiny model caches 512 bytes a token: 64 frames = 22,144 tokens = 11 MB.
+    app = demo["app"]
+    assert "about 0.3 MB" in app.preview(*SETTINGS)
+    tab, _, _, _, status = _upload(app, demo["video"], settings=(64, 32, 2, 2, True))
+    assert "Too long for this app's memory budget" in status and "22,144 visual tokens" in status
+    assert tab.session is None
+
+
+def test_preview_shows_the_implied_tokens_before_running(demo):
+    before = demo["towers"].snapshot()
+    text = demo["app"].preview(8, 8, 1, 1, False)  # Hiera on every frame, nothing pooled: 8 x 27 x 28, 8 x 32 x 33
+    assert "14,496 visual tokens** (SigLIP 6,048 + Hiera 8,448)" in text
+    assert demo["towers"].snapshot() == before
+
+
+def test_changed_settings_restart_the_conversation_on_the_same_video(demo):
+    app, towers = demo["app"], demo["towers"]
+    tab, *_ = _upload(app, demo["video"])
+    (tab, *_), _ = _ask(app, "One?", tab)
+    before = towers.snapshot()
+    (tab, messages, stats, status, _), _ = _ask(app, "Two?", tab, settings=(2, 2, 2, 2, True))
+    assert towers.snapshot()["hiera"] > before["hiera"]
+    assert "the settings changed" in status and [m["content"] for m in messages[::2]] == ["Two?"]
+    assert "Hiera 544" in stats  # both frames through Hiera now: 2 x 16 x 17
+
+
+def test_reset_keeps_the_encoded_video(demo):
+    app, towers = demo["app"], demo["towers"]
+    tab, *_ = _upload(app, demo["video"])
+    (tab, *_), _ = _ask(app, "One?", tab)
+    before = towers.snapshot()
+    tab, messages, thumbnails, stats, status = app.reset(*SETTINGS, tab)
+    assert messages == [] and len(thumbnails) == 2 and status.startswith("New conversation")
+    (tab, messages, *_), _ = _ask(app, "Two?", tab)
+    assert [m["content"] for m in messages[::2]] == ["Two?"] and towers.snapshot() == before
+
+
+def test_tabs_have_their_own_conversations_and_the_oldest_cache_is_released(demo):
+    app = demo["app"]
+    app.max_conversations = 1
+    try:
+        first, *_ = _upload(app, demo["video"])
+        (first, first_messages, *_), _ = _ask(app, "Question of tab one?", first)
+        second, *_ = _upload(app, demo["video"])  # a second tab: the first one's cache is released
+        assert first.session is None and second.session is not None
+        (second, second_messages, *_), _ = _ask(app, "Question of tab two?", second)
+        assert [m["content"] for m in first_messages[::2]] == ["Question of tab one?"]
+        assert [m["content"] for m in second_messages[::2]] == ["Question of tab two?"]
+        (first, messages, _, status, _), _ = _ask(app, "Still there?", first)
+        assert "released" in status and [m["content"] for m in messages[::2]] == ["Still there?"]
+        assert second.session is None  # and now the second tab's was released
+    finally:
+        app.max_conversations = 4
+
+
+def test_ask_before_any_upload_says_what_to_do(demo):
+    (tab, messages, _, status, _), _ = _ask(demo["app"], "Hello?", None)
+    assert "Upload a video or an image first" in status and messages == []
+
+
+def test_cli_dispatches_to_the_app_and_reports_missing_gradio(monkeypatch, capsys):
+    from vica2.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["app", "--help"])
+    assert exit_info.value.code == 0 and "--cache-budget-gb" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if the app extra were not installed
+    assert main(["app"]) == 2
+    assert "pip install 'vica2-hf[app]'" in capsys.readouterr().err
+
+
+def test_app_py_runs_as_a_script_outside_the_package(tmp_path):
+    """A Space runs `python app.py` from the repository's files, with nothing installed as `vica2`."""
+    for path in REPO_ROOT.glob("*.py"):
+        shutil.copy(path, tmp_path / path.name)
+    code = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+            "type(f).__name__.lower()]; space = runpy.run_path('app.py', run_name='space'); "
+            "print(sys.modules['vica2.inference_vica2'].__file__); space['main'](['--help'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    used, help_text = result.stdout.split("\n", 1)
+    assert Path(used) == tmp_path / "inference_vica2.py"  # the files beside app.py, not an installed vica2
+    assert "--cache-budget-gb" in help_text
+
+
+# ------------------------------------------------------------------------------------------- the page, in Chromium
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sync_playwright = None
+
+requires_browser = pytest.mark.skipif(
+    CHROMIUM is None or sync_playwright is None,
+    reason="browser tests need Debian's chromium (apt-get install chromium) and playwright (pip install playwright)",
+)
+# Headless (Playwright adds --headless), no sandbox (CI runs as root), and nothing that would reach the network.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+WAIT_MS = 120_000  # generous: CI shares two cores between the server and the browser
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    """The real page on 127.0.0.1 (a free port), stopped after the module's tests."""
+    page = demo["app"].build()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server, tmp_path_factory):
+    """Headless system Chromium with a fresh profile; records every URL the pages request."""
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    requested = []
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1280,
+                                                                                                "height": 900})
+        context.on("request", lambda request: requested.append(request.url))
+        context.set_default_timeout(WAIT_MS)
+        try:
+            yield context, requested
+        finally:
+            context.close()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def _open_tab(browser, server):
+    context, _ = browser
+    page = context.new_page()
+    page.goto(server)
+    page.wait_for_selector("#status")
+    return page
+
+
+def _wait_text(page, selector: str, text: str):
+    page.wait_for_function("([selector, text]) => (document.querySelector(selector)?.innerText || '').includes(text)",
+                           arg=[selector, text], timeout=WAIT_MS)
+
+
+def _page_upload(page, path, expected_status="Ready"):
+    page.locator("#media input[type=file]").set_input_files(str(path))
+    _wait_text(page, "#status", expected_status)
+
+
+def _page_ask(page, question: str, turns: int):
+    page.fill("#question textarea", question)
+    page.click("#ask")
+    _wait_text(page, "#stats", f"{turns} turn(s)")
+    _wait_text(page, "#status", "Ready")
+
+
+def _chat(page) -> tuple[list[str], list[str]]:
+    users = [text.strip() for text in page.locator("#chat [data-testid=user]").all_inner_texts()]
+    bots = [text.strip() for text in page.locator("#chat [data-testid=bot]").all_inner_texts()]
+    return users, bots
+
+
+@requires_browser
+def test_browser_upload_ask_and_follow_up_without_re_encoding(demo, server, browser, screenshots):
+    towers = demo["towers"]
+    page = _open_tab(browser, server)
+    assert "answers are random" in page.inner_text("#random-note")
+    assert "SigLIP 420 + Hiera 272" in page.inner_text("#preview")  # the implied tokens, before anything ran
+    _page_upload(page, demo["video"])
+    after_upload = towers.snapshot()
+    strip = page.inner_text("#frames-strip")
+    assert page.locator("#frames-strip img").count() == 2 and "0.00 s" in strip and "1.92 s" in strip
+    _page_ask(page, "How many chairs are in the room?", turns=1)
+    users, bots = _chat(page)
+    assert users == ["How many chairs are in the room?"] and len(bots) == 1
+    assert TOKENS_TEXT in page.inner_text("#stats")
+    page.screenshot(path=screenshots / "1-first-answer.png", full_page=True)
+    _page_ask(page, "And how many tables?", turns=2)
+    users, bots = _chat(page)
+    assert users == ["How many chairs are in the room?", "And how many tables?"] and len(bots) == 2
+    assert towers.snapshot() == after_upload  # the follow-up ran no tower
+    assert "vision towers ran 1× · 2 turn(s)" in page.inner_text("#stats")
+    page.screenshot(path=screenshots / "2-follow-up.png", full_page=True)
+    page.close()
+
+
+@requires_browser
+def test_browser_unreadable_file_shows_an_error_and_the_next_upload_works(demo, server, browser, screenshots):
+    page = _open_tab(browser, server)
+    _page_upload(page, demo["broken"], expected_status="Could not open the video 'broken.mp4'")
+    page.screenshot(path=screenshots / "3-unreadable-file.png", full_page=True)
+    _page_upload(page, demo["video"])
+    _page_ask(page, "Is the ball moving?", turns=1)
+    assert _chat(page)[0] == ["Is the ball moving?"]
+    page.close()
+
+
+class ModelGate:
+    """Holds every language-model forward until opened, and records the most forwards that ever ran at once."""
+
+    def __init__(self, model):
+        self.open, self.running, self.most_at_once = threading.Event(), 0, 0
+        self.lock = threading.Lock()
+        language_model = model.model.language_model
+        self.handles = [language_model.register_forward_pre_hook(self._enter),
+                        language_model.register_forward_hook(self._leave)]
+
+    def _enter(self, *_):
+        self.open.wait(WAIT_MS / 1000)
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+
+    def _leave(self, *_):
+        with self.lock:
+            self.running -= 1
+
+    def remove(self):
+        self.open.set()
+        for handle in self.handles:
+            handle.remove()
+
+
+@requires_browser
+def test_browser_two_tabs_keep_their_own_conversations_one_generation_at_a_time(demo, server, browser, screenshots):
+    first, second = _open_tab(browser, server), _open_tab(browser, server)
+    for page in (first, second):
+        _page_upload(page, demo["video"])
+    gate = ModelGate(demo["app"].model)
+    try:
+        first.fill("#question textarea", "Question from the first tab?")
+        first.click("#ask")  # held inside the model by the gate
+        second.fill("#question textarea", "Question from the second tab?")
+        second.click("#ask")
+        _wait_text(second, "#chat", "queue: 1/1")  # the second tab waits its turn, and the page says where it stands
+        second.screenshot(path=screenshots / "4-second-tab-queued.png", full_page=True)
+        gate.open.set()
+        for page in (first, second):
+            _wait_text(page, "#stats", "1 turn(s)")
+    finally:
+        gate.remove()
+    assert gate.most_at_once == 1
+    assert _chat(first)[0] == ["Question from the first tab?"]
+    assert _chat(second)[0] == ["Question from the second tab?"]
+    first.screenshot(path=screenshots / "5-first-tab.png", full_page=True)
+    first.close()
+    second.close()
+
+
+@requires_browser
+def test_browser_loaded_nothing_from_the_internet(server, browser):
+    """Runs after the others: every request of every page went to the app's own server (no CDN, no telemetry)."""
+    _, requested = browser
+    assert requested, "no page was loaded"
+    outside = sorted({url for url in requested if not url.startswith((server, "data:", "blob:"))})
+    assert outside == []
