@@ -585,7 +585,13 @@ class _Decoder:
         return self
 
     def __exit__(self, *exc_info):
-        self.container.close()
+        # Drop the frame generator too: it refers back to this decoder (a cycle), which would leave the codec
+        # context, and its FFmpeg frame threads, to the garbage collector. Collected later in a forked process
+        # (a DataLoader worker), freeing it waits forever for threads that only existed in the parent.
+        try:
+            self.container.close()
+        finally:
+            self.frames = self.stream = self.container = None
 
     def _frames(self, locate, wanted_pts, first_packet=None) -> Iterator:
         return _decoded_frames(

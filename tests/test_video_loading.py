@@ -149,6 +149,24 @@ def test_parallel_segments_give_the_frames_of_a_sequential_decode(videos, refere
     assert three.stats.workers == (1 if container in ("avi", "one_gop") else 3)
 
 
+@pytest.mark.parametrize("container", ["mp4", "one_gop"])
+def test_decoders_are_freed_without_the_garbage_collector(videos, container):
+    """A decoder left to the cyclic garbage collector was freed later in a forked DataLoader worker, where freeing
+    its codec context waits forever for FFmpeg frame threads that only existed in the parent (a hang)."""
+    import gc
+
+    import av
+
+    gc.collect()
+    gc.disable()
+    try:
+        read_video(videos[container], 12, decode_workers=2)
+        alive = [o for o in gc.get_objects() if isinstance(o, (av.container.InputContainer, av.codec.context.CodecContext))]
+    finally:
+        gc.enable()
+    assert alive == []
+
+
 def test_frame_sink_gets_each_frame_once_and_keeps_none(videos, reference_frames):
     received = {}
 
