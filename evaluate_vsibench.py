@@ -5,6 +5,7 @@
         --output-dir results/vica2-7b
     vica2 eval-vsibench ... --shard 0/4          # one of four parallel runs (e.g. one per GPU); then:
     vica2 eval-vsibench --merge --output-dir results/vica2-7b
+    vica2 eval-vsibench ... --engine vllm --tensor-parallel-size 2   # answered by vLLM (in its own environment)
 
 Writes `predictions.jsonl` (one line per question: id, type, prompt, raw output, parsed answer, score) and
 `summary.json` (per task and overall, x100) to the output folder and prints the paper's table. Re-running resumes:
@@ -607,6 +608,11 @@ class TransformersEngine:
         """What this run's engine did, for summary.json."""
         return {"name": self.name, "prefix_reuse": self.prefix_reuse, **self.stats.as_dict()}
 
+    def report(self) -> str:
+        stats = self.summary()
+        return (f"prefix reuse {'on' if stats['prefix_reuse'] else 'off'}: {stats['prompts']} questions, towers ran "
+                f"{stats['tower_runs']} times, {stats['prefills_saved']} prefills saved")
+
 
 def _prompt_for(question: Question, video, processor, settings: RunSettings) -> str:
     from vica2.processing_vica2 import time_instruction
@@ -698,6 +704,10 @@ def run_evaluation(args) -> int:
     if pending:  # before the slow model load
         check_device(args.device)
         check_model_path(args.model)
+        if args.engine == "vllm":
+            from vica2.vllm_engine_vica2 import require_vllm
+
+            require_vllm()
     extra = {"model": args.model, "data": str(args.data), "settings": settings.as_dict(),
              "shard": args.shard, "selected": len(selected)}
     engine = None
@@ -712,15 +722,25 @@ def run_evaluation(args) -> int:
         summary = write_summary(summary_path, records, {**extra, "remaining": remaining, **run})
     print(format_table(summary))
     if engine is not None:
-        stats = engine.summary()
-        print(f"prefix reuse {'on' if stats['prefix_reuse'] else 'off'}: {stats['prompts']} questions, towers ran "
-              f"{stats['tower_runs']} times, {stats['prefills_saved']} prefills saved")
+        print(engine.report())
     print(f"predictions: {predictions_path}\nsummary: {summary_path}")
     return 0
 
 
 def build_engine(args):
-    """The engine that answers the questions (transformers; a serving engine can be chosen here too)."""
+    """The engine that answers the questions: transformers, or vLLM (imported only here, when chosen)."""
+    if args.engine == "vllm":
+        from transformers import AutoProcessor
+
+        from vica2.inference_vica2 import register_installed_classes
+        from vica2.vllm_engine_vica2 import VsiBenchVllmEngine
+
+        if not args.trust_remote_code:  # the processor decodes the videos and renders the prompts (installed code);
+            register_installed_classes()  # vLLM itself runs the folder's code (its Transformers backend needs it)
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        return VsiBenchVllmEngine(args.model, processor, frames=args.frames, max_new_tokens=args.max_new_tokens,
+                                  tensor_parallel_size=args.tensor_parallel_size,
+                                  data_parallel_size=args.data_parallel_size, dtype=args.dtype)
     from vica2.inference_vica2 import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, args.dtype, args.device,
@@ -805,6 +825,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add the release's time instruction after the video (the release's VSI-Bench "
                              "inference code leaves it out; training used it)")
     parser.add_argument("--frames", type=int, default=64, help="frames sampled per video (default 64)")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="who answers: transformers (default) or vLLM (needs vLLM installed; submits all of a "
+                             "video's questions at once and reuses its KV blocks; --batch-size, --prefix-reuse, "
+                             "--cache-budget-gb, --device and --attn-implementation are transformers' only)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model replica")
+    parser.add_argument("--data-parallel-size", type=int, default=1, help="vLLM: model replicas")
     parser.add_argument("--batch-size", type=int, default=1, help="questions of a video per generate call")
     parser.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=True,
                         help="encode each video and its prompts' shared prefix once and answer its questions from "
@@ -836,7 +862,9 @@ def _check_run_args(args, parser) -> None:
     if missing:
         parser.error(f"{', '.join(missing)} required (or --merge)")
     for flag, value in (("--frames", args.frames), ("--batch-size", args.batch_size),
-                        ("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit)):
+                        ("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit),
+                        ("--tensor-parallel-size", args.tensor_parallel_size),
+                        ("--data-parallel-size", args.data_parallel_size)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1")
     if args.cache_budget_gb is not None and not args.cache_budget_gb > 0:

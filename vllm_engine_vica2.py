@@ -47,9 +47,11 @@ class VllmEngine:
         **engine_args,
     ):
         if llm is None:
-            if vllm is None:
-                raise ImportError(VLLM_INSTALL_HINT)
+            require_vllm()
             engine_args.setdefault("limit_mm_per_prompt", {"image": 0, "video": 1})
+            # A video's questions share its KV blocks; the metrics (prefix-cache hits) are what summary() reports.
+            engine_args.setdefault("enable_prefix_caching", True)
+            engine_args.setdefault("disable_log_stats", False)
             llm = vllm.LLM(
                 model=str(model),
                 trust_remote_code=True,
@@ -88,6 +90,54 @@ class VllmEngine:
         return [output.outputs[0].text for output in outputs]
 
 
+def require_vllm() -> None:
+    """Fail early, in one line with the install hint, where vLLM is not installed."""
+    if vllm is None:
+        raise ImportError(VLLM_INSTALL_HINT)
+
+
+def prefix_cache_counts(llm) -> dict:
+    """vLLM's prefix-cache counters so far: tokens looked up in the cache and tokens found there."""
+    counts = {"vllm:prefix_cache_queries": 0, "vllm:prefix_cache_hits": 0}
+    for metric in llm.get_metrics():
+        if metric.name in counts:
+            counts[metric.name] += metric.value
+    return {"cache_queried_tokens": int(counts["vllm:prefix_cache_queries"]),
+            "cache_hit_tokens": int(counts["vllm:prefix_cache_hits"])}
+
+
+class VsiBenchVllmEngine:
+    """The evaluator's engine interface (`answer`, `summary`, `processor`) on a `VllmEngine`.
+
+    All questions of a video go to vLLM in one submission (it schedules them together and the later ones reuse
+    the video's cached KV blocks); the video is the one the evaluator decoded with ViCA2's reader, and vLLM's
+    processor is told to take exactly those `frames`, so the model sees what the transformers engine shows it.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model: str, processor, *, frames: int, max_new_tokens: int, **engine_kwargs):
+        self.engine = VllmEngine(model, **engine_kwargs)
+        self.processor, self.frames, self.max_new_tokens = processor, frames, max_new_tokens
+        self.prompts = 0
+
+    def answer(self, video, prompts: list[str]):
+        """Yields the raw generated texts of all `prompts` (each showing `video`, a DecodedVideo), one batch."""
+        texts = self.engine.generate(prompts, [video] * len(prompts), self.max_new_tokens, num_frames=self.frames)
+        self.prompts += len(prompts)
+        yield texts
+
+    def summary(self) -> dict:
+        """What this run's engine did, for summary.json: questions answered and vLLM's prefix-cache counters."""
+        return {"name": self.name, "prefix_reuse": True, "prompts": self.prompts,
+                **prefix_cache_counts(self.engine.llm)}
+
+    def report(self) -> str:
+        stats = self.summary()
+        rate = stats["cache_hit_tokens"] / stats["cache_queried_tokens"] if stats["cache_queried_tokens"] else 0.0
+        return f"vLLM: {stats['prompts']} questions, prefix-cache hit rate {rate:.1%}"
+
+
 def _metadata_dict(metadata) -> dict:
     """The frames' metadata as vLLM carries it: which frames of how many, at what fps."""
     if metadata is None or metadata.frames_indices is None:
@@ -110,4 +160,4 @@ def _generatable_vocab_size(model) -> int | None:
     return getattr(AutoConfig.from_pretrained(model, trust_remote_code=True), "generatable_vocab_size", None)
 
 
-__all__ = ["VllmEngine"]
+__all__ = ["VllmEngine", "VsiBenchVllmEngine"]

@@ -558,3 +558,30 @@ def test_wrong_video_root_stops_before_loading_the_model(bench, tmp_path):
     result = _cli({**bench, "videos": tmp_path / "empty"}, tmp_path / "out", check=False)
     assert result.returncode == 2 and "None of the 3 videos" in result.stderr
     assert not (tmp_path / "out" / "predictions.jsonl").exists()
+
+
+def test_vllm_engine_without_vllm_is_a_one_line_install_hint(bench, tmp_path, monkeypatch, capsys):
+    """--engine vllm imports vLLM only then; where it is missing (hidden here) the run stops before writing."""
+    from vica2.evaluate_vsibench import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    monkeypatch.delitem(sys.modules, "vica2.vllm_engine_vica2", raising=False)
+    out = tmp_path / "out"
+    code = main(["--model", str(bench["model"]), "--data", str(bench["data"]), "--video-root", str(bench["videos"]),
+                 "--output-dir", str(out), "--engine", "vllm", "--frames", "4"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error
+    assert error.startswith("vica2 eval-vsibench: error: The vLLM engine needs vLLM: `pip install vllm`")
+    assert not out.exists()
+
+
+def test_the_transformers_engine_does_not_import_vllm(bench, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from vica2.evaluate_vsibench import main; "
+         f"main(['--model', {str(bench['model'])!r}, '--data', {str(bench['data'])!r}, '--video-root', "
+         f"{str(bench['videos'])!r}, '--output-dir', {str(tmp_path / 'out')!r}, '--frames', '4', '--limit', "
+         "'2', '--dtype', 'float32', '--device', 'cpu']); assert 'vllm' not in sys.modules and "
+         "'vica2.vllm_engine_vica2' not in sys.modules"],
+        capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_lines(tmp_path / "out" / "predictions.jsonl")) == 2  # the engine really ran
