@@ -133,6 +133,17 @@ def hub_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llm(hub_folder):
+    """The one offline engine of the session (test_offline, test_evaluate)."""
+    from vllm import LLM
+
+    # Blocks of 32 tokens (the CPU default is 128, longer than these prompts), so prefixes can be reused here.
+    engine = LLM(**engine_kwargs(hub_folder, enable_prefix_caching=True, disable_log_stats=False, block_size=32))
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="session")
 def media(tmp_path_factory):
     folder = tmp_path_factory.mktemp("media")
     return {

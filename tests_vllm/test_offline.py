@@ -1,6 +1,6 @@
 """`vllm.LLM` on a ViCA2 folder (our remote code through vLLM's Transformers backend) vs transformers, greedy.
 
-One engine serves the whole module (an engine start is most of the time here). vLLM decodes the videos itself
+One engine (conftest's `llm`) serves this module and the evaluator's tests (an engine start is most of the time here). vLLM decodes the videos itself
 (its own loader, as `vllm serve` does); transformers reads the file with ViCA2's PyAV reader.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from conftest import engine_kwargs, greedy, vllm_decoded_video
+from conftest import greedy, vllm_decoded_video
 
 
 def chat(text: str) -> str:
@@ -17,16 +17,6 @@ def chat(text: str) -> str:
 
 
 MAX_TOKENS = 10
-
-
-@pytest.fixture(scope="module")
-def llm(hub_folder):
-    from vllm import LLM
-
-    # Blocks of 32 tokens (the CPU default is 128, longer than these prompts), so prefixes can be reused here.
-    engine = LLM(**engine_kwargs(hub_folder, enable_prefix_caching=True, disable_log_stats=False, block_size=32))
-    yield engine
-    del engine
 
 
 def _token_ids(outputs) -> list[list[int]]:
