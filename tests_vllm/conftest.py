@@ -66,8 +66,9 @@ def vllm_tiny_config():
     return config
 
 
-def build_hub_folder(folder: Path, seed: int = 0) -> Path:
-    """A converted-style ViCA2 folder (weights, configs, tokenizer, processor, remote code) of a tiny random model."""
+def build_hub_folder(folder: Path, seed: int = 0, config=None) -> Path:
+    """A converted-style ViCA2 folder (weights, configs, tokenizer, processor, remote code) of a tiny random model
+    (`config`: another ViCA2 config, e.g. the benchmarks' mid-size one)."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from vica2.convert_checkpoint import MODEL_AUTO_MAP, PROCESSOR_AUTO_MAP
@@ -75,7 +76,7 @@ def build_hub_folder(folder: Path, seed: int = 0) -> Path:
     from vica2.processing_vica2 import Vica2Processor
 
     torch.manual_seed(seed)
-    config = vllm_tiny_config()
+    config = config or vllm_tiny_config()
     config.architectures = ["Vica2ForConditionalGeneration"]
     config.auto_map = {**MODEL_AUTO_MAP, **PROCESSOR_AUTO_MAP}  # what the converter writes
     model = Vica2ForConditionalGeneration(config).eval()
