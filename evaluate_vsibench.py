@@ -705,6 +705,12 @@ def run_evaluation(args) -> int:
         check_device(args.device)
         check_model_path(args.model)
         if args.engine == "vllm":
+            if not args.trust_remote_code:
+                raise UsageError(
+                    "--engine vllm runs the model folder's own Python code (vLLM's Transformers backend builds ViCA2 "
+                    "from it): add --trust-remote-code for a folder you trust, or use --engine transformers, which "
+                    "runs the installed classes."
+                )
             from vica2.vllm_engine_vica2 import require_vllm
 
             require_vllm()
@@ -732,12 +738,10 @@ def build_engine(args):
     if args.engine == "vllm":
         from transformers import AutoProcessor
 
-        from vica2.inference_vica2 import register_installed_classes
         from vica2.vllm_engine_vica2 import VsiBenchVllmEngine
 
-        if not args.trust_remote_code:  # the processor decodes the videos and renders the prompts (installed code);
-            register_installed_classes()  # vLLM itself runs the folder's code (its Transformers backend needs it)
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        # vLLM runs the folder's code (asked for with --trust-remote-code); the processor is the same code.
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
         return VsiBenchVllmEngine(args.model, processor, frames=args.frames, max_new_tokens=args.max_new_tokens,
                                   tensor_parallel_size=args.tensor_parallel_size,
                                   data_parallel_size=args.data_parallel_size, dtype=args.dtype)

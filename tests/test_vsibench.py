@@ -568,10 +568,23 @@ def test_vllm_engine_without_vllm_is_a_one_line_install_hint(bench, tmp_path, mo
     monkeypatch.delitem(sys.modules, "vica2.vllm_engine_vica2", raising=False)
     out = tmp_path / "out"
     code = main(["--model", str(bench["model"]), "--data", str(bench["data"]), "--video-root", str(bench["videos"]),
-                 "--output-dir", str(out), "--engine", "vllm", "--frames", "4"])
+                 "--output-dir", str(out), "--engine", "vllm", "--frames", "4", "--trust-remote-code"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in error
     assert error.startswith("vica2 eval-vsibench: error: The vLLM engine needs vLLM: `pip install vllm`")
+    assert not out.exists()
+
+
+def test_vllm_engine_runs_folder_code_only_when_asked(bench, tmp_path, capsys):
+    """vLLM's Transformers backend executes the model folder's code: --engine vllm needs --trust-remote-code."""
+    from vica2.evaluate_vsibench import main
+
+    out = tmp_path / "out"
+    code = main(["--model", str(bench["model"]), "--data", str(bench["data"]), "--video-root", str(bench["videos"]),
+                 "--output-dir", str(out), "--engine", "vllm", "--frames", "4"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error
+    assert "--engine vllm runs the model folder's own Python code" in error and "--trust-remote-code" in error
     assert not out.exists()
 
 

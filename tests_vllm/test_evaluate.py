@@ -83,13 +83,13 @@ def vllm_main(llm, monkeypatch):
 
 def test_vllm_records_equal_transformers_and_resume(bench, hub_folder, transformers_records, vllm_main, capsys):
     out = bench["root"] / "vllm"
-    started = vllm_main(_args(bench, hub_folder, out, "--engine", "vllm", "--limit", "2",
+    started = vllm_main(_args(bench, hub_folder, out, "--engine", "vllm", "--trust-remote-code", "--limit", "2",
                               "--tensor-parallel-size", "2", "--data-parallel-size", "3"))
     assert sorted(_records(out / "predictions.jsonl")) == [0, 1]
     assert started[0]["tensor_parallel_size"] == 2 and started[0]["data_parallel_size"] == 3
     assert started[0]["trust_remote_code"] is True and started[0]["enable_prefix_caching"] is True
     capsys.readouterr()
-    vllm_main(_args(bench, hub_folder, out, "--engine", "vllm"))  # resumes: the other 5 questions
+    vllm_main(_args(bench, hub_folder, out, "--engine", "vllm", "--trust-remote-code"))  # resumes: the other 5 questions
     assert "vLLM: 4 questions, prefix-cache hit rate" in capsys.readouterr().out
     records = _records(out / "predictions.jsonl")
     assert records == transformers_records  # prompts, outputs, answers, scores, error rows: all equal
@@ -106,7 +106,7 @@ def test_vllm_records_equal_transformers_and_resume(bench, hub_folder, transform
 def test_vllm_shards_split_the_same_records(bench, hub_folder, transformers_records, vllm_main):
     shards = {}
     for index in range(2):
-        vllm_main(_args(bench, hub_folder, bench["root"] / "shards", "--engine", "vllm", "--shard", f"{index}/2"))
+        vllm_main(_args(bench, hub_folder, bench["root"] / "shards", "--engine", "vllm", "--trust-remote-code", "--shard", f"{index}/2"))
         shards[index] = _records(bench["root"] / "shards" / f"predictions.shard{index}of2.jsonl")
     assert not set(shards[0]) & set(shards[1]) and shards[0] and shards[1]
     assert {**shards[0], **shards[1]} == transformers_records
