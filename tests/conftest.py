@@ -229,3 +229,39 @@ def fixture_model():
     if not fixture_available():
         pytest.skip(f"release fixture not found at {FIXTURE_DIR}")
     return load_fixture_model("eager")
+
+
+def _auto_registries():
+    """Every mapping of transformers' auto classes that `register(...)` writes to (their `_extra_content`)."""
+    import transformers.models.auto as auto
+
+    found = []
+    for module_name in ("configuration_auto", "modeling_auto", "image_processing_auto", "processing_auto",
+                        "tokenization_auto", "video_processing_auto", "feature_extraction_auto"):
+        try:
+            module = __import__(f"{auto.__name__}.{module_name}", fromlist=["_"])
+        except ImportError:
+            continue
+        for value in vars(module).values():
+            if isinstance(getattr(value, "_extra_content", None), dict):
+                found.append(value._extra_content)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _restore_auto_class_registrations():
+    """Loading without remote code registers the installed vica2 classes with the auto classes, process-wide; a test
+    that does so must not change what a later test's `from_pretrained(..., trust_remote_code=True)` resolves to."""
+    registries = _auto_registries()
+    saved = [dict(registry) for registry in registries]
+    yield
+    for registry, before in zip(registries, saved):
+        registry.clear()
+        registry.update(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The web app's tests run last: something they leave process-wide (not the auto-class registrations, which the
+    fixture above restores) makes a later `from_pretrained(..., trust_remote_code=True)` resolve to the installed
+    classes (tests/test_finetune.py's remote-code reload). Known leak, tracked in the stop note."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_app.py"))
