@@ -32,7 +32,6 @@ import torch
 
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModelForImageTextToText,
     AutoProcessor,
     HfArgumentParser,
@@ -44,6 +43,7 @@ from transformers.utils import logging as hf_logging
 
 from vica2.configuration_vica2 import Vica2Config
 from vica2.image_processing_vica2 import Vica2ImageProcessor
+from vica2.inference_vica2 import register_image_processor
 from vica2.modeling_vica2 import Vica2ForConditionalGeneration
 from vica2.processing_vica2 import Vica2Processor
 from vica2.training_vica2 import (
@@ -166,7 +166,7 @@ def load_processor(args: ModelArguments):
     # The installed classes. The processor loads its image processor through AutoImageProcessor, which would want the
     # folder's code for a model type it does not know: register ours. A tokenizer needing code is refused.
     AutoConfig.register(Vica2Config.model_type, Vica2Config, exist_ok=True)
-    AutoImageProcessor.register(Vica2Config, image_processor_classes={"pil": Vica2ImageProcessor}, exist_ok=True)
+    register_image_processor(Vica2Config, Vica2ImageProcessor)
     return Vica2Processor.from_pretrained(args.model_name_or_path, trust_remote_code=False)
 
 

@@ -84,9 +84,20 @@ def load_model_and_processor(model_path: str, dtype: str = "auto", device: str =
     return model, processor
 
 
+def register_image_processor(config_class, image_processor_class) -> None:
+    """`AutoImageProcessor.register` for a PIL-backend image processor. transformers 5.17 guards every attribute
+    of `AutoImageProcessor` behind torchvision (which ViCA2 does not need), so the static method is read from the
+    class dict, which that guard does not see."""
+    from transformers.models.auto import image_processing_auto
+
+    register = vars(image_processing_auto.AutoImageProcessor).get("register") or image_processing_auto.AutoImageProcessor.register
+    register = getattr(register, "__func__", register)
+    register(config_class, image_processor_classes={"pil": image_processor_class}, exist_ok=True)
+
+
 def register_installed_classes() -> None:
     """Make the auto classes resolve model_type "vica2" to the installed classes (no code from a model folder)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
     from .configuration_vica2 import Vica2Config
     from .image_processing_vica2 import Vica2ImageProcessor
@@ -97,7 +108,7 @@ def register_installed_classes() -> None:
         lambda: AutoConfig.register(Vica2Config.model_type, Vica2Config),
         lambda: AutoModel.register(Vica2Config, Vica2Model),
         lambda: AutoModelForImageTextToText.register(Vica2Config, Vica2ForConditionalGeneration),
-        lambda: AutoImageProcessor.register(Vica2Config, slow_image_processor_class=Vica2ImageProcessor),
+        lambda: register_image_processor(Vica2Config, Vica2ImageProcessor),
         lambda: AutoProcessor.register(Vica2Config, Vica2Processor),
     ):
         try:
