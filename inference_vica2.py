@@ -86,13 +86,13 @@ def load_model_and_processor(model_path: str, dtype: str = "auto", device: str =
 
 def register_image_processor(config_class, image_processor_class) -> None:
     """`AutoImageProcessor.register` for a PIL-backend image processor. transformers 5.17 guards every attribute
-    of `AutoImageProcessor` behind torchvision (which ViCA2 does not need), so the static method is read from the
-    class dict, which that guard does not see."""
+    of the top-level `transformers.AutoImageProcessor` behind torchvision (which ViCA2 does not need); the class in
+    its own module is not guarded."""
     from transformers.models.auto import image_processing_auto
 
-    register = vars(image_processing_auto.AutoImageProcessor).get("register") or image_processing_auto.AutoImageProcessor.register
-    register = getattr(register, "__func__", register)
-    register(config_class, image_processor_classes={"pil": image_processor_class}, exist_ok=True)
+    image_processing_auto.AutoImageProcessor.register(
+        config_class, image_processor_classes={"pil": image_processor_class}, exist_ok=True
+    )
 
 
 def register_installed_classes() -> None:
