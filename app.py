@@ -465,6 +465,9 @@ def create_app(model_path: str | None = None, *, workdir: str | Path | None = No
         model_path = str(build_tiny_model(workdir))
         dtype, frames = "float32", frames or 8  # the tiny towers run at the real input sizes: keep CPU turns short
     model, processor = load_model_and_processor(model_path, dtype, device)
+    # Visitors upload files: nothing they send makes this server fetch from the network (an uploaded HLS playlist
+    # naming http segments included).
+    processor.allow_remote_media = False
     example = write_demo_video(workdir / "example-room.mp4")
     return Vica2App(model, processor, model_name="built-in tiny random ViCA2" if random_weights else model_path,
                     random_weights=random_weights, example_video=example, frames=frames,

@@ -357,7 +357,8 @@ class Vica2Processor(ProcessorMixin):
         stride = _hiera_frame_stride(layout)
         if fast_decode:
             fast = FastResize(_side(self.image_processor), self.image_processor.hiera_size, stride)
-            return read_video(source, num_frames, fast, decode_workers=decode_workers)
+            return read_video(source, num_frames, fast, decode_workers=decode_workers,
+                              allow_network=self._remote_media_allowed())
         options = pixel_options or {}
         sinks = []
 
@@ -369,7 +370,8 @@ class Vica2Processor(ProcessorMixin):
             )
             return sinks[0]
 
-        video = read_video(source, num_frames, None, decode_workers, make_frame_sink=make_sink, keep_frames=keep_frames)
+        video = read_video(source, num_frames, None, decode_workers, make_frame_sink=make_sink, keep_frames=keep_frames,
+                           allow_network=self._remote_media_allowed())
         video.pixels, video.pixels_key = sinks[0].pixels(), self._pixels_key(layout, options)
         return video
 
@@ -534,7 +536,8 @@ class Vica2Processor(ProcessorMixin):
             if not add_time:
                 return source, None
             num_frames = loading.get("num_frames") or layout["video_frames_budget"]
-            return source, probe_video(source, positive_int("num_frames", num_frames, "frames to sample"))
+            frames = positive_int("num_frames", num_frames, "frames to sample")
+            return source, probe_video(source, frames, allow_network=self._remote_media_allowed())
         metadata = _as_metadata(block.get("metadata"))
         num_frames = _decoded_frame_count(source)
         if num_frames is not None:  # else `__call__` names what is wrong with the frames

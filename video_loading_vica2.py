@@ -55,6 +55,9 @@ AV_INSTALL_HINT = (
 )
 
 URL_PREFIXES = ("http://", "https://", "rtsp://", "rtmp://", "ftp://")
+# FFmpeg protocols a container may open for its parts (an HLS playlist's segments and keys, inline data) when the
+# network is off: a local playlist that names http segments then fails instead of fetching them.
+LOCAL_PROTOCOLS = "file,crypto,data"
 # Decoded frames waiting for the frame sink, per decode worker: bounds memory when preprocessing is the slower stage.
 QUEUED_FRAMES_PER_WORKER = 2
 
@@ -187,6 +190,7 @@ def read_video(
     decode_workers: int | None = None,
     make_frame_sink: Callable | None = None,
     keep_frames: bool = True,
+    allow_network: bool = True,
 ) -> DecodedVideo:
     """Sample and decode `num_frames` frames of a video file (see `load_video`); `fast_resize` selects fast mode.
 
@@ -200,10 +204,12 @@ def read_video(
             (siglip, hiera) pair (hiera None for frames Hiera does not encode). Lets preprocessing run while later
             frames decode.
         keep_frames: with a frame sink, False keeps no frames in the result (only the metadata and stats).
+        allow_network: False keeps FFmpeg off the network: a URL is refused, and a local file that refers to
+            remote parts (an HLS playlist naming http segments) fails instead of fetching them.
     """
     _check_num_frames(num_frames)
     workers = default_decode_workers() if decode_workers is None else _check_workers(decode_workers)
-    video_file = _VideoFile(source)
+    video_file = _VideoFile(source, allow_network)
     with video_file.open() as container:
         stream = video_file.video_stream(container)
         index = _index_stream(container, stream, video_file.name)
@@ -249,10 +255,10 @@ def _check_workers(decode_workers) -> int:
     return int(decode_workers)
 
 
-def probe_video(source, num_frames: int) -> VideoMetadata:
+def probe_video(source, num_frames: int, allow_network: bool = True) -> VideoMetadata:
     """The metadata `load_video` would return (frame count, fps, sampled indices), from the index pass alone."""
     _check_num_frames(num_frames)
-    video_file = _VideoFile(source)
+    video_file = _VideoFile(source, allow_network)
     with video_file.open() as container:
         stream = video_file.video_stream(container)
         index = _index_stream(container, stream, video_file.name)
@@ -263,12 +269,15 @@ def probe_video(source, num_frames: int) -> VideoMetadata:
 class _VideoFile:
     """A video source that can be opened more than once (the index pass and the decode pass each open it)."""
 
-    def __init__(self, source):
+    def __init__(self, source, allow_network: bool = True):
         if av is None:
             raise ImportError(AV_INSTALL_HINT)
+        self.options = {} if allow_network else {"protocol_whitelist": LOCAL_PROTOCOLS}
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             self.name = f"video '{path}'"
+            if not allow_network and path.startswith(URL_PREFIXES):
+                raise ValueError(f"Refusing to fetch the {self.name}: the network is off for this read.")
             if not path.startswith(URL_PREFIXES) and not os.path.isfile(path):
                 raise FileNotFoundError(
                     f"Video file not found: '{path}'. Check the path, or pass decoded frames (a uint8 array of shape "
@@ -294,12 +303,15 @@ class _VideoFile:
         if self.start is not None:
             self.source.seek(self.start)
         try:
-            return av.open(self.source, mode="r", metadata_errors="ignore")
+            return av.open(self.source, mode="r", metadata_errors="ignore", options=self.options)
         except av.FFmpegError as error:
+            # FFmpeg reports a refused protocol as invalid data: say that it may be one when the network is off.
+            remote = (" With remote media off, a file that refers to remote parts (an HLS playlist naming http "
+                      "segments) is refused too: download the video itself.") if self.options else ""
             raise VideoLoadError(
                 f"Could not open the {self.name} as a video ({error}). The file is not a video, or it is truncated or "
                 "corrupt (an mp4 whose recording was interrupted usually lacks its index). Re-encode it, e.g. "
-                "`ffmpeg -i in.mp4 out.mp4`, or pass decoded frames instead."
+                f"`ffmpeg -i in.mp4 out.mp4`, or pass decoded frames instead.{remote}"
             ) from error
 
     def video_stream(self, container):

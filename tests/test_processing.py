@@ -873,6 +873,45 @@ def test_remote_media_are_fetched_by_default_and_refused_by_the_switch(tiny, mon
             processor(text="<image>", images=f"{base}/a.png")
 
 
+def _ts_segment(path) -> bytes:
+    """A real 10-frame MPEG-TS segment, as an HLS playlist names them."""
+    import av
+
+    with av.open(str(path), "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path.read_bytes()
+
+
+def test_a_local_playlist_naming_remote_segments_fetches_nothing_with_remote_media_off(tiny, tmp_path, monkeypatch):
+    """A local file can make FFmpeg fetch (an HLS playlist's http segments: read from a file object, FFmpeg does
+    fetch them); with remote media off no protocol but local files reaches FFmpeg, for every read the processor
+    makes: the call, load_video, and the chat template's probe for the time instruction."""
+    _, processor = tiny
+    segment = _ts_segment(tmp_path / "seg.ts")
+    monkeypatch.setattr(processor, "allow_remote_media", False)
+    with media_server({"/seg.ts": segment}) as (base, requested):
+        playlist = tmp_path / "list.m3u8"
+        playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{base}/seg.ts\n#EXT-X-ENDLIST\n")
+        reads = [lambda source: processor(text="<video>", videos=source, num_frames=2),
+                 lambda source: processor.load_video(source, num_frames=2),
+                 lambda source: processor.apply_chat_template(
+                     user_turn({"type": "video", "video": source}, {"type": "text", "text": "Q"}), tokenize=False)]
+        for read in reads:
+            for source in (str(playlist), playlist.open("rb")):
+                with pytest.raises(ValueError, match="With remote media off, a file that refers to remote parts"):
+                    read(source)
+        assert requested == []
+        monkeypatch.setattr(processor, "allow_remote_media", True)  # the same file, remote media on: fetched
+        assert processor(text="<video>", videos=playlist.open("rb"), num_frames=2)["pixel_values_videos"].shape[1] == 2
+        assert requested and set(requested) == {"/seg.ts"}  # (once per pass that opens the file)
+
+
 def test_an_image_url_that_fails_is_named(tiny):
     _, processor = tiny
     with media_server({"/page.html": b"<html>not an image</html>"}) as (base, requested):
