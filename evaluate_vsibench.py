@@ -532,38 +532,46 @@ def _is_video_load_error(error: Exception) -> bool:
     return any(cls.__name__ == "VideoLoadError" for cls in type(error).__mro__)
 
 
+@dataclass
+class VideoJob:
+    """One readable video's questions, their prompts and the decoded video, as an engine gets them."""
+
+    questions: list[Question]
+    prompts: list[str]
+    video: object
+
+
 def evaluate(engine, processor, questions: list[Question], video_root: Path, settings: RunSettings,
              writer: PredictionWriter, progress=None) -> None:
-    """Answer `questions` video by video with `engine`, appending one record per question to `writer`.
+    """Answer `questions` with `engine`, appending one record per question to `writer`.
 
-    The records are made here, the same for any engine: an engine only turns one video's prompts into generated
-    texts (`engine.answer(video, prompts)`, yielding the texts batch by batch, in order), so a batch's records are
-    saved as soon as it is done and an interrupted run resumes mid-video.
+    The records are made here, the same for any engine: an engine only turns prompts into generated texts.
+    `engine.answer_all(jobs)` takes the videos' jobs (read lazily, a video decoded when the engine asks for it) and
+    yields `(job, first, texts)` for the questions `first, first + 1, ...` of a job as they are answered (the
+    transformers engine batch by batch, video after video; vLLM question by question across the videos it holds),
+    so every answer is saved when it is done and an interrupted run resumes where it stopped. A video that cannot
+    be read becomes error rows without reaching the engine.
     """
-    cache = VideoCache(processor, video_root, settings.frames, capacity=1)
-    for video_name, group in videos_with_questions(questions):
-        video = cache.get(video_name)
-        prompts = [_prompt_for(question, video, processor, settings) for question in group]
-        if isinstance(video, Exception):
-            batches = [(group, prompts, None)]
-        else:
-            batches = _batches_of(group, prompts, engine.answer(video, prompts))
-        for batch, batch_prompts, outputs in batches:
-            writer.write([
-                make_record(question, prompt, settings, output=output) if outputs is not None
-                else make_record(question, prompt, settings, error=_one_line(video))
-                for question, prompt, output in zip(batch, batch_prompts, outputs or [None] * len(batch))
-            ])
-            if progress is not None:
-                progress.update(len(batch))
 
+    def save(batch: list[Question], prompts: list[str], outputs, error=None) -> None:
+        writer.write([make_record(question, prompt, settings, output=output, error=error)
+                      for question, prompt, output in zip(batch, prompts, outputs)])
+        if progress is not None:
+            progress.update(len(batch))
 
-def _batches_of(questions: list[Question], prompts: list[str], outputs):
-    """(questions, prompts, outputs) per batch the engine yields, in order."""
-    done = 0
-    for texts in outputs:
-        yield questions[done:done + len(texts)], prompts[done:done + len(texts)], list(texts)
-        done += len(texts)
+    def jobs():
+        cache = VideoCache(processor, video_root, settings.frames, capacity=1)
+        for video_name, group in videos_with_questions(questions):
+            video = cache.get(video_name)
+            prompts = [_prompt_for(question, video, processor, settings) for question in group]
+            if isinstance(video, Exception):
+                save(group, prompts, [None] * len(group), error=_one_line(video))
+            else:
+                yield VideoJob(group, prompts, video)
+
+    for job, first, texts in engine.answer_all(jobs()):
+        texts = list(texts)
+        save(job.questions[first:first + len(texts)], job.prompts[first:first + len(texts)], texts)
 
 
 def videos_with_questions(questions: list[Question]) -> list[tuple[str, list[Question]]]:
@@ -603,6 +611,14 @@ class TransformersEngine:
             max_cache_bytes=self.max_cache_bytes, stats=self.stats, max_new_tokens=self.max_new_tokens,
             do_sample=False, skip_special_tokens=True,
         )
+
+    def answer_all(self, jobs):
+        """Yields `(job, first, texts)` batch by batch, one video after the other (see `evaluate`)."""
+        for job in jobs:
+            first = 0
+            for texts in self.answer(job.video, job.prompts):
+                yield job, first, texts
+                first += len(texts)
 
     def summary(self) -> dict:
         """What this run's engine did, for summary.json."""
@@ -743,6 +759,7 @@ def build_engine(args):
         # vLLM runs the folder's code (asked for with --trust-remote-code); the processor is the same code.
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
         return VsiBenchVllmEngine(args.model, processor, frames=args.frames, max_new_tokens=args.max_new_tokens,
+                                  videos_in_flight=args.videos_in_flight,
                                   tensor_parallel_size=args.tensor_parallel_size,
                                   data_parallel_size=args.data_parallel_size, dtype=args.dtype)
     from vica2.inference_vica2 import load_model_and_processor
@@ -830,11 +847,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "inference code leaves it out; training used it)")
     parser.add_argument("--frames", type=int, default=64, help="frames sampled per video (default 64)")
     parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
-                        help="who answers: transformers (default) or vLLM (needs vLLM installed; submits all of a "
-                             "video's questions at once and reuses its KV blocks; --batch-size, --prefix-reuse, "
-                             "--cache-budget-gb, --device and --attn-implementation are transformers' only)")
+                        help="who answers: transformers (default) or vLLM (needs vLLM installed; one engine gets "
+                             "the questions of --videos-in-flight videos at a time and reuses each video's KV blocks; "
+                             "--batch-size, --prefix-reuse, --cache-budget-gb, --device and --attn-implementation are "
+                             "transformers' only)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model replica")
     parser.add_argument("--data-parallel-size", type=int, default=1, help="vLLM: model replicas")
+    parser.add_argument("--videos-in-flight", type=int, default=4,
+                        help="vLLM: videos whose questions are queued in the engine at once (default 4); more keep "
+                             "every replica busy, each holds its decoded frames until its questions are answered")
     parser.add_argument("--batch-size", type=int, default=1, help="questions of a video per generate call")
     parser.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=True,
                         help="encode each video and its prompts' shared prefix once and answer its questions from "
@@ -868,7 +889,8 @@ def _check_run_args(args, parser) -> None:
     for flag, value in (("--frames", args.frames), ("--batch-size", args.batch_size),
                         ("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit),
                         ("--tensor-parallel-size", args.tensor_parallel_size),
-                        ("--data-parallel-size", args.data_parallel_size)):
+                        ("--data-parallel-size", args.data_parallel_size),
+                        ("--videos-in-flight", args.videos_in_flight)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1")
     if args.cache_budget_gb is not None and not args.cache_budget_gb > 0:

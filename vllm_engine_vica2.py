@@ -6,11 +6,17 @@ own remote code through vLLM's Transformers backend. Questions are prompt string
 evaluator builds them, time instruction included) and the videos ViCA2's reader decoded (`DecodedVideo`); they go
 to vLLM as (frames, metadata), so the model sees exactly the frames transformers would. vLLM schedules them all,
 batches continuously and reuses the KV blocks of a video across its questions (prefix caching).
+
+`VllmEngine.stream` keeps one engine fed across videos: the questions of the next videos are queued while the
+current ones run (so the scheduler never waits for the caller between videos), at most `videos_in_flight` videos
+at a time (each holds its decoded frames and prepared pixels until its questions are answered), and each answer is
+handed back as soon as its request finishes.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -71,14 +77,67 @@ class VllmEngine:
         """
         if len(prompts) != len(videos):
             raise ValueError(f"Got {len(prompts)} prompts but {len(videos)} videos; give one video per prompt.")
-        params = vllm.SamplingParams(
+        outputs = self.llm.generate(self._requests(prompts, videos, processor_kwargs),
+                                    self._sampling_params(max_new_tokens), use_tqdm=False)
+        return [output.outputs[0].text for output in outputs]
+
+    def stream(self, groups: Iterable[tuple[list[str], object]], max_new_tokens: int, videos_in_flight: int = 4,
+               **processor_kwargs) -> Iterator[tuple[int, int, str]]:
+        """Answers `groups` of (prompts, DecodedVideo) on the one engine, yielding `(group, prompt, text)` (their
+        positions) as each request finishes, in completion order.
+
+        `groups` is read lazily: a group's requests are queued once fewer than `videos_in_flight` groups have
+        unanswered requests, so at most that many videos are held at once while vLLM always has the next video's
+        questions waiting (it schedules across them and prefix-caches each video).
+        """
+        if videos_in_flight < 1:
+            raise ValueError(f"videos_in_flight must be at least 1, got {videos_in_flight}.")
+        params = self._sampling_params(max_new_tokens)
+        groups = enumerate(groups)
+        waiting: dict[str, tuple[int, int]] = {}  # request id -> (group, prompt)
+        unanswered: dict[int, int] = {}  # group -> its requests still running
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(unanswered) < videos_in_flight:
+                    group, (prompts, video) = next(groups, (None, (None, None)))
+                    if group is None:
+                        exhausted = True
+                    elif prompts:
+                        # enqueue adds requests without running the engine (vLLM >= 0.32); step() below runs it.
+                        requests = self._requests(prompts, [video] * len(prompts), processor_kwargs)
+                        ids = self.llm.enqueue(requests, params, use_tqdm=False)
+                        waiting.update({_external_id(request_id): (group, i) for i, request_id in enumerate(ids)})
+                        unanswered[group] = len(ids)
+                if not unanswered:
+                    return
+                for output in self.llm.llm_engine.step():
+                    if not output.finished or output.request_id not in waiting:
+                        continue
+                    group, prompt = waiting.pop(output.request_id)
+                    unanswered[group] -= 1
+                    if not unanswered[group]:
+                        del unanswered[group]
+                    yield group, prompt, output.outputs[0].text
+        finally:  # stopped early (an error, Ctrl-C, the caller closed the stream): the engine drops what is left
+            if waiting:
+                self.llm.llm_engine.abort_request(list(waiting))
+
+    def _sampling_params(self, max_new_tokens: int):
+        from vllm.sampling_params import RequestOutputKind
+
+        return vllm.SamplingParams(
             temperature=0.0,
             max_tokens=max_new_tokens,
             skip_special_tokens=True,
             # vLLM does not apply the model's `generatable_vocab_size` mask: the same limit, told to vLLM.
             allowed_token_ids=list(range(self.generatable)) if self.generatable else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # only the finished text is read
         )
-        requests = [
+
+    @staticmethod
+    def _requests(prompts: list[str], videos: list, processor_kwargs: dict) -> list[dict]:
+        return [
             {
                 "prompt": prompt,
                 "multi_modal_data": {"video": (video.frames, _metadata_dict(video.metadata))},
@@ -86,8 +145,12 @@ class VllmEngine:
             }
             for prompt, video in zip(prompts, videos)
         ]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [output.outputs[0].text for output in outputs]
+
+
+def _external_id(request_id: str) -> str:
+    """The id a request's outputs carry: `LLM` numbers its requests 0, 1, ... and the engine adds a random suffix
+    ("7-1a2b3c4d") to the id it returns from `enqueue`, while outputs keep the number."""
+    return request_id.split("-", 1)[0]
 
 
 def require_vllm() -> None:
@@ -107,25 +170,42 @@ def prefix_cache_counts(llm) -> dict:
 
 
 class VsiBenchVllmEngine:
-    """The evaluator's engine interface (`answer`, `summary`, `processor`) on a `VllmEngine`.
+    """The evaluator's engine interface (`answer_all`, `summary`, `processor`) on a `VllmEngine`.
 
-    All questions of a video go to vLLM in one submission (it schedules them together and the later ones reuse
-    the video's cached KV blocks); the video is the one the evaluator decoded with ViCA2's reader, and vLLM's
-    processor is told to take exactly those `frames`, so the model sees what the transformers engine shows it.
+    All pending questions go to the one engine as a stream (`VllmEngine.stream`): vLLM schedules across videos and
+    the later questions of a video reuse its cached KV blocks; at most `videos_in_flight` decoded videos are held.
+    The video is the one the evaluator decoded with ViCA2's reader, and vLLM's processor is told to take exactly
+    those `frames`, so the model sees what the transformers engine shows it.
     """
 
     name = "vllm"
 
-    def __init__(self, model: str, processor, *, frames: int, max_new_tokens: int, **engine_kwargs):
+    def __init__(self, model: str, processor, *, frames: int, max_new_tokens: int, videos_in_flight: int = 4,
+                 **engine_kwargs):
         self.engine = VllmEngine(model, **engine_kwargs)
         self.processor, self.frames, self.max_new_tokens = processor, frames, max_new_tokens
+        self.videos_in_flight = videos_in_flight
         self.prompts = 0
 
-    def answer(self, video, prompts: list[str]):
-        """Yields the raw generated texts of all `prompts` (each showing `video`, a DecodedVideo), one batch."""
-        texts = self.engine.generate(prompts, [video] * len(prompts), self.max_new_tokens, num_frames=self.frames)
-        self.prompts += len(prompts)
-        yield texts
+    def answer_all(self, jobs):
+        """Yields `(job, index, [text])` for each question of `jobs` (objects with `.prompts` and `.video`, a
+        DecodedVideo), as it finishes: `index` is the question's position in its job."""
+        held: dict[int, object] = {}  # group -> job, until its last answer
+
+        def groups():
+            for group, job in enumerate(jobs):
+                held[group] = job
+                yield job.prompts, job.video
+
+        answered: dict[int, int] = {}
+        for group, index, text in self.engine.stream(groups(), self.max_new_tokens, self.videos_in_flight,
+                                                     num_frames=self.frames):
+            job = held[group]
+            answered[group] = answered.get(group, 0) + 1
+            if answered[group] == len(job.prompts):  # its last answer: the video is no longer held here
+                del held[group], answered[group]
+            self.prompts += 1
+            yield job, index, [text]
 
     def summary(self) -> dict:
         """What this run's engine did, for summary.json: questions answered and vLLM's prefix-cache counters."""

@@ -3,8 +3,9 @@
 Both engines answer through the evaluator's own loop (`vica2.evaluate_vsibench.evaluate`: the same video decoding,
 prompts and records), greedy, 8 new tokens, on two random-weight models built here: `tiny` (tests_vllm's model)
 and `mid` (LLM hidden 512, 4 layers, head size 64). Reported per model:
-  - questions/s through transformers (prefix reuse, the evaluator's default) and through vLLM (a video's questions
-    in one submission; vLLM batches them and prefix-caches the video), and their ratio;
+  - questions/s through transformers (prefix reuse, the evaluator's default) and through vLLM (the evaluator's
+    stream: the questions of up to 4 videos queued in one engine, which batches them and prefix-caches each video),
+    and their ratio;
   - vLLM's prefix-cache hit rate (its `vllm:prefix_cache_hits / queries` counters) over the run;
   - time to first token: one question on a new video, 1 new token, video decoding included, each engine.
 How many answers are the same for both engines is printed too (float32 on CPU; random weights make near-ties).

@@ -155,3 +155,54 @@ def test_front_end_engine_answers_as_transformers(llm, reference, hub_folder, me
     assert got == [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in expected]
     with pytest.raises(ValueError, match="one video per prompt"):
         engine.generate(prompts, [], MAX_TOKENS)
+
+
+def test_stream_keeps_the_next_videos_queued_and_answers_as_generate(llm, hub_folder, media):
+    """`VllmEngine.stream` (the evaluator's submission): the next video's questions are in the engine before the
+    current video's are answered, never more than `videos_in_flight` videos at once, and the answers are those of
+    one `generate` call per video."""
+    from vica2.video_loading_vica2 import read_video
+    from vica2.vllm_engine_vica2 import VllmEngine
+
+    engine = VllmEngine(str(hub_folder), llm=llm)
+    videos = {name: read_video(str(media[name]), 8) for name in ("long", "other", "short")}
+    groups = [([chat(f"<video>\nAbout {name}, question {i}?") for i in range(3)], video)
+              for name, video in videos.items()]
+    expected = [engine.generate(prompts, [video] * len(prompts), MAX_TOKENS) for prompts, video in groups]
+    events = []
+
+    def lazily():
+        for group, item in enumerate(groups):
+            events.append(("queued", group))
+            yield item
+
+    answers = {}
+    for group, index, text in engine.stream(lazily(), MAX_TOKENS, videos_in_flight=2):
+        events.append(("answered", group))
+        answers[group, index] = text
+    assert answers == {(g, i): text for g, texts in enumerate(expected) for i, text in enumerate(texts)}
+    assert events[:2] == [("queued", 0), ("queued", 1)]  # video 1 is in the engine before video 0 is answered
+    answered, held = {0: 0, 1: 0, 2: 0}, set()
+    for kind, group in events:  # at no point more than 2 videos with unanswered questions
+        if kind == "queued":
+            held.add(group)
+        else:
+            answered[group] += 1
+            held -= {group} if answered[group] == 3 else set()
+        assert len(held) <= 2
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_a_stream_closed_early_leaves_nothing_in_the_engine(llm, hub_folder, media):
+    from vica2.video_loading_vica2 import read_video
+    from vica2.vllm_engine_vica2 import VllmEngine
+
+    engine = VllmEngine(str(hub_folder), llm=llm)
+    video = read_video(str(media["long"]), 8)
+    stream = engine.stream([([chat(f"<video>\nQ{i}?") for i in range(4)], video)] * 2, MAX_TOKENS)
+    next(stream)
+    stream.close()  # an interrupted evaluation: the engine drops the rest
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert engine.generate([chat("<video>\nStill there?")], [video], MAX_TOKENS)  # and answers the next call
+    with pytest.raises(ValueError, match="videos_in_flight must be at least 1"):
+        next(engine.stream([], MAX_TOKENS, videos_in_flight=0))
