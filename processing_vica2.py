@@ -72,15 +72,27 @@ CHAT_TEMPLATE_ARGS = frozenset(
     }
 )
 
+# A placeholder typed into a text part would be expanded into a video / image that the request does not have (or,
+# where the engine only expands the placeholders of the media it got, as vLLM does, read as a stray token): the
+# template refuses it, so every engine that renders it (transformers, vLLM's server: a 400 with this text) does.
+TYPED_PLACEHOLDER_ERROR = (
+    "A text part of the conversation contains '<video>' or '<image>', ViCA2's placeholders: a typed placeholder "
+    "would be read as a video or image that is not there. Send the media as their own content parts "
+    "(video / video_url, image / image_url), which add the placeholder, and leave it out of the text."
+)
+
 # The release's "qwen_1_5" conversation: a default system turn, ChatML turns, and each visual item rendered as its
-# placeholder followed by a newline (the release's `<image>\n{question}`).
+# placeholder followed by a newline (the release's `<image>\n{question}`). Text parts must not hold placeholders.
 CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{- content -}}"
     "{%- else -%}{%- for item in content -%}"
     "{%- if item['type'] == 'image' -%}{{- '<image>\\n' -}}"
     "{%- elif item['type'] == 'video' -%}{{- '<video>\\n' -}}"
-    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}"
+    "{%- elif item['type'] == 'text' -%}"
+    "{%- if '<video>' in item['text'] or '<image>' in item['text'] -%}"
+    "{{- raise_exception(\"" + TYPED_PLACEHOLDER_ERROR + "\") -}}"
+    "{%- endif -%}{{- item['text'] -}}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
     "{%- for message in messages -%}"
@@ -491,12 +503,17 @@ class Vica2Processor(ProcessorMixin):
                     message["content"] = self._with_loaded_videos(
                         message["content"], kwargs.get("tokenize", False), add_time, loading, overrides
                     )
-        return super().apply_chat_template(
-            conversations if is_batched else conversations[0],
-            chat_template=chat_template,
-            processor_kwargs=processor_kwargs,
-            **kwargs,
-        )
+        from jinja2 import TemplateError  # transformers' chat templates need jinja2
+
+        try:
+            return super().apply_chat_template(
+                conversations if is_batched else conversations[0],
+                chat_template=chat_template,
+                processor_kwargs=processor_kwargs,
+                **kwargs,
+            )
+        except TemplateError as error:  # the template's refusals (a typed placeholder) are bad input, as elsewhere
+            raise ValueError(str(error)) from error
 
     def _with_loaded_videos(self, content: list, tokenize: bool, add_time: bool, loading: dict, overrides) -> list:
         new_content = []

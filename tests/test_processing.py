@@ -830,6 +830,24 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.parametrize("text", ["What is <video> here?", "<image>\nAnd this?"])
+def test_a_placeholder_typed_into_a_text_part_is_refused_by_the_chat_template(tiny, video_file, text):
+    """Serving engines render the template themselves (vLLM's server runs no processor for a text-only request), so
+    the refusal lives in the template: transformers gets it as a ValueError, vLLM as a 400 with the same text."""
+    _, processor = tiny
+    for content in ([{"type": "text", "text": text}], [{"type": "video", "path": str(video_file)},
+                                                       {"type": "text", "text": text}]):
+        with pytest.raises(ValueError, match="contains '<video>' or '<image>', ViCA2's placeholders"):
+            processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+    # The template refuses it by itself, rendered by the tokenizer as vLLM's server renders it.
+    with pytest.raises(Exception, match="ViCA2's placeholders"):
+        processor.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                                chat_template=processor.chat_template, tokenize=False)
+    # A prompt written whole (string content, as the evaluator builds its release prompt) is the writer's own.
+    rendered = processor.apply_chat_template([{"role": "user", "content": f"<video>\n{text}"}], tokenize=False)
+    assert rendered.count("<video>") == 1 + text.count("<video>")
+
+
 def test_remote_media_are_fetched_by_default_and_refused_by_the_switch(tiny, monkeypatch):
     _, processor = tiny
     picture = np.random.default_rng(9).integers(0, 256, (20, 28, 3), dtype=np.uint8)
