@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -248,20 +249,30 @@ def _auto_registries():
     return found
 
 
+@contextlib.contextmanager
+def _auto_class_registrations_kept():
+    registries = _auto_registries()
+    saved = [dict(registry) for registry in registries]
+    try:
+        yield
+    finally:
+        for registry, before in zip(registries, saved):
+            registry.clear()
+            registry.update(before)
+
+
 @pytest.fixture(autouse=True)
 def _restore_auto_class_registrations():
     """Loading without remote code registers the installed vica2 classes with the auto classes, process-wide; a test
     that does so must not change what a later test's `from_pretrained(..., trust_remote_code=True)` resolves to."""
-    registries = _auto_registries()
-    saved = [dict(registry) for registry in registries]
-    yield
-    for registry, before in zip(registries, saved):
-        registry.clear()
-        registry.update(before)
+    with _auto_class_registrations_kept():
+        yield
 
 
-def pytest_collection_modifyitems(config, items):
-    """The web app's tests run last: something they leave process-wide (not the auto-class registrations, which the
-    fixture above restores) makes a later `from_pretrained(..., trust_remote_code=True)` resolve to the installed
-    classes (tests/test_finetune.py's remote-code reload). Known leak, tracked in the stop note."""
-    items.sort(key=lambda item: item.nodeid.startswith("tests/test_app.py"))
+@pytest.fixture(autouse=True, scope="module")
+def _restore_auto_class_registrations_of_the_module():
+    """The same for a test module's module-scoped fixtures (a model loaded once for the module): they run before the
+    per-test snapshot above, so only a snapshot taken before them (autouse fixtures of a scope come first) undoes
+    their registrations."""
+    with _auto_class_registrations_kept():
+        yield
