@@ -598,3 +598,46 @@ def test_the_transformers_engine_does_not_import_vllm(bench, tmp_path):
         capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(_lines(tmp_path / "out" / "predictions.jsonl")) == 2  # the engine really ran
+
+
+class _OutOfOrderEngine:
+    """An engine that, like vLLM's stream, takes several videos' jobs before answering and answers their questions
+    one at a time in another order (last job first, last question first); its answer names the prompt it got."""
+
+    def __init__(self, processor, jobs_held: int):
+        self.processor, self.jobs_held, self.taken = processor, jobs_held, []
+
+    def answer_all(self, jobs):
+        jobs = iter(jobs)
+        while held := [job for _, job in zip(range(self.jobs_held), jobs)]:
+            self.taken.append(len(held))
+            for job in reversed(held):
+                for index in reversed(range(len(job.prompts))):
+                    yield job, index, [f"{len(job.prompts[index])} B"]
+
+
+def test_evaluate_saves_answers_given_in_any_order_across_videos(bench, tmp_path):
+    """The evaluator's engine contract: answers may come question by question, across the videos an engine holds,
+    in any order; each is saved to its own question, and an unreadable video's rows never reach the engine."""
+    from transformers import AutoProcessor
+
+    from vica2.evaluate_vsibench import PredictionWriter, RunSettings, evaluate, load_questions, read_records
+    from vica2.inference_vica2 import register_installed_classes
+
+    register_installed_classes()  # the folder's processor, no code from the folder
+    processor = AutoProcessor.from_pretrained(bench["model"])
+    questions = load_questions(bench["data"])
+    settings = RunSettings(frames=4)
+    engine = _OutOfOrderEngine(processor, jobs_held=2)
+    writer = PredictionWriter(tmp_path / "predictions.jsonl")
+    evaluate(engine, processor, questions, bench["videos"], settings, writer)
+    writer.close()
+    records = {str(record["id"]): record for record in read_records(tmp_path / "predictions.jsonl")}
+    assert engine.taken == [2]  # both readable videos were held at once; the broken one never came
+    assert sorted(records) == sorted(question.key for question in questions)
+    for question in questions:
+        record = records[question.key]
+        if record["error"] is None:
+            assert record["output"] == f"{len(record['prompt'])} B"  # the answer to this very prompt
+        else:
+            assert question.scene_name == "broken" and record["output"] is None
