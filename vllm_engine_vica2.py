@@ -124,15 +124,13 @@ class VllmEngine:
                 self.llm.llm_engine.abort_request(list(waiting))
 
     def _sampling_params(self, max_new_tokens: int):
-        from vllm.sampling_params import RequestOutputKind
-
         return vllm.SamplingParams(
             temperature=0.0,
             max_tokens=max_new_tokens,
             skip_special_tokens=True,
             # vLLM does not apply the model's `generatable_vocab_size` mask: the same limit, told to vLLM.
             allowed_token_ids=list(range(self.generatable)) if self.generatable else None,
-            output_kind=RequestOutputKind.FINAL_ONLY,  # only the finished text is read
+            output_kind=vllm.sampling_params.RequestOutputKind.FINAL_ONLY,  # only the finished text is read
         )
 
     @staticmethod
