@@ -345,6 +345,16 @@ def test_bad_shards_are_refused(text):
         parse_shard(text)
 
 
+@pytest.mark.parametrize("flag", ["--videos-in-flight", "--tensor-parallel-size", "--data-parallel-size",
+                                  "--batch-size", "--frames"])
+def test_counts_below_one_are_refused_before_anything_runs(flag, capsys):
+    from vica2.evaluate_vsibench import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "m", "--data", "d.jsonl", "--video-root", "v", flag, "0"])
+    assert exit_info.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
+
+
 def test_torn_last_line_is_cut_off_and_other_bad_lines_are_errors(tmp_path):
     path = tmp_path / "predictions.jsonl"
     path.write_text('{"id": 1}\n{"id": 2}\n{"id": 3, "ques')
