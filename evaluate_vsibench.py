@@ -502,28 +502,15 @@ class RunSettings:
         return dict(self.__dict__)
 
 
-class VideoCache:
-    """The last few decoded videos (or their load errors): the questions of a video come together."""
-
-    def __init__(self, processor, video_root: Path, frames: int, capacity: int = 2):
-        self.processor, self.video_root, self.frames, self.capacity = processor, video_root, frames, capacity
-        self.entries: OrderedDict[str, object] = OrderedDict()
-
-    def get(self, video: str):
-        """The `DecodedVideo`, or the exception that reading it raised."""
-        if video not in self.entries:
-            self.entries[video] = self._load(video)
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
-        return self.entries[video]
-
-    def _load(self, video: str):
-        try:
-            return self.processor.load_video(str(self.video_root / video), num_frames=self.frames)
-        except (ValueError, OSError) as error:  # missing, corrupt, not a video: an error row, not a crash
-            if isinstance(error, OSError) or _is_video_load_error(error):
-                return error
-            raise
+def read_video_or_error(processor, video_root: Path, video: str, frames: int):
+    """The `DecodedVideo`, or the exception that reading it raised (missing, corrupt, not a video: error rows, not
+    a crash)."""
+    try:
+        return processor.load_video(str(video_root / video), num_frames=frames)
+    except (ValueError, OSError) as error:
+        if isinstance(error, OSError) or _is_video_load_error(error):
+            return error
+        raise
 
 
 def _is_video_load_error(error: Exception) -> bool:
@@ -560,9 +547,8 @@ def evaluate(engine, processor, questions: list[Question], video_root: Path, set
             progress.update(len(batch))
 
     def jobs():
-        cache = VideoCache(processor, video_root, settings.frames, capacity=1)
-        for video_name, group in videos_with_questions(questions):
-            video = cache.get(video_name)
+        for video_name, group in videos_with_questions(questions):  # each video is read once
+            video = read_video_or_error(processor, video_root, video_name, settings.frames)
             prompts = [_prompt_for(question, video, processor, settings) for question in group]
             if isinstance(video, Exception):
                 save(group, prompts, [None] * len(group), error=_one_line(video))

@@ -81,10 +81,10 @@ class VllmEngine:
                                     self._sampling_params(max_new_tokens), use_tqdm=False)
         return [output.outputs[0].text for output in outputs]
 
-    def stream(self, groups: Iterable[tuple[list[str], object]], max_new_tokens: int, videos_in_flight: int = 4,
-               **processor_kwargs) -> Iterator[tuple[int, int, str]]:
-        """Answers `groups` of (prompts, DecodedVideo) on the one engine, yielding `(group, prompt, text)` (their
-        positions) as each request finishes, in completion order.
+    def stream(self, groups: Iterable[tuple[object, list[str], object]], max_new_tokens: int,
+               videos_in_flight: int = 4, **processor_kwargs) -> Iterator[tuple[object, int, str]]:
+        """Answers `groups` of (tag, prompts, DecodedVideo) on the one engine, yielding `(tag, prompt index, text)`
+        as each request finishes, in completion order (`tag` is any object of the caller's, handed back).
 
         `groups` is read lazily: a group's requests are queued once fewer than `videos_in_flight` groups have
         unanswered requests, so at most that many videos are held at once while vLLM always has the next video's
@@ -94,31 +94,31 @@ class VllmEngine:
             raise ValueError(f"videos_in_flight must be at least 1, got {videos_in_flight}.")
         params = self._sampling_params(max_new_tokens)
         groups = enumerate(groups)
-        waiting: dict[str, tuple[int, int]] = {}  # request id -> (group, prompt)
+        waiting: dict[str, tuple[int, object, int]] = {}  # request id -> (group, tag, prompt index)
         unanswered: dict[int, int] = {}  # group -> its requests still running
         exhausted = False
         try:
             while True:
                 while not exhausted and len(unanswered) < videos_in_flight:
-                    group, (prompts, video) = next(groups, (None, (None, None)))
+                    group, (tag, prompts, video) = next(groups, (None, (None, None, None)))
                     if group is None:
                         exhausted = True
                     elif prompts:
                         # enqueue adds requests without running the engine (vLLM >= 0.32); step() below runs it.
                         requests = self._requests(prompts, [video] * len(prompts), processor_kwargs)
                         ids = self.llm.enqueue(requests, params, use_tqdm=False)
-                        waiting.update({_external_id(request_id): (group, i) for i, request_id in enumerate(ids)})
+                        waiting.update({_external_id(rid): (group, tag, i) for i, rid in enumerate(ids)})
                         unanswered[group] = len(ids)
                 if not unanswered:
                     return
                 for output in self.llm.llm_engine.step():
                     if not output.finished or output.request_id not in waiting:
                         continue
-                    group, prompt = waiting.pop(output.request_id)
+                    group, tag, index = waiting.pop(output.request_id)
                     unanswered[group] -= 1
                     if not unanswered[group]:
                         del unanswered[group]
-                    yield group, prompt, output.outputs[0].text
+                    yield tag, index, output.outputs[0].text
         finally:  # stopped early (an error, Ctrl-C, the caller closed the stream): the engine drops what is left
             if waiting:
                 self.llm.llm_engine.abort_request(list(waiting))
@@ -188,20 +188,9 @@ class VsiBenchVllmEngine:
     def answer_all(self, jobs):
         """Yields `(job, index, [text])` for each question of `jobs` (objects with `.prompts` and `.video`, a
         DecodedVideo), as it finishes: `index` is the question's position in its job."""
-        held: dict[int, object] = {}  # group -> job, until its last answer
-
-        def groups():
-            for group, job in enumerate(jobs):
-                held[group] = job
-                yield job.prompts, job.video
-
-        answered: dict[int, int] = {}
-        for group, index, text in self.engine.stream(groups(), self.max_new_tokens, self.videos_in_flight,
-                                                     num_frames=self.frames):
-            job = held[group]
-            answered[group] = answered.get(group, 0) + 1
-            if answered[group] == len(job.prompts):  # its last answer: the video is no longer held here
-                del held[group], answered[group]
+        groups = ((job, job.prompts, job.video) for job in jobs)
+        for job, index, text in self.engine.stream(groups, self.max_new_tokens, self.videos_in_flight,
+                                                   num_frames=self.frames):
             self.prompts += 1
             yield job, index, [text]
 

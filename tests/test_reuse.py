@@ -63,8 +63,12 @@ def _assert_same(reused_new_ids, reused_logits, scratch, prompt_length, row=0):
         torch.testing.assert_close(reused_logits[step][row], logits[0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind, overrides", [("video", {}), ("image", {}),
-                                             ("video", {"hiera_frames": 8, "hiera_pool_stride": 1})])
+# A video, an image and a video with a token-ratio override: what every reuse path must handle alike.
+MEDIA_CASES = pytest.mark.parametrize("kind, overrides", [("video", {}), ("image", {}),
+                                                          ("video", {"hiera_frames": 8, "hiera_pool_stride": 1})])
+
+
+@MEDIA_CASES
 def test_prompt_ids_equal_the_processors(setup, kind, overrides):
     model, processor = setup[:2]
     media = _media(setup, kind, **overrides)
@@ -74,8 +78,7 @@ def test_prompt_ids_equal_the_processors(setup, kind, overrides):
         assert ids == processor(text=[prompt], **item, **overrides)["input_ids"][0].tolist()
 
 
-@pytest.mark.parametrize("kind, overrides", [("video", {}), ("image", {}),
-                                             ("video", {"hiera_frames": 8, "hiera_pool_stride": 1})])
+@MEDIA_CASES
 def test_batched_continuations_equal_each_prompt_from_scratch(setup, kind, overrides):
     model, processor = setup[:2]
     media = _media(setup, kind, **overrides)

@@ -166,9 +166,9 @@ def test_stream_keeps_the_next_videos_queued_and_answers_as_generate(llm, hub_fo
 
     engine = VllmEngine(str(hub_folder), llm=llm)
     videos = {name: read_video(str(media[name]), 8) for name in ("long", "other", "short")}
-    groups = [([chat(f"<video>\nAbout {name}, question {i}?") for i in range(3)], video)
-              for name, video in videos.items()]
-    expected = [engine.generate(prompts, [video] * len(prompts), MAX_TOKENS) for prompts, video in groups]
+    groups = [(group, [chat(f"<video>\nAbout {name}, question {i}?") for i in range(3)], video)
+              for group, (name, video) in enumerate(videos.items())]
+    expected = [engine.generate(prompts, [video] * len(prompts), MAX_TOKENS) for _, prompts, video in groups]
     events = []
 
     def lazily():
@@ -199,7 +199,7 @@ def test_a_stream_closed_early_leaves_nothing_in_the_engine(llm, hub_folder, med
 
     engine = VllmEngine(str(hub_folder), llm=llm)
     video = read_video(str(media["long"]), 8)
-    stream = engine.stream([([chat(f"<video>\nQ{i}?") for i in range(4)], video)] * 2, MAX_TOKENS)
+    stream = engine.stream([("tag", [chat(f"<video>\nQ{i}?") for i in range(4)], video)] * 2, MAX_TOKENS)
     next(stream)
     stream.close()  # an interrupted evaluation: the engine drops the rest
     assert not llm.llm_engine.has_unfinished_requests()
