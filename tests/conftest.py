@@ -13,7 +13,10 @@ import torch
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_DIR = Path(os.environ.get("VICA2_FIXTURE_DIR", REPO_ROOT.parent / "shared" / "fixtures" / "vica2_tiny_raw"))
+# The repository's own byte-identical copy of ../shared/fixtures (the reference; tests/test_fixture_copy.py checks
+# the two agree), so a clone anywhere tests itself.
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+FIXTURE_DIR = Path(os.environ.get("VICA2_FIXTURE_DIR", FIXTURES / "vica2_tiny_raw"))
 FIXTURE_7B_KEYS = FIXTURE_DIR.parent / "vica2_7b_raw_keys.json"
 
 # The fixture's tokenizer has 383 tokens; ours appends <image> and <video> to it.
@@ -22,6 +25,16 @@ FIXTURE_VIDEO_TOKEN_ID = 384
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pytest_sessionstart(session):
+    # A missing parity fixture fails the run: skipping every parity test would pass a run that checked nothing.
+    missing = [str(path) for path in (FIXTURE_DIR / "model.safetensors", FIXTURE_7B_KEYS) if not path.is_file()]
+    if missing:
+        raise pytest.UsageError(
+            f"Release fixture missing: {', '.join(missing)}. The repository carries it in tests/fixtures/ "
+            "(restore it with git checkout tests/fixtures, or point VICA2_FIXTURE_DIR at a copy)."
+        )
 
 
 def pytest_configure(config):
