@@ -12,6 +12,7 @@ import operator
 import re
 
 from transformers import AutoConfig, PretrainedConfig
+from transformers.image_processing_utils import select_best_resolution
 
 
 # LLaVA-OneVision's "anyres" grid: every (height, width) with both sides in {384, ..., 2304}.
@@ -35,69 +36,34 @@ AUTO_MAP = {
 
 def _default_text_config() -> dict:
     # Qwen2-7B as used by ViCA2 (rope scaling forced off by the release).
-    return {
-        "model_type": "qwen2",
-        "vocab_size": 152064,
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "hidden_act": "silu",
-        "max_position_embeddings": 32768,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "rms_norm_eps": 1e-6,
-        "use_sliding_window": False,
-        "max_window_layers": 28,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "initializer_range": 0.02,
-    }
+    return dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6, use_sliding_window=False,
+        max_window_layers=28, attention_dropout=0.0, tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_id=151645, initializer_range=0.02,
+    )
 
 
 def _default_vision_config() -> dict:
     # SigLIP so400m-patch14-384 with its 27th (last) layer removed, as the release does.
-    return {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "num_hidden_layers": 26,
-        "num_attention_heads": 16,
-        "num_channels": 3,
-        "image_size": 384,
-        "patch_size": 14,
-        "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": 1e-6,
-        "attention_dropout": 0.0,
-        "vision_use_head": False,
-    }
+    return dict(
+        model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+        num_attention_heads=16, num_channels=3, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6, attention_dropout=0.0, vision_use_head=False,
+    )
 
 
 def _default_hiera_config() -> dict:
     # The trunk of SAM2.1 hiera_b+ ("base-plus").
-    return {
-        "model_type": "sam2_hiera_det_model",
-        "hidden_size": 112,
-        "num_attention_heads": 2,
-        "num_channels": 3,
-        "image_size": [1024, 1024],
-        "patch_kernel_size": [7, 7],
-        "patch_stride": [4, 4],
-        "patch_padding": [3, 3],
-        "query_stride": [2, 2],
-        "window_positional_embedding_background_size": [14, 14],
-        "num_query_pool_stages": 3,
-        "blocks_per_stage": [2, 3, 16, 3],
-        "embed_dim_per_stage": [112, 224, 448, 896],
-        "num_attention_heads_per_stage": [2, 4, 8, 16],
-        "window_size_per_stage": [8, 4, 14, 7],
-        "global_attention_blocks": [12, 16, 20],
-        "mlp_ratio": 4.0,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-6,
-    }
+    return dict(
+        model_type="sam2_hiera_det_model", hidden_size=112, num_attention_heads=2, num_channels=3,
+        image_size=[1024, 1024], patch_kernel_size=[7, 7], patch_stride=[4, 4], patch_padding=[3, 3],
+        query_stride=[2, 2], window_positional_embedding_background_size=[14, 14], num_query_pool_stages=3,
+        blocks_per_stage=[2, 3, 16, 3], embed_dim_per_stage=[112, 224, 448, 896],
+        num_attention_heads_per_stage=[2, 4, 8, 16], window_size_per_stage=[8, 4, 14, 7],
+        global_attention_blocks=[12, 16, 20], mlp_ratio=4.0, hidden_act="gelu", layer_norm_eps=1e-6,
+    )
 
 
 class Vica2ConfigError(ValueError, TypeError):
@@ -246,9 +212,8 @@ class Vica2Config(PretrainedConfig):
 
     def validate_vica2(self, frame_ratio: bool = True):
         """Raise a `Vica2ConfigError` (a ValueError) naming the field when the ViCA2-specific settings are invalid."""
-        for name in ("video_frames_budget", "hiera_frames", "siglip_pool_stride", "hiera_pool_stride"):
+        for name in (*TOKEN_RATIO_ARGS, "vision_chunk_size"):
             _checked(positive_int, name, getattr(self, name))
-        _checked(positive_int, "vision_chunk_size", self.vision_chunk_size)
         if frame_ratio:
             _checked(check_frame_ratio, self.video_frames_budget, self.hiera_frames)
         if not isinstance(self.video_pool_mode, str) or self.video_pool_mode not in POOL_MODES:
@@ -329,6 +294,11 @@ class Vica2Config(PretrainedConfig):
         return self.vision_config.image_size // self.vision_config.patch_size
 
     @property
+    def hiera_image_size(self) -> int:
+        """Side of the (square) Hiera input (1024)."""
+        return _first(self.hiera_config.image_size)
+
+    @property
     def hiera_grid(self) -> int:
         """Side of the Hiera feature grid at `hiera_feature_stage` (32 at stage 4 for a 1024 input)."""
         return hiera_stage_grid(self.hiera_config, self.hiera_feature_stage)
@@ -360,21 +330,9 @@ class Vica2Config(PretrainedConfig):
 
 # Settings re-validated when assigned after construction (the rest are plain data or library fields).
 _CHECKED_ON_ASSIGNMENT = frozenset(
-    {
-        "text_config",
-        "vision_config",
-        "hiera_config",
-        "image_token_id",
-        "video_token_id",
-        "generatable_vocab_size",
-        "hiera_feature_stage",
-        "spatial_projector_input_size",
-        "vision_chunk_size",
-        "video_pool_mode",
-        "vision_aspect_ratio",
-        "image_grid_pinpoints",
-        *TOKEN_RATIO_ARGS,
-    }
+    {"text_config", "vision_config", "hiera_config", "image_token_id", "video_token_id", "generatable_vocab_size",
+     "hiera_feature_stage", "spatial_projector_input_size", "vision_chunk_size", "video_pool_mode",
+     "vision_aspect_ratio", "image_grid_pinpoints", *TOKEN_RATIO_ARGS}
 )
 
 
@@ -489,18 +447,6 @@ def num_video_tokens(
     return rows_tokens(num_frames, p, p, use_image_newline), rows_tokens(num_hiera_frames, q, q, use_image_newline)
 
 
-def select_best_resolution(image_height: int, image_width: int, grid_pinpoints) -> tuple[int, int]:
-    """(height, width) of the pinpoint that keeps the most of the image, then wastes the least (LLaVA's rule)."""
-    best, best_effective, best_wasted = None, -1, float("inf")
-    for height, width in grid_pinpoints:
-        scale = min(width / image_width, height / image_height)
-        effective = min(int(image_width * scale) * int(image_height * scale), image_width * image_height)
-        wasted = width * height - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (height, width), effective, wasted
-    return best
-
-
 def anyres_feature_shape(
     image_height: int, image_width: int, grid_pinpoints, siglip_image_size: int, siglip_grid: int, max_patches: int
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int] | None]:
@@ -509,7 +455,7 @@ def anyres_feature_shape(
     Returns (tile rows, tile cols), the unpadded feature map (height, width), and the (height, width) it is bilinearly
     downscaled to when it exceeds `max_patches` base views (None when it is not).
     """
-    best_height, best_width = select_best_resolution(image_height, image_width, grid_pinpoints)
+    best_height, best_width = select_best_resolution((image_height, image_width), grid_pinpoints)
     rows, cols = best_height // siglip_image_size, best_width // siglip_image_size
     height, width = rows * siglip_grid, cols * siglip_grid
     # Undo the letterboxing of `resize_and_pad_image` (release `unpad_image`; int() truncation as there).

@@ -17,6 +17,7 @@ from conftest import (
     random_video_pixels,
     requires_fixture,
     tiny_model,
+    token_ratio,
 )
 from vica2.modeling_vica2 import Vica2ForConditionalGeneration
 
@@ -117,7 +118,8 @@ def test_sampling_is_seeded_and_overrides_pass_through(model):
     for _ in range(2):
         torch.manual_seed(0)
         runs.append(model.generate(input_ids=ids, pixel_values_videos=siglip, hiera_pixel_values_videos=hiera,
-                                   do_sample=True, top_k=50, temperature=1.5, max_new_tokens=8, **overrides))
+                                   do_sample=True, top_k=50, temperature=1.5, max_new_tokens=8,
+                                   video_token_ratio=token_ratio(model.config, **overrides)))
     assert torch.equal(runs[0], runs[1]) and runs[0].shape[1] > ids.shape[1]
 
 
