@@ -662,6 +662,44 @@ def test_model_imports_without_optional_packages():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+NO_SIDE_EFFECTS_SCRIPT = """
+import logging, sys, tempfile, warnings
+sys.path.insert(0, sys.argv[1])
+# What the model file imports sets filters of its own (torch, numpy, sympy): take the baseline after those.
+import torch, transformers
+import transformers.models.qwen2.modeling_qwen2, transformers.models.sam2.modeling_sam2
+import transformers.models.siglip.modeling_siglip
+def state():
+    loggers = [name for name in logging.root.manager.loggerDict if name.startswith("bitsandbytes")]
+    bnb_filters = {name: list(logging.getLogger(name).filters) for name in loggers}
+    return list(warnings.filters), {name: filters for name, filters in bnb_filters.items() if filters}
+before = state()
+import vica2.modeling_vica2
+from conftest import tiny_model
+with tempfile.TemporaryDirectory() as path:
+    tiny_model().save_pretrained(path)
+    vica2.modeling_vica2.Vica2ForConditionalGeneration.from_pretrained(path)
+after = state()
+assert after == before, (before, after)
+print("ok")
+"""
+
+
+def test_importing_and_loading_the_model_changes_no_process_wide_filter():
+    """Only the model's own classes get registered: no `warnings` filter, no filter on bitsandbytes' loggers."""
+    result = subprocess.run([sys.executable, "-c", NO_SIDE_EFFECTS_SCRIPT, str(REPO_ROOT / "tests")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_scalar_token_ratio_kwargs_are_refused_by_the_model():
+    """The processor turns the scalar settings into `video_token_ratio`; the model refuses them instead of ignoring."""
+    model = _small_model()
+    with pytest.raises(TypeError, match="only as `video_token_ratio`.*processor"):
+        model(input_ids=torch.tensor([[1, 2]]), hiera_frames=2)
+
+
 # ----------------------------------------------------------------------------------------------- serving engines
 @pytest.mark.parametrize("model_class", ["Vica2ForConditionalGeneration", "Vica2Model"])
 def test_no_ignore_pattern_matches_a_weight_of_the_model(model_class):
