@@ -1124,7 +1124,8 @@ class Vica2FusedHieraBlock(Sam2MultiScaleBlock):
     """`Sam2MultiScaleBlock` whose attention runs as one fused windowed kernel (same weights, same outputs).
 
     Put in place of each library block by `use_fused_hiera_blocks` when the Hiera config selects `vica2_fused`,
-    built by `sharing(block)` around the block's own sub-modules; it defers to the library forward whenever the fused path does not apply (another backend selected since, no kernel for the device,
+    built by `sharing(block)` around the block's own sub-modules; it defers to the library forward whenever the
+    fused path does not apply (another backend selected since, no kernel for the device,
     attention weights requested, or a grid/window shape the library itself handles in an odd way).
     """
 

@@ -1,13 +1,12 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
 """ViCA2: SigLIP (semantics) + SAM2.1 Hiera (spatial structure) in front of a Qwen2 language model.
 
-The towers and the language model are the library's own (`SiglipVisionModel`, `Sam2HieraDetModel`,
-`Qwen2Model`); this file is the composition: per-stream features, video pooling, newline rows, the
-[SigLIP ; Hiera] concatenation of each visual item, and the placeholder merge. See SPEC.md for what
-the research release computes; every step below reproduces it.
+The towers and the language model are the library's own (`SiglipVisionModel`, `Sam2HieraDetModel`, `Qwen2Model`);
+this file is the composition: per-stream features, video pooling, newline rows, the [SigLIP ; Hiera] concatenation of
+each visual item, and the placeholder merge, as the research release computes them (SPEC.md).
 
 Compile-ready: a forward without pixels on a filled cache (a decode step) reads nothing back from the device and
-branches on no tensor value. Checks that need values run where input enters: at prefill (no or an empty cache), when
+branches on no tensor value; checks that need values run where input enters: at prefill (no or an empty cache), when
 pixels are given, and at `generate`'s entry.
 """
 
@@ -29,15 +28,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
-from .configuration_vica2 import (
-    TOKEN_RATIO_ARGS,
-    Vica2Config,
-    anyres_feature_shape,
-    anyres_max_patches,
-    check_frame_ratio,
-    pooled_grid,
-    positive_int,
-)
+from .configuration_vica2 import TOKEN_RATIO_ARGS, Vica2Config, anyres_feature_shape, anyres_max_patches
+from .configuration_vica2 import check_frame_ratio, pooled_grid, positive_int
 from .kernels_vica2 import ATTENTION_NAME as FUSED_ATTENTION, register_vica2_attention, use_fused_hiera_blocks
 
 
@@ -77,13 +69,8 @@ class Vica2PreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
     # A visual item's features are computed tower-block by tower-block; keep each block whole on one device.
-    _no_split_modules = [
-        "Qwen2DecoderLayer",
-        "SiglipEncoderLayer",
-        "SiglipVisionEmbeddings",
-        "Sam2MultiScaleBlock",
-        "Vica2FusedHieraBlock",
-    ]
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "SiglipVisionEmbeddings", "Sam2MultiScaleBlock",
+                         "Vica2FusedHieraBlock"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -187,10 +174,10 @@ def _as_item_list(pixels, name: str, channels: int, size: int) -> list[torch.Ten
     # One NaN / inf spreads to every logit (greedy decoding then emits id 0 forever). One host read for all items.
     finite = torch.stack([item.sum(dtype=torch.float32).isfinite().to(items[0].device) for item in items]).tolist()
     if not all(finite):
+        bad = ", ".join(str(index) for index, ok in enumerate(finite) if not ok)
         raise ValueError(
-            f"`{name}` contains NaN or infinite values (item(s) {', '.join(str(i) for i, ok in enumerate(finite) if not ok)}"
-            "); the model would produce NaN logits. Check the source frames or the code that made these pixels (the "
-            "Vica2Processor never does)."
+            f"`{name}` contains NaN or infinite values (item(s) {bad}); the model would produce NaN logits. Check "
+            "the source frames or the code that made these pixels (the Vica2Processor never does)."
         )
     return list(items)
 
@@ -223,8 +210,9 @@ def token_ratio_rows(video_token_ratio, num_videos: int, config) -> list[dict]:
     rows = video_token_ratio.tolist() if isinstance(video_token_ratio, torch.Tensor) else list(video_token_ratio)
     if len(rows) != num_videos or any(len(row) != len(TOKEN_RATIO_ARGS) for row in rows):
         raise ValueError(
-            f"`video_token_ratio` must hold one row of {len(TOKEN_RATIO_ARGS)} settings ({', '.join(TOKEN_RATIO_ARGS)}) "
-            f"per video; got {_describe(video_token_ratio)} for {num_videos} video(s). Use the Vica2Processor."
+            f"`video_token_ratio` must hold one row of {len(TOKEN_RATIO_ARGS)} settings "
+            f"({', '.join(TOKEN_RATIO_ARGS)}) per video; got {_describe(video_token_ratio)} for {num_videos} "
+            "video(s). Use the Vica2Processor."
         )
     return [{name: positive_int(name, value) for name, value in zip(TOKEN_RATIO_ARGS, row)} for row in rows]
 
@@ -262,12 +250,6 @@ class Vica2Model(Vica2PreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
-
     # ------------------------------------------------------------------------------------- tower streams
     def _stream_features(self, stream: str, pixel_values, chunk_size: int, pool_stride: int = 1) -> torch.Tensor:
         """(N, 3, S, S) -> projected (and, for videos, pooled) (N, h, w, H) features of the "siglip" or "hiera"
@@ -285,36 +267,24 @@ class Vica2Model(Vica2PreTrainedModel):
         return torch.cat(outputs)
 
     def _chunk_size(self, vision_chunk_size) -> int:
-        if vision_chunk_size is None:
-            return self.config.vision_chunk_size
-        return positive_int("vision_chunk_size", vision_chunk_size)
+        chunk_size = self.config.vision_chunk_size if vision_chunk_size is None else vision_chunk_size
+        return positive_int("vision_chunk_size", chunk_size)
 
     # ------------------------------------------------------------------------------------- videos
     def get_video_features(
-        self,
-        pixel_values_videos,
-        hiera_pixel_values_videos,
-        video_token_ratio: torch.Tensor | None = None,
-        vision_chunk_size: int | None = None,
-        return_dict: bool | None = None,
+        self, pixel_values_videos, hiera_pixel_values_videos, video_token_ratio: torch.Tensor | None = None,
+        vision_chunk_size: int | None = None, return_dict: bool | None = None,
     ) -> list[torch.Tensor] | BaseModelOutputWithPooling:
-        """The token sequence of each video: [SigLIP tokens ; Hiera tokens], each stream in newline rows.
+        """One (T * p * (p + 1) + ceil(T / k) * q * (q + 1), hidden_size) token sequence per video: [SigLIP tokens ;
+        Hiera tokens], each stream in newline rows.
 
-        Args:
-            pixel_values_videos: (num_videos, T, 3, 384, 384) or a list of (T_i, 3, 384, 384) SigLIP pixels.
-            hiera_pixel_values_videos: the Hiera pixels (…, 3, 1024, 1024) of the same videos, either all T frames
-                (every k-th is encoded) or already the ceil(T / k) encoded frames.
-            video_token_ratio: (num_videos, 4) per-video (video_frames_budget, hiera_frames, siglip_pool_stride,
-                hiera_pool_stride), as the processor returns them (default: the config's, 64 / 32 / 2 / 2); Hiera
-                encodes every k-th frame, k = video_frames_budget / hiera_frames. Videos prepared with different
-                settings can share one call (a serving engine batches them).
-            vision_chunk_size: frames per tower forward (default: config); does not change the result.
-            return_dict: return a `BaseModelOutputWithPooling` whose `pooler_output` is the list (serving engines
-                ask for it).
-
-        Returns:
-            A list with one (T * p * (p + 1) + ceil(T / k) * q * (q + 1), hidden_size) tensor per video.
-        """
+        `pixel_values_videos`: (num_videos, T, 3, 384, 384) or a list of (T_i, 3, 384, 384) SigLIP pixels;
+        `hiera_pixel_values_videos`: their Hiera pixels (…, 3, 1024, 1024), all T frames (every k-th is encoded) or
+        the ceil(T / k) encoded ones; `video_token_ratio`: (num_videos, 4) per-video (video_frames_budget,
+        hiera_frames, siglip_pool_stride, hiera_pool_stride) as the processor returns them (default: the config's),
+        k = video_frames_budget / hiera_frames; `vision_chunk_size`: frames per tower forward (default: config; the
+        result is the same); `return_dict`: a `BaseModelOutputWithPooling` whose `pooler_output` is the list (serving
+        engines ask for it)."""
         chunk_size = self._chunk_size(vision_chunk_size)
         siglip_size, hiera_size = self.config.vision_config.image_size, self.config.hiera_image_size
         videos = _as_item_list(pixel_values_videos, "pixel_values_videos", 3, siglip_size)
@@ -324,13 +294,13 @@ class Vica2Model(Vica2PreTrainedModel):
                 f"Got SigLIP pixels for {len(videos)} videos but Hiera pixels for {len(hiera_videos)}; pass both for "
                 "every video (the Vica2Processor returns `pixel_values_videos` and `hiera_pixel_values_videos`)."
             )
-        features = []
-        for video, hiera_video, row in zip(videos, hiera_videos, token_ratio_rows(video_token_ratio, len(videos), self.config)):
+        features, rows = [], token_ratio_rows(video_token_ratio, len(videos), self.config)
+        for video, hiera_video, row in zip(videos, hiera_videos, rows):
             frame_stride = check_frame_ratio(row["video_frames_budget"], row["hiera_frames"])
             hiera_video = self._hiera_video_frames(video.shape[0], hiera_video, frame_stride)
             siglip = self._stream_features("siglip", video, chunk_size, row["siglip_pool_stride"])
             hiera = self._stream_features("hiera", hiera_video, chunk_size, row["hiera_pool_stride"])
-            features.append(torch.cat([newline_rows(siglip, self.image_newline), newline_rows(hiera, self.image_newline)]))
+            features.append(torch.cat([newline_rows(stream, self.image_newline) for stream in (siglip, hiera)]))
         return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
 
     def _hiera_video_frames(self, num_frames: int, hiera_video: torch.Tensor, frame_stride: int) -> torch.Tensor:
@@ -348,30 +318,17 @@ class Vica2Model(Vica2PreTrainedModel):
 
     # ------------------------------------------------------------------------------------- images
     def get_image_features(
-        self,
-        pixel_values,
-        image_sizes,
-        hiera_pixel_values,
-        vision_chunk_size: int | None = None,
+        self, pixel_values, image_sizes, hiera_pixel_values, vision_chunk_size: int | None = None,
         return_dict: bool | None = None,
     ) -> list[torch.Tensor] | BaseModelOutputWithPooling:
-        """The token sequence of each image: [SigLIP tokens ; Hiera tokens].
+        """One (num_tokens_i, hidden_size) token sequence per image: [SigLIP tokens ; Hiera tokens].
 
         SigLIP: the base view's 27 x 27 tokens (no newline), then the anyres tiles' feature map unpadded to the
-        image's aspect ratio (downscaled past `anyres_max_N` base views) in newline rows. Hiera: the single image,
-        not pooled, in newline rows.
-
-        Args:
-            pixel_values: (num_images, max_tiles, 3, 384, 384) zero-padded, or a list of (tiles_i, 3, 384, 384);
-                tile 0 is the whole image squashed to 384 x 384, then the grid tiles row by row.
-            image_sizes: (num_images, 2) original (height, width) of each image.
-            hiera_pixel_values: (num_images, 3, 1024, 1024) (or a list of (1, 3, 1024, 1024)).
-            vision_chunk_size: tiles per tower forward (default: config).
-            return_dict: return a `BaseModelOutputWithPooling` whose `pooler_output` is the list.
-
-        Returns:
-            A list with one (num_tokens_i, hidden_size) tensor per image.
-        """
+        image's aspect ratio (downscaled past `anyres_max_N` base views) in newline rows; Hiera: the single image,
+        not pooled, in newline rows. `pixel_values`: (num_images, max_tiles, 3, 384, 384) zero-padded, or a list of
+        (tiles_i, 3, 384, 384), the whole image squashed to 384 x 384 then the grid tiles row by row; `image_sizes`:
+        (num_images, 2) original (height, width); `hiera_pixel_values`: (num_images, 3, 1024, 1024);
+        `vision_chunk_size` and `return_dict` as in `get_video_features`."""
         chunk_size = self._chunk_size(vision_chunk_size)
         siglip_size, hiera_size = self.config.vision_config.image_size, self.config.hiera_image_size
         image_sizes = _image_size_list(image_sizes)
@@ -398,13 +355,9 @@ class Vica2Model(Vica2PreTrainedModel):
     def _anyres_tokens(self, tiles: torch.Tensor, height: int, width: int, chunk_size: int) -> torch.Tensor:
         config = self.config
         grid = config.siglip_grid
+        max_patches = anyres_max_patches(config.vision_aspect_ratio)
         (rows, cols), (unpadded_h, unpadded_w), downscaled = anyres_feature_shape(
-            height,
-            width,
-            config.image_grid_pinpoints,
-            config.vision_config.image_size,
-            grid,
-            anyres_max_patches(config.vision_aspect_ratio),
+            height, width, config.image_grid_pinpoints, config.vision_config.image_size, grid, max_patches
         )
         num_tiles = 1 + rows * cols
         if tiles.shape[0] < num_tiles or tiles[num_tiles:].any():
@@ -427,8 +380,9 @@ class Vica2Model(Vica2PreTrainedModel):
         return torch.cat([base, newline_rows(feature_map[None], self.image_newline)])
 
     # ------------------------------------------------------------------------------------- merge
-    def _merge_placeholders(self, input_ids, inputs_embeds, features: list[torch.Tensor], token_id: int, kind: str):
-        """Scatter the items' tokens into the placeholder positions (one placeholder per visual token)."""
+    def _merge_placeholders(self, input_ids, inputs_embeds, features: list[torch.Tensor], kind: str):
+        """Scatter the items' tokens into the `<kind>` placeholder positions (one placeholder per visual token)."""
+        token_id = getattr(self.config, f"{kind}_token_id")
         if input_ids is not None:
             mask = input_ids == token_id
         else:
@@ -439,47 +393,21 @@ class Vica2Model(Vica2PreTrainedModel):
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), merged)
 
     def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values=None,
-        image_sizes=None,
-        hiera_pixel_values=None,
-        pixel_values_videos=None,
-        hiera_pixel_values_videos=None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        cache=None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        use_cache: bool | None = None,
-        vision_chunk_size: int | None = None,
-        video_token_ratio: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        self, input_ids: torch.LongTensor | None = None, pixel_values=None, image_sizes=None, hiera_pixel_values=None,
+        pixel_values_videos=None, hiera_pixel_values_videos=None, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None, past_key_values=None, cache=None,
+        inputs_embeds: torch.FloatTensor | None = None, use_cache: bool | None = None,
+        vision_chunk_size: int | None = None, video_token_ratio: torch.Tensor | None = None,
+        return_dict: bool | None = None, **kwargs,
     ) -> Vica2ModelOutputWithPast | tuple:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if any(name in kwargs for name in TOKEN_RATIO_ARGS):
-            raise TypeError(
-                f"The model takes the token-ratio settings only as `video_token_ratio`; pass {', '.join(TOKEN_RATIO_ARGS)}"
-                " to the processor (or its chat template), which returns `video_token_ratio` for the model."
-            )
-        if input_ids is not None:
-            _check_input_id_type(input_ids)
-        cache = cache if cache is not None else past_key_values
+        """The merged sequence through the language model (the arguments are `Vica2ForConditionalGeneration`'s)."""
+        cache, embeddings = (cache if cache is not None else past_key_values), self.get_input_embeddings()
         past_length = _past_length(cache)
-        input_shape = (input_ids if input_ids is not None else inputs_embeds).shape
-        _check_attention_mask(attention_mask, input_shape, past_length)
-        if isinstance(position_ids, torch.Tensor) and position_ids.dim() >= 1 and position_ids.shape[-1] != input_shape[1]:
-            raise ValueError(
-                f"`position_ids` has shape {tuple(position_ids.shape)} but the input has {input_shape[1]} new "
-                "token(s) per row. (With `generate` they come from `attention_mask`: it must have one entry per token "
-                "of `input_ids`.)"
-            )
-        if input_ids is not None:
-            embeddings = self.get_input_embeddings()
-            if past_length == 0:  # prefill: one host read checks the ids (`generate` appends only its own)
-                _check_prompt_ids(input_ids, self.config, embeddings, pixel_values is not None, pixel_values_videos is not None)
+        _check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length, kwargs)
+        if inputs_embeds is None:
+            if past_length == 0:  # prefill: ids and placeholders checked once, with one host read
+                pixels = {"image": pixel_values is not None, "video": pixel_values_videos is not None}
+                _check_prompt_ids(input_ids, self.config, getattr(embeddings, "num_embeddings", math.inf), pixels)
             inputs_embeds = embeddings(input_ids)
 
         image_features = video_features = None
@@ -487,38 +415,26 @@ class Vica2Model(Vica2PreTrainedModel):
             if image_sizes is None or hiera_pixel_values is None:
                 raise ValueError("Images need `pixel_values`, `image_sizes` and `hiera_pixel_values` together.")
             image_features = self.get_image_features(pixel_values, image_sizes, hiera_pixel_values, vision_chunk_size)
-            inputs_embeds = self._merge_placeholders(
-                input_ids, inputs_embeds, image_features, self.config.image_token_id, "image"
-            )
+            inputs_embeds = self._merge_placeholders(input_ids, inputs_embeds, image_features, "image")
         if pixel_values_videos is not None:
             if hiera_pixel_values_videos is None:
                 raise ValueError("Videos need both `pixel_values_videos` and `hiera_pixel_values_videos`.")
             video_features = self.get_video_features(
                 pixel_values_videos, hiera_pixel_values_videos, video_token_ratio, vision_chunk_size
             )
-            inputs_embeds = self._merge_placeholders(
-                input_ids, inputs_embeds, video_features, self.config.video_token_id, "video"
-            )
+            inputs_embeds = self._merge_placeholders(input_ids, inputs_embeds, video_features, "video")
 
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Count only attended tokens, so a left-padded row gets the positions it has alone (0..L-1 on every
-            # valid token of a right-padded batch, as in the release's training). The mask's last columns are the
-            # new tokens.
+            # valid token of a right-padded batch, as in the release's training); the last columns are the new tokens.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **{CACHE_NAME: cache},
-            **kwargs,
+            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs,
         )
         output = Vica2ModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=image_features,
-            video_hidden_states=video_features,
+            last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, image_hidden_states=image_features, video_hidden_states=video_features,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
         # Serving engines (vLLM's Transformers backend) call with return_dict=False and read output[0].
@@ -535,20 +451,17 @@ def _past_length(cache) -> int | None:
 
 def _check_placeholder_runs(mask: torch.Tensor, lengths: list[int], kind: str) -> None:
     """Each item must fill its own placeholders: the total count matches and no item straddles two runs."""
-    flat = mask.flatten()
-    positions = flat.nonzero().flatten()
+    positions = mask.flatten().nonzero().flatten()
     if positions.numel() != sum(lengths):
         raise ValueError(
             f"The prompt has {positions.numel()} `<{kind}>` placeholder tokens but the {len(lengths)} {kind}(s) give "
-            f"{sum(lengths)} features ({', '.join(map(str, lengths))}). Expand each `<{kind}>` with the Vica2Processor, "
-            "using the same frames and token-ratio settings as this call."
+            f"{sum(lengths)} features ({', '.join(map(str, lengths))}). Expand each `<{kind}>` with the "
+            "Vica2Processor, using the same frames and token-ratio settings as this call."
         )
     # Contiguous placeholder runs (a run may hold several adjacent items, never part of one), rows apart.
     row_length = mask.shape[-1]
     gaps = (positions[1:] - positions[:-1] != 1) | (positions[1:] // row_length != positions[:-1] // row_length)
-    boundaries = (gaps.nonzero().flatten() + 1).tolist()
-    item_ends = set(torch.tensor(lengths).cumsum(0).tolist())
-    if not item_ends.issuperset(boundaries):
+    if not set(torch.tensor(lengths).cumsum(0).tolist()).issuperset((gaps.nonzero().flatten() + 1).tolist()):
         raise ValueError(
             f"The `<{kind}>` placeholder runs in the prompt do not line up with the {kind} features "
             f"({', '.join(map(str, lengths))} tokens per {kind}): some {kind} would be split across runs. "
@@ -556,50 +469,63 @@ def _check_placeholder_runs(mask: torch.Tensor, lengths: list[int], kind: str) -
         )
 
 
-def _check_input_id_type(input_ids) -> None:
-    """Integer ids in a tensor (type and dtype only: free at every step)."""
-    if not isinstance(input_ids, torch.Tensor):
+def _check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length: int | None, kwargs) -> None:
+    """What can be checked from types and shapes alone (free at every step, compiled or not)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+    if any(name in kwargs for name in TOKEN_RATIO_ARGS):
+        raise TypeError(
+            f"The model takes the token-ratio settings only as `video_token_ratio`; pass {', '.join(TOKEN_RATIO_ARGS)} "
+            "to the processor (or its chat template), which returns `video_token_ratio` for the model."
+        )
+    if input_ids is not None and not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"`input_ids` must be a torch tensor of token ids, got {type(input_ids).__name__}.")
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+    dtype = input_ids.dtype if input_ids is not None else None
+    if dtype is not None and (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
         raise TypeError(
             f"`input_ids` has dtype {input_ids.dtype}; token ids must be integers (torch.long). Use the ids the "
             "Vica2Processor / tokenizer returns, without converting them."
         )
+    input_shape = (input_ids if input_ids is not None else inputs_embeds).shape
+    _check_attention_mask(attention_mask, input_shape, past_length)
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() and position_ids.shape[-1] != input_shape[1]:
+        raise ValueError(
+            f"`position_ids` has shape {tuple(position_ids.shape)} but the input has {input_shape[1]} new token(s) "
+            "per row. (With `generate` they come from `attention_mask`: it must have one entry per token of "
+            "`input_ids`.)"
+        )
 
 
-def _check_prompt_ids(input_ids, config, embeddings: nn.Module, has_images: bool, has_videos: bool) -> None:
+def _check_prompt_ids(input_ids, config, vocab_size: int, pixels_given: dict) -> None:
     """At prefill, with one host read: ids inside the vocabulary (otherwise the embedding lookup fails deep inside
     torch, on CUDA as a device-side assert that breaks the whole process), and no placeholder of a kind whose pixels
     are missing (it would silently be embedded as text, e.g. a `<video>` prompt given image pixels)."""
-    vocab_size = getattr(embeddings, "num_embeddings", None)
-    if vocab_size is None or input_ids.numel() == 0:
+    if input_ids.numel() == 0:
         return
-    image, video = config.image_token_id, config.video_token_id
-    stats = torch.stack([input_ids.min(), input_ids.max(), (input_ids == image).any(), (input_ids == video).any()])
-    low, high, has_image_tokens, has_video_tokens = stats.long().tolist()
+    token_ids = {"image": config.image_token_id, "video": config.video_token_id}
+    found = [(input_ids == token_id).any() for token_id in token_ids.values()]
+    low, high, *has_tokens = torch.stack([input_ids.min(), input_ids.max(), *found]).long().tolist()
     if low < 0 or high >= vocab_size:
         raise ValueError(
             f"`input_ids` hold ids from {low} to {high} but the vocabulary has {vocab_size} tokens (ids 0 to "
             f"{vocab_size - 1}). Tokenize with this checkpoint's processor; pad with its pad_token_id (-100 marks "
             "ignored labels, not input ids)."
         )
-    kinds = [
-        ("image", has_image_tokens, has_images, "`pixel_values`, `image_sizes`, `hiera_pixel_values`"),
-        ("video", has_video_tokens, has_videos, "`pixel_values_videos`, `hiera_pixel_values_videos`"),
-    ]
-    for kind, has_tokens, has_pixels, names in kinds:
-        if has_tokens and not has_pixels:
-            given = "no pixels were given" if not (has_images or has_videos) else f"no {kind} pixels were given"
+    names = {"image": "`pixel_values`, `image_sizes`, `hiera_pixel_values`",
+             "video": "`pixel_values_videos`, `hiera_pixel_values_videos`"}
+    for kind, has_tokens in zip(token_ids, has_tokens):
+        if has_tokens and not pixels_given[kind]:
+            given = f"no {kind} pixels were given" if any(pixels_given.values()) else "no pixels were given"
             raise ValueError(
-                f"`input_ids` contain `<{kind}>` placeholders but {given}; pass the processor's {names} along with "
-                f"the ids (a {kind} must go in as {kind}s=, and its placeholder must be `<{kind}>`)."
+                f"`input_ids` contain `<{kind}>` placeholders but {given}; pass the processor's {names[kind]} along "
+                f"with the ids (a {kind} must go in as {kind}s=, and its placeholder must be `<{kind}>`)."
             )
 
 
 def _check_attention_mask(attention_mask, input_shape, past_length: int | None, uncached_too: bool = False) -> None:
     """A 2-D mask has one entry per token, the cached ones and the new ones: any other length fails deep in the mask
-    builder or shifts every position silently. Shapes only (free at every step); behind a filled static cache, whose
-    length is on the device, it must at least cover the new tokens. `generate` may be given only the new ids' mask."""
+    builder or shifts every position silently. Behind a filled static cache, whose length is on the device, it must
+    at least cover the new tokens. `generate` may be given only the new ids' mask (`uncached_too`)."""
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return
     (batch, length), shape = tuple(input_shape[:2]), tuple(attention_mask.shape)
@@ -630,21 +556,8 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def get_decoder(self):
-        return self.model.language_model
-
+    # The embedding / output-embedding / decoder accessors are the library's: they find `model.language_model`
+    # and `lm_head` by name.
     def get_image_features(self, *args, **kwargs) -> list[torch.Tensor]:
         return self.model.get_image_features(*args, **kwargs)
 
@@ -672,34 +585,18 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Vica2CausalLMOutputWithPast:
         r"""
-        pixel_values (`torch.FloatTensor` of shape `(num_images, max_tiles, 3, 384, 384)`, *optional*):
-            SigLIP anyres tiles of each image (see `Vica2Model.get_image_features`).
-        image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): original (height, width).
-        hiera_pixel_values (`torch.FloatTensor` of shape `(num_images, 3, 1024, 1024)`, *optional*): Hiera pixels.
-        pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, frames, 3, 384, 384)`, *optional*).
-        hiera_pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, hiera_frames, 3, 1024, 1024)`, *optional*).
+        The pixel inputs, `video_token_ratio` and `vision_chunk_size` are as in `Vica2Model.get_image_features` /
+        `get_video_features`, exactly as the Vica2Processor returns them (it takes the per-call token-ratio
+        settings and hands the model `video_token_ratio`; absent means the config's settings).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): next-token targets; -100 is
             ignored, and so is every visual placeholder position.
-        video_token_ratio (`torch.LongTensor` of shape `(num_videos, 4)`, *optional*): per video
-            (video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride), as the processor returns
-            them (the processor takes the per-call overrides); absent means the config's settings.
-        vision_chunk_size (`int`, *optional*): frames per vision-tower forward.
         """
         outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            hiera_pixel_values=hiera_pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            hiera_pixel_values_videos=hiera_pixel_values_videos,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            vision_chunk_size=vision_chunk_size,
-            video_token_ratio=video_token_ratio,
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
+            hiera_pixel_values=hiera_pixel_values, pixel_values_videos=pixel_values_videos,
+            hiera_pixel_values_videos=hiera_pixel_values_videos, attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, vision_chunk_size=vision_chunk_size, video_token_ratio=video_token_ratio,
             **{k: v for k, v in kwargs.items() if k not in ("num_items_in_batch", "return_dict")},
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -715,12 +612,8 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
             )
 
         return Vica2CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            video_hidden_states=outputs.video_hidden_states,
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states, video_hidden_states=outputs.video_hidden_states,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
@@ -789,12 +682,10 @@ def _row_major_item_order(input_ids, token_id: int, lengths: list[int], expand_s
         return [item for item in range(len(lengths)) for _ in range(expand_size)]
     order, item = [], 0
     for count in (input_ids == token_id).sum(-1).tolist():
-        row_items = []
+        first = item
         while count > 0 and item < len(lengths):
-            row_items.append(item)
-            count -= lengths[item]
-            item += 1
-        order.extend(row_items * expand_size)
+            count, item = count - lengths[item], item + 1
+        order.extend(list(range(first, item)) * expand_size)
     return order
 
 

@@ -123,8 +123,9 @@ def test_decode_step_reads_nothing_back_from_the_device(model):
     try:
         with torch.no_grad():
             out = model(**inputs, use_cache=True, **{CACHE_NAME: cache})
-            step = dict(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=torch.ones(1, length + 1, dtype=torch.long),
-                        position_ids=torch.tensor([[length]]), use_cache=True, **{CACHE_NAME: cache})
+            step = dict(input_ids=out.logits[:, -1:].argmax(-1), position_ids=torch.tensor([[length]]),
+                        attention_mask=torch.ones(1, length + 1, dtype=torch.long), use_cache=True,
+                        **{CACHE_NAME: cache})
             with refusal:
                 model(**step)
     finally:
