@@ -1,9 +1,6 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""ViCA2 configuration, and the token layout that follows from it.
-
-The token layout (how many visual tokens an image or a video becomes) lives here, next to the
-numbers it is computed from, so that the model and the processor share one definition.
-"""
+"""ViCA2 configuration, and the token layout that follows from it (how many visual tokens an image or a video
+becomes), next to the numbers it is computed from, so that the model and the processor share one definition."""
 
 from __future__ import annotations
 
@@ -12,6 +9,7 @@ import operator
 import re
 
 from transformers import AutoConfig, PretrainedConfig
+from transformers.image_processing_utils import select_best_resolution
 
 
 # LLaVA-OneVision's "anyres" grid: every (height, width) with both sides in {384, ..., 2304}.
@@ -27,77 +25,41 @@ TOKEN_RATIO_ARGS = ("video_frames_budget", "hiera_frames", "siglip_pool_stride",
 AUTO_MAP = {
     "AutoConfig": "configuration_vica2.Vica2Config",
     "AutoModel": "modeling_vica2.Vica2Model",
-    "AutoModelForCausalLM": "modeling_vica2.Vica2ForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_vica2.Vica2ForConditionalGeneration",
-    "AutoModelForMultimodalLM": "modeling_vica2.Vica2ForConditionalGeneration",
+    **{auto: "modeling_vica2.Vica2ForConditionalGeneration"
+       for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM")},
 }
 
 
 def _default_text_config() -> dict:
     # Qwen2-7B as used by ViCA2 (rope scaling forced off by the release).
-    return {
-        "model_type": "qwen2",
-        "vocab_size": 152064,
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "hidden_act": "silu",
-        "max_position_embeddings": 32768,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "rms_norm_eps": 1e-6,
-        "use_sliding_window": False,
-        "max_window_layers": 28,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "initializer_range": 0.02,
-    }
+    return dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6, use_sliding_window=False,
+        max_window_layers=28, attention_dropout=0.0, tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_id=151645, initializer_range=0.02,
+    )
 
 
 def _default_vision_config() -> dict:
     # SigLIP so400m-patch14-384 with its 27th (last) layer removed, as the release does.
-    return {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "num_hidden_layers": 26,
-        "num_attention_heads": 16,
-        "num_channels": 3,
-        "image_size": 384,
-        "patch_size": 14,
-        "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": 1e-6,
-        "attention_dropout": 0.0,
-        "vision_use_head": False,
-    }
+    return dict(
+        model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+        num_attention_heads=16, num_channels=3, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6, attention_dropout=0.0, vision_use_head=False,
+    )
 
 
 def _default_hiera_config() -> dict:
     # The trunk of SAM2.1 hiera_b+ ("base-plus").
-    return {
-        "model_type": "sam2_hiera_det_model",
-        "hidden_size": 112,
-        "num_attention_heads": 2,
-        "num_channels": 3,
-        "image_size": [1024, 1024],
-        "patch_kernel_size": [7, 7],
-        "patch_stride": [4, 4],
-        "patch_padding": [3, 3],
-        "query_stride": [2, 2],
-        "window_positional_embedding_background_size": [14, 14],
-        "num_query_pool_stages": 3,
-        "blocks_per_stage": [2, 3, 16, 3],
-        "embed_dim_per_stage": [112, 224, 448, 896],
-        "num_attention_heads_per_stage": [2, 4, 8, 16],
-        "window_size_per_stage": [8, 4, 14, 7],
-        "global_attention_blocks": [12, 16, 20],
-        "mlp_ratio": 4.0,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-6,
-    }
+    return dict(
+        model_type="sam2_hiera_det_model", hidden_size=112, num_attention_heads=2, num_channels=3,
+        image_size=[1024, 1024], patch_kernel_size=[7, 7], patch_stride=[4, 4], patch_padding=[3, 3],
+        query_stride=[2, 2], window_positional_embedding_background_size=[14, 14], num_query_pool_stages=3,
+        blocks_per_stage=[2, 3, 16, 3], embed_dim_per_stage=[112, 224, 448, 896],
+        num_attention_heads_per_stage=[2, 4, 8, 16], window_size_per_stage=[8, 4, 14, 7],
+        global_attention_blocks=[12, 16, 20], mlp_ratio=4.0, hidden_act="gelu", layer_norm_eps=1e-6,
+    )
 
 
 class Vica2ConfigError(ValueError, TypeError):
@@ -135,8 +97,7 @@ class Vica2Config(PretrainedConfig):
         projector_hidden_act (`str`): activation between the two Linear layers of both projectors.
         use_image_newline (`bool`): append the learned `image_newline` vector after every feature row.
         image_grid_pinpoints (`list[list[int]]`): candidate `[height, width]` resolutions for anyres image tiling.
-        vision_aspect_ratio (`str`): `"anyres_max_N"`: an image's tiled feature map is downscaled when it exceeds N
-            base views.
+        vision_aspect_ratio (`str`): `"anyres_max_N"`: a tiled feature map past N base views is downscaled.
         video_frames_budget (`int`): SigLIP frame budget, the number of frames sampled from a video (64).
         siglip_pool_stride (`int`): spatial pool stride of the SigLIP video features (27x27 -> 14x14 with 2).
         video_pool_mode (`str`): `"bilinear"` (ceil(grid / stride)), `"average"` or `"max"` (floor(grid / stride)); used
@@ -145,11 +106,9 @@ class Vica2Config(PretrainedConfig):
             k = video_frames_budget / hiera_frames, whatever the number of frames that arrive.
         hiera_feature_stage (`int`): S_stage, the 1-based Hiera stage whose output feeds the spatial projector.
         hiera_pool_stride (`int`): s_pool, spatial pool stride of the Hiera video features (32x32 -> 16x16 with 2).
-        spatial_projector_input_size (`int`, *optional*): input width of the spatial projector. Defaults to the width of
-            `hiera_feature_stage`; a stored value that does not match the stage is an error (the projector was trained
-            for one stage).
-        vision_chunk_size (`int`): frames (or image tiles) per vision-tower forward; bounds activation memory. Chunking
-            does not change the result.
+        spatial_projector_input_size (`int`, *optional*): input width of the spatial projector (default: the width of
+            `hiera_feature_stage`; a stored value that does not match the stage is an error).
+        vision_chunk_size (`int`): frames (or tiles) per vision-tower forward; bounds memory, not the result.
         generatable_vocab_size (`int`, *optional*): when set, logits of token ids at or above it are `-inf`. The release
             shrinks the embedding to its tokenizer at load time, so it can never emit the untrained rows above it; the
             converter sets this to the release tokenizer's size to keep that property.
@@ -184,26 +143,17 @@ class Vica2Config(PretrainedConfig):
         self.text_config = _as_sub_config(text_config, _default_text_config, "text_config")
         self.vision_config = _as_sub_config(vision_config, _default_vision_config, "vision_config")
         self.hiera_config = _as_sub_config(hiera_config, _default_hiera_config, "hiera_config")
-        self.image_token_id = image_token_id
-        self.video_token_id = video_token_id
-        self.projector_hidden_act = projector_hidden_act
-        self.use_image_newline = use_image_newline
+        self.image_token_id, self.video_token_id = image_token_id, video_token_id
+        self.projector_hidden_act, self.use_image_newline = projector_hidden_act, use_image_newline
         pinpoints = DEFAULT_IMAGE_GRID_PINPOINTS if image_grid_pinpoints is None else image_grid_pinpoints
-        self.image_grid_pinpoints = (
-            [list(p) if isinstance(p, (list, tuple)) else p for p in pinpoints]
-            if isinstance(pinpoints, (list, tuple))
-            else pinpoints  # refused by validate_vica2 with its name
-        )
-        self.vision_aspect_ratio = vision_aspect_ratio
-        self.video_frames_budget = video_frames_budget
-        self.siglip_pool_stride = siglip_pool_stride
-        self.video_pool_mode = video_pool_mode
-        self.hiera_frames = hiera_frames
-        self.hiera_feature_stage = hiera_feature_stage
-        self.hiera_pool_stride = hiera_pool_stride
-        self.spatial_projector_input_size = spatial_projector_input_size
-        self.vision_chunk_size = vision_chunk_size
-        self.generatable_vocab_size = generatable_vocab_size
+        if isinstance(pinpoints, (list, tuple)):  # anything else is refused by validate_vica2, with its name
+            pinpoints = [list(p) if isinstance(p, (list, tuple)) else p for p in pinpoints]
+        self.image_grid_pinpoints = pinpoints
+        self.vision_aspect_ratio, self.video_pool_mode = vision_aspect_ratio, video_pool_mode
+        self.video_frames_budget, self.hiera_frames = video_frames_budget, hiera_frames
+        self.siglip_pool_stride, self.hiera_pool_stride = siglip_pool_stride, hiera_pool_stride
+        self.hiera_feature_stage, self.spatial_projector_input_size = hiera_feature_stage, spatial_projector_input_size
+        self.vision_chunk_size, self.generatable_vocab_size = vision_chunk_size, generatable_vocab_size
         self.auto_map = {**AUTO_MAP, **(kwargs.pop("auto_map", None) or {})}
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._check_hiera_feature_stage()  # before the projector width is derived from it
@@ -246,9 +196,8 @@ class Vica2Config(PretrainedConfig):
 
     def validate_vica2(self, frame_ratio: bool = True):
         """Raise a `Vica2ConfigError` (a ValueError) naming the field when the ViCA2-specific settings are invalid."""
-        for name in ("video_frames_budget", "hiera_frames", "siglip_pool_stride", "hiera_pool_stride"):
+        for name in (*TOKEN_RATIO_ARGS, "vision_chunk_size"):
             _checked(positive_int, name, getattr(self, name))
-        _checked(positive_int, "vision_chunk_size", self.vision_chunk_size)
         if frame_ratio:
             _checked(check_frame_ratio, self.video_frames_budget, self.hiera_frames)
         if not isinstance(self.video_pool_mode, str) or self.video_pool_mode not in POOL_MODES:
@@ -308,11 +257,8 @@ class Vica2Config(PretrainedConfig):
                 f"image_grid_pinpoints must be a non-empty list of [height, width], got {self.image_grid_pinpoints!r}."
             )
         for pinpoint in self.image_grid_pinpoints:
-            if (
-                not isinstance(pinpoint, (list, tuple))
-                or len(pinpoint) != 2
-                or not all(_is_int(side) and side > 0 and side % size == 0 for side in pinpoint)
-            ):
+            sides = pinpoint if isinstance(pinpoint, (list, tuple)) and len(pinpoint) == 2 else [None]
+            if not all(_is_int(side) and side > 0 and side % size == 0 for side in sides):
                 raise Vica2ConfigError(
                     f"image_grid_pinpoints entry {pinpoint!r} must be [height, width], positive multiples of "
                     f"vision_config.image_size={size}."
@@ -329,25 +275,20 @@ class Vica2Config(PretrainedConfig):
         return self.vision_config.image_size // self.vision_config.patch_size
 
     @property
+    def hiera_image_size(self) -> int:
+        """Side of the (square) Hiera input (1024)."""
+        return _first(self.hiera_config.image_size)
+
+    @property
     def hiera_grid(self) -> int:
         """Side of the Hiera feature grid at `hiera_feature_stage` (32 at stage 4 for a 1024 input)."""
         return hiera_stage_grid(self.hiera_config, self.hiera_feature_stage)
 
     def token_layout(self) -> dict:
         """The fields the processor needs to predict token counts (it stores them in its own config)."""
-        return {
-            "siglip_grid": self.siglip_grid,
-            "hiera_grid": self.hiera_grid,
-            "use_image_newline": self.use_image_newline,
-            "video_frames_budget": self.video_frames_budget,
-            "siglip_pool_stride": self.siglip_pool_stride,
-            "video_pool_mode": self.video_pool_mode,
-            "hiera_frames": self.hiera_frames,
-            "hiera_pool_stride": self.hiera_pool_stride,
-            "image_grid_pinpoints": self.image_grid_pinpoints,
-            "vision_aspect_ratio": self.vision_aspect_ratio,
-            "siglip_image_size": self.vision_config.image_size,
-        }
+        fields = ("siglip_grid", "hiera_grid", "use_image_newline", *TOKEN_RATIO_ARGS, "video_pool_mode",
+                  "image_grid_pinpoints", "vision_aspect_ratio")
+        return {**{name: getattr(self, name) for name in fields}, "siglip_image_size": self.vision_config.image_size}
 
     def num_video_tokens(self, num_frames: int, **overrides) -> tuple[int, int]:
         """(SigLIP tokens, Hiera tokens) of a video of `num_frames` frames; overrides as in `forward`."""
@@ -360,21 +301,9 @@ class Vica2Config(PretrainedConfig):
 
 # Settings re-validated when assigned after construction (the rest are plain data or library fields).
 _CHECKED_ON_ASSIGNMENT = frozenset(
-    {
-        "text_config",
-        "vision_config",
-        "hiera_config",
-        "image_token_id",
-        "video_token_id",
-        "generatable_vocab_size",
-        "hiera_feature_stage",
-        "spatial_projector_input_size",
-        "vision_chunk_size",
-        "video_pool_mode",
-        "vision_aspect_ratio",
-        "image_grid_pinpoints",
-        *TOKEN_RATIO_ARGS,
-    }
+    {"text_config", "vision_config", "hiera_config", "image_token_id", "video_token_id", "generatable_vocab_size",
+     "hiera_feature_stage", "spatial_projector_input_size", "vision_chunk_size", "video_pool_mode",
+     "vision_aspect_ratio", "image_grid_pinpoints", *TOKEN_RATIO_ARGS}
 )
 
 
@@ -426,16 +355,11 @@ def anyres_max_patches(vision_aspect_ratio: str) -> int:
 
 def hiera_stage_grid(hiera_config, stage: int) -> int:
     """Side of the Hiera feature grid at a 1-based stage: the patch-embed conv, then one q-pool per stage change."""
-    size, kernel, stride, padding = (
-        _first(hiera_config.image_size),
-        _first(hiera_config.patch_kernel_size),
-        _first(hiera_config.patch_stride),
-        _first(hiera_config.patch_padding),
-    )
+    names = ("image_size", "patch_kernel_size", "patch_stride", "patch_padding")
+    size, kernel, stride, padding = (_first(getattr(hiera_config, name)) for name in names)
     grid = (size + 2 * padding - kernel) // stride + 1
-    for stage_change in range(1, stage):
-        if stage_change <= hiera_config.num_query_pool_stages:
-            grid //= _first(hiera_config.query_stride)
+    for _ in range(min(stage - 1, hiera_config.num_query_pool_stages)):  # one q-pool per stage change
+        grid //= _first(hiera_config.query_stride)
     return grid
 
 
@@ -462,17 +386,8 @@ def rows_tokens(num_frames: int, height: int, width: int, use_image_newline: boo
 
 
 def num_video_tokens(
-    num_frames: int,
-    *,
-    siglip_grid: int,
-    hiera_grid: int,
-    use_image_newline: bool,
-    video_frames_budget: int,
-    siglip_pool_stride: int,
-    video_pool_mode: str,
-    hiera_frames: int,
-    hiera_pool_stride: int,
-    **_,
+    num_frames: int, *, siglip_grid: int, hiera_grid: int, use_image_newline: bool, video_frames_budget: int,
+    siglip_pool_stride: int, video_pool_mode: str, hiera_frames: int, hiera_pool_stride: int, **_,
 ) -> tuple[int, int]:
     """(SigLIP tokens, Hiera tokens) of a video of `num_frames` frames.
 
@@ -480,25 +395,11 @@ def num_video_tokens(
     k = video_frames_budget / hiera_frames. A 64-frame video at the defaults: 64*14*15 = 13,440 and 32*16*17 = 8,704.
     """
     positive_int("num_frames", num_frames)
-    for name, value in (("siglip_pool_stride", siglip_pool_stride), ("hiera_pool_stride", hiera_pool_stride)):
-        positive_int(name, value)
     frame_stride = check_frame_ratio(video_frames_budget, hiera_frames)
-    p = pooled_grid(siglip_grid, siglip_pool_stride, video_pool_mode)
-    q = pooled_grid(hiera_grid, hiera_pool_stride, video_pool_mode)
+    p = pooled_grid(siglip_grid, positive_int("siglip_pool_stride", siglip_pool_stride), video_pool_mode)
+    q = pooled_grid(hiera_grid, positive_int("hiera_pool_stride", hiera_pool_stride), video_pool_mode)
     num_hiera_frames = math.ceil(num_frames / frame_stride)
     return rows_tokens(num_frames, p, p, use_image_newline), rows_tokens(num_hiera_frames, q, q, use_image_newline)
-
-
-def select_best_resolution(image_height: int, image_width: int, grid_pinpoints) -> tuple[int, int]:
-    """(height, width) of the pinpoint that keeps the most of the image, then wastes the least (LLaVA's rule)."""
-    best, best_effective, best_wasted = None, -1, float("inf")
-    for height, width in grid_pinpoints:
-        scale = min(width / image_width, height / image_height)
-        effective = min(int(image_width * scale) * int(image_height * scale), image_width * image_height)
-        wasted = width * height - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (height, width), effective, wasted
-    return best
 
 
 def anyres_feature_shape(
@@ -509,7 +410,7 @@ def anyres_feature_shape(
     Returns (tile rows, tile cols), the unpadded feature map (height, width), and the (height, width) it is bilinearly
     downscaled to when it exceeds `max_patches` base views (None when it is not).
     """
-    best_height, best_width = select_best_resolution(image_height, image_width, grid_pinpoints)
+    best_height, best_width = select_best_resolution((image_height, image_width), grid_pinpoints)
     rows, cols = best_height // siglip_image_size, best_width // siglip_image_size
     height, width = rows * siglip_grid, cols * siglip_grid
     # Undo the letterboxing of `resize_and_pad_image` (release `unpad_image`; int() truncation as there).
@@ -527,28 +428,16 @@ def anyres_feature_shape(
 
 
 def num_image_tokens(
-    image_height: int,
-    image_width: int,
-    *,
-    siglip_grid: int,
-    hiera_grid: int,
-    use_image_newline: bool,
-    image_grid_pinpoints,
-    vision_aspect_ratio: str,
-    siglip_image_size: int,
-    **_,
+    image_height: int, image_width: int, *, siglip_grid: int, hiera_grid: int, use_image_newline: bool,
+    image_grid_pinpoints, vision_aspect_ratio: str, siglip_image_size: int, **_,
 ) -> tuple[int, int]:
     """(SigLIP tokens, Hiera tokens) of one image: the base view (no newline) plus the unpadded tile grid with a
     newline per row; Hiera sees the single image un-pooled (32 x 33 at the defaults)."""
     positive_int("image height", image_height)
     positive_int("image width", image_width)
+    max_patches = anyres_max_patches(vision_aspect_ratio)
     _, unpadded, downscaled = anyres_feature_shape(
-        image_height,
-        image_width,
-        image_grid_pinpoints,
-        siglip_image_size,
-        siglip_grid,
-        anyres_max_patches(vision_aspect_ratio),
+        image_height, image_width, image_grid_pinpoints, siglip_image_size, siglip_grid, max_patches
     )
     height, width = downscaled or unpadded
     siglip = siglip_grid * siglip_grid + rows_tokens(1, height, width, use_image_newline)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from transformers.image_processing_backends import PilBackend
-from transformers.image_processing_utils import BatchFeature
+from transformers.image_processing_utils import BatchFeature, select_best_resolution
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -39,7 +39,7 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs
 
-from .configuration_vica2 import DEFAULT_IMAGE_GRID_PINPOINTS, select_best_resolution
+from .configuration_vica2 import DEFAULT_IMAGE_GRID_PINPOINTS
 
 
 # Frames per chunk of the Hiera resize: bounds the float copy of full-resolution frames (4 x 1080p ~ 100 MB).
@@ -300,7 +300,7 @@ def anyres_tiles(image: np.ndarray, side: int, grid_pinpoints, resample=PILImage
     """The release's anyres views of one image (uint8 (H, W, 3)): the whole image squashed to side x side, then the
     side x side tiles, row by row, of the image fitted (aspect kept) and centred on black in its best grid."""
     height, width = image.shape[:2]
-    best_height, best_width = select_best_resolution(height, width, grid_pinpoints)
+    best_height, best_width = select_best_resolution((height, width), grid_pinpoints)
     new_height, new_width = _fitted_size(height, width, best_height, best_width)
     picture = Image.fromarray(image)
     canvas = Image.new("RGB", (best_width, best_height), (0, 0, 0))

@@ -1123,10 +1123,22 @@ def hiera_window_attention(
 class Vica2FusedHieraBlock(Sam2MultiScaleBlock):
     """`Sam2MultiScaleBlock` whose attention runs as one fused windowed kernel (same weights, same outputs).
 
-    Swapped in by `use_fused_hiera_blocks` when the Hiera config selects `vica2_fused`; it defers to the library
-    forward whenever the fused path does not apply (another backend selected since, no kernel for the device,
+    Put in place of each library block by `use_fused_hiera_blocks` when the Hiera config selects `vica2_fused`,
+    built by `sharing(block)` around the block's own sub-modules; it defers to the library forward whenever the
+    fused path does not apply (another backend selected since, no kernel for the device,
     attention weights requested, or a grid/window shape the library itself handles in an odd way).
     """
+
+    @classmethod
+    def sharing(cls, block: Sam2MultiScaleBlock) -> "Vica2FusedHieraBlock":
+        """A fused block holding `block`'s own sub-modules (the same parameters, not copies) and geometry."""
+        fused = cls.__new__(cls)
+        super(Sam2MultiScaleBlock, fused).__init__()  # the library block's base (GradientCheckpointingLayer)
+        for name in ("dim", "dim_out", "window_size", "query_stride"):
+            setattr(fused, name, getattr(block, name))
+        for name, child in block.named_children():
+            fused.add_module(name, child)
+        return fused.train(block.training)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if not self._fused_path_applies(hidden_states, kwargs):
@@ -1180,16 +1192,17 @@ class Vica2FusedHieraBlock(Sam2MultiScaleBlock):
 
 
 def use_fused_hiera_blocks(hiera_model: torch.nn.Module) -> int:
-    """Turn the library Hiera blocks of `hiera_model` into `Vica2FusedHieraBlock`s in place; returns how many.
-
-    Weights, names and the state dict are untouched (only the class changes).
-    """
-    swapped = 0
-    for module in hiera_model.modules():
-        if type(module) is Sam2MultiScaleBlock:
-            module.__class__ = Vica2FusedHieraBlock
-            swapped += 1
-    return swapped
+    """Put a `Vica2FusedHieraBlock` sharing each library Hiera block's parameters in that block's place inside
+    `hiera_model`; returns how many. Parameter names, the state dict and every other module are untouched."""
+    library_blocks = [
+        (parent, name, child)
+        for parent in hiera_model.modules()
+        for name, child in parent.named_children()
+        if type(child) is Sam2MultiScaleBlock
+    ]
+    for parent, name, child in library_blocks:
+        setattr(parent, name, Vica2FusedHieraBlock.sharing(child))
+    return len(library_blocks)
 
 
 # ============================================================================================== attention interface

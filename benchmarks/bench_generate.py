@@ -14,6 +14,11 @@ parameter ViCA2 shape), and `7b` (ViCA2-7B exactly, random bf16 weights; CUDA on
 
     python benchmarks/bench_generate.py                 # tiny and mid on the CPU
     python benchmarks/bench_generate.py --sizes 7b      # on a GPU
+    python benchmarks/bench_generate.py --sizes mid --compile   # static cache: eager vs torch.compile(fullgraph)
+
+`--compile` times static-cache generation (`cache_implementation="static"`) twice, eager and with the decode step
+compiled as transformers does it on a GPU (`CompileConfig(fullgraph=True)`, forced on a CPU through its private
+`_compile_all_devices` flag), after one compiling warm-up run, and prints TTFT and decode ms/token with their ratios.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def timed_generate(model, inputs, new_tokens: int, use_cache: bool = True) -> tuple[float, float]:
+def timed_generate(model, inputs, new_tokens: int, use_cache: bool = True, **generate_kwargs) -> tuple[float, float]:
     """(time to first token, seconds per further token)."""
     device = str(model.device)
     first = {}
@@ -107,10 +112,38 @@ def timed_generate(model, inputs, new_tokens: int, use_cache: bool = True) -> tu
     start = time.perf_counter()
     with torch.inference_mode():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       use_cache=use_cache, streamer=FirstToken(), pad_token_id=0)
+                       use_cache=use_cache, streamer=FirstToken(), pad_token_id=0, **generate_kwargs)
     synchronize(device)
     end = time.perf_counter()
     return first["t"] - start, (end - first["t"]) / max(new_tokens - 1, 1)
+
+
+def compiled_vs_eager(model, inputs, new_tokens: int) -> dict:
+    """(TTFT, seconds per decode token) of static-cache generation, eager and with the decode step compiled."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles by itself only on accelerators
+    static = dict(cache_implementation="static")
+    timed_generate(model, inputs, 2, **static)  # warm-up
+    eager = timed_generate(model, inputs, new_tokens, **static)
+    timed_generate(model, inputs, new_tokens, compile_config=compile_config, **static)  # compiles the decode step
+    compiled = timed_generate(model, inputs, new_tokens, compile_config=compile_config, **static)
+    return {"eager": eager, "compiled": compiled}
+
+
+def print_compiled_vs_eager(sizes, device: str, dtype: torch.dtype, frames: int, new_tokens: int):
+    print(f"{'size':>5} {'frames':>6} {'prompt':>7} {'TTFT eager s':>13} {'compiled s':>11} {'ratio':>6} "
+          f"{'decode eager ms/tok':>20} {'compiled ms/tok':>16} {'speed-up':>9}")
+    for size in sizes:
+        model = build_model(size, device, dtype)
+        inputs = video_inputs(model, frames)
+        times = compiled_vs_eager(model, inputs, new_tokens)
+        (ttft_eager, decode_eager), (ttft_compiled, decode_compiled) = times["eager"], times["compiled"]
+        print(f"{size:>5} {frames:>6} {inputs['input_ids'].shape[1]:>7} {ttft_eager:>13.2f} {ttft_compiled:>11.2f} "
+              f"{ttft_compiled / ttft_eager:>5.2f}x {decode_eager * 1e3:>20.1f} {decode_compiled * 1e3:>16.1f} "
+              f"{decode_eager / decode_compiled:>8.2f}x")
+        del model
 
 
 def device_peaks(device: str, dtype: torch.dtype) -> tuple[float, float]:
@@ -162,12 +195,17 @@ def main():
     parser.add_argument("--reference-tokens", type=int, default=3, help="tokens for the no-cache reference path")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--compile", action="store_true", help="static cache: eager vs compiled decode step only")
     args = parser.parse_args()
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if "7b" in args.sizes and not device.startswith("cuda"):
         parser.error("the 7b size needs a CUDA device (random bf16 weights take ~17 GB)")
     frames = args.frames or (64 if device.startswith("cuda") else 16)
+    if args.compile:
+        name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+        print(f"device: {name}, {dtype}; static cache, decode step eager vs torch.compile(fullgraph=True)")
+        return print_compiled_vs_eager(args.sizes, device, dtype, frames, args.new_tokens)
     peak_flops, bandwidth = device_peaks(device, dtype)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}, {dtype}; measured matmul {peak_flops / 1e12:.2f} TFLOP/s, copy {bandwidth / 1e9:.1f} GB/s")

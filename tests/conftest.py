@@ -136,6 +136,15 @@ def random_video_pixels(config, num_frames: int, seed: int = 0, num_videos: int 
     )
 
 
+def token_ratio(config, num_videos: int = 1, **overrides) -> torch.Tensor:
+    """The `video_token_ratio` the processor hands the model: one (video_frames_budget, hiera_frames,
+    siglip_pool_stride, hiera_pool_stride) row per video, the config's values unless overridden."""
+    from vica2.configuration_vica2 import TOKEN_RATIO_ARGS
+
+    row = [overrides.get(name, getattr(config, name)) for name in TOKEN_RATIO_ARGS]
+    return torch.tensor([row] * num_videos)
+
+
 # ----------------------------------------------------------------------------------------- release fixture
 def fixture_available() -> bool:
     return (FIXTURE_DIR / "model.safetensors").is_file()

@@ -147,10 +147,15 @@ def hiera_block(stage, block, total_block, windows, global_blocks=(), dims=(8, 1
 
 
 def fused_copy(module):
-    fused = copy.deepcopy(module)
-    fused.attn.config = copy.deepcopy(module.attn.config)
-    fused.attn.config._attn_implementation = kernels.ATTENTION_NAME
-    assert kernels.use_fused_hiera_blocks(fused) == 1
+    """A fused block in place of a copy of `module`: a new instance sharing the copy's parameters (no class swap)."""
+    library = copy.deepcopy(module)
+    library.attn.config = copy.deepcopy(module.attn.config)
+    library.attn.config._attn_implementation = kernels.ATTENTION_NAME
+    holder = torch.nn.Sequential(library)
+    assert kernels.use_fused_hiera_blocks(holder) == 1
+    fused = holder[0]
+    assert type(library) is type(module) and type(fused) is kernels.Vica2FusedHieraBlock
+    assert all(a is b for a, b in zip(fused.parameters(), library.parameters(), strict=True))
     return fused
 
 

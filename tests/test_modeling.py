@@ -29,6 +29,7 @@ from conftest import (
     requires_fixture,
     tiny_config,
     tiny_model,
+    token_ratio,
 )
 from vica2.configuration_vica2 import Vica2Config, anyres_feature_shape
 from vica2.convert_checkpoint import release_key_to_hub
@@ -252,7 +253,7 @@ def test_video_token_count_matches_formula(num_frames, hiera_frames, siglip_pool
     overrides = dict(hiera_frames=hiera_frames, siglip_pool_stride=siglip_pool_stride,
                      hiera_pool_stride=hiera_pool_stride)
     with torch.no_grad():
-        (features,) = model.model.get_video_features(siglip, hiera, **overrides)
+        (features,) = model.model.get_video_features(siglip, hiera, token_ratio(model.config, **overrides))
     n_siglip, n_hiera = model.config.num_video_tokens(num_frames, **overrides)
     assert features.shape[0] == n_siglip + n_hiera
     # Independent check of the documented formula.
@@ -377,7 +378,7 @@ def test_per_call_overrides_follow_the_formula():
     ids = torch.tensor([[1, 2] + [FIXTURE_VIDEO_TOKEN_ID] * n + [3]])
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values_videos=siglip, hiera_pixel_values_videos=hiera,
-                    **{k: torch.tensor(v) for k, v in overrides.items()})
+                    video_token_ratio=token_ratio(model.config, **overrides))
     assert out.video_hidden_states[0].shape[0] == n == 6 * 4 * 5 + 6 * 2 * 3
 
 
@@ -514,11 +515,12 @@ def test_bad_overrides_are_rejected():
     model = _small_model()
     siglip, hiera = random_video_pixels(model.config, 4)
     with pytest.raises(ValueError, match="larger than the 2x2 feature grid"):
-        _small_model(video_pool_mode="average").model.get_video_features(siglip, hiera, hiera_pool_stride=3)
+        _small_model(video_pool_mode="average").model.get_video_features(
+            siglip, hiera, token_ratio(model.config, hiera_pool_stride=3))
     with pytest.raises(ValueError, match="siglip_pool_stride"):
-        model.model.get_video_features(siglip, hiera, siglip_pool_stride=0)
+        model.model.get_video_features(siglip, hiera, token_ratio(model.config, siglip_pool_stride=0))
     with pytest.raises(ValueError, match="multiple of hiera_frames=3"):
-        model.model.get_video_features(siglip, hiera, hiera_frames=3)
+        model.model.get_video_features(siglip, hiera, token_ratio(model.config, hiera_frames=3))
 
 
 def test_image_tiles_must_match_image_size():
@@ -660,6 +662,44 @@ def test_model_imports_without_optional_packages():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+NO_SIDE_EFFECTS_SCRIPT = """
+import logging, sys, tempfile, warnings
+sys.path.insert(0, sys.argv[1])
+# What the model file imports sets filters of its own (torch, numpy, sympy): take the baseline after those.
+import torch, transformers
+import transformers.models.qwen2.modeling_qwen2, transformers.models.sam2.modeling_sam2
+import transformers.models.siglip.modeling_siglip
+def state():
+    loggers = [name for name in logging.root.manager.loggerDict if name.startswith("bitsandbytes")]
+    bnb_filters = {name: list(logging.getLogger(name).filters) for name in loggers}
+    return list(warnings.filters), {name: filters for name, filters in bnb_filters.items() if filters}
+before = state()
+import vica2.modeling_vica2
+from conftest import tiny_model
+with tempfile.TemporaryDirectory() as path:
+    tiny_model().save_pretrained(path)
+    vica2.modeling_vica2.Vica2ForConditionalGeneration.from_pretrained(path)
+after = state()
+assert after == before, (before, after)
+print("ok")
+"""
+
+
+def test_importing_and_loading_the_model_changes_no_process_wide_filter():
+    """Only the model's own classes get registered: no `warnings` filter, no filter on bitsandbytes' loggers."""
+    result = subprocess.run([sys.executable, "-c", NO_SIDE_EFFECTS_SCRIPT, str(REPO_ROOT / "tests")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_scalar_token_ratio_kwargs_are_refused_by_the_model():
+    """The processor turns the scalar settings into `video_token_ratio`; the model refuses them instead of ignoring."""
+    model = _small_model()
+    with pytest.raises(TypeError, match="only as `video_token_ratio`.*processor"):
+        model(input_ids=torch.tensor([[1, 2]]), hiera_frames=2)
+
+
 # ----------------------------------------------------------------------------------------------- serving engines
 @pytest.mark.parametrize("model_class", ["Vica2ForConditionalGeneration", "Vica2Model"])
 def test_no_ignore_pattern_matches_a_weight_of_the_model(model_class):
@@ -702,7 +742,8 @@ def test_serving_engine_calling_conventions():
     # Row 0: the defaults; row 1: a token-ratio override. Each equals the video computed alone with its settings.
     ratio = torch.tensor([[8, 4, 2, 2], [8, 2, 1, 2]])
     batched = model.model.get_video_features(siglip, hiera, video_token_ratio=ratio)
-    alone = model.model.get_video_features(siglip[1:], hiera[1:], hiera_frames=2, siglip_pool_stride=1)[0]
+    alone = model.model.get_video_features(
+        siglip[1:], hiera[1:], token_ratio(config, hiera_frames=2, siglip_pool_stride=1))[0]
     assert torch.equal(batched[0], plain[0]) and torch.equal(batched[1], alone)
     assert batched[1].shape[0] == sum(config.num_video_tokens(8, hiera_frames=2, siglip_pool_stride=1))
     with pytest.raises(ValueError, match="one row of 4 settings"):
