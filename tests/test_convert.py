@@ -425,7 +425,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "out"
     convert(FIXTURE_DIR, out)
     (out / "config.json").write_text("{}")  # a converted folder, even edited, is still ours to replace
-    with pytest.raises(cc.ConversionError, match="already exists; pass --overwrite"):
+    with pytest.raises(cc.ConversionError, match="already exists; pass overwrite=True"):
         convert(FIXTURE_DIR, out)
     assert (out / "config.json").read_text() == "{}"
     convert(FIXTURE_DIR, out, overwrite=True)
@@ -476,7 +476,7 @@ def _a_file(path: Path) -> dict[str, bytes]:
 def test_overwrite_replaces_only_what_the_converter_wrote(tmp_path, make):
     out = tmp_path / "out"
     kept = make(out)
-    with pytest.raises(cc.ConversionError, match="--overwrite refuses to replace"):
+    with pytest.raises(cc.ConversionError, match="overwrite=True refuses to replace"):
         convert(FIXTURE_DIR, out, overwrite=True)
     for name, content in kept.items():
         assert (out / name if name else out).read_bytes() == content
@@ -492,7 +492,7 @@ def test_overwrite_rechecks_a_folder_that_appears_during_the_conversion(tmp_path
         _user_folder(out)
 
     monkeypatch.setattr(cc, "write_processor", user_creates_out)
-    with pytest.raises(cc.ConversionError, match="--overwrite refuses to replace"):
+    with pytest.raises(cc.ConversionError, match="overwrite=True refuses to replace"):
         convert(FIXTURE_DIR, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and not staging_dirs(tmp_path)
 
@@ -743,7 +743,7 @@ def test_vica2_init_refuses_a_different_hiera(tmp_path):
 
 def test_llava_video_without_sam2_is_refused(tmp_path):
     llava = llava_video_folder(tmp_path)
-    with pytest.raises(cc.ConversionError, match="pass the SAM2.1 Hiera weights with --sam2-checkpoint"):
+    with pytest.raises(cc.ConversionError, match="pass the SAM2.1 Hiera weights with sam2_checkpoint="):
         convert(llava, tmp_path / "out")
 
 
