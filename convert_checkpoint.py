@@ -13,7 +13,7 @@ the processor and tokenizer (with `<image>`/`<video>` added), the remote-code fi
 
 This module also owns the mapping from the release's names and config to ours: `release_key_to_hub` and
 `release_config_to_vica2` are the one place where that correspondence is written down. Values are validated by the
-configs they map into (`Vica2Config` and the library's sub-configs); an error names the release file and field.
+configs they map into (`Vica2Config` and the library's sub-configs); errors name the release file and field.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ _PREFIXES = (
     ("model.norm.", "model.language_model.norm."),
     ("lm_head.", "lm_head."),
 )
-
 # Meta's Hiera module names -> transformers' Sam2HieraDetModel names, inside `blocks.N.` or at the trunk's top.
 _HIERA_RENAMES = (
     ("patch_embed.proj.", "patch_embed.projection."),
@@ -73,7 +72,6 @@ _HIERA_RENAMES = (
     ("mlp.layers.0.", "mlp.proj_in."),
     ("mlp.layers.1.", "mlp.proj_out."),
 )
-
 # SigLIP weights the release stores but never uses: its features leave the last kept layer directly.
 _UNUSED_SIGLIP = re.compile(r"^model\.vision_tower\.(post_layernorm|head)\.")
 
@@ -109,16 +107,12 @@ def release_key_to_hub(key: str, num_siglip_layers: int | None = None) -> str | 
     `num_siglip_layers` (the release deletes SigLIP's last layer; a checkpoint that still has it drops it here).
     Raises KeyError for a key that is neither mapped nor known to be unused.
     """
-    for old, new in _PREFIXES:
-        if key.startswith(old):
-            mapped = new + key[len(old) :]
-            break
-    else:
+    old, new = next(((old, new) for old, new in _PREFIXES if key.startswith(old)), (None, None))
+    if old is None:
         raise KeyError(f"unknown release checkpoint key: {key}")
-    if _UNUSED_SIGLIP.match(mapped):
-        return None
+    mapped = new + key[len(old) :]
     layer = re.match(r"^model\.vision_tower\.encoder\.layers\.(\d+)\.", mapped)
-    if layer and num_siglip_layers is not None and int(layer.group(1)) >= num_siglip_layers:
+    if _UNUSED_SIGLIP.match(mapped) or (layer and num_siglip_layers is not None and int(layer[1]) >= num_siglip_layers):
         return None
     if mapped.startswith("model.hiera_tower."):
         mapped = "model.hiera_tower." + hiera_trunk_key(mapped[len("model.hiera_tower.") :])
@@ -140,22 +134,24 @@ RELEASE_TOWERS = {
         "global_att_blocks": [12, 16, 20],
     },
 }
-# The release fields the converter itself computes with (shapes, multipliers): present and positive. Every other
-# value is checked by the config it maps into; these are checked first so that no arithmetic runs on a bad value.
-_SIZE_FIELDS = {
+# The release fields the converter computes with itself (sizes, multipliers) or must find stated: checked before any
+# arithmetic runs on them. Every other value is checked by the config it maps into.
+_REQUIRED = {
     "config.json": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
     "siglip_vision_model": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                             "image_size", "patch_size"),
-    "hiera": ("embed_dim", "num_heads"),
+    "hiera": ("embed_dim", "num_heads", "stages", "window_spec", "global_att_blocks",
+              "window_pos_embed_bkg_spatial_size"),
 }
-_OPTIONAL_SIZE_FIELDS = ("num_key_value_heads", "num_hidden_layers_in_checkpoint", "dim_mul", "head_mul", "rope_theta")
-_REQUIRED_LISTS = {"hiera": ("stages", "window_spec", "global_att_blocks", "window_pos_embed_bkg_spatial_size")}
+_POSITIVE_INTS = set(_REQUIRED["config.json"] + _REQUIRED["siglip_vision_model"]) | {
+    "embed_dim", "num_heads", "num_key_value_heads", "num_hidden_layers_in_checkpoint"}
+_POSITIVE_NUMBERS = {"dim_mul", "head_mul", "rope_theta"}
 # Our field -> the release field its value comes from, where the names differ (for error messages).
 _RELEASE_NAMES = {
     "config.json": {
-        "image_token_id": "image_token_index", "video_token_id": "image_token_index",
+        "image_token_id": "image_token_index", "video_token_id": "image_token_index", "rope_parameters": "rope_theta",
         "video_pool_mode": "mm_spatial_pool_mode", "vision_aspect_ratio": "image_aspect_ratio",
-        "image_grid_pinpoints": "image_grid_pinpoints", "rope_parameters": "rope_theta",
+        "image_grid_pinpoints": "image_grid_pinpoints",
     },
     "siglip_vision_model": {},
     "hiera": {
@@ -178,36 +174,32 @@ def _is_int(value) -> bool:
 
 
 def check_sizes(data, source: str, section: str) -> dict:
-    """`data` (a release JSON object) with its size fields present and positive, or a one-line ConversionError."""
+    """`data` (one release JSON object) with its required fields present and its sizes positive numbers."""
     if not isinstance(data, dict):
         raise ConversionError(f"{source}: expected a JSON object, got {type(data).__name__}.")
-    for name in _SIZE_FIELDS[section] + _REQUIRED_LISTS.get(section, ()) + _OPTIONAL_SIZE_FIELDS:
-        value = data.get(name)
+    for name in _REQUIRED[section]:
         if name not in data:
-            if name in _OPTIONAL_SIZE_FIELDS:
-                continue
             raise ConversionError(f"{source}: field '{name}' is missing.")
-        number = _is_int(value) or (name in ("dim_mul", "head_mul", "rope_theta") and isinstance(value, float))
-        if name not in _REQUIRED_LISTS.get(section, ()) and not (number and value > 0):
-            kind = "integer" if name not in ("dim_mul", "head_mul", "rope_theta") else "number"
+    for name in sorted((_POSITIVE_INTS | _POSITIVE_NUMBERS) & data.keys(), key=list(data).index):
+        integer, value = name in _POSITIVE_INTS, data[name]
+        if not (_is_int(value) or (not integer and isinstance(value, float))) or value <= 0:
+            kind = "integer" if integer else "number"
             raise ConversionError(f"{source}: field '{name}' must be a positive {kind}, got {_short(value)}.")
     return data
 
 
 @contextlib.contextmanager
-def release_fields(source: str, names: dict[str, str] | None = None):
+def release_fields(source: str, names: dict[str, str]):
     """Re-raise a config's validation error (Vica2ConfigError, the library's strict field checks) as one line naming
-    the release file and the release field the offending value came from (the first of ours the message names)."""
+    the release file and the release field the offending value came from (the first of `names` the message names)."""
     try:
         yield
     except ConversionError:
         raise
     except Exception as error:  # noqa: BLE001 - ValueError, TypeError, StrictDataclassFieldValidationError
         message = _one_line(error)
-        found = sorted((match.start(), match.group(1)) for match in re.finditer(r"\b(\w+)\b", message)
-                       if match.group(1) in (names or {}))
-        where = f"{source}: field '{names[found[0][1]]}'" if found else source
-        raise ConversionError(f"{where}: {message}") from error
+        named = [word for word in re.findall(r"\w+", message) if word in names]
+        raise ConversionError(f"{source}: field '{names[named[0]]}': {message}" if named else f"{source}: {message}")
 
 
 def _sub_config(fields: dict, source: str, section: str):
@@ -221,13 +213,10 @@ def _sub_config(fields: dict, source: str, section: str):
 def release_siglip_config(siglip: dict) -> dict:
     """SigLIP vision config with the release's last layer removed (the release deletes it after loading)."""
     return {
-        "model_type": "siglip_vision_model",
-        **{name: siglip[name] for name in _SIZE_FIELDS["siglip_vision_model"]},
+        "model_type": "siglip_vision_model", **{name: siglip[name] for name in _REQUIRED["siglip_vision_model"]},
         "num_hidden_layers": siglip.get("num_hidden_layers_in_checkpoint", siglip["num_hidden_layers"] - 1),
-        "num_channels": siglip.get("num_channels", 3),
-        "hidden_act": siglip.get("hidden_act", "gelu_pytorch_tanh"),
-        "layer_norm_eps": siglip.get("layer_norm_eps", 1e-6),
-        "vision_use_head": False,
+        "num_channels": siglip.get("num_channels", 3), "hidden_act": siglip.get("hidden_act", "gelu_pytorch_tanh"),
+        "layer_norm_eps": siglip.get("layer_norm_eps", 1e-6), "vision_use_head": False,
     }
 
 
@@ -235,11 +224,11 @@ def release_hiera_config(hiera: dict) -> dict:
     """Meta's Hiera constructor arguments -> `Sam2HieraDetConfig` fields (per-stage lists)."""
     stages = hiera["stages"]
     dims, heads = [hiera["embed_dim"]], [hiera["num_heads"]]
-    for _ in range(len(stages) - 1 if isinstance(stages, list) else 0):
+    for _ in range(len(stages) - 1 if isinstance(stages, list) else 0):  # a non-list is refused by the config
         dims.append(int(dims[-1] * hiera.get("dim_mul", 2.0)))
         heads.append(int(heads[-1] * hiera.get("head_mul", 2.0)))
     return {
-        "model_type": "sam2_hiera_det_model", "hidden_size": hiera["embed_dim"], "num_attention_heads": hiera["num_heads"],
+        "model_type": "sam2_hiera_det_model", "hidden_size": hiera["embed_dim"], "num_attention_heads": heads[0],
         "num_channels": 3, "image_size": [1024, 1024], "patch_kernel_size": [7, 7], "patch_stride": [4, 4],
         "patch_padding": [3, 3], "query_stride": hiera.get("q_stride", [2, 2]),
         "window_positional_embedding_background_size": hiera["window_pos_embed_bkg_spatial_size"],
@@ -251,44 +240,39 @@ def release_hiera_config(hiera: dict) -> dict:
 
 
 def release_config_to_vica2(
-    raw: dict,
-    towers: dict | None = None,
-    image_token_id: int | None = None,
-    video_token_id: int | None = None,
-    source: str = "config.json",
-    towers_source: str = "tower_configs.json",
+    raw: dict, towers: dict | None = None, image_token_id: int | None = None, video_token_id: int | None = None,
+    source: str = "config.json", towers_source: str = "tower_configs.json",
 ) -> Vica2Config:
     """Build our `Vica2Config` from a release `config.json` (model_type "vica_qwen"); `source` and `towers_source`
     name the files in errors. `towers` holds the SigLIP / Hiera hyper-parameters in the release's vocabulary
     (defaults: the towers the release hard-codes, SigLIP so400m and SAM2.1 hiera_b+)."""
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type != "vica_qwen":
+    if model_type != RELEASE_MODEL_TYPE:
         raise ConversionError(f"{source}: not a ViCA2 release config: model_type is {model_type!r}, expected 'vica_qwen'.")
     check_sizes(raw, source, "config.json")
-    towers = {name: check_sizes(tower, f"{towers_source} [{name}]", name)
-              for name, tower in {**RELEASE_TOWERS, **(towers or {})}.items() if name in RELEASE_TOWERS}
-    siglip_source, hiera_source = (f"{towers_source} [{name}]" for name in RELEASE_TOWERS)
+    where = {name: f"{towers_source} [{name}]" for name in RELEASE_TOWERS}
+    towers = {name: check_sizes({**RELEASE_TOWERS, **(towers or {})}[name], where[name], name) for name in where}
     # Release fields with no counterpart in our config, refused where the model could not reproduce them.
     if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ConversionError(f"{source}: field 'mm_projector_type' is {raw['mm_projector_type']!r}; ViCA2 uses 'mlp2x_gelu'.")
-    siglip = _sub_config(release_siglip_config(towers["siglip_vision_model"]), siglip_source, "siglip_vision_model")
+    siglip = _sub_config(release_siglip_config(towers["siglip_vision_model"]), where["siglip_vision_model"],
+                         "siglip_vision_model")
     if raw.get("mm_hidden_size", siglip.hidden_size) != siglip.hidden_size:
         raise ConversionError(
             f"{source}: field 'mm_hidden_size' is {raw['mm_hidden_size']}, but the SigLIP tower is {siglip.hidden_size} "
             "wide (tower_configs.json, or the release's so400m): the projector was built for another vision tower."
         )
-    hiera = _sub_config(release_hiera_config(towers["hiera"]), hiera_source, "hiera")
+    hiera = _sub_config(release_hiera_config(towers["hiera"]), where["hiera"], "hiera")
     if len(hiera.window_size_per_stage) != len(hiera.blocks_per_stage):
-        raise ConversionError(f"{hiera_source}: field 'window_spec' has {len(hiera.window_size_per_stage)} entries "
+        raise ConversionError(f"{where['hiera']}: field 'window_spec' has {len(hiera.window_size_per_stage)} entries "
                               f"for {len(hiera.blocks_per_stage)} stages.")
-    index = raw.get("image_token_index", 151646)  # the tokenizer's ids replace it when given
+    index = raw.get("image_token_index", 151646)  # the release's placeholder id; the tokenizer's ids replace it
     if not _is_int(index) or index < 0:
         raise ConversionError(f"{source}: field 'image_token_index' must be a token id, got {_short(index)}.")
-    # The release forces rope scaling off.
+    text = {key: raw[key] for key in _QWEN2_FIELDS if key in raw}  # the release forces rope scaling off:
     rope = {"rope_type": "default", "rope_theta": raw.get("rope_theta", 1000000.0)}
-    text = {key: raw[key] for key in _QWEN2_FIELDS if key in raw}
-    text = _sub_config({**text, "model_type": "qwen2", "tie_word_embeddings": raw.get("tie_word_embeddings", False),
-                        "rope_parameters": rope}, source, "config.json")
+    text = _sub_config({**text, "model_type": "qwen2", "rope_parameters": rope,
+                        "tie_word_embeddings": raw.get("tie_word_embeddings", False)}, source, "config.json")
     pinpoints = raw.get("image_grid_pinpoints")  # the release lists [width, height]; ours are [height, width]
     if isinstance(pinpoints, list):
         pinpoints = [pair[::-1] if isinstance(pair, list) else pair for pair in pinpoints]
@@ -312,22 +296,12 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 DEFAULT_LICENSE = "apache-2.0"
 # What ViCA2 is built from: LLaVA-Video-7B-Qwen2 (SigLIP, projector, Qwen2) and the SAM2.1 base-plus Hiera trunk.
 DEFAULT_BASE_MODELS = ("lmms-lab/LLaVA-Video-7B-Qwen2", "facebook/sam2.1-hiera-base-plus")
-
-RELEASE_MODEL_TYPE = "vica_qwen"
-LLAVA_MODEL_TYPES = ("llava_qwen", "llava")
-HUB_MODEL_TYPE = "vica2"
-
-IMAGE_TOKEN = "<image>"
-VIDEO_TOKEN = "<video>"
+RELEASE_MODEL_TYPE, LLAVA_MODEL_TYPES, HUB_MODEL_TYPE = "vica_qwen", ("llava_qwen", "llava"), "vica2"
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 VOCAB_TENSORS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
-
 # Entry points of the remote code; the files they import relatively are found by following the imports.
-REMOTE_CODE_ENTRY_FILES = (
-    "configuration_vica2.py",
-    "modeling_vica2.py",
-    "processing_vica2.py",
-    "image_processing_vica2.py",
-)
+REMOTE_CODE_ENTRY_FILES = ("configuration_vica2.py", "modeling_vica2.py", "processing_vica2.py",
+                           "image_processing_vica2.py")
 MODEL_AUTO_MAP = AUTO_MAP  # the config already carries it; named here next to the processor's
 PROCESSOR_AUTO_MAP = {
     "AutoProcessor": "processing_vica2.Vica2Processor",
@@ -337,17 +311,12 @@ PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
 # The tokenizer files of a release; the JSON ones are checked before the tokenizer reads them (to name the file).
 TOKENIZER_JSON_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
                         "vocab.json")
-
 # Ownership marks. Every folder this converter writes holds OUTPUT_MARKER, listing its files: `overwrite` replaces
 # only such a folder (holding nothing else) or an empty one. Every staging folder holds STAGING_LOCK, locked while its
 # conversion runs: an unlocked one was left by a killed run and is removed.
 WRITTEN_BY = "vica2 convert_checkpoint.py"
-OUTPUT_MARKER = ".vica2-converted.json"
-STAGING_PREFIX = ".vica2-convert-"
-STAGING_LOCK = ".vica2-convert.lock"
-
-# How many names an error message lists per category before summarising.
-_MAX_LISTED = 25
+OUTPUT_MARKER, STAGING_PREFIX, STAGING_LOCK = ".vica2-converted.json", ".vica2-convert-", ".vica2-convert.lock"
+_MAX_LISTED = 25  # names an error message lists per category before summarising
 
 
 class ConversionError(ValueError):
@@ -364,8 +333,8 @@ def _short(value) -> str:
 
 
 def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f", ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+    more = f", ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
 
 
 def _raise_problems(header: str, *categories: tuple[str, list[str]]) -> None:
@@ -390,7 +359,7 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-# ------------------------------------------------------------------------------------------------ key mappers
+# ------------------------------------------------------------------------------------------------ weight sources
 @dataclass(frozen=True)
 class Dropped:
     """An input tensor that is deliberately not converted, and why."""
@@ -418,8 +387,8 @@ def release_mapper(num_siglip_layers: int) -> KeyMapper:
 
 
 def sam2_mapper(prefix: str, rename: Callable[[str], str]) -> KeyMapper:
-    """SAM2 checkpoint keys: the Hiera trunk under `prefix` is kept, every other SAM2 part is dropped. Meta's `.pt`
-    holds it under `image_encoder.trunk.` with Meta's names; a transformers folder under `vision_encoder.backbone.`."""
+    """SAM2 keys: the Hiera trunk under `prefix` is kept (Meta's `.pt`: `image_encoder.trunk.`, Meta's names; a
+    transformers folder: `vision_encoder.backbone.`), every other SAM2 part is dropped."""
 
     def mapper(key: str) -> str | Dropped:
         if key.startswith(prefix):
@@ -433,15 +402,6 @@ def identity_mapper(key: str) -> str:
     return key
 
 
-# ------------------------------------------------------------------------------------------------ weight files
-_SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U64": torch.uint64, "U32": torch.uint32,
-    "U16": torch.uint16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     key: str
@@ -449,84 +409,61 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-class InMemoryFile:
-    """Named tensors. `infos()` gives names and shapes; `tensors()` yields the tensors one at a time in the same
-    order, so a conversion holds at most one input file in memory. This base holds tensors the converter made (the
-    fresh spatial projector of ViCA2-init); the subclasses read files."""
+@dataclass
+class Source:
+    """Named tensors and how their keys become ours: a safetensors or `torch.save` file (`path`; `subkey` names the
+    entry holding the tensors, "model" in Meta's SAM2 files), tensors made here (`data`: the fresh projector of
+    ViCA2-init) or names and shapes only (`shapes`: e.g. the 7B key listing, enough to plan). `infos()` reads no
+    tensor data where the format allows; `tensors()` yields one tensor at a time in the same order, so a conversion
+    holds at most one input file in memory."""
 
-    def __init__(self, name: str, tensors: dict[str, torch.Tensor] | None = None):
-        self.name, self._tensors = name, tensors
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self._tensors.items()
+    name: str
+    mapper: KeyMapper
+    path: Path | None = None
+    subkey: str | None = None
+    data: dict[str, torch.Tensor] | None = None
+    shapes: list[TensorInfo] | None = None
 
     def infos(self) -> list[TensorInfo]:
+        if self.shapes is not None:
+            return list(self.shapes)
+        if self.path is not None and self.path.suffix == ".safetensors":
+            with self._safetensors() as f:  # from the header; an empty slice gives the dtype without the data
+                slices = {key: f.get_slice(key) for key in f.keys()}
+                return [TensorInfo(key, tuple(s.get_shape()), s[:0].dtype if s.get_shape() else f.get_tensor(key).dtype)
+                        for key, s in slices.items()]
         return [TensorInfo(key, tuple(value.shape), value.dtype) for key, value in self.tensors()]
 
-
-class ShapesOnlyFile(InMemoryFile):
-    """Names and shapes without data (e.g. the 7B key listing): enough to plan and validate a conversion."""
-
-    def __init__(self, name: str, infos: list[TensorInfo]):
-        super().__init__(name)
-        self._infos = infos
-
-    def infos(self) -> list[TensorInfo]:
-        return list(self._infos)
-
-    def tensors(self):
-        raise ConversionError(f"{self.name} lists shapes only; it has no tensor data to convert.")
-
-
-class SafetensorsFile(InMemoryFile):
-    def __init__(self, path: Path):
-        super().__init__(Path(path).name)
-        self.path = Path(path)
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.shapes is not None:
+            raise ConversionError(f"{self.name} lists shapes only; it has no tensor data to convert.")
+        if self.data is not None:
+            yield from self.data.items()
+        elif self.path.suffix == ".safetensors":
+            with self._safetensors() as f:
+                yield from ((key, f.get_tensor(key)) for key in f.keys())
+        else:
+            yield from self._torch_load().items()
 
     @contextlib.contextmanager
-    def _open(self):
-        """safe_open, with a truncated, tiny or corrupt file reported as one line naming it."""
+    def _safetensors(self):
         try:
             with safe_open(self.path, framework="pt", device="cpu") as f:
                 yield f
         except ConversionError:
             raise
         except Exception as error:  # noqa: BLE001 - SafetensorError (header too small, incomplete buffer, ...)
-            raise ConversionError(
-                f"{self.path}: not a readable safetensors file (truncated or corrupt?): {_one_line(error)}"
-            ) from error
+            raise ConversionError(f"{self.path}: not a readable safetensors file (truncated or corrupt?): "
+                                  f"{_one_line(error)}") from error
 
-    def infos(self) -> list[TensorInfo]:  # from the header alone, no tensor data
-        infos = []
-        with self._open() as f:
-            for key in f.keys():
-                tensor_slice = f.get_slice(key)
-                name = tensor_slice.get_dtype()
-                if name not in _SAFETENSORS_DTYPES:
-                    raise ConversionError(f"{self.path}: tensor {key} has the unsupported dtype {name}.")
-                infos.append(TensorInfo(key, tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[name]))
-        return infos
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        with self._open() as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-
-
-class TorchFile(InMemoryFile):
-    """A `torch.save` file (`pytorch_model*.bin`, Meta's SAM2 `.pt`), loaded with `weights_only=True` (plain tensors
-    only, never arbitrary pickled objects) and memory-mapped where the file format allows it."""
-
-    def __init__(self, path: Path, subkey: str | None = None):
-        super().__init__(Path(path).name)
-        self.path, self.subkey = Path(path), subkey
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _torch_load(self) -> dict:
+        """Loaded with `weights_only=True` (plain tensors, never arbitrary pickled objects), memory-mapped where the
+        file format allows it (legacy non-zip files cannot be)."""
         try:
             try:
                 state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as error:
-                if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped; anything else is real
+                if "mmap" not in str(error):
                     raise
                 state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - truncated files, UnpicklingError, ...: say which file and why
@@ -543,42 +480,31 @@ class TorchFile(InMemoryFile):
         bad = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
         if bad:
             raise ConversionError(f"{self.path} holds non-tensor entries: {_listing(bad)}")
-        yield from state.items()
+        return state
 
 
-def find_weight_files(folder: Path) -> list[InMemoryFile]:
+def find_weight_files(folder: Path) -> list[Path]:
     """The weight files of a checkpoint folder: safetensors (single or indexed shards) first, else `.bin`. An index
     may name only plain file names next to it (a path from a data file never leaves its folder)."""
-    for prefix, file_class in (("model.safetensors", SafetensorsFile), ("pytorch_model.bin", TorchFile)):
-        index = folder / f"{prefix}.index.json"
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = folder / f"{single}.index.json"
         if index.is_file():
             weight_map = _read_json(index, "Weight index").get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
                 raise ConversionError(f"{index}: field 'weight_map' must map tensor names to shard file names.")
             names = sorted(set(weight_map.values()))
             outside = [name for name in names if Path(name).name != name or name in ("", ".", "..")]
             if outside:
-                raise ConversionError(
-                    f"{index}: field 'weight_map' names shards outside the checkpoint folder: {_listing(outside)}"
-                )
+                raise ConversionError(f"{index}: field 'weight_map' names shards outside the checkpoint folder: "
+                                      f"{_listing(outside)}")
             missing = [name for name in names if not (folder / name).is_file()]
             if missing:
                 raise ConversionError(f"{index} lists shards that are not in {folder}: {_listing(missing)}")
-            return [file_class(folder / name) for name in names]
-        if (folder / prefix).is_file():
-            return [file_class(folder / prefix)]
-    raise ConversionError(
-        f"No weights in {folder}: expected model.safetensors, model.safetensors.index.json + shards, "
-        "pytorch_model.bin or pytorch_model.bin.index.json + shards."
-    )
-
-
-@dataclass
-class Source:
-    """A weight file and how its keys become ours."""
-
-    file: InMemoryFile
-    mapper: KeyMapper
+            return [folder / name for name in names]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise ConversionError(f"No weights in {folder}: expected model.safetensors, model.safetensors.index.json + "
+                          "shards, pytorch_model.bin or pytorch_model.bin.index.json + shards.")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -605,10 +531,8 @@ def read_inputs(input_dir: Path, sam2_checkpoint: Path | None) -> ReleaseInputs:
             "folder (model_type 'vica_qwen') to convert again."
         )
     if model_type == RELEASE_MODEL_TYPE and sam2_checkpoint is not None:
-        raise ConversionError(
-            f"{input_dir} is a ViCA2 release, which already has its Hiera tower; sam2_checkpoint is only for "
-            "assembling ViCA2-init from a LLaVA-Video-Qwen2 folder."
-        )
+        raise ConversionError(f"{input_dir} is a ViCA2 release, which already has its Hiera tower; sam2_checkpoint "
+                              "is only for assembling ViCA2-init from a LLaVA-Video-Qwen2 folder.")
     if model_type in LLAVA_MODEL_TYPES and sam2_checkpoint is None:
         raise ConversionError(
             f"{input_dir} is a LLaVA-Video-Qwen2 checkpoint (model_type '{model_type}') without a spatial tower. To "
@@ -621,9 +545,8 @@ def read_inputs(input_dir: Path, sam2_checkpoint: Path | None) -> ReleaseInputs:
             f"sam2_checkpoint, a LLaVA-Video-Qwen2 folder ({' or '.join(map(repr, LLAVA_MODEL_TYPES))})."
         )
     raw = check_sizes({**raw, "model_type": RELEASE_MODEL_TYPE}, str(input_dir / "config.json"), "config.json")
-    towers = input_dir / "tower_configs.json"
+    towers, generation = input_dir / "tower_configs.json", input_dir / "generation_config.json"
     towers = _read_json(towers, "Tower config") if towers.is_file() else {}
-    generation = input_dir / "generation_config.json"
     generation = _read_json(generation, "Generation config") if generation.is_file() else None
     kind = "release" if model_type == RELEASE_MODEL_TYPE else "vica2-init"
     return ReleaseInputs(kind, raw, towers, generation, input_dir, sam2_checkpoint)
@@ -632,11 +555,11 @@ def read_inputs(input_dir: Path, sam2_checkpoint: Path | None) -> ReleaseInputs:
 def weight_sources(inputs: ReleaseInputs, config: Vica2Config, projector_seed: int) -> list[Source]:
     """Every weight file of the inputs with its key mapper (and, for ViCA2-init, the fresh spatial projector)."""
     mapper = release_mapper(config.vision_config.num_hidden_layers)
-    sources = [Source(file, mapper) for file in find_weight_files(inputs.input_dir)]
+    sources = [Source(path.name, mapper, path) for path in find_weight_files(inputs.input_dir)]
     if inputs.kind == "vica2-init":
         sources += sam2_sources(Path(inputs.sam2_checkpoint), config.hiera_config)
         projector = spatial_projector_init(config, projector_seed)
-        sources.append(Source(InMemoryFile(f"spatial projector (seed {projector_seed})", projector), identity_mapper))
+        sources.append(Source(f"spatial projector (seed {projector_seed})", identity_mapper, data=projector))
     return sources
 
 
@@ -649,68 +572,50 @@ _HIERA_CONFIG_FIELDS = (
 
 
 def sam2_sources(path: Path, hiera) -> list[Source]:
-    """The Hiera trunk of a SAM2.1 checkpoint: Meta's `.pt` file, or a transformers SAM2 folder."""
+    """The Hiera trunk of a SAM2.1 checkpoint: Meta's `.pt` file (no config: its trunk shapes are checked against
+    ours, its window sizes cannot be), or a transformers SAM2 folder (its Hiera config must equal ours)."""
     if path.is_file():
-        # Meta's files carry no config; their trunk shapes are checked against hiera_b+ (or tower_configs.json),
-        # but window sizes and global blocks cannot be read from them.
-        return [Source(TorchFile(path, subkey="model"), sam2_mapper("image_encoder.trunk.", hiera_trunk_key))]
+        return [Source(path.name, sam2_mapper("image_encoder.trunk.", hiera_trunk_key), path, subkey="model")]
     if not path.is_dir():
         raise ConversionError(f"sam2_checkpoint {path} does not exist.")
     config = _read_json(path / "config.json", "SAM2 config")
-    vision = config.get("vision_config")
-    backbone = vision.get("backbone_config") if isinstance(vision, dict) else None
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or not model_type.startswith("sam2") or not isinstance(backbone, dict):
+    backbone = config.get("vision_config")
+    backbone = backbone.get("backbone_config") if isinstance(backbone, dict) else None
+    if not str(config.get("model_type")).startswith("sam2") or not isinstance(backbone, dict):
         raise ConversionError(
             f"{path} is not a transformers SAM2 folder (config.json needs model_type 'sam2' and "
             "vision_config.backbone_config); pass Meta's sam2.1_hiera_*.pt file or a transformers SAM2 folder."
         )
-    different = [
-        f"{name}: {backbone.get(name)!r} (SAM2) vs {getattr(hiera, name)!r} (ViCA2)"
-        for name in _HIERA_CONFIG_FIELDS
-        if name in backbone and _as_list(backbone[name]) != _as_list(getattr(hiera, name))
-    ]
+    listed = lambda value: list(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
+    different = [f"{name}: {backbone[name]!r} (SAM2) vs {getattr(hiera, name)!r} (ViCA2)" for name in
+                 _HIERA_CONFIG_FIELDS if name in backbone and listed(backbone[name]) != listed(getattr(hiera, name))]
     if different:
         raise ConversionError(f"The SAM2 checkpoint's Hiera is not the one ViCA2 uses: {'; '.join(different)}")
     mapper = sam2_mapper("vision_encoder.backbone.", identity_mapper)
-    return [Source(file, mapper) for file in find_weight_files(path)]
-
-
-def _as_list(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
+    return [Source(file.name, mapper, file) for file in find_weight_files(path)]
 
 
 def spatial_projector_init(config: Vica2Config, seed: int) -> dict[str, torch.Tensor]:
-    """Fresh weights for the spatial (Hiera) projector of ViCA2-init.
-
-    Weights ~ N(0, text_config.initializer_range) and zero biases: what `from_pretrained` gives a Linear that is
-    missing from a Qwen2-based checkpoint, i.e. what the release got when it added its `sam_projector` to
-    LLaVA-Video. Drawn from a `torch.Generator` seeded with `seed`, so an assembly is reproducible.
-    """
+    """Fresh weights for the spatial (Hiera) projector of ViCA2-init: N(0, text_config.initializer_range) weights and
+    zero biases, what `from_pretrained` gives a Linear missing from a Qwen2-based checkpoint (what the release got
+    when it added its `sam_projector` to LLaVA-Video), drawn from a generator seeded with `seed` (reproducible)."""
     generator = torch.Generator().manual_seed(seed)
     hidden, width = config.text_config.hidden_size, config.spatial_projector_input_size
     std = getattr(config.text_config, "initializer_range", 0.02)
-    prefix = "model.hiera_projector."
     return {
-        prefix + "linear_1.weight": torch.randn(hidden, width, generator=generator) * std,
-        prefix + "linear_1.bias": torch.zeros(hidden),
-        prefix + "linear_2.weight": torch.randn(hidden, hidden, generator=generator) * std,
-        prefix + "linear_2.bias": torch.zeros(hidden),
+        "model.hiera_projector.linear_1.weight": torch.randn(hidden, width, generator=generator) * std,
+        "model.hiera_projector.linear_1.bias": torch.zeros(hidden),
+        "model.hiera_projector.linear_2.weight": torch.randn(hidden, hidden, generator=generator) * std,
+        "model.hiera_projector.linear_2.bias": torch.zeros(hidden),
     }
 
 
 # ------------------------------------------------------------------------------------------------ vocabulary
 @dataclass(frozen=True)
 class Vocabulary:
-    """How the release's vocabulary becomes ours (README, "The vocabulary rule").
-
-    The release shrinks its embeddings to the tokenizer at load time, so it can never emit an id at or above
-    `len(tokenizer)`. We keep every row (no other logit changes) and set `generatable_vocab_size` to the tokenizer's
-    original length: the model masks the logits of the untrained rows and of `<image>`/`<video>` to -inf.
-    `<image>`/`<video>` take spare rows when the matrix has them (Qwen2: 152,064 rows > 151,646 tokens); otherwise
-    the matrices grow by the missing rows, initialised to the mean of the tokenizer's rows (never read nor
-    generated: only a neutral start for fine-tuning).
-    """
+    """How the release's vocabulary becomes ours (README, "The vocabulary rule"): every row is kept,
+    `generatable_vocab_size` is the tokenizer's original length, `<image>`/`<video>` take spare rows where the matrix
+    has them, else the matrices grow by the missing rows (the mean of the tokenizer's rows; never read nor generated)."""
 
     release_rows: int
     tokenizer_size: int
@@ -732,10 +637,8 @@ def add_placeholder_tokens(tokenizer, release_rows: int) -> Vocabulary:
 
     tokenizer_size = len(tokenizer)
     if tokenizer_size > release_rows:
-        raise ConversionError(
-            f"The tokenizer has {tokenizer_size} tokens but the checkpoint's embedding only {release_rows} rows: "
-            "they do not belong together."
-        )
+        raise ConversionError(f"The tokenizer has {tokenizer_size} tokens but the checkpoint's embedding only "
+                              f"{release_rows} rows: they do not belong together.")
     missing = [token for token in (IMAGE_TOKEN, VIDEO_TOKEN) if token not in tokenizer.get_vocab()]
     tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in missing], special_tokens=True)
     image_id, video_id = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
@@ -747,8 +650,8 @@ def load_tokenizer(folder: Path):
     """The release's tokenizer, as one of transformers' own classes, padding on the left (generation batches).
 
     Nothing from the folder runs: a tokenizer whose files name code (`auto_map`, or a `tokenizer_class` that is not
-    a transformers class) is refused, the load itself passes `trust_remote_code=False`, and the output gets only the
-    files this tokenizer's `save_pretrained` writes (never a `.py` file: see `check_shipped_code`).
+    a transformers class) is refused, the load itself passes `trust_remote_code=False`, and the output ships no `.py`
+    file but our own (`copy_remote_code` checks).
     """
     from transformers import AutoTokenizer, PretrainedConfig
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
@@ -766,12 +669,9 @@ def load_tokenizer(folder: Path):
     if tokenizer_class is not None and tokenizer_class_from_name(tokenizer_class) is None:
         raise _tokenizer_needs_code(source, f"its field 'tokenizer_class' is {tokenizer_class!r}, which is not a "
                                     "transformers tokenizer")
-    try:
-        # A bare config keeps AutoTokenizer from trying to parse the release config (model_type "vica_qwen").
-        # padding_side given at construction is what `save_pretrained` writes into the output's tokenizer_config.
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, config=PretrainedConfig(), trust_remote_code=False, padding_side="left"
-        )
+    try:  # a bare config keeps AutoTokenizer from parsing the release config; padding_side is saved with it
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=PretrainedConfig(), trust_remote_code=False,
+                                                  padding_side="left")
     except Exception as error:  # noqa: BLE001 - any failure here means the folder's tokenizer is unusable
         if "trust_remote_code" in str(error):
             raise _tokenizer_needs_code(source, "transformers says it needs custom code") from error
@@ -799,8 +699,7 @@ def build_hub_config(inputs: ReleaseInputs, vocabulary: Vocabulary, dtype: torch
     config.generatable_vocab_size = vocabulary.tokenizer_size
     config.architectures = ["Vica2ForConditionalGeneration"]
     config.auto_map = {**(getattr(config, "auto_map", None) or {}), **MODEL_AUTO_MAP, **PROCESSOR_AUTO_MAP}
-    config.dtype = dtype
-    config.text_config.dtype = config.vision_config.dtype = config.hiera_config.dtype = dtype
+    config.dtype = config.text_config.dtype = config.vision_config.dtype = config.hiera_config.dtype = dtype
     return config
 
 
@@ -856,19 +755,17 @@ def _input_shape(target: str, shape: tuple[int, ...], vocabulary: Vocabulary) ->
     return (vocabulary.release_rows, *shape[1:]) if target in VOCAB_TENSORS else shape
 
 
-def plan_conversion(
-    sources: list[Source], config: Vica2Config, vocabulary: Vocabulary, dtype: torch.dtype
-) -> ConversionPlan:
+def plan_conversion(sources: list[Source], config: Vica2Config, vocabulary: Vocabulary, dtype) -> ConversionPlan:
     """Map every input key, and abort listing every unknown, unexpected, duplicate, mis-shaped or missing tensor."""
     expected = expected_tensors(config)
     plan = ConversionPlan(config, vocabulary, dtype, sources, [])
     unknown, unexpected, duplicate, misshaped, not_float, seen = [], [], [], [], [], {}
     for index, source in enumerate(sources):
-        for info in source.file.infos():
+        for info in source.infos():
             try:
                 target = source.mapper(info.key)
             except KeyError:
-                unknown.append(f"{info.key} ({source.file.name})")
+                unknown.append(f"{info.key} ({source.name})")
                 continue
             if isinstance(target, Dropped):
                 plan.dropped.append((info.key, target.reason))
@@ -880,11 +777,10 @@ def plan_conversion(
                 seen[target] = info.key
                 wanted = _input_shape(target, expected[target], vocabulary)
                 if info.shape != wanted:
-                    misshaped.append(
-                        f"{info.key}: checkpoint {list(info.shape)}, model expects {list(wanted)} ({source.file.name})"
-                    )
+                    misshaped.append(f"{info.key}: checkpoint {list(info.shape)}, model expects {list(wanted)} "
+                                     f"({source.name})")
                 if not info.dtype.is_floating_point:  # ids or flags stored as weights: a cast would hide the damage
-                    not_float.append(f"{info.key} ({str(info.dtype).replace('torch.', '')}, {source.file.name})")
+                    not_float.append(f"{info.key} ({str(info.dtype).replace('torch.', '')}, {source.name})")
                 plan.tensors.append(PlannedTensor(index, info.key, target, expected[target]))
     _raise_problems(
         "The checkpoint does not match the ViCA2 model; nothing was written.",
@@ -898,16 +794,7 @@ def plan_conversion(
     return plan
 
 
-def summarize_dropped(dropped: list[tuple[str, str]]) -> list[str]:
-    """One line per reason: the reason, how many tensors, and a few of their names."""
-    by_reason: dict[str, list[str]] = {}
-    for key, reason in dropped:
-        by_reason.setdefault(reason, []).append(key)
-    return [f"{reason}: {len(keys)} tensor(s): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for reason, keys in by_reason.items()]
-
-
-# ------------------------------------------------------------------------------------------------ streaming
+# ------------------------------------------------------------------------------------------------ weights out
 def convert_tensor(tensor: torch.Tensor, planned: PlannedTensor, plan: ConversionPlan) -> torch.Tensor:
     """The output tensor for one input tensor: vocabulary rows appended where needed (the mean of the tokenizer's
     rows), cast, contiguous and owning its memory (memory-mapped `.bin` tensors may be views into a shared storage,
@@ -921,7 +808,7 @@ def convert_tensor(tensor: torch.Tensor, planned: PlannedTensor, plan: Conversio
     converted = tensor.to(plan.dtype).contiguous()
     if converted.untyped_storage().nbytes() != converted.nbytes:
         converted = converted.clone()
-    check_finite(tensor, converted, f"{plan.sources[planned.source_index].file.name}: tensor {planned.key}")
+    check_finite(tensor, converted, f"{plan.sources[planned.source_index].name}: tensor {planned.key}")
     return converted
 
 
@@ -931,22 +818,19 @@ def check_finite(tensor: torch.Tensor, converted: torch.Tensor, where: str) -> N
     if _all_finite(converted):
         return
     if _all_finite(tensor):
-        largest = tensor.detach().abs().max().item()
         raise ConversionError(
-            f"{where}: values up to {largest:.3g} overflow {str(converted.dtype).replace('torch.', '')} when "
-            "cast; convert with dtype=bfloat16 or float32. Nothing was written."
+            f"{where}: values up to {tensor.detach().abs().max().item():.3g} overflow "
+            f"{str(converted.dtype).replace('torch.', '')} when cast; convert with dtype=bfloat16 or float32. Nothing "
+            "was written."
         )
     flat = tensor.detach().reshape(-1)
-    nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
-    raise ConversionError(
-        f"{where} holds {nan} NaN and {inf} inf value(s) out of {flat.numel()}: the "
-        "input is corrupt (re-download or re-export it). Nothing was written."
-    )
+    raise ConversionError(f"{where} holds {int(torch.isnan(flat).sum())} NaN and {int(torch.isinf(flat).sum())} inf "
+                          f"value(s) out of {flat.numel()}: the input is corrupt (re-download or re-export it). "
+                          "Nothing was written.")
 
 
 def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
-    flat = tensor.detach().reshape(-1)
-    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
+    return all(bool(torch.isfinite(part).all()) for part in tensor.detach().reshape(-1).split(chunk))
 
 
 def stream_converted(plan: ConversionPlan, progress: bool = False) -> Iterator[tuple[PlannedTensor, torch.Tensor]]:
@@ -954,13 +838,12 @@ def stream_converted(plan: ConversionPlan, progress: bool = False) -> Iterator[t
     by_source_key = {(t.source_index, t.key): t for t in plan.tensors}
     with tqdm(total=len(plan.tensors), unit="tensor", desc="Converting", disable=not progress) as bar:
         for index, source in enumerate(plan.sources):
-            bar.set_postfix_str(source.file.name)
-            for key, tensor in source.file.tensors():
+            bar.set_postfix_str(source.name)
+            for key, tensor in source.tensors():
                 planned = by_source_key.get((index, key))
-                if planned is None:
-                    continue  # dropped (listed in the plan)
-                yield planned, convert_tensor(tensor, planned, plan)
-                bar.update()
+                if planned is not None:  # else dropped (listed in the plan)
+                    yield planned, convert_tensor(tensor, planned, plan)
+                    bar.update()
 
 
 class ShardWriter:
@@ -969,12 +852,10 @@ class ShardWriter:
 
     def __init__(self, folder: Path, plan: ConversionPlan, max_shard_size: int | str):
         meta = {t.target: torch.empty(t.shape, dtype=plan.dtype, device="meta") for t in plan.tensors}
-        self.split = split_torch_state_dict_into_shards(
-            meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-        )
-        self.folder = folder
+        self.split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
+                                                        max_shard_size=max_shard_size)
+        self.folder, self.buffers = folder, {}
         self.pending = {name: set(tensors) for name, tensors in self.split.filename_to_tensors.items()}
-        self.buffers: dict[str, dict[str, torch.Tensor]] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         filename = self.split.tensor_to_filename[name]
@@ -982,8 +863,7 @@ class ShardWriter:
         self.pending[filename].discard(name)
         if not self.pending[filename]:
             save_file(self.buffers.pop(filename), self.folder / filename, metadata={"format": "pt"})
-            # safetensors writes through a private temporary file (mode 0600): give the shard the usual mode.
-            umask = os.umask(0)
+            umask = os.umask(0)  # safetensors writes a private temporary file (0600): give the shard the usual mode
             os.umask(umask)
             os.chmod(self.folder / filename, 0o666 & ~umask)
 
@@ -1014,7 +894,7 @@ def build_generation_config(inputs: ReleaseInputs, tokenizer):
     settings = {key: value for key, value in (inputs.generation_config or {}).items()
                 if not key.startswith("_") and key != "transformers_version"}
     eos = settings.get("eos_token_id", inputs.raw_config.get("eos_token_id"))
-    eos = [eos] if _is_int(eos) else eos if eos is not None else []
+    eos = [eos] if _is_int(eos) else [] if eos is None else eos
     if not isinstance(eos, list) or not all(_is_int(token) and token >= 0 for token in eos):
         raise ConversionError(f"{source}: field 'eos_token_id' must be a token id, a list of token ids or null, got "
                               f"{_short(eos)}.")
@@ -1056,17 +936,14 @@ def remote_code_files(root: Path = REPO_ROOT) -> list[Path]:
     from transformers.dynamic_module_utils import get_relative_import_files
 
     files = set()
-    for name in REMOTE_CODE_ENTRY_FILES:
-        entry = root / name
+    for entry in (root / name for name in REMOTE_CODE_ENTRY_FILES):
         if not entry.is_file():
             raise ConversionError(f"Remote-code file {entry} is missing from this checkout.")
-        files.add(entry)
         try:
-            files.update(Path(imported) for imported in get_relative_import_files(entry))
+            files.update([entry, *map(Path, get_relative_import_files(entry))])
         except FileNotFoundError as error:
-            raise ConversionError(
-                f"{entry.name} imports {Path(error.filename).name} (relatively), which is missing from {root}."
-            ) from error
+            raise ConversionError(f"{entry.name} imports {Path(error.filename).name} (relatively), which is missing "
+                                  f"from {root}.") from error
     return sorted(files)
 
 
@@ -1079,45 +956,33 @@ def copy_remote_code(folder: Path, root: Path = REPO_ROOT) -> list[str]:
     names = [path.name for path in files]
     foreign = sorted(path.name for path in folder.iterdir() if path.suffix == ".py" and path.name not in names)
     if foreign:
-        raise ConversionError(
-            f"The output would ship code that is not ViCA2's remote code ({_listing(foreign)}); nothing was written."
-        )
+        raise ConversionError(f"The output would ship code that is not ViCA2's remote code ({_listing(foreign)}); "
+                              "nothing was written.")
     return names
 
 
 def token_ratio_rows(config: Vica2Config) -> list[tuple[str, int, int, int]]:
     """(setting, SigLIP tokens, Hiera tokens, total) for a full-budget video at the default and a few overrides."""
-    settings = [("defaults", {})]
+    settings = {"defaults": {}, f"hiera_pool_stride={config.hiera_pool_stride * 2}": {
+        "hiera_pool_stride": config.hiera_pool_stride * 2}}
     if config.hiera_frames % 2 == 0:
-        settings.append((f"hiera_frames={config.hiera_frames // 2}", {"hiera_frames": config.hiera_frames // 2}))
-    settings.append((f"hiera_pool_stride={config.hiera_pool_stride * 2}", {"hiera_pool_stride": config.hiera_pool_stride * 2}))
-    rows = []
-    for name, overrides in settings:
-        siglip, hiera = config.num_video_tokens(config.video_frames_budget, **overrides)
-        rows.append((name, siglip, hiera, siglip + hiera))
-    return rows
+        settings[f"hiera_frames={config.hiera_frames // 2}"] = {"hiera_frames": config.hiera_frames // 2}
+    counts = {name: config.num_video_tokens(config.video_frames_budget, **kw) for name, kw in settings.items()}
+    return [(name, siglip, hiera, siglip + hiera) for name, (siglip, hiera) in counts.items()]
 
 
-def build_model_card(
-    config: Vica2Config, inputs: ReleaseInputs, base_models: list[str], license: str, repo_id: str | None
-) -> ModelCard:
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        base_model=list(base_models),
-        license=license,
-        tags=["video-text-to-text", "multimodal", "spatial-reasoning", "vica2", "custom_code"],
-    )
+def build_model_card(config: Vica2Config, inputs: ReleaseInputs, base_models: list[str], license: str,
+                     repo_id: str | None) -> ModelCard:
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text", base_model=list(base_models),
+                         license=license, tags=["video-text-to-text", "multimodal", "spatial-reasoning", "vica2",
+                                                "custom_code"])
     name = repo_id or "path/to/this/folder"
-    what = (
-        "ViCA2, converted from the research release"
-        if inputs.kind == "release"
-        else "ViCA2-init: LLaVA-Video-Qwen2 + the SAM2.1 Hiera trunk, with a freshly initialised spatial projector "
-        "(a starting point for training, not a trained model)"
-    )
+    what = ("ViCA2, converted from the research release" if inputs.kind == "release" else
+            "ViCA2-init: LLaVA-Video-Qwen2 + the SAM2.1 Hiera trunk, with a freshly initialised spatial projector "
+            "(a starting point for training, not a trained model)")
     ratio_table = "\n".join(f"| {setting} | {siglip:,} | {hiera:,} | {total:,} |"
                             for setting, siglip, hiera, total in token_ratio_rows(config))
-    body = f"""
+    return ModelCard(f"""---\n{data.to_yaml()}\n---
 # ViCA2 (transformers remote code)
 
 {what}. ViCA2 puts two vision encoders in front of Qwen2: SigLIP for semantics and the SAM2.1 Hiera trunk for
@@ -1148,10 +1013,9 @@ A video is sampled to `video_frames_budget` = {config.video_frames_budget} frame
 (pool stride `siglip_pool_stride` = {config.siglip_pool_stride}); Hiera encodes every k-th frame with
 k = `video_frames_budget` / `hiera_frames` = {config.video_frames_budget} / {config.hiera_frames}, takes stage
 `hiera_feature_stage` = {config.hiera_feature_stage} and pools it with `hiera_pool_stride` = {config.hiera_pool_stride}.
-`video_frames_budget`, `hiera_frames`, `siglip_pool_stride` and `hiera_pool_stride` can be overridden per call
-where the processor is called (`processor(...)`, `apply_chat_template(...)`): it emits the placeholders and the
-`video_token_ratio` the model follows, so the two always agree. `hiera_feature_stage` is fixed by the trained
-spatial projector.
+The first four can be overridden per call where the processor is called (`processor(...)`,
+`apply_chat_template(...)`): it emits the placeholders and the `video_token_ratio` the model follows, so the two
+always agree. `hiera_feature_stage` is fixed by the trained spatial projector.
 
 | setting | SigLIP tokens | Hiera tokens | total ({config.video_frames_budget} frames) |
 |---|---|---|---|
@@ -1162,23 +1026,20 @@ spatial projector.
 `<image>` (id {config.image_token_id}) and `<video>` (id {config.video_token_id}) are special tokens of the tokenizer.
 Ids at or above `generatable_vocab_size` = {config.generatable_vocab_size} (the release tokenizer's size) are never
 generated: the model sets their logits to -inf, as the release did by shrinking its embeddings to the tokenizer.
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+""")
 
 
 # ------------------------------------------------------------------------------------------------ output folder
 def check_output_dir(output_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse an existing output without `overwrite`, any output that would replace an input, and, with
     `overwrite`, any existing folder that is neither empty nor one this converter wrote."""
-    resolved = output_dir.resolve()
-    for path in inputs:
-        path = path.resolve()
-        if resolved == path or resolved in path.parents:
+    for path in (path.resolve() for path in inputs):
+        if output_dir.resolve() in (path, *path.parents):
             raise ConversionError(f"output_dir={output_dir} would replace the input {path}; choose another folder.")
+    if (output_dir.exists() or output_dir.is_symlink()) and not overwrite:
+        raise ConversionError(f"{output_dir} already exists; pass overwrite=True to replace it, or choose another "
+                              "folder.")
     if output_dir.exists() or output_dir.is_symlink():
-        if not overwrite:
-            raise ConversionError(f"{output_dir} already exists; pass overwrite=True to replace it, or choose another "
-                                  "folder.")
         check_replaceable(output_dir)
 
 
@@ -1189,14 +1050,11 @@ def check_replaceable(output_dir: Path) -> None:
     if output_dir.is_symlink() or not output_dir.is_dir():
         raise ConversionError(f"{refuse} it is not a folder (a file or a link). Choose another output_dir.")
     entries = sorted(path.name for path in output_dir.iterdir())
-    if not entries:
-        return
     written = _marked(output_dir / OUTPUT_MARKER).get("files")
-    if not isinstance(written, list):
-        raise ConversionError(
-            f"{refuse} it is not empty and this converter did not write it (no {OUTPUT_MARKER}); it would delete "
-            "files that are not its own. Remove it yourself or choose another output_dir."
-        )
+    if entries and not isinstance(written, list):
+        raise ConversionError(f"{refuse} it is not empty and this converter did not write it (no {OUTPUT_MARKER}); "
+                              "it would delete files that are not its own. Remove it yourself or choose another "
+                              "output_dir.")
     foreign = [name for name in entries
                if name != OUTPUT_MARKER and (name not in written or not (output_dir / name).is_file())]
     if foreign:
@@ -1206,10 +1064,8 @@ def check_replaceable(output_dir: Path) -> None:
 
 def _marked(path: Path) -> dict:
     """The contents of one of our marks (output marker or staging lock), or {} when `path` is not a valid one."""
-    if path.is_symlink() or not path.is_file():
-        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else {}
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) and data.get("written_by") == WRITTEN_BY else {}
@@ -1222,19 +1078,17 @@ def write_output_marker(folder: Path) -> None:
 
 
 def remove_stale_staging(parent: Path) -> None:
-    """Remove the staging folders that killed conversions left next to the output (each up to the output's size).
-
-    Only provably ours: a `.vica2-convert-*` folder holding our lock file, which no running conversion holds. One
+    """Remove the staging folders that killed conversions left next to the output (each up to the output's size):
+    only provably ours, a `.vica2-convert-*` folder holding our lock file, which no running conversion holds. One
     without it (or without file locks, on Windows) is named and left alone."""
     for folder in sorted(parent.glob(STAGING_PREFIX + "*")) if parent.is_dir() else ():
         if folder.is_symlink() or not folder.is_dir():
             continue
-        lock = folder / STAGING_LOCK
-        if fcntl is None or not _marked(lock):
+        if fcntl is None or not _marked(folder / STAGING_LOCK):
             logger.warning("Left alone (not provably a staging folder of this converter): %s", folder)
             continue
         try:
-            with open(lock, "rb") as handle:
+            with open(folder / STAGING_LOCK, "rb") as handle:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
@@ -1280,9 +1134,8 @@ def staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
     lock = None
     try:
         lock = _hold_staging_lock(staging_root)
-        staged = staging_root / output_dir.name
+        staged, previous = staging_root / output_dir.name, staging_root / (output_dir.name + ".previous")
         staged.mkdir()
-        previous = staging_root / (output_dir.name + ".previous")
         yield staged
         write_output_marker(staged)
         if output_dir.exists() or output_dir.is_symlink():
@@ -1322,8 +1175,7 @@ def verify_conversion(folder: Path, plan: ConversionPlan) -> None:
         ("tensors never compared", [name for name in expected_tensors(plan.config) if name not in compared]),
     )
     logits = smoke_forward(model)
-    limit = model.config.generatable_vocab_size or logits.shape[-1]
-    if not torch.isfinite(logits[..., :limit]).all():
+    if not torch.isfinite(logits[..., : model.config.generatable_vocab_size or logits.shape[-1]]).all():
         raise ConversionError(
             "Verification failed; the output was not moved into place: the reloaded model's logits on a synthetic "
             f"video are not finite, although every weight is (checked while converting). {non_finite_cause(model)}"
@@ -1333,16 +1185,14 @@ def verify_conversion(folder: Path, plan: ConversionPlan) -> None:
 
 def non_finite_cause(model) -> str:
     """Name the first module (in execution order) whose output is not finite on the smoke input, and what to do."""
-    first: list[str] = []
+    names, first = {module: name for name, module in model.named_modules() if name}, []
 
     def record(module, args, output):
         tensors = output if isinstance(output, (tuple, list)) else (getattr(output, "last_hidden_state", output),)
-        if not first and any(
-            isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in tensors
-        ):
+        if not first and any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+                             for t in tensors):
             first.append(f"{names[module]} ({type(module).__name__})")
 
-    names = {module: name for name, module in model.named_modules() if name}
     handles = [module.register_forward_hook(record) for module in names]
     try:
         smoke_forward(model)
@@ -1359,13 +1209,11 @@ def non_finite_cause(model) -> str:
 @torch.no_grad()
 def smoke_forward(model) -> torch.Tensor:
     """Logits of the model on a tiny random video (enough frames for one Hiera frame) inside a short prompt."""
-    config = model.config
+    config, generator = model.config, torch.Generator().manual_seed(0)
     num_frames = config.video_frames_budget // config.hiera_frames
-    generator = torch.Generator().manual_seed(0)
-    siglip_size, hiera_size = config.vision_config.image_size, config.hiera_config.image_size
-    hiera_size = hiera_size[0] if isinstance(hiera_size, (list, tuple)) else hiera_size
-    siglip = torch.randn(1, num_frames, 3, siglip_size, siglip_size, generator=generator).to(model.dtype)
-    hiera = torch.randn(1, num_frames, 3, hiera_size, hiera_size, generator=generator).to(model.dtype)
+    sizes = [config.vision_config.image_size, config.hiera_config.image_size]
+    sizes = [size[0] if isinstance(size, (list, tuple)) else size for size in sizes]
+    siglip, hiera = (torch.randn(1, num_frames, 3, size, size, generator=generator).to(model.dtype) for size in sizes)
     text = list(range(1, 5))
     input_ids = torch.tensor([text + [config.video_token_id] * sum(config.num_video_tokens(num_frames)) + text])
     model.eval()
@@ -1383,10 +1231,9 @@ def check_hub_access(repo_id: str) -> None:
     except Exception as error:  # noqa: BLE001 - HFValidationError: say it in our words
         raise ConversionError(f"push_to_hub={repo_id!r} is not a valid repo id: {error}") from error
     if constants.is_offline_mode():
-        raise ConversionError(
-            f"push_to_hub={repo_id}: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE is set); nothing was "
-            "converted. Unset it, or convert without push_to_hub and upload the folder later."
-        )
+        raise ConversionError(f"push_to_hub={repo_id}: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE is "
+                              "set); nothing was converted. Unset it, or convert without push_to_hub and upload the "
+                              "folder later.")
     try:
         HfApi().whoami()
     except Exception as error:  # noqa: BLE001 - network errors, missing token, ...: all mean "cannot upload"
@@ -1402,10 +1249,8 @@ def push_folder(folder: Path, repo_id: str, private: bool) -> str:
 
     api = HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload converted ViCA2",
-        ignore_patterns=[OUTPUT_MARKER],  # a local ownership mark, not part of the model
-    )
+    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload converted ViCA2",
+                      ignore_patterns=[OUTPUT_MARKER])  # a local ownership mark, not part of the model
     return str(url)
 
 
@@ -1425,9 +1270,7 @@ class ConversionResult:
     hub_url: str | None = None
 
 
-def prepare_conversion(
-    input_dir: Path, sam2_checkpoint: Path | None = None, dtype: str | torch.dtype | None = None, projector_seed: int = 0
-):
+def prepare_conversion(input_dir: Path, sam2_checkpoint: Path | None = None, dtype=None, projector_seed: int = 0):
     """Read and check everything, write nothing: (inputs, tokenizer with placeholders, plan)."""
     inputs = read_inputs(input_dir, sam2_checkpoint)
     tokenizer = load_tokenizer(input_dir)
@@ -1436,24 +1279,14 @@ def prepare_conversion(
     if dtype not in DTYPES.values():
         raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     config = build_hub_config(inputs, vocabulary, dtype)
-    sources = weight_sources(inputs, config, projector_seed)
-    return inputs, tokenizer, plan_conversion(sources, config, vocabulary, dtype)
+    return inputs, tokenizer, plan_conversion(weight_sources(inputs, config, projector_seed), config, vocabulary, dtype)
 
 
 def convert_checkpoint(
-    input_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    sam2_checkpoint: str | os.PathLike | None = None,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    verify: bool = False,
-    overwrite: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    projector_seed: int = 0,
-    base_models: list[str] | tuple[str, ...] = DEFAULT_BASE_MODELS,
-    license: str = DEFAULT_LICENSE,
+    input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, sam2_checkpoint: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, verify: bool = False,
+    overwrite: bool = False, push_to_hub: str | None = None, private: bool = False, projector_seed: int = 0,
+    base_models: list[str] | tuple[str, ...] = DEFAULT_BASE_MODELS, license: str = DEFAULT_LICENSE,
     progress: bool = True,
 ) -> ConversionResult:
     """Convert a ViCA2 release folder (or assemble ViCA2-init from LLaVA-Video + SAM2.1) into a hub folder.
@@ -1469,13 +1302,14 @@ def convert_checkpoint(
         check_hub_access(push_to_hub)
     inputs, tokenizer, plan = prepare_conversion(input_dir, sam2_checkpoint, dtype, projector_seed)
     generation = build_generation_config(inputs, tokenizer)
-    for line in summarize_dropped(plan.dropped):
-        logger.info("Dropped %s", line)
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in plan.dropped:
+        by_reason.setdefault(reason, []).append(key)
+    for reason, keys in by_reason.items():
+        logger.info("Dropped %s: %d tensor(s): %s%s", reason, len(keys), ", ".join(keys[:4]), " ..." * (len(keys) > 4))
     if plan.vocabulary.added_rows:
-        logger.warning(
-            "The embedding has no spare rows for <image>/<video>: %d mean-initialised row(s) added (never generated).",
-            plan.vocabulary.added_rows,
-        )
+        logger.warning("The embedding has no spare rows for <image>/<video>: %d mean-initialised row(s) added (never "
+                       "generated).", plan.vocabulary.added_rows)
     with staged_output(output_dir, overwrite) as staged:
         weight_files = write_weights(plan, staged, max_shard_size, progress)
         plan.config.save_pretrained(staged)
@@ -1485,12 +1319,9 @@ def convert_checkpoint(
         build_model_card(plan.config, inputs, list(base_models), license, push_to_hub).save(staged / "README.md")
         if verify:
             verify_conversion(staged, plan)
-    result = ConversionResult(
-        output_dir, inputs.kind, plan.dtype, len(plan.tensors), plan.output_bytes(), weight_files, plan.dropped,
-        plan.vocabulary, remote_code, verify,
-    )
-    if push_to_hub:
-        result.hub_url = push_folder(output_dir, push_to_hub, private)
+    result = ConversionResult(output_dir, inputs.kind, plan.dtype, len(plan.tensors), plan.output_bytes(),
+                              weight_files, plan.dropped, plan.vocabulary, remote_code, verify)
+    result.hub_url = push_folder(output_dir, push_to_hub, private) if push_to_hub else None
     return result
 
 
@@ -1512,54 +1343,45 @@ def check_max_shard_size(value: int | str) -> int:
 
 
 # The library's messages name arguments (`overwrite=True`, `max_shard_size=...`); the command line names its flags.
-_FLAG_WORDS = re.compile(r"\b(overwrite|max_shard_size|sam2_checkpoint|push_to_hub|output_dir|dtype)=(True\b)?")
+_ARGUMENT_WORDS = re.compile(r"\b(overwrite|max_shard_size|sam2_checkpoint|push_to_hub|output_dir|dtype)=(True\b)?")
 
 
 def as_flags(message: str) -> str:
-    return _FLAG_WORDS.sub(lambda m: "--" + m.group(1).replace("_", "-") + ("" if m.group(2) else " "), message)
-
-
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input-dir", required=True, type=Path, help="ViCA2 release (or LLaVA-Video-Qwen2) folder")
-    parser.add_argument("--output-dir", required=True, type=Path, help="hub folder to write (must not exist)")
-    parser.add_argument("--sam2-checkpoint", type=Path, help="SAM2.1 .pt or transformers SAM2 folder: assemble ViCA2-init")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the release's)")
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (default), 500MB")
-    parser.add_argument("--verify", action="store_true", help="reload the output and compare every tensor")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this hub repo")
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    parser.add_argument("--projector-seed", type=int, default=0, help="ViCA2-init: seed of the spatial projector")
-    parser.add_argument("--base-model", action="append", help="model card base_model (repeatable)")
-    parser.add_argument("--license", default=DEFAULT_LICENSE, help="model card license (default: apache-2.0)")
-    args = parser.parse_args(argv)
-    if args.private and not args.push_to_hub:
-        parser.error("--private needs --push-to-hub")
-    return args
+    return _ARGUMENT_WORDS.sub(lambda m: "--" + m[1].replace("_", "-") + ("" if m[2] else " "), message)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The command line; exit status 0, 2 for input that cannot be converted (one `error:` line), 1 when writing
     fails (disk full, permissions)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--input-dir", required=True, type=Path, help="ViCA2 release (or LLaVA-Video-Qwen2) folder")
+    add("--output-dir", required=True, type=Path, help="hub folder to write (must not exist)")
+    add("--sam2-checkpoint", type=Path, help="SAM2.1 .pt or transformers SAM2 folder: assemble ViCA2-init")
+    add("--dtype", choices=list(DTYPES), help="output dtype (default: the release's)")
+    add("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (default), 500MB")
+    add("--verify", action="store_true", help="reload the output and compare every tensor")
+    add("--overwrite", action="store_true", help="replace an existing --output-dir")
+    add("--push-to-hub", metavar="REPO_ID", help="upload the folder to this hub repo")
+    add("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    add("--projector-seed", type=int, default=0, help="ViCA2-init: seed of the spatial projector")
+    add("--base-model", action="append", dest="base_models", help="model card base_model (repeatable)")
+    add("--license", default=DEFAULT_LICENSE, help="model card license (default: apache-2.0)")
+    args = vars(parser.parse_args(argv))
+    if args["private"] and not args["push_to_hub"]:
+        parser.error("--private needs --push-to-hub")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv, prog)
-    options = {name: getattr(args, name) for name in ("sam2_checkpoint", "dtype", "max_shard_size", "verify",
-                                                      "overwrite", "push_to_hub", "private", "projector_seed", "license")}
+    args["base_models"] = args["base_models"] or DEFAULT_BASE_MODELS
     try:
-        result = convert_checkpoint(args.input_dir, args.output_dir, base_models=args.base_model or DEFAULT_BASE_MODELS,
-                                    **options)
+        result = convert_checkpoint(args.pop("input_dir"), args.pop("output_dir"), **args)
     except (ConversionError, OSError) as error:
         print(f"error: {as_flags(_one_line(error))}", file=sys.stderr)
         return 2 if isinstance(error, ConversionError) else 1
-    print(
-        f"Wrote {result.output_dir}: {result.num_tensors} tensors ({result.num_bytes / 1e9:.2f} GB, "
-        f"{str(result.dtype).replace('torch.', '')}) in {len(result.weight_files)} file(s); "
-        f"{len(result.dropped)} input tensor(s) dropped; vocabulary {result.vocabulary.rows} rows, "
-        f"generatable ids < {result.vocabulary.tokenizer_size}"
-        + ("; verified" if result.verified else "")
-        + (f"; uploaded to {result.hub_url}" if result.hub_url else "")
-    )
+    print(f"Wrote {result.output_dir}: {result.num_tensors} tensors ({result.num_bytes / 1e9:.2f} GB, "
+          f"{str(result.dtype).replace('torch.', '')}) in {len(result.weight_files)} file(s); {len(result.dropped)} "
+          f"input tensor(s) dropped; vocabulary {result.vocabulary.rows} rows, generatable ids < "
+          f"{result.vocabulary.tokenizer_size}" + ("; verified" if result.verified else "")
+          + (f"; uploaded to {result.hub_url}" if result.hub_url else ""))
     return 0
 
 
