@@ -76,7 +76,8 @@ _HIERA_RENAMES = (
 _UNUSED_SIGLIP = re.compile(r"^model\.vision_tower\.(post_layernorm|head)\.")
 
 
-def _rename_hiera(key: str, inverse: bool = False) -> str:
+def hiera_trunk_key(key: str, inverse: bool = False) -> str:
+    """Rename a key of Meta's Hiera trunk (relative to the trunk) to `Sam2HieraDetModel`'s name, or back."""
     block, rest = re.match(r"^(blocks\.\d+\.)?(.*)$", key).groups()
     for meta, ours in _HIERA_RENAMES:
         old, new = (ours, meta) if inverse else (meta, ours)
@@ -85,15 +86,10 @@ def _rename_hiera(key: str, inverse: bool = False) -> str:
     return key
 
 
-def hiera_trunk_key(key: str) -> str:
-    """Rename a key of Meta's Hiera trunk (relative to the trunk) to `Sam2HieraDetModel`'s name."""
-    return _rename_hiera(key)
-
-
 def hub_key_to_release(key: str) -> str:
     """The release's name for one of our parameters (the inverse of `release_key_to_hub`)."""
     if key.startswith("model.hiera_tower."):
-        key = "model.hiera_tower." + _rename_hiera(key[len("model.hiera_tower.") :], inverse=True)
+        key = "model.hiera_tower." + hiera_trunk_key(key[len("model.hiera_tower.") :], inverse=True)
     for old, new in _PREFIXES:
         if key.startswith(new):
             return old + key[len(new) :]
@@ -162,6 +158,10 @@ _RELEASE_NAMES = {
         "global_attention_blocks": "global_att_blocks",
     },
 }
+# Release fields our config has no setting for, because the model computes them one way (checked when present):
+# the projector, a newline after every feature row of a video, anyres unpadding of images, no "faster" video tokens.
+_FIXED_RELEASE_FIELDS = {"mm_projector_type": "mlp2x_gelu", "mm_newline_position": "grid",
+                         "mm_patch_merge_type": "spatial_unpad", "add_faster_video": False}
 _QWEN2_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "use_sliding_window",
@@ -252,9 +252,9 @@ def release_config_to_vica2(
     check_sizes(raw, source, "config.json")
     where = {name: f"{towers_source} [{name}]" for name in RELEASE_TOWERS}
     towers = {name: check_sizes({**RELEASE_TOWERS, **(towers or {})}[name], where[name], name) for name in where}
-    # Release fields with no counterpart in our config, refused where the model could not reproduce them.
-    if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ConversionError(f"{source}: field 'mm_projector_type' is {raw['mm_projector_type']!r}; ViCA2 uses 'mlp2x_gelu'.")
+    for name, value in _FIXED_RELEASE_FIELDS.items():  # no setting of ours: the model reproduces only this value
+        if raw.get(name, value) != value:
+            raise ConversionError(f"{source}: field '{name}' is {raw[name]!r}; ViCA2 reproduces only {value!r}.")
     siglip = _sub_config(release_siglip_config(towers["siglip_vision_model"]), where["siglip_vision_model"],
                          "siglip_vision_model")
     if raw.get("mm_hidden_size", siglip.hidden_size) != siglip.hidden_size:
