@@ -248,7 +248,8 @@ def release_config_to_vica2(
     (defaults: the towers the release hard-codes, SigLIP so400m and SAM2.1 hiera_b+)."""
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type != RELEASE_MODEL_TYPE:
-        raise ConversionError(f"{source}: not a ViCA2 release config: model_type is {model_type!r}, expected 'vica_qwen'.")
+        raise ConversionError(f"{source}: not a ViCA2 release config: model_type is {model_type!r}, expected "
+                              "'vica_qwen'.")
     check_sizes(raw, source, "config.json")
     where = {name: f"{towers_source} [{name}]" for name in RELEASE_TOWERS}
     towers = {name: check_sizes({**RELEASE_TOWERS, **(towers or {})}[name], where[name], name) for name in where}
@@ -259,8 +260,9 @@ def release_config_to_vica2(
                          "siglip_vision_model")
     if raw.get("mm_hidden_size", siglip.hidden_size) != siglip.hidden_size:
         raise ConversionError(
-            f"{source}: field 'mm_hidden_size' is {raw['mm_hidden_size']}, but the SigLIP tower is {siglip.hidden_size} "
-            "wide (tower_configs.json, or the release's so400m): the projector was built for another vision tower."
+            f"{source}: field 'mm_hidden_size' is {raw['mm_hidden_size']}, but the SigLIP tower is "
+            f"{siglip.hidden_size} wide (tower_configs.json, or the release's so400m): the projector was built for "
+            "another vision tower."
         )
     hiera = _sub_config(release_hiera_config(towers["hiera"]), where["hiera"], "hiera")
     if len(hiera.window_size_per_stage) != len(hiera.blocks_per_stage):
@@ -615,7 +617,8 @@ def spatial_projector_init(config: Vica2Config, seed: int) -> dict[str, torch.Te
 class Vocabulary:
     """How the release's vocabulary becomes ours (README, "The vocabulary rule"): every row is kept,
     `generatable_vocab_size` is the tokenizer's original length, `<image>`/`<video>` take spare rows where the matrix
-    has them, else the matrices grow by the missing rows (the mean of the tokenizer's rows; never read nor generated)."""
+    has them, else the matrices grow by the missing rows (the mean of the tokenizer's rows; never read nor
+    generated)."""
 
     release_rows: int
     tokenizer_size: int
@@ -663,7 +666,8 @@ def load_tokenizer(folder: Path):
     settings = _read_json(source, "Tokenizer file") if source.is_file() else {}
     tokenizer_class = settings.get("tokenizer_class")
     if settings.get("auto_map"):
-        raise _tokenizer_needs_code(source, f"its field 'auto_map' names tokenizer code ({_short(settings['auto_map'])})")
+        names = _short(settings["auto_map"])
+        raise _tokenizer_needs_code(source, f"its field 'auto_map' names tokenizer code ({names})")
     if tokenizer_class is not None and not isinstance(tokenizer_class, str):
         raise ConversionError(f"{source}: field 'tokenizer_class' must be a string, got {_short(tokenizer_class)}.")
     if tokenizer_class is not None and tokenizer_class_from_name(tokenizer_class) is None:
@@ -1093,7 +1097,8 @@ def remove_stale_staging(parent: Path) -> None:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     continue  # a running conversion holds it
-                size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+                files = [path for path in folder.rglob("*") if path.is_file() and not path.is_symlink()]
+                size = sum(path.stat().st_size for path in files)
                 shutil.rmtree(folder)
         except FileNotFoundError:
             continue  # another conversion removed it first
@@ -1203,7 +1208,8 @@ def non_finite_cause(model) -> str:
     if not first:
         return f"No module's output is non-finite when run again ({dtype}): the logits themselves overflow."
     advice = "convert with dtype=bfloat16 or float32" if model.dtype == torch.float16 else "check the checkpoint"
-    return f"The first module with a non-finite output is {first[0]}, computing in {dtype}: its activations overflow; {advice}."
+    return (f"The first module with a non-finite output is {first[0]}, computing in {dtype}: its activations "
+            f"overflow; {advice}.")
 
 
 @torch.no_grad()
