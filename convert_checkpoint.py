@@ -967,10 +967,10 @@ def copy_remote_code(folder: Path, root: Path = REPO_ROOT) -> list[str]:
 
 def token_ratio_rows(config: Vica2Config) -> list[tuple[str, int, int, int]]:
     """(setting, SigLIP tokens, Hiera tokens, total) for a full-budget video at the default and a few overrides."""
-    settings = {"defaults": {}, f"hiera_pool_stride={config.hiera_pool_stride * 2}": {
-        "hiera_pool_stride": config.hiera_pool_stride * 2}}
+    settings = {"defaults": {}}
     if config.hiera_frames % 2 == 0:
         settings[f"hiera_frames={config.hiera_frames // 2}"] = {"hiera_frames": config.hiera_frames // 2}
+    settings[f"hiera_pool_stride={config.hiera_pool_stride * 2}"] = {"hiera_pool_stride": config.hiera_pool_stride * 2}
     counts = {name: config.num_video_tokens(config.video_frames_budget, **kw) for name, kw in settings.items()}
     return [(name, siglip, hiera, siglip + hiera) for name, (siglip, hiera) in counts.items()]
 
