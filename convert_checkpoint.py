@@ -222,6 +222,7 @@ def release_siglip_config(siglip: dict) -> dict:
 
 def release_hiera_config(hiera: dict) -> dict:
     """Meta's Hiera constructor arguments -> `Sam2HieraDetConfig` fields (per-stage lists)."""
+    hiera = {key: list(value) if isinstance(value, list) else value for key, value in hiera.items()}  # own copies
     stages = hiera["stages"]
     dims, heads = [hiera["embed_dim"]], [hiera["num_heads"]]
     for _ in range(len(stages) - 1 if isinstance(stages, list) else 0):  # a non-list is refused by the config
