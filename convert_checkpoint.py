@@ -12,7 +12,8 @@ initialised. The output folder holds sharded safetensors, config.json (full `aut
 the processor and tokenizer (with `<image>`/`<video>` added), the remote-code files and a model card.
 
 This module also owns the mapping from the release's names and config to ours: `release_key_to_hub` and
-`release_config_to_vica2` are the one place where that correspondence is written down.
+`release_config_to_vica2` are the one place where that correspondence is written down. Values are validated by the
+configs they map into (`Vica2Config` and the library's sub-configs); errors name the release file and field.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from vica2.configuration_vica2 import AUTO_MAP, POOL_MODES, Vica2Config
+from vica2.configuration_vica2 import AUTO_MAP, Vica2Config
 
 
 try:  # POSIX: a lock held for the life of a conversion tells a killed run's staging folder from a running one's
@@ -63,7 +64,6 @@ _PREFIXES = (
     ("model.norm.", "model.language_model.norm."),
     ("lm_head.", "lm_head."),
 )
-
 # Meta's Hiera module names -> transformers' Sam2HieraDetModel names, inside `blocks.N.` or at the trunk's top.
 _HIERA_RENAMES = (
     ("patch_embed.proj.", "patch_embed.projection."),
@@ -72,12 +72,12 @@ _HIERA_RENAMES = (
     ("mlp.layers.0.", "mlp.proj_in."),
     ("mlp.layers.1.", "mlp.proj_out."),
 )
-
 # SigLIP weights the release stores but never uses: its features leave the last kept layer directly.
 _UNUSED_SIGLIP = re.compile(r"^model\.vision_tower\.(post_layernorm|head)\.")
 
 
-def _rename_hiera(key: str, inverse: bool = False) -> str:
+def hiera_trunk_key(key: str, inverse: bool = False) -> str:
+    """Rename a key of Meta's Hiera trunk (relative to the trunk) to `Sam2HieraDetModel`'s name, or back."""
     block, rest = re.match(r"^(blocks\.\d+\.)?(.*)$", key).groups()
     for meta, ours in _HIERA_RENAMES:
         old, new = (ours, meta) if inverse else (meta, ours)
@@ -86,15 +86,10 @@ def _rename_hiera(key: str, inverse: bool = False) -> str:
     return key
 
 
-def hiera_trunk_key(key: str) -> str:
-    """Rename a key of Meta's Hiera trunk (relative to the trunk) to `Sam2HieraDetModel`'s name."""
-    return _rename_hiera(key)
-
-
 def hub_key_to_release(key: str) -> str:
     """The release's name for one of our parameters (the inverse of `release_key_to_hub`)."""
     if key.startswith("model.hiera_tower."):
-        key = "model.hiera_tower." + _rename_hiera(key[len("model.hiera_tower.") :], inverse=True)
+        key = "model.hiera_tower." + hiera_trunk_key(key[len("model.hiera_tower.") :], inverse=True)
     for old, new in _PREFIXES:
         if key.startswith(new):
             return old + key[len(new) :]
@@ -108,304 +103,194 @@ def release_key_to_hub(key: str, num_siglip_layers: int | None = None) -> str | 
     `num_siglip_layers` (the release deletes SigLIP's last layer; a checkpoint that still has it drops it here).
     Raises KeyError for a key that is neither mapped nor known to be unused.
     """
-    for old, new in _PREFIXES:
-        if key.startswith(old):
-            mapped = new + key[len(old) :]
-            break
-    else:
+    old, new = next(((old, new) for old, new in _PREFIXES if key.startswith(old)), (None, None))
+    if old is None:
         raise KeyError(f"unknown release checkpoint key: {key}")
-    if _UNUSED_SIGLIP.match(mapped):
+    mapped = new + key[len(old) :]
+    layer = re.match(r"^model\.vision_tower\.encoder\.layers\.(\d+)\.", mapped)
+    if _UNUSED_SIGLIP.match(mapped) or (layer and num_siglip_layers is not None and int(layer[1]) >= num_siglip_layers):
         return None
-    if num_siglip_layers is not None:
-        layer = re.match(r"^model\.vision_tower\.encoder\.layers\.(\d+)\.", mapped)
-        if layer and int(layer.group(1)) >= num_siglip_layers:
-            return None
     if mapped.startswith("model.hiera_tower."):
         mapped = "model.hiera_tower." + hiera_trunk_key(mapped[len("model.hiera_tower.") :])
     return mapped
 
 
+# ===================================================================================================== config
 # The release builds its towers from hard-coded hub names; these are those towers' hyper-parameters, in the
 # release's own vocabulary (what `tower_configs.json` of a non-standard checkpoint also uses).
 RELEASE_TOWERS = {
     "siglip_vision_model": {
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "num_hidden_layers": 27,
-        "num_attention_heads": 16,
-        "image_size": 384,
-        "patch_size": 14,
-        "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": 1e-6,
+        "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+        "image_size": 384, "patch_size": 14, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
         "num_channels": 3,
     },
     "hiera": {
-        "embed_dim": 112,
-        "num_heads": 2,
-        "q_pool": 3,
-        "q_stride": [2, 2],
-        "stages": [2, 3, 16, 3],
-        "dim_mul": 2.0,
-        "head_mul": 2.0,
-        "window_pos_embed_bkg_spatial_size": [14, 14],
-        "window_spec": [8, 4, 14, 7],
+        "embed_dim": 112, "num_heads": 2, "q_pool": 3, "q_stride": [2, 2], "stages": [2, 3, 16, 3], "dim_mul": 2.0,
+        "head_mul": 2.0, "window_pos_embed_bkg_spatial_size": [14, 14], "window_spec": [8, 4, 14, 7],
         "global_att_blocks": [12, 16, 20],
     },
 }
+# The release fields the converter computes with itself (sizes, multipliers) or must find stated: checked before any
+# arithmetic runs on them. Every other value is checked by the config it maps into.
+_REQUIRED = {
+    "config.json": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "siglip_vision_model": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "image_size", "patch_size"),
+    "hiera": ("embed_dim", "num_heads", "stages", "window_spec", "global_att_blocks",
+              "window_pos_embed_bkg_spatial_size"),
+}
+_POSITIVE_INTS = set(_REQUIRED["config.json"] + _REQUIRED["siglip_vision_model"]) | {
+    "embed_dim", "num_heads", "num_key_value_heads", "num_hidden_layers_in_checkpoint"}
+_POSITIVE_NUMBERS = {"dim_mul", "head_mul", "rope_theta"}
+# Our field -> the release field its value comes from, where the names differ (for error messages).
+_RELEASE_NAMES = {
+    "config.json": {
+        "image_token_id": "image_token_index", "video_token_id": "image_token_index", "rope_parameters": "rope_theta",
+        "video_pool_mode": "mm_spatial_pool_mode", "vision_aspect_ratio": "image_aspect_ratio",
+        "image_grid_pinpoints": "image_grid_pinpoints",
+    },
+    "siglip_vision_model": {},
+    "hiera": {
+        "hidden_size": "embed_dim", "num_attention_heads": "num_heads", "query_stride": "q_stride",
+        "num_query_pool_stages": "q_pool", "window_positional_embedding_background_size":
+        "window_pos_embed_bkg_spatial_size", "blocks_per_stage": "stages", "embed_dim_per_stage": "dim_mul",
+        "num_attention_heads_per_stage": "head_mul", "window_size_per_stage": "window_spec",
+        "global_attention_blocks": "global_att_blocks",
+    },
+}
+# Release fields our config has no setting for, because the model computes them one way (checked when present):
+# the projector, a newline after every feature row of a video, anyres unpadding of images, no "faster" video tokens.
+_FIXED_RELEASE_FIELDS = {"mm_projector_type": "mlp2x_gelu", "mm_newline_position": "grid",
+                         "mm_patch_merge_type": "spatial_unpad", "add_faster_video": False}
+_QWEN2_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "use_sliding_window",
+    "sliding_window", "max_window_layers", "attention_dropout", "initializer_range", "bos_token_id", "eos_token_id",
+)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_sizes(data, source: str, section: str) -> dict:
+    """`data` (one release JSON object) with its required fields present and its sizes positive numbers."""
+    if not isinstance(data, dict):
+        raise ConversionError(f"{source}: expected a JSON object, got {type(data).__name__}.")
+    for name in _REQUIRED[section]:
+        if name not in data:
+            raise ConversionError(f"{source}: field '{name}' is missing.")
+    for name in sorted((_POSITIVE_INTS | _POSITIVE_NUMBERS) & data.keys(), key=list(data).index):
+        integer, value = name in _POSITIVE_INTS, data[name]
+        if not (_is_int(value) or (not integer and isinstance(value, float))) or value <= 0:
+            kind = "integer" if integer else "number"
+            raise ConversionError(f"{source}: field '{name}' must be a positive {kind}, got {_short(value)}.")
+    return data
+
+
+@contextlib.contextmanager
+def release_fields(source: str, names: dict[str, str]):
+    """Re-raise a config's validation error (Vica2ConfigError, the library's strict field checks) as one line naming
+    the release file and the release field the offending value came from (the first of `names` the message names)."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except Exception as error:  # noqa: BLE001 - ValueError, TypeError, StrictDataclassFieldValidationError
+        message = _one_line(error)
+        named = [word for word in re.findall(r"\w+", message) if word in names]
+        raise ConversionError(f"{source}: field '{names[named[0]]}': {message}" if named else f"{source}: {message}")
+
+
+def _sub_config(fields: dict, source: str, section: str):
+    from transformers import AutoConfig
+
+    fields = dict(fields)
+    with release_fields(source, {**{name: name for name in fields}, **_RELEASE_NAMES[section]}):
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 def release_siglip_config(siglip: dict) -> dict:
     """SigLIP vision config with the release's last layer removed (the release deletes it after loading)."""
-    layers = siglip.get("num_hidden_layers_in_checkpoint", siglip["num_hidden_layers"] - 1)
     return {
-        "model_type": "siglip_vision_model",
-        "hidden_size": siglip["hidden_size"],
-        "intermediate_size": siglip["intermediate_size"],
-        "num_hidden_layers": layers,
-        "num_attention_heads": siglip["num_attention_heads"],
-        "num_channels": siglip.get("num_channels", 3),
-        "image_size": siglip["image_size"],
-        "patch_size": siglip["patch_size"],
-        "hidden_act": siglip.get("hidden_act", "gelu_pytorch_tanh"),
-        "layer_norm_eps": siglip.get("layer_norm_eps", 1e-6),
-        "vision_use_head": False,
+        "model_type": "siglip_vision_model", **{name: siglip[name] for name in _REQUIRED["siglip_vision_model"]},
+        "num_hidden_layers": siglip.get("num_hidden_layers_in_checkpoint", siglip["num_hidden_layers"] - 1),
+        "num_channels": siglip.get("num_channels", 3), "hidden_act": siglip.get("hidden_act", "gelu_pytorch_tanh"),
+        "layer_norm_eps": siglip.get("layer_norm_eps", 1e-6), "vision_use_head": False,
     }
 
 
 def release_hiera_config(hiera: dict) -> dict:
     """Meta's Hiera constructor arguments -> `Sam2HieraDetConfig` fields (per-stage lists)."""
-    stages = list(hiera["stages"])
+    hiera = {key: list(value) if isinstance(value, list) else value for key, value in hiera.items()}  # own copies
+    stages = hiera["stages"]
     dims, heads = [hiera["embed_dim"]], [hiera["num_heads"]]
-    for _ in stages[1:]:
+    for _ in range(len(stages) - 1 if isinstance(stages, list) else 0):  # a non-list is refused by the config
         dims.append(int(dims[-1] * hiera.get("dim_mul", 2.0)))
         heads.append(int(heads[-1] * hiera.get("head_mul", 2.0)))
     return {
-        "model_type": "sam2_hiera_det_model",
-        "hidden_size": hiera["embed_dim"],
-        "num_attention_heads": hiera["num_heads"],
-        "num_channels": 3,
-        "image_size": [1024, 1024],
-        "patch_kernel_size": [7, 7],
-        "patch_stride": [4, 4],
-        "patch_padding": [3, 3],
-        "query_stride": list(hiera.get("q_stride", [2, 2])),
-        "window_positional_embedding_background_size": list(hiera["window_pos_embed_bkg_spatial_size"]),
-        "num_query_pool_stages": hiera.get("q_pool", 3),
-        "blocks_per_stage": stages,
-        "embed_dim_per_stage": dims,
-        "num_attention_heads_per_stage": heads,
-        "window_size_per_stage": list(hiera["window_spec"]),
-        "global_attention_blocks": list(hiera["global_att_blocks"]),
-        "mlp_ratio": 4.0,
-        "hidden_act": "gelu",
+        "model_type": "sam2_hiera_det_model", "hidden_size": hiera["embed_dim"], "num_attention_heads": heads[0],
+        "num_channels": 3, "image_size": [1024, 1024], "patch_kernel_size": [7, 7], "patch_stride": [4, 4],
+        "patch_padding": [3, 3], "query_stride": hiera.get("q_stride", [2, 2]),
+        "window_positional_embedding_background_size": hiera["window_pos_embed_bkg_spatial_size"],
+        "num_query_pool_stages": hiera.get("q_pool", 3), "blocks_per_stage": stages, "embed_dim_per_stage": dims,
+        "num_attention_heads_per_stage": heads, "window_size_per_stage": hiera["window_spec"],
+        "global_attention_blocks": hiera["global_att_blocks"], "mlp_ratio": 4.0, "hidden_act": "gelu",
         "layer_norm_eps": 1e-6,
     }
 
 
-_QWEN2_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "use_sliding_window",
-    "sliding_window",
-    "max_window_layers",
-    "attention_dropout",
-    "initializer_range",
-    "bos_token_id",
-    "eos_token_id",
-)
-
-
-# ------------------------------------------------------------------------------------------------ field checks
-# What each field of the release's files must hold: (description, test). A release file is checked field by field
-# before anything reads it, so a bad value is one line naming the file and the field, never a traceback later.
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _int_list(length: int | None = None, minimum: int = 1):
-    def check(value) -> bool:
-        return (
-            isinstance(value, list)
-            and (length is None or len(value) == length)
-            and all(_is_int(item) and item >= minimum for item in value)
-        )
-
-    return check
-
-
-def _token_ids(value) -> bool:
-    return value is None or (_is_int(value) and value >= 0) or _int_list(minimum=0)(value)
-
-
-def _pinpoints(value) -> bool:
-    return value is None or (isinstance(value, list) and all(_int_list(2)(pair) for pair in value))
-
-
-POSITIVE_INT = ("a positive integer", lambda v: _is_int(v) and v > 0)
-NON_NEGATIVE_INT = ("an integer >= 0", lambda v: _is_int(v) and v >= 0)
-OPTIONAL_POSITIVE_INT = ("a positive integer or null", lambda v: v is None or (_is_int(v) and v > 0))
-POSITIVE_NUMBER = ("a positive number", lambda v: _is_number(v) and v > 0)
-NON_NEGATIVE_NUMBER = ("a number >= 0", lambda v: _is_number(v) and v >= 0)
-BOOLEAN = ("true or false", lambda v: isinstance(v, bool))
-STRING = ("a string", lambda v: isinstance(v, str))
-TOKEN_IDS = ("a token id, a list of token ids or null", _token_ids)
-PINPOINTS = ("null or a list of [width, height] pairs of positive integers", _pinpoints)
-POSITIVE_INTS = ("a list of positive integers", _int_list())
-NON_NEGATIVE_INTS = ("a list of integers >= 0", _int_list(minimum=0))
-INT_PAIR = ("a [height, width] pair of positive integers", _int_list(2))
-POOL_MODE = (f"one of {', '.join(POOL_MODES)}", lambda v: v in POOL_MODES)
-ASPECT_RATIO = ("'anyres_max_N'", lambda v: isinstance(v, str) and re.fullmatch(r"anyres_max_\d+", v) is not None)
-DTYPE_NAME = ("null or one of bfloat16, float16, float32",
-              lambda v: v is None or (isinstance(v, str) and v.replace("torch.", "") in DTYPES))
-
-REQUIRED = "required"
-# Release config.json: the Qwen2 fields that fix tensor shapes are required; the others default as in the release.
-RELEASE_CONFIG_FIELDS = {
-    "vocab_size": (POSITIVE_INT, REQUIRED),
-    "hidden_size": (POSITIVE_INT, REQUIRED),
-    "intermediate_size": (POSITIVE_INT, REQUIRED),
-    "num_hidden_layers": (POSITIVE_INT, REQUIRED),
-    "num_attention_heads": (POSITIVE_INT, REQUIRED),
-    "num_key_value_heads": (POSITIVE_INT, None),
-    "max_position_embeddings": (POSITIVE_INT, None),
-    "max_window_layers": (NON_NEGATIVE_INT, None),
-    "sliding_window": (OPTIONAL_POSITIVE_INT, None),
-    "use_sliding_window": (BOOLEAN, None),
-    "tie_word_embeddings": (BOOLEAN, None),
-    "hidden_act": (STRING, None),
-    "rms_norm_eps": (POSITIVE_NUMBER, None),
-    "rope_theta": (POSITIVE_NUMBER, None),
-    "attention_dropout": (NON_NEGATIVE_NUMBER, None),
-    "initializer_range": (NON_NEGATIVE_NUMBER, None),
-    "bos_token_id": (TOKEN_IDS, None),
-    "eos_token_id": (TOKEN_IDS, None),
-    "image_token_index": (NON_NEGATIVE_INT, None),
-    "mm_hidden_size": (POSITIVE_INT, None),
-    "mm_projector_type": (STRING, None),
-    "mm_spatial_pool_mode": (POOL_MODE, None),
-    "image_aspect_ratio": (ASPECT_RATIO, None),
-    "image_grid_pinpoints": (PINPOINTS, None),
-    "torch_dtype": (DTYPE_NAME, None),
-    "dtype": (DTYPE_NAME, None),
-}
-# tower_configs.json, per tower (the release's vocabulary; a tower given there replaces the default whole).
-TOWER_FIELDS = {
-    "siglip_vision_model": {
-        "hidden_size": (POSITIVE_INT, REQUIRED),
-        "intermediate_size": (POSITIVE_INT, REQUIRED),
-        "num_hidden_layers": (POSITIVE_INT, REQUIRED),
-        "num_attention_heads": (POSITIVE_INT, REQUIRED),
-        "image_size": (POSITIVE_INT, REQUIRED),
-        "patch_size": (POSITIVE_INT, REQUIRED),
-        "num_hidden_layers_in_checkpoint": (POSITIVE_INT, None),
-        "num_channels": (POSITIVE_INT, None),
-        "hidden_act": (STRING, None),
-        "layer_norm_eps": (POSITIVE_NUMBER, None),
-    },
-    "hiera": {
-        "embed_dim": (POSITIVE_INT, REQUIRED),
-        "num_heads": (POSITIVE_INT, REQUIRED),
-        "stages": (POSITIVE_INTS, REQUIRED),
-        "window_spec": (POSITIVE_INTS, REQUIRED),
-        "global_att_blocks": (NON_NEGATIVE_INTS, REQUIRED),
-        "window_pos_embed_bkg_spatial_size": (INT_PAIR, REQUIRED),
-        "q_pool": (NON_NEGATIVE_INT, None),
-        "q_stride": (INT_PAIR, None),
-        "dim_mul": (POSITIVE_NUMBER, None),
-        "head_mul": (POSITIVE_NUMBER, None),
-    },
-}
-
-
-def check_fields(data: dict, fields: dict, source: str) -> None:
-    """Raise a one-line ConversionError naming `source` and the first field that is missing or malformed."""
-    if not isinstance(data, dict):
-        raise ConversionError(f"{source}: expected a JSON object, got {type(data).__name__}.")
-    for name, ((expected, is_valid), required) in fields.items():
-        if name not in data:
-            if required is REQUIRED:
-                raise ConversionError(f"{source}: field '{name}' is missing (expected {expected}).")
-            continue
-        if not is_valid(data[name]):
-            raise ConversionError(f"{source}: field '{name}' must be {expected}, got {_short(data[name])}.")
-
-
-def _short(value) -> str:
-    text = json.dumps(value) if isinstance(value, (dict, list, str, int, float, bool, type(None))) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def release_config_to_vica2(
-    raw: dict,
-    towers: dict | None = None,
-    image_token_id: int | None = None,
-    video_token_id: int | None = None,
-    source: str = "config.json",
+    raw: dict, towers: dict | None = None, image_token_id: int | None = None, video_token_id: int | None = None,
+    source: str = "config.json", towers_source: str = "tower_configs.json",
 ) -> Vica2Config:
-    """Build our `Vica2Config` from a release `config.json` (model_type "vica_qwen"); `source` names it in errors.
-
-    `towers` holds the SigLIP / Hiera hyper-parameters in the release's vocabulary (defaults: the towers the release
-    hard-codes, SigLIP so400m and SAM2.1 hiera_b+).
-    """
-    if not isinstance(raw, dict) or raw.get("model_type") != "vica_qwen":
-        model_type = raw.get("model_type") if isinstance(raw, dict) else None
-        raise ConversionError(
-            f"{source}: not a ViCA2 release config: model_type is {model_type!r}, expected 'vica_qwen'."
-        )
-    check_fields(raw, RELEASE_CONFIG_FIELDS, source)
-    if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ConversionError(
-            f"{source}: field 'mm_projector_type' is {raw['mm_projector_type']!r}; ViCA2 uses 'mlp2x_gelu'."
-        )
-    towers = {**RELEASE_TOWERS, **(towers or {})}
-    text_config = {key: raw[key] for key in _QWEN2_FIELDS if key in raw}
-    text_config.update(
-        model_type="qwen2",
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        # The release forces rope scaling off.
-        rope_parameters={"rope_type": "default", "rope_theta": raw.get("rope_theta", 1000000.0)},
-    )
-    siglip = release_siglip_config(towers["siglip_vision_model"])
-    if raw.get("mm_hidden_size", siglip["hidden_size"]) != siglip["hidden_size"]:
+    """Build our `Vica2Config` from a release `config.json` (model_type "vica_qwen"); `source` and `towers_source`
+    name the files in errors. `towers` holds the SigLIP / Hiera hyper-parameters in the release's vocabulary
+    (defaults: the towers the release hard-codes, SigLIP so400m and SAM2.1 hiera_b+)."""
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type != RELEASE_MODEL_TYPE:
+        raise ConversionError(f"{source}: not a ViCA2 release config: model_type is {model_type!r}, expected "
+                              "'vica_qwen'.")
+    check_sizes(raw, source, "config.json")
+    where = {name: f"{towers_source} [{name}]" for name in RELEASE_TOWERS}
+    towers = {name: check_sizes({**RELEASE_TOWERS, **(towers or {})}[name], where[name], name) for name in where}
+    for name, value in _FIXED_RELEASE_FIELDS.items():  # no setting of ours: the model reproduces only this value
+        if raw.get(name, value) != value:
+            raise ConversionError(f"{source}: field '{name}' is {raw[name]!r}; ViCA2 reproduces only {value!r}.")
+    siglip = _sub_config(release_siglip_config(towers["siglip_vision_model"]), where["siglip_vision_model"],
+                         "siglip_vision_model")
+    if raw.get("mm_hidden_size", siglip.hidden_size) != siglip.hidden_size:
         raise ConversionError(
             f"{source}: field 'mm_hidden_size' is {raw['mm_hidden_size']}, but the SigLIP tower is "
-            f"{siglip['hidden_size']} wide (tower_configs.json, or the release's so400m): the projector was built for "
+            f"{siglip.hidden_size} wide (tower_configs.json, or the release's so400m): the projector was built for "
             "another vision tower."
         )
-    pinpoints = raw.get("image_grid_pinpoints")
-    try:
+    hiera = _sub_config(release_hiera_config(towers["hiera"]), where["hiera"], "hiera")
+    if len(hiera.window_size_per_stage) != len(hiera.blocks_per_stage):
+        raise ConversionError(f"{where['hiera']}: field 'window_spec' has {len(hiera.window_size_per_stage)} entries "
+                              f"for {len(hiera.blocks_per_stage)} stages.")
+    index = raw.get("image_token_index", 151646)  # the release's placeholder id; the tokenizer's ids replace it
+    if not _is_int(index) or index < 0:
+        raise ConversionError(f"{source}: field 'image_token_index' must be a token id, got {_short(index)}.")
+    text = {key: raw[key] for key in _QWEN2_FIELDS if key in raw}  # the release forces rope scaling off:
+    rope = {"rope_type": "default", "rope_theta": raw.get("rope_theta", 1000000.0)}
+    text = _sub_config({**text, "model_type": "qwen2", "rope_parameters": rope,
+                        "tie_word_embeddings": raw.get("tie_word_embeddings", False)}, source, "config.json")
+    pinpoints = raw.get("image_grid_pinpoints")  # the release lists [width, height]; ours are [height, width]
+    if isinstance(pinpoints, list):
+        pinpoints = [pair[::-1] if isinstance(pair, list) else pair for pair in pinpoints]
+    with release_fields(source, _RELEASE_NAMES["config.json"]):
         return Vica2Config(
-            text_config=text_config,
-            vision_config=siglip,
-            hiera_config=release_hiera_config(towers["hiera"]),
-            image_token_id=image_token_id if image_token_id is not None else raw.get("image_token_index", 151646),
-            video_token_id=video_token_id if video_token_id is not None else raw.get("image_token_index", 151646) + 1,
-            use_image_newline=True,
-            # The release lists pinpoints as [width, height]; ours are [height, width].
-            image_grid_pinpoints=[[h, w] for w, h in pinpoints] if pinpoints else None,
+            text_config=text, vision_config=siglip, hiera_config=hiera,
+            image_token_id=index if image_token_id is None else image_token_id,
+            video_token_id=index + 1 if video_token_id is None else video_token_id,
+            use_image_newline=True, image_grid_pinpoints=pinpoints or None,
             vision_aspect_ratio=raw.get("image_aspect_ratio", "anyres_max_9"),
             video_pool_mode=raw.get("mm_spatial_pool_mode", "bilinear"),
             # The release reads neither its pool-stride field nor a Hiera frame count: 2, 2 and 64 / 32 are hard-coded.
-            siglip_pool_stride=2,
-            hiera_pool_stride=2,
-            video_frames_budget=64,
-            hiera_frames=32,
-            hiera_feature_stage=4,
-            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            siglip_pool_stride=2, hiera_pool_stride=2, video_frames_budget=64, hiera_frames=32, hiera_feature_stage=4,
+            tie_word_embeddings=text.tie_word_embeddings,
         )
-    except ValueError as error:  # Vica2Config's own checks (ids vs the vocabulary, pinpoints vs the SigLIP size, ...)
-        raise ConversionError(f"{source}: {' '.join(str(error).split())}") from error
 
 
 # ===================================================================================================== converter
@@ -414,22 +299,12 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 DEFAULT_LICENSE = "apache-2.0"
 # What ViCA2 is built from: LLaVA-Video-7B-Qwen2 (SigLIP, projector, Qwen2) and the SAM2.1 base-plus Hiera trunk.
 DEFAULT_BASE_MODELS = ("lmms-lab/LLaVA-Video-7B-Qwen2", "facebook/sam2.1-hiera-base-plus")
-
-RELEASE_MODEL_TYPE = "vica_qwen"
-LLAVA_MODEL_TYPES = ("llava_qwen", "llava")
-HUB_MODEL_TYPE = "vica2"
-
-IMAGE_TOKEN = "<image>"
-VIDEO_TOKEN = "<video>"
+RELEASE_MODEL_TYPE, LLAVA_MODEL_TYPES, HUB_MODEL_TYPE = "vica_qwen", ("llava_qwen", "llava"), "vica2"
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 VOCAB_TENSORS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
-
 # Entry points of the remote code; the files they import relatively are found by following the imports.
-REMOTE_CODE_ENTRY_FILES = (
-    "configuration_vica2.py",
-    "modeling_vica2.py",
-    "processing_vica2.py",
-    "image_processing_vica2.py",
-)
+REMOTE_CODE_ENTRY_FILES = ("configuration_vica2.py", "modeling_vica2.py", "processing_vica2.py",
+                           "image_processing_vica2.py")
 MODEL_AUTO_MAP = AUTO_MAP  # the config already carries it; named here next to the processor's
 PROCESSOR_AUTO_MAP = {
     "AutoProcessor": "processing_vica2.Vica2Processor",
@@ -439,24 +314,55 @@ PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
 # The tokenizer files of a release; the JSON ones are checked before the tokenizer reads them (to name the file).
 TOKENIZER_JSON_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
                         "vocab.json")
-
-# Ownership marks. Every folder this converter writes holds OUTPUT_MARKER, listing its files: `--overwrite` replaces
+# Ownership marks. Every folder this converter writes holds OUTPUT_MARKER, listing its files: `overwrite` replaces
 # only such a folder (holding nothing else) or an empty one. Every staging folder holds STAGING_LOCK, locked while its
 # conversion runs: an unlocked one was left by a killed run and is removed.
 WRITTEN_BY = "vica2 convert_checkpoint.py"
-OUTPUT_MARKER = ".vica2-converted.json"
-STAGING_PREFIX = ".vica2-convert-"
-STAGING_LOCK = ".vica2-convert.lock"
-
-# How many names an error message lists per category before summarising.
-_MAX_LISTED = 25
+OUTPUT_MARKER, STAGING_PREFIX, STAGING_LOCK = ".vica2-converted.json", ".vica2-convert-", ".vica2-convert.lock"
+_MAX_LISTED = 25  # names an error message lists per category before summarising
 
 
 class ConversionError(ValueError):
     """The input cannot be converted as asked; the message says what is wrong and what to do."""
 
 
-# ------------------------------------------------------------------------------------------------ key mappers
+def _one_line(error) -> str:
+    return " ".join(str(error).split())
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list, str, int, float, bool, type(None))) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _listing(names: list[str]) -> str:
+    more = f", ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
+
+
+def _raise_problems(header: str, *categories: tuple[str, list[str]]) -> None:
+    """One ConversionError, on one line, listing every non-empty category of offending names."""
+    parts = [f"{len(names)} {title}: {_listing(names)}" for title, names in categories if names]
+    if parts:
+        raise ConversionError(" ".join([header, "; ".join(parts)]))
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`, or a one-line ConversionError naming the file."""
+    if not path.is_file():
+        raise ConversionError(f"{what}: {path} not found.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{what}: {path} is not valid JSON ({_one_line(error)}).") from error
+    except OSError as error:
+        raise ConversionError(f"{what}: cannot read {path} ({_one_line(error)}).") from error
+    if not isinstance(data, dict):
+        raise ConversionError(f"{what}: {path} must hold a JSON object, not a {type(data).__name__}.")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ weight sources
 @dataclass(frozen=True)
 class Dropped:
     """An input tensor that is deliberately not converted, and why."""
@@ -483,8 +389,9 @@ def release_mapper(num_siglip_layers: int) -> KeyMapper:
     return mapper
 
 
-def _trunk_mapper(prefix: str, rename: Callable[[str], str]) -> KeyMapper:
-    """SAM2 checkpoint keys: the Hiera trunk under `prefix` is kept, every other SAM2 part is dropped."""
+def sam2_mapper(prefix: str, rename: Callable[[str], str]) -> KeyMapper:
+    """SAM2 keys: the Hiera trunk under `prefix` is kept (Meta's `.pt`: `image_encoder.trunk.`, Meta's names; a
+    transformers folder: `vision_encoder.backbone.`), every other SAM2 part is dropped."""
 
     def mapper(key: str) -> str | Dropped:
         if key.startswith(prefix):
@@ -494,38 +401,8 @@ def _trunk_mapper(prefix: str, rename: Callable[[str], str]) -> KeyMapper:
     return mapper
 
 
-def meta_sam2_mapper() -> KeyMapper:
-    """Meta's SAM2.1 `.pt` (`model` -> `image_encoder.trunk.*`, Meta's module names)."""
-    return _trunk_mapper("image_encoder.trunk.", hiera_trunk_key)
-
-
-def transformers_sam2_mapper() -> KeyMapper:
-    """A transformers `Sam2Model` folder (`vision_encoder.backbone.*`, already `Sam2HieraDetModel` names)."""
-    return _trunk_mapper("vision_encoder.backbone.", lambda key: key)
-
-
 def identity_mapper(key: str) -> str:
     return key
-
-
-# ------------------------------------------------------------------------------------------------ weight files
-_SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 @dataclass(frozen=True)
@@ -535,66 +412,61 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-class WeightFile:
-    """One file of tensors. `infos()` reads names and shapes without the data; `tensors()` yields the tensors one at
-    a time, in the same order, so a conversion holds at most one input file in memory."""
+@dataclass
+class Source:
+    """Named tensors and how their keys become ours: a safetensors or `torch.save` file (`path`; `subkey` names the
+    entry holding the tensors, "model" in Meta's SAM2 files), tensors made here (`data`: the fresh projector of
+    ViCA2-init) or names and shapes only (`shapes`: e.g. the 7B key listing, enough to plan). `infos()` reads no
+    tensor data where the format allows; `tensors()` yields one tensor at a time in the same order, so a conversion
+    holds at most one input file in memory."""
 
     name: str
+    mapper: KeyMapper
+    path: Path | None = None
+    subkey: str | None = None
+    data: dict[str, torch.Tensor] | None = None
+    shapes: list[TensorInfo] | None = None
 
     def infos(self) -> list[TensorInfo]:
-        raise NotImplementedError
+        if self.shapes is not None:
+            return list(self.shapes)
+        if self.path is not None and self.path.suffix == ".safetensors":
+            with self._safetensors() as f:  # from the header; an empty slice gives the dtype without the data
+                slices = {key: f.get_slice(key) for key in f.keys()}
+                return [TensorInfo(key, tuple(s.get_shape()), s[:0].dtype if s.get_shape() else f.get_tensor(key).dtype)
+                        for key, s in slices.items()]
+        return [TensorInfo(key, tuple(value.shape), value.dtype) for key, value in self.tensors()]
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        raise NotImplementedError
-
-
-class SafetensorsFile(WeightFile):
-    def __init__(self, path: Path):
-        self.path, self.name = Path(path), Path(path).name
+        if self.shapes is not None:
+            raise ConversionError(f"{self.name} lists shapes only; it has no tensor data to convert.")
+        if self.data is not None:
+            yield from self.data.items()
+        elif self.path.suffix == ".safetensors":
+            with self._safetensors() as f:
+                yield from ((key, f.get_tensor(key)) for key in f.keys())
+        else:
+            yield from self._torch_load().items()
 
     @contextlib.contextmanager
-    def _open(self):
-        """safe_open, with a truncated, tiny or corrupt file reported as one line naming it."""
+    def _safetensors(self):
         try:
             with safe_open(self.path, framework="pt", device="cpu") as f:
                 yield f
         except ConversionError:
             raise
         except Exception as error:  # noqa: BLE001 - SafetensorError (header too small, incomplete buffer, ...)
-            raise ConversionError(
-                f"{self.path}: not a readable safetensors file (truncated or corrupt?): {_one_line(error)}"
-            ) from error
+            raise ConversionError(f"{self.path}: not a readable safetensors file (truncated or corrupt?): "
+                                  f"{_one_line(error)}") from error
 
-    def infos(self) -> list[TensorInfo]:
-        infos = []
-        with self._open() as f:
-            for key in f.keys():
-                tensor_slice = f.get_slice(key)
-                name = tensor_slice.get_dtype()
-                if name not in _SAFETENSORS_DTYPES:
-                    raise ConversionError(f"{self.path}: tensor {key} has the unsupported dtype {name}.")
-                infos.append(TensorInfo(key, tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[name]))
-        return infos
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        with self._open() as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-
-
-class TorchFile(WeightFile):
-    """A `torch.save` file (`pytorch_model*.bin`, Meta's SAM2 `.pt`), loaded with `weights_only=True` (plain tensors
-    only, never arbitrary pickled objects) and memory-mapped where the file format allows it."""
-
-    def __init__(self, path: Path, subkey: str | None = None):
-        self.path, self.subkey, self.name = Path(path), subkey, Path(path).name
-
-    def _load(self) -> dict:
+    def _torch_load(self) -> dict:
+        """Loaded with `weights_only=True` (plain tensors, never arbitrary pickled objects), memory-mapped where the
+        file format allows it (legacy non-zip files cannot be)."""
         try:
             try:
                 state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as error:
-                if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped; anything else is real
+                if "mmap" not in str(error):
                     raise
                 state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - truncated files, UnpicklingError, ...: say which file and why
@@ -613,137 +485,46 @@ class TorchFile(WeightFile):
             raise ConversionError(f"{self.path} holds non-tensor entries: {_listing(bad)}")
         return state
 
-    def infos(self) -> list[TensorInfo]:
-        return [TensorInfo(key, tuple(value.shape), value.dtype) for key, value in self._load().items()]
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self._load().items()
-
-
-class InMemoryFile(WeightFile):
-    """Tensors made by the converter itself (the freshly initialised spatial projector of ViCA2-init)."""
-
-    def __init__(self, name: str, tensors: dict[str, torch.Tensor]):
-        self.name, self._tensors = name, tensors
-
-    def infos(self) -> list[TensorInfo]:
-        return [TensorInfo(key, tuple(value.shape), value.dtype) for key, value in self._tensors.items()]
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self._tensors.items()
-
-
-class ShapesOnlyFile(WeightFile):
-    """Names and shapes without data (e.g. the 7B key listing): enough to plan and validate a conversion."""
-
-    def __init__(self, name: str, infos: list[TensorInfo]):
-        self.name, self._infos = name, infos
-
-    def infos(self) -> list[TensorInfo]:
-        return list(self._infos)
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        raise ConversionError(f"{self.name} lists shapes only; it has no tensor data to convert.")
-
-
-def find_weight_files(folder: Path) -> list[WeightFile]:
-    """The weight files of a checkpoint folder: safetensors (single or indexed shards) first, else `.bin`."""
-    layouts = (
-        ("model.safetensors.index.json", "model.safetensors", SafetensorsFile),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin", TorchFile),
-    )
-    for index_name, single_name, file_class in layouts:
-        index = folder / index_name
+def find_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder: safetensors (single or indexed shards) first, else `.bin`. An index
+    may name only plain file names next to it (a path from a data file never leaves its folder)."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = folder / f"{single}.index.json"
         if index.is_file():
-            names = _index_shard_names(index)
+            weight_map = _read_json(index, "Weight index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+                raise ConversionError(f"{index}: field 'weight_map' must map tensor names to shard file names.")
+            names = sorted(set(weight_map.values()))
+            outside = [name for name in names if Path(name).name != name or name in ("", ".", "..")]
+            if outside:
+                raise ConversionError(f"{index}: field 'weight_map' names shards outside the checkpoint folder: "
+                                      f"{_listing(outside)}")
             missing = [name for name in names if not (folder / name).is_file()]
             if missing:
                 raise ConversionError(f"{index} lists shards that are not in {folder}: {_listing(missing)}")
-            return [file_class(folder / name) for name in names]
-        if (folder / single_name).is_file():
-            return [file_class(folder / single_name)]
-    raise ConversionError(
-        f"No weights in {folder}: expected model.safetensors, model.safetensors.index.json + shards, "
-        "pytorch_model.bin or pytorch_model.bin.index.json + shards."
-    )
-
-
-def _index_shard_names(index: Path) -> list[str]:
-    """The shard files an index names: plain file names next to it (a path from a data file never leaves its
-    folder)."""
-    weight_map = _read_json(index, "Weight index").get("weight_map")
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()
-    ):
-        raise ConversionError(f"{index}: field 'weight_map' must map tensor names to shard file names.")
-    names = sorted(set(weight_map.values()))
-    outside = [name for name in names if Path(name).name != name or name in ("", ".", "..")]
-    if outside:
-        raise ConversionError(
-            f"{index}: field 'weight_map' names shards outside the checkpoint folder: {_listing(outside)}"
-        )
-    return names
-
-
-@dataclass
-class Source:
-    """A weight file and how its keys become ours."""
-
-    file: WeightFile
-    mapper: KeyMapper
+            return [folder / name for name in names]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise ConversionError(f"No weights in {folder}: expected model.safetensors, model.safetensors.index.json + "
+                          "shards, pytorch_model.bin or pytorch_model.bin.index.json + shards.")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
 @dataclass
 class ReleaseInputs:
-    """What was found on disk: the release config (in the release's vocabulary), tower sizes and weight sources."""
+    """What was found on disk: the release config and towers (in the release's vocabulary), generation settings."""
 
     kind: str  # "release" (a ViCA2 checkpoint) or "vica2-init" (LLaVA-Video + SAM2.1 assembled here)
     raw_config: dict
     towers: dict
-    sources: list[Source]
     generation_config: dict | None
     input_dir: Path = Path(".")
-
-
-def _read_json(path: Path, what: str) -> dict:
-    """A JSON object from `path`, or a one-line ConversionError naming the file."""
-    if not path.is_file():
-        raise ConversionError(f"{what}: {path} not found.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{what}: {path} is not valid JSON ({_one_line(error)}).") from error
-    except OSError as error:
-        raise ConversionError(f"{what}: cannot read {path} ({_one_line(error)}).") from error
-    if not isinstance(data, dict):
-        raise ConversionError(f"{what}: {path} must hold a JSON object, not a {type(data).__name__}.")
-    return data
-
-
-def _one_line(error) -> str:
-    return " ".join(str(error).split())
-
-
-def read_towers(folder: Path) -> dict:
-    """Tower hyper-parameters: `tower_configs.json` where present (small test checkpoints), else the release's own
-    hard-coded towers (SigLIP so400m, SAM2.1 hiera_b+)."""
-    path = folder / "tower_configs.json"
-    towers = _read_json(path, "Tower config") if path.is_file() else {}
-    for name, fields in TOWER_FIELDS.items():
-        if name in towers:
-            check_fields(towers[name], fields, f"{path} [{name}]")
-    hiera = towers.get("hiera")
-    if hiera is not None and len(hiera["window_spec"]) != len(hiera["stages"]):
-        raise ConversionError(
-            f"{path} [hiera]: field 'window_spec' has {len(hiera['window_spec'])} entries for "
-            f"{len(hiera['stages'])} stages."
-        )
-    return {name: dict(towers.get(name, default)) for name, default in RELEASE_TOWERS.items()}
+    sam2_checkpoint: Path | None = None
 
 
 def read_inputs(input_dir: Path, sam2_checkpoint: Path | None) -> ReleaseInputs:
-    """Recognise the input folder and list its weight sources; refuse anything that is not a release we know."""
+    """Recognise the input folder and read its JSON files; refuse anything that is not a release we know."""
     raw = _read_json(input_dir / "config.json", "Input config")
     model_type = raw.get("model_type")
     if model_type == HUB_MODEL_TYPE or "Vica2ForConditionalGeneration" in (raw.get("architectures") or []):
@@ -752,119 +533,93 @@ def read_inputs(input_dir: Path, sam2_checkpoint: Path | None) -> ReleaseInputs:
             "to convert. Load it with `from_pretrained(..., trust_remote_code=True)`, or pass the original release "
             "folder (model_type 'vica_qwen') to convert again."
         )
-    if model_type == RELEASE_MODEL_TYPE:
-        if sam2_checkpoint is not None:
-            raise ConversionError(
-                f"{input_dir} is a ViCA2 release, which already has its Hiera tower; --sam2-checkpoint is only for "
-                "assembling ViCA2-init from a LLaVA-Video-Qwen2 folder."
-            )
-        kind = "release"
-    elif model_type in LLAVA_MODEL_TYPES:
-        if sam2_checkpoint is None:
-            raise ConversionError(
-                f"{input_dir} is a LLaVA-Video-Qwen2 checkpoint (model_type '{model_type}') without a spatial tower. "
-                "To assemble ViCA2-init, pass the SAM2.1 Hiera weights with --sam2-checkpoint (Meta's .pt or a "
-                "transformers SAM2 folder)."
-            )
-        kind = "vica2-init"
-        raw = {**raw, "model_type": RELEASE_MODEL_TYPE}
-    else:
+    if model_type == RELEASE_MODEL_TYPE and sam2_checkpoint is not None:
+        raise ConversionError(f"{input_dir} is a ViCA2 release, which already has its Hiera tower; sam2_checkpoint "
+                              "is only for assembling ViCA2-init from a LLaVA-Video-Qwen2 folder.")
+    if model_type in LLAVA_MODEL_TYPES and sam2_checkpoint is None:
+        raise ConversionError(
+            f"{input_dir} is a LLaVA-Video-Qwen2 checkpoint (model_type '{model_type}') without a spatial tower. To "
+            "assemble ViCA2-init, pass the SAM2.1 Hiera weights with sam2_checkpoint= (Meta's .pt or a transformers "
+            "SAM2 folder)."
+        )
+    if model_type != RELEASE_MODEL_TYPE and model_type not in LLAVA_MODEL_TYPES:
         raise ConversionError(
             f"{input_dir}/config.json has model_type {model_type!r}; expected a ViCA2 release ('vica_qwen') or, with "
-            f"--sam2-checkpoint, a LLaVA-Video-Qwen2 folder ({' or '.join(map(repr, LLAVA_MODEL_TYPES))})."
+            f"sam2_checkpoint, a LLaVA-Video-Qwen2 folder ({' or '.join(map(repr, LLAVA_MODEL_TYPES))})."
         )
-    check_fields(raw, RELEASE_CONFIG_FIELDS, str(input_dir / "config.json"))
-    towers = read_towers(input_dir)
-    num_siglip_layers = release_siglip_config(towers["siglip_vision_model"])["num_hidden_layers"]
-    sources = [Source(file, release_mapper(num_siglip_layers)) for file in find_weight_files(input_dir)]
-    if kind == "vica2-init":
-        sources += sam2_sources(Path(sam2_checkpoint), towers["hiera"])
-    generation = input_dir / "generation_config.json"
-    return ReleaseInputs(
-        kind, raw, towers, sources, _read_json(generation, "Generation config") if generation.is_file() else None,
-        input_dir,
-    )
+    raw = check_sizes({**raw, "model_type": RELEASE_MODEL_TYPE}, str(input_dir / "config.json"), "config.json")
+    towers, generation = input_dir / "tower_configs.json", input_dir / "generation_config.json"
+    towers = _read_json(towers, "Tower config") if towers.is_file() else {}
+    generation = _read_json(generation, "Generation config") if generation.is_file() else None
+    kind = "release" if model_type == RELEASE_MODEL_TYPE else "vica2-init"
+    return ReleaseInputs(kind, raw, towers, generation, input_dir, sam2_checkpoint)
+
+
+def weight_sources(inputs: ReleaseInputs, config: Vica2Config, projector_seed: int) -> list[Source]:
+    """Every weight file of the inputs with its key mapper (and, for ViCA2-init, the fresh spatial projector)."""
+    mapper = release_mapper(config.vision_config.num_hidden_layers)
+    sources = [Source(path.name, mapper, path) for path in find_weight_files(inputs.input_dir)]
+    if inputs.kind == "vica2-init":
+        sources += sam2_sources(Path(inputs.sam2_checkpoint), config.hiera_config)
+        projector = spatial_projector_init(config, projector_seed)
+        sources.append(Source(f"spatial projector (seed {projector_seed})", identity_mapper, data=projector))
+    return sources
 
 
 # The Sam2HieraDetConfig fields that decide shapes or the computation; a SAM2 folder must agree with our Hiera.
 _HIERA_CONFIG_FIELDS = (
-    "hidden_size",
-    "num_attention_heads",
-    "query_stride",
-    "window_positional_embedding_background_size",
-    "num_query_pool_stages",
-    "blocks_per_stage",
-    "embed_dim_per_stage",
-    "num_attention_heads_per_stage",
-    "window_size_per_stage",
-    "global_attention_blocks",
+    "hidden_size", "num_attention_heads", "query_stride", "window_positional_embedding_background_size",
+    "num_query_pool_stages", "blocks_per_stage", "embed_dim_per_stage", "num_attention_heads_per_stage",
+    "window_size_per_stage", "global_attention_blocks",
 )
 
 
-def sam2_sources(path: Path, hiera: dict) -> list[Source]:
-    """The Hiera trunk of a SAM2.1 checkpoint: Meta's `.pt` file, or a transformers SAM2 folder."""
+def sam2_sources(path: Path, hiera) -> list[Source]:
+    """The Hiera trunk of a SAM2.1 checkpoint: Meta's `.pt` file (no config: its trunk shapes are checked against
+    ours, its window sizes cannot be), or a transformers SAM2 folder (its Hiera config must equal ours)."""
     if path.is_file():
-        # Meta's files carry no config; their trunk shapes are checked against hiera_b+ (or tower_configs.json),
-        # but window sizes and global blocks cannot be read from them.
-        return [Source(TorchFile(path, subkey="model"), meta_sam2_mapper())]
+        return [Source(path.name, sam2_mapper("image_encoder.trunk.", hiera_trunk_key), path, subkey="model")]
     if not path.is_dir():
-        raise ConversionError(f"--sam2-checkpoint {path} does not exist.")
+        raise ConversionError(f"sam2_checkpoint {path} does not exist.")
     config = _read_json(path / "config.json", "SAM2 config")
-    vision = config.get("vision_config")
-    backbone = vision.get("backbone_config") if isinstance(vision, dict) else None
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or not model_type.startswith("sam2") or not isinstance(backbone, dict):
+    backbone = config.get("vision_config")
+    backbone = backbone.get("backbone_config") if isinstance(backbone, dict) else None
+    if not str(config.get("model_type")).startswith("sam2") or not isinstance(backbone, dict):
         raise ConversionError(
             f"{path} is not a transformers SAM2 folder (config.json needs model_type 'sam2' and "
             "vision_config.backbone_config); pass Meta's sam2.1_hiera_*.pt file or a transformers SAM2 folder."
         )
-    expected = release_hiera_config(hiera)
-    different = [
-        f"{name}: {backbone.get(name)!r} (SAM2) vs {expected[name]!r} (ViCA2)"
-        for name in _HIERA_CONFIG_FIELDS
-        if name in backbone and _as_list(backbone[name]) != _as_list(expected[name])
-    ]
+    listed = lambda value: list(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
+    different = [f"{name}: {backbone[name]!r} (SAM2) vs {getattr(hiera, name)!r} (ViCA2)" for name in
+                 _HIERA_CONFIG_FIELDS if name in backbone and listed(backbone[name]) != listed(getattr(hiera, name))]
     if different:
         raise ConversionError(f"The SAM2 checkpoint's Hiera is not the one ViCA2 uses: {'; '.join(different)}")
-    return [Source(file, transformers_sam2_mapper()) for file in find_weight_files(path)]
-
-
-def _as_list(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
+    mapper = sam2_mapper("vision_encoder.backbone.", identity_mapper)
+    return [Source(file.name, mapper, file) for file in find_weight_files(path)]
 
 
 def spatial_projector_init(config: Vica2Config, seed: int) -> dict[str, torch.Tensor]:
-    """Fresh weights for the spatial (Hiera) projector of ViCA2-init.
-
-    Weights ~ N(0, text_config.initializer_range) and zero biases: what `from_pretrained` gives a Linear that is
-    missing from a Qwen2-based checkpoint, i.e. what the release got when it added its `sam_projector` to
-    LLaVA-Video. Drawn from a `torch.Generator` seeded with `seed`, so an assembly is reproducible.
-    """
+    """Fresh weights for the spatial (Hiera) projector of ViCA2-init: N(0, text_config.initializer_range) weights and
+    zero biases, what `from_pretrained` gives a Linear missing from a Qwen2-based checkpoint (what the release got
+    when it added its `sam_projector` to LLaVA-Video), drawn from a generator seeded with `seed` (reproducible)."""
     generator = torch.Generator().manual_seed(seed)
     hidden, width = config.text_config.hidden_size, config.spatial_projector_input_size
     std = getattr(config.text_config, "initializer_range", 0.02)
-    prefix = "model.hiera_projector."
     return {
-        prefix + "linear_1.weight": torch.randn(hidden, width, generator=generator) * std,
-        prefix + "linear_1.bias": torch.zeros(hidden),
-        prefix + "linear_2.weight": torch.randn(hidden, hidden, generator=generator) * std,
-        prefix + "linear_2.bias": torch.zeros(hidden),
+        "model.hiera_projector.linear_1.weight": torch.randn(hidden, width, generator=generator) * std,
+        "model.hiera_projector.linear_1.bias": torch.zeros(hidden),
+        "model.hiera_projector.linear_2.weight": torch.randn(hidden, hidden, generator=generator) * std,
+        "model.hiera_projector.linear_2.bias": torch.zeros(hidden),
     }
 
 
 # ------------------------------------------------------------------------------------------------ vocabulary
 @dataclass(frozen=True)
 class Vocabulary:
-    """How the release's vocabulary becomes ours.
-
-    The release shrinks its embeddings to the tokenizer at load time, so it can never emit an id at or above
-    `len(tokenizer)`. We keep every row (no other logit changes) and set `generatable_vocab_size` to the tokenizer's
-    original length: the model masks the logits of the untrained rows and of `<image>`/`<video>` to -inf.
-    `<image>`/`<video>` take spare rows when the matrix has them (Qwen2: 152,064 rows > 151,646 tokens); otherwise
-    the matrices grow by the missing rows, initialised to the mean of the tokenizer's rows. Those rows are never
-    read (placeholder positions are replaced by visual features) nor generated (masked), so the value only matters
-    as a neutral start for fine-tuning.
-    """
+    """How the release's vocabulary becomes ours (README, "The vocabulary rule"): every row is kept,
+    `generatable_vocab_size` is the tokenizer's original length, `<image>`/`<video>` take spare rows where the matrix
+    has them, else the matrices grow by the missing rows (the mean of the tokenizer's rows; never read nor
+    generated)."""
 
     release_rows: int
     tokenizer_size: int
@@ -886,10 +641,8 @@ def add_placeholder_tokens(tokenizer, release_rows: int) -> Vocabulary:
 
     tokenizer_size = len(tokenizer)
     if tokenizer_size > release_rows:
-        raise ConversionError(
-            f"The tokenizer has {tokenizer_size} tokens but the checkpoint's embedding only {release_rows} rows: "
-            "they do not belong together."
-        )
+        raise ConversionError(f"The tokenizer has {tokenizer_size} tokens but the checkpoint's embedding only "
+                              f"{release_rows} rows: they do not belong together.")
     missing = [token for token in (IMAGE_TOKEN, VIDEO_TOKEN) if token not in tokenizer.get_vocab()]
     tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in missing], special_tokens=True)
     image_id, video_id = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
@@ -897,49 +650,33 @@ def add_placeholder_tokens(tokenizer, release_rows: int) -> Vocabulary:
     return Vocabulary(release_rows, min(tokenizer_size, image_id, video_id), image_id, video_id)
 
 
-def resize_vocab_rows(tensor: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-    """Append `vocabulary.added_rows` rows equal to the mean of the tokenizer's rows (in float32, then cast)."""
-    if vocabulary.added_rows == 0:
-        return tensor
-    mean = tensor[: vocabulary.tokenizer_size].float().mean(0, keepdim=True).to(tensor.dtype)
-    return torch.cat([tensor, mean.expand(vocabulary.added_rows, -1)])
-
-
 def load_tokenizer(folder: Path):
     """The release's tokenizer, as one of transformers' own classes, padding on the left (generation batches).
 
     Nothing from the folder runs: a tokenizer whose files name code (`auto_map`, or a `tokenizer_class` that is not
-    a transformers class) is refused, the load itself passes `trust_remote_code=False`, and the output gets only the
-    files this tokenizer's `save_pretrained` writes (never a `.py` file: see `check_shipped_code`).
+    a transformers class) is refused, the load itself passes `trust_remote_code=False`, and the output ships no `.py`
+    file but our own (`copy_remote_code` checks).
     """
     from transformers import AutoTokenizer, PretrainedConfig
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
     source = folder / "tokenizer_config.json"
-    settings = {}
     for name in TOKENIZER_JSON_FILES:  # name a malformed file here, not deep inside the tokenizer
         if (folder / name).is_file():
-            data = _read_json(folder / name, "Tokenizer file")
-            settings = data if name == source.name else settings
-    needs_code = (
-        f"its field 'auto_map' names tokenizer code ({_short(settings['auto_map'])})"
-        if settings.get("auto_map")
-        else None
-    )
+            _read_json(folder / name, "Tokenizer file")
+    settings = _read_json(source, "Tokenizer file") if source.is_file() else {}
     tokenizer_class = settings.get("tokenizer_class")
-    if needs_code is None and tokenizer_class is not None:
-        if not isinstance(tokenizer_class, str):
-            raise ConversionError(f"{source}: field 'tokenizer_class' must be a string, got {_short(tokenizer_class)}.")
-        if tokenizer_class_from_name(tokenizer_class) is None:
-            needs_code = f"its field 'tokenizer_class' is {tokenizer_class!r}, which is not a transformers tokenizer"
-    if needs_code:
-        raise _tokenizer_needs_code(source, needs_code)
-    try:
-        # A bare config keeps AutoTokenizer from trying to parse the release config (model_type "vica_qwen").
-        # padding_side given at construction is what `save_pretrained` writes into the output's tokenizer_config.
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, config=PretrainedConfig(), trust_remote_code=False, padding_side="left"
-        )
+    if settings.get("auto_map"):
+        names = _short(settings["auto_map"])
+        raise _tokenizer_needs_code(source, f"its field 'auto_map' names tokenizer code ({names})")
+    if tokenizer_class is not None and not isinstance(tokenizer_class, str):
+        raise ConversionError(f"{source}: field 'tokenizer_class' must be a string, got {_short(tokenizer_class)}.")
+    if tokenizer_class is not None and tokenizer_class_from_name(tokenizer_class) is None:
+        raise _tokenizer_needs_code(source, f"its field 'tokenizer_class' is {tokenizer_class!r}, which is not a "
+                                    "transformers tokenizer")
+    try:  # a bare config keeps AutoTokenizer from parsing the release config; padding_side is saved with it
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=PretrainedConfig(), trust_remote_code=False,
+                                                  padding_side="left")
     except Exception as error:  # noqa: BLE001 - any failure here means the folder's tokenizer is unusable
         if "trust_remote_code" in str(error):
             raise _tokenizer_needs_code(source, "transformers says it needs custom code") from error
@@ -957,26 +694,28 @@ def _tokenizer_needs_code(source: Path, why: str) -> ConversionError:
     )
 
 
-# ------------------------------------------------------------------------------------------------ config
 def build_hub_config(inputs: ReleaseInputs, vocabulary: Vocabulary, dtype: torch.dtype) -> Vica2Config:
     """Our config for the output: the release's, plus the vocabulary rule, the dtype and the full auto_map."""
     config = release_config_to_vica2(
         {**inputs.raw_config, "vocab_size": vocabulary.rows},  # with the rows added for <image>/<video>, if any
         inputs.towers, vocabulary.image_token_id, vocabulary.video_token_id,
-        source=str(inputs.input_dir / "config.json"),
+        str(inputs.input_dir / "config.json"), str(inputs.input_dir / "tower_configs.json"),
     )
     config.generatable_vocab_size = vocabulary.tokenizer_size
     config.architectures = ["Vica2ForConditionalGeneration"]
     config.auto_map = {**(getattr(config, "auto_map", None) or {}), **MODEL_AUTO_MAP, **PROCESSOR_AUTO_MAP}
-    config.dtype = dtype
-    config.text_config.dtype = config.vision_config.dtype = config.hiera_config.dtype = dtype
+    config.dtype = config.text_config.dtype = config.vision_config.dtype = config.hiera_config.dtype = dtype
     return config
 
 
-def default_dtype(raw_config: dict) -> torch.dtype:
+def default_dtype(inputs: ReleaseInputs) -> torch.dtype:
     """The dtype the release was saved in (bfloat16 for ViCA2-7B)."""
-    name = str(raw_config.get("torch_dtype") or raw_config.get("dtype") or "float32").replace("torch.", "")
-    return DTYPES.get(name, torch.float32)
+    name = next((key for key in ("torch_dtype", "dtype") if inputs.raw_config.get(key) is not None), None)
+    value = inputs.raw_config[name] if name else "float32"
+    if not isinstance(value, str) or value.replace("torch.", "") not in DTYPES:
+        raise ConversionError(f"{inputs.input_dir / 'config.json'}: field '{name}' must be null or one of "
+                              f"{', '.join(DTYPES)}, got {_short(value)}.")
+    return DTYPES[value.replace("torch.", "")]
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -1000,18 +739,8 @@ class ConversionPlan:
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (input key, reason)
 
     def output_bytes(self) -> int:
-        return sum(_numel(shape) for shape in (t.shape for t in self.tensors)) * _itemsize(self.dtype)
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return sum(torch.Size(t.shape).numel() for t in self.tensors) * itemsize
 
 
 def expected_tensors(config: Vica2Config) -> dict[str, tuple[int, ...]]:
@@ -1031,19 +760,17 @@ def _input_shape(target: str, shape: tuple[int, ...], vocabulary: Vocabulary) ->
     return (vocabulary.release_rows, *shape[1:]) if target in VOCAB_TENSORS else shape
 
 
-def plan_conversion(
-    sources: list[Source], config: Vica2Config, vocabulary: Vocabulary, dtype: torch.dtype
-) -> ConversionPlan:
+def plan_conversion(sources: list[Source], config: Vica2Config, vocabulary: Vocabulary, dtype) -> ConversionPlan:
     """Map every input key, and abort listing every unknown, unexpected, duplicate, mis-shaped or missing tensor."""
     expected = expected_tensors(config)
     plan = ConversionPlan(config, vocabulary, dtype, sources, [])
     unknown, unexpected, duplicate, misshaped, not_float, seen = [], [], [], [], [], {}
     for index, source in enumerate(sources):
-        for info in source.file.infos():
+        for info in source.infos():
             try:
                 target = source.mapper(info.key)
             except KeyError:
-                unknown.append(f"{info.key} ({source.file.name})")
+                unknown.append(f"{info.key} ({source.name})")
                 continue
             if isinstance(target, Dropped):
                 plan.dropped.append((info.key, target.reason))
@@ -1055,13 +782,11 @@ def plan_conversion(
                 seen[target] = info.key
                 wanted = _input_shape(target, expected[target], vocabulary)
                 if info.shape != wanted:
-                    misshaped.append(
-                        f"{info.key}: checkpoint {list(info.shape)}, model expects {list(wanted)} ({source.file.name})"
-                    )
+                    misshaped.append(f"{info.key}: checkpoint {list(info.shape)}, model expects {list(wanted)} "
+                                     f"({source.name})")
                 if not info.dtype.is_floating_point:  # ids or flags stored as weights: a cast would hide the damage
-                    not_float.append(f"{info.key} ({str(info.dtype).replace('torch.', '')}, {source.file.name})")
+                    not_float.append(f"{info.key} ({str(info.dtype).replace('torch.', '')}, {source.name})")
                 plan.tensors.append(PlannedTensor(index, info.key, target, expected[target]))
-    missing = [name for name in expected if name not in seen]
     _raise_problems(
         "The checkpoint does not match the ViCA2 model; nothing was written.",
         ("unknown keys (not a release weight we know)", unknown),
@@ -1069,45 +794,26 @@ def plan_conversion(
         ("model tensors given twice", duplicate),
         ("mis-shaped tensors", misshaped),
         ("non-floating tensors (ViCA2 weights are floating point)", not_float),
-        ("model tensors missing from the checkpoint", missing),
+        ("model tensors missing from the checkpoint", [name for name in expected if name not in seen]),
     )
     return plan
 
 
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f", ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
-
-
-def _raise_problems(header: str, *categories: tuple[str, list[str]]) -> None:
-    """One ConversionError, on one line, listing every non-empty category of offending names."""
-    parts = [f"{len(names)} {title}: {_listing(names)}" for title, names in categories if names]
-    if parts:
-        raise ConversionError(" ".join([header, "; ".join(parts)]))
-
-
-def summarize_dropped(dropped: list[tuple[str, str]]) -> list[str]:
-    """One line per reason: the reason, how many tensors, and a few of their names."""
-    by_reason: dict[str, list[str]] = {}
-    for key, reason in dropped:
-        by_reason.setdefault(reason, []).append(key)
-    return [f"{reason}: {len(keys)} tensor(s): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for reason, keys in by_reason.items()]
-
-
-# ------------------------------------------------------------------------------------------------ streaming
+# ------------------------------------------------------------------------------------------------ weights out
 def convert_tensor(tensor: torch.Tensor, planned: PlannedTensor, plan: ConversionPlan) -> torch.Tensor:
-    """The output tensor for one input tensor: vocabulary rows appended where needed, cast, contiguous and owning
-    its memory (memory-mapped `.bin` tensors may be views into a shared storage, which safetensors refuses)."""
+    """The output tensor for one input tensor: vocabulary rows appended where needed (the mean of the tokenizer's
+    rows), cast, contiguous and owning its memory (memory-mapped `.bin` tensors may be views into a shared storage,
+    which safetensors refuses), and finite."""
     if tensor.shape != _input_shape(planned.target, planned.shape, plan.vocabulary):
         raise ConversionError(f"{planned.key} changed shape while converting: {list(tensor.shape)}")
-    if planned.target in VOCAB_TENSORS:
-        tensor = resize_vocab_rows(tensor, plan.vocabulary)
-    converted = tensor.to(plan.dtype) if tensor.is_floating_point() else tensor
-    converted = converted.contiguous()
+    added = plan.vocabulary.added_rows if planned.target in VOCAB_TENSORS else 0
+    if added:
+        mean = tensor[: plan.vocabulary.tokenizer_size].float().mean(0, keepdim=True).to(tensor.dtype)
+        tensor = torch.cat([tensor, mean.expand(added, -1)])
+    converted = tensor.to(plan.dtype).contiguous()
     if converted.untyped_storage().nbytes() != converted.nbytes:
         converted = converted.clone()
-    check_finite(tensor, converted, f"{plan.sources[planned.source_index].file.name}: tensor {planned.key}")
+    check_finite(tensor, converted, f"{plan.sources[planned.source_index].name}: tensor {planned.key}")
     return converted
 
 
@@ -1117,22 +823,19 @@ def check_finite(tensor: torch.Tensor, converted: torch.Tensor, where: str) -> N
     if _all_finite(converted):
         return
     if _all_finite(tensor):
-        largest = tensor.detach().abs().max().item()
         raise ConversionError(
-            f"{where}: values up to {largest:.3g} overflow {str(converted.dtype).replace('torch.', '')} when "
-            "cast; convert with --dtype bfloat16 or float32. Nothing was written."
+            f"{where}: values up to {tensor.detach().abs().max().item():.3g} overflow "
+            f"{str(converted.dtype).replace('torch.', '')} when cast; convert with dtype=bfloat16 or float32. Nothing "
+            "was written."
         )
     flat = tensor.detach().reshape(-1)
-    nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
-    raise ConversionError(
-        f"{where} holds {nan} NaN and {inf} inf value(s) out of {flat.numel()}: the "
-        "input is corrupt (re-download or re-export it). Nothing was written."
-    )
+    raise ConversionError(f"{where} holds {int(torch.isnan(flat).sum())} NaN and {int(torch.isinf(flat).sum())} inf "
+                          f"value(s) out of {flat.numel()}: the input is corrupt (re-download or re-export it). "
+                          "Nothing was written.")
 
 
 def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
-    flat = tensor.detach().reshape(-1)
-    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
+    return all(bool(torch.isfinite(part).all()) for part in tensor.detach().reshape(-1).split(chunk))
 
 
 def stream_converted(plan: ConversionPlan, progress: bool = False) -> Iterator[tuple[PlannedTensor, torch.Tensor]]:
@@ -1140,13 +843,12 @@ def stream_converted(plan: ConversionPlan, progress: bool = False) -> Iterator[t
     by_source_key = {(t.source_index, t.key): t for t in plan.tensors}
     with tqdm(total=len(plan.tensors), unit="tensor", desc="Converting", disable=not progress) as bar:
         for index, source in enumerate(plan.sources):
-            bar.set_postfix_str(source.file.name)
-            for key, tensor in source.file.tensors():
+            bar.set_postfix_str(source.name)
+            for key, tensor in source.tensors():
                 planned = by_source_key.get((index, key))
-                if planned is None:
-                    continue  # dropped (listed in the plan)
-                yield planned, convert_tensor(tensor, planned, plan)
-                bar.update()
+                if planned is not None:  # else dropped (listed in the plan)
+                    yield planned, convert_tensor(tensor, planned, plan)
+                    bar.update()
 
 
 class ShardWriter:
@@ -1155,12 +857,10 @@ class ShardWriter:
 
     def __init__(self, folder: Path, plan: ConversionPlan, max_shard_size: int | str):
         meta = {t.target: torch.empty(t.shape, dtype=plan.dtype, device="meta") for t in plan.tensors}
-        self.split = split_torch_state_dict_into_shards(
-            meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-        )
-        self.folder = folder
+        self.split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
+                                                        max_shard_size=max_shard_size)
+        self.folder, self.buffers = folder, {}
         self.pending = {name: set(tensors) for name, tensors in self.split.filename_to_tensors.items()}
-        self.buffers: dict[str, dict[str, torch.Tensor]] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         filename = self.split.tensor_to_filename[name]
@@ -1168,7 +868,9 @@ class ShardWriter:
         self.pending[filename].discard(name)
         if not self.pending[filename]:
             save_file(self.buffers.pop(filename), self.folder / filename, metadata={"format": "pt"})
-            _default_permissions(self.folder / filename)
+            umask = os.umask(0)  # safetensors writes a private temporary file (0600): give the shard the usual mode
+            os.umask(umask)
+            os.chmod(self.folder / filename, 0o666 & ~umask)
 
     def finish(self) -> list[str]:
         unwritten = sorted(name for names in self.pending.values() for name in names)
@@ -1178,13 +880,6 @@ class ShardWriter:
             index = {"metadata": self.split.metadata, "weight_map": self.split.tensor_to_filename}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         return sorted(self.split.filename_to_tensors)
-
-
-def _default_permissions(path: Path) -> None:
-    # safetensors writes through a private temporary file (mode 0600); give the shard the mode any other file gets.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def write_weights(plan: ConversionPlan, folder: Path, max_shard_size: int | str, progress: bool) -> list[str]:
@@ -1200,18 +895,14 @@ def build_generation_config(inputs: ReleaseInputs, tokenizer):
     and validated before anything is written."""
     from transformers import GenerationConfig
 
-    settings = {
-        key: value
-        for key, value in (inputs.generation_config or {}).items()
-        if not key.startswith("_") and key != "transformers_version"
-    }
+    source = inputs.input_dir / "generation_config.json"
+    settings = {key: value for key, value in (inputs.generation_config or {}).items()
+                if not key.startswith("_") and key != "transformers_version"}
     eos = settings.get("eos_token_id", inputs.raw_config.get("eos_token_id"))
-    if not TOKEN_IDS[1](eos):
-        raise ConversionError(
-            f"{inputs.input_dir / 'generation_config.json'}: field 'eos_token_id' must be {TOKEN_IDS[0]}, got "
-            f"{_short(eos)}."
-        )
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos = [eos] if _is_int(eos) else [] if eos is None else eos
+    if not isinstance(eos, list) or not all(_is_int(token) and token >= 0 for token in eos):
+        raise ConversionError(f"{source}: field 'eos_token_id' must be a token id, a list of token ids or null, got "
+                              f"{_short(eos)}.")
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.insert(0, tokenizer.eos_token_id)
     settings["eos_token_id"] = eos[0] if len(eos) == 1 else eos
@@ -1222,9 +913,7 @@ def build_generation_config(inputs: ReleaseInputs, tokenizer):
         generation = GenerationConfig(**settings)
         generation.validate(strict=True)  # what save_pretrained would raise, raised now
     except Exception as error:  # noqa: BLE001 - ValueError / TypeError from the library's checks
-        raise ConversionError(
-            f"{inputs.input_dir / 'generation_config.json'}: not a valid generation config: {_one_line(error)}"
-        ) from error
+        raise ConversionError(f"{source}: not a valid generation config: {_one_line(error)}") from error
     return generation
 
 
@@ -1252,74 +941,53 @@ def remote_code_files(root: Path = REPO_ROOT) -> list[Path]:
     from transformers.dynamic_module_utils import get_relative_import_files
 
     files = set()
-    for name in REMOTE_CODE_ENTRY_FILES:
-        entry = root / name
+    for entry in (root / name for name in REMOTE_CODE_ENTRY_FILES):
         if not entry.is_file():
             raise ConversionError(f"Remote-code file {entry} is missing from this checkout.")
-        files.add(entry)
         try:
-            files.update(Path(imported) for imported in get_relative_import_files(entry))
+            files.update([entry, *map(Path, get_relative_import_files(entry))])
         except FileNotFoundError as error:
-            raise ConversionError(
-                f"{entry.name} imports {Path(error.filename).name} (relatively), which is missing from {root}."
-            ) from error
+            raise ConversionError(f"{entry.name} imports {Path(error.filename).name} (relatively), which is missing "
+                                  f"from {root}.") from error
     return sorted(files)
 
 
 def copy_remote_code(folder: Path, root: Path = REPO_ROOT) -> list[str]:
+    """Copy our remote code into `folder`, then check that its Python files are exactly that code: nothing from the
+    input (a tokenizer's `save_pretrained` copies its class's module when it has one) rides along."""
     files = remote_code_files(root)
     for path in files:
         shutil.copyfile(path, folder / path.name)
-    return [path.name for path in files]
-
-
-def check_shipped_code(folder: Path, remote_code: list[str]) -> None:
-    """The output's Python files are exactly this repository's remote code: nothing from the input (a tokenizer's
-    `save_pretrained` copies its class's module when it has one) can ride along into the hub folder."""
-    foreign = sorted(path.name for path in folder.iterdir() if path.suffix == ".py" and path.name not in remote_code)
+    names = [path.name for path in files]
+    foreign = sorted(path.name for path in folder.iterdir() if path.suffix == ".py" and path.name not in names)
     if foreign:
-        raise ConversionError(
-            f"The output would ship code that is not ViCA2's remote code ({_listing(foreign)}); nothing was written."
-        )
+        raise ConversionError(f"The output would ship code that is not ViCA2's remote code ({_listing(foreign)}); "
+                              "nothing was written.")
+    return names
 
 
 def token_ratio_rows(config: Vica2Config) -> list[tuple[str, int, int, int]]:
     """(setting, SigLIP tokens, Hiera tokens, total) for a full-budget video at the default and a few overrides."""
-    frames = config.video_frames_budget
-    settings = [("defaults", {})]
+    settings = {"defaults": {}}
     if config.hiera_frames % 2 == 0:
-        settings.append((f"hiera_frames={config.hiera_frames // 2}", {"hiera_frames": config.hiera_frames // 2}))
-    coarser = config.hiera_pool_stride * 2
-    settings.append((f"hiera_pool_stride={coarser}", {"hiera_pool_stride": coarser}))
-    rows = []
-    for name, overrides in settings:
-        siglip, hiera = config.num_video_tokens(frames, **overrides)
-        rows.append((name, siglip, hiera, siglip + hiera))
-    return rows
+        settings[f"hiera_frames={config.hiera_frames // 2}"] = {"hiera_frames": config.hiera_frames // 2}
+    settings[f"hiera_pool_stride={config.hiera_pool_stride * 2}"] = {"hiera_pool_stride": config.hiera_pool_stride * 2}
+    counts = {name: config.num_video_tokens(config.video_frames_budget, **kw) for name, kw in settings.items()}
+    return [(name, siglip, hiera, siglip + hiera) for name, (siglip, hiera) in counts.items()]
 
 
-def build_model_card(
-    config: Vica2Config, inputs: ReleaseInputs, base_models: list[str], license: str, repo_id: str | None
-) -> ModelCard:
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        base_model=list(base_models),
-        license=license,
-        tags=["video-text-to-text", "multimodal", "spatial-reasoning", "vica2", "custom_code"],
-    )
+def build_model_card(config: Vica2Config, inputs: ReleaseInputs, base_models: list[str], license: str,
+                     repo_id: str | None) -> ModelCard:
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text", base_model=list(base_models),
+                         license=license, tags=["video-text-to-text", "multimodal", "spatial-reasoning", "vica2",
+                                                "custom_code"])
     name = repo_id or "path/to/this/folder"
-    what = (
-        "ViCA2, converted from the research release"
-        if inputs.kind == "release"
-        else "ViCA2-init: LLaVA-Video-Qwen2 + the SAM2.1 Hiera trunk, with a freshly initialised spatial projector "
-        "(a starting point for training, not a trained model)"
-    )
-    ratio_table = "\n".join(
-        f"| {setting} | {siglip:,} | {hiera:,} | {total:,} |"
-        for setting, siglip, hiera, total in token_ratio_rows(config)
-    )
-    body = f"""
+    what = ("ViCA2, converted from the research release" if inputs.kind == "release" else
+            "ViCA2-init: LLaVA-Video-Qwen2 + the SAM2.1 Hiera trunk, with a freshly initialised spatial projector "
+            "(a starting point for training, not a trained model)")
+    ratio_table = "\n".join(f"| {setting} | {siglip:,} | {hiera:,} | {total:,} |"
+                            for setting, siglip, hiera, total in token_ratio_rows(config))
+    return ModelCard(f"""---\n{data.to_yaml()}\n---
 # ViCA2 (transformers remote code)
 
 {what}. ViCA2 puts two vision encoders in front of Qwen2: SigLIP for semantics and the SAM2.1 Hiera trunk for
@@ -1350,9 +1018,9 @@ A video is sampled to `video_frames_budget` = {config.video_frames_budget} frame
 (pool stride `siglip_pool_stride` = {config.siglip_pool_stride}); Hiera encodes every k-th frame with
 k = `video_frames_budget` / `hiera_frames` = {config.video_frames_budget} / {config.hiera_frames}, takes stage
 `hiera_feature_stage` = {config.hiera_feature_stage} and pools it with `hiera_pool_stride` = {config.hiera_pool_stride}.
-`video_frames_budget`, `hiera_frames`, `siglip_pool_stride` and `hiera_pool_stride` can be overridden per call;
-pass the same values to the processor and to `generate` (the placeholder count must match what the model emits).
-`hiera_feature_stage` is fixed by the trained spatial projector.
+The first four can be overridden per call where the processor is called (`processor(...)`,
+`apply_chat_template(...)`): it emits the placeholders and the `video_token_ratio` the model follows, so the two
+always agree. `hiera_feature_stage` is fixed by the trained spatial projector.
 
 | setting | SigLIP tokens | Hiera tokens | total ({config.video_frames_budget} frames) |
 |---|---|---|---|
@@ -1363,92 +1031,69 @@ pass the same values to the processor and to `generate` (the placeholder count m
 `<image>` (id {config.image_token_id}) and `<video>` (id {config.video_token_id}) are special tokens of the tokenizer.
 Ids at or above `generatable_vocab_size` = {config.generatable_vocab_size} (the release tokenizer's size) are never
 generated: the model sets their logits to -inf, as the release did by shrinking its embeddings to the tokenizer.
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+""")
 
 
 # ------------------------------------------------------------------------------------------------ output folder
 def check_output_dir(output_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse an existing output without --overwrite, any output that would replace an input, and, with
-    --overwrite, any existing folder that is neither empty nor one this converter wrote."""
-    resolved = output_dir.resolve()
-    for path in inputs:
-        path = path.resolve()
-        if resolved == path or resolved in path.parents:
-            raise ConversionError(f"--output-dir {output_dir} would replace the input {path}; choose another folder.")
+    """Refuse an existing output without `overwrite`, any output that would replace an input, and, with
+    `overwrite`, any existing folder that is neither empty nor one this converter wrote."""
+    for path in (path.resolve() for path in inputs):
+        if output_dir.resolve() in (path, *path.parents):
+            raise ConversionError(f"output_dir={output_dir} would replace the input {path}; choose another folder.")
+    if (output_dir.exists() or output_dir.is_symlink()) and not overwrite:
+        raise ConversionError(f"{output_dir} already exists; pass overwrite=True to replace it, or choose another "
+                              "folder.")
     if output_dir.exists() or output_dir.is_symlink():
-        if not overwrite:
-            raise ConversionError(
-                f"{output_dir} already exists; pass --overwrite to replace it, or choose another folder."
-            )
         check_replaceable(output_dir)
 
 
 def check_replaceable(output_dir: Path) -> None:
-    """--overwrite deletes only what this converter made: an empty folder, or a converted folder (it holds
+    """`overwrite` deletes only what this converter made: an empty folder, or a converted folder (it holds
     OUTPUT_MARKER) with nothing in it but the files the marker lists."""
+    refuse = f"overwrite=True refuses to replace {output_dir}:"
     if output_dir.is_symlink() or not output_dir.is_dir():
-        raise ConversionError(
-            f"--overwrite refuses to replace {output_dir}: it is not a folder (a file or a link). Choose another "
-            "--output-dir."
-        )
+        raise ConversionError(f"{refuse} it is not a folder (a file or a link). Choose another output_dir.")
     entries = sorted(path.name for path in output_dir.iterdir())
-    if not entries:
-        return
-    written = _marked_files(output_dir / OUTPUT_MARKER)
-    if written is None:
-        raise ConversionError(
-            f"--overwrite refuses to replace {output_dir}: it is not empty and this converter did not write it (no "
-            f"{OUTPUT_MARKER}); it would delete files that are not its own. Remove it yourself or choose another "
-            "--output-dir."
-        )
-    foreign = [
-        name
-        for name in entries
-        if name != OUTPUT_MARKER and (name not in written or not (output_dir / name).is_file())
-    ]
+    written = _marked(output_dir / OUTPUT_MARKER).get("files")
+    if entries and not isinstance(written, list):
+        raise ConversionError(f"{refuse} it is not empty and this converter did not write it (no {OUTPUT_MARKER}); "
+                              "it would delete files that are not its own. Remove it yourself or choose another "
+                              "output_dir.")
+    foreign = [name for name in entries
+               if name != OUTPUT_MARKER and (name not in written or not (output_dir / name).is_file())]
     if foreign:
-        raise ConversionError(
-            f"--overwrite refuses to replace {output_dir}: it holds entries this converter did not write "
-            f"({_listing(foreign)}). Move them out or choose another --output-dir."
-        )
+        raise ConversionError(f"{refuse} it holds entries this converter did not write ({_listing(foreign)}). Move "
+                              "them out or choose another output_dir.")
 
 
-def _marked_files(marker: Path) -> set[str] | None:
-    """The files a converted folder's marker lists, or None when there is no valid marker of ours."""
-    if marker.is_symlink() or not marker.is_file():
-        return None
+def _marked(path: Path) -> dict:
+    """The contents of one of our marks (output marker or staging lock), or {} when `path` is not a valid one."""
     try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else {}
     except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("written_by") != WRITTEN_BY or not isinstance(data.get("files"), list):
-        return None
-    return {name for name in data["files"] if isinstance(name, str)}
+        return {}
+    return data if isinstance(data, dict) and data.get("written_by") == WRITTEN_BY else {}
 
 
 def write_output_marker(folder: Path) -> None:
-    """Mark `folder` as written by this converter, listing its files (what a later --overwrite may replace)."""
+    """Mark `folder` as written by this converter, listing its files (what a later `overwrite` may replace)."""
     files = sorted(path.name for path in folder.iterdir() if path.name != OUTPUT_MARKER)
     (folder / OUTPUT_MARKER).write_text(json.dumps({"written_by": WRITTEN_BY, "files": files}, indent=1) + "\n")
 
 
 def remove_stale_staging(parent: Path) -> None:
-    """Remove the staging folders that killed conversions left next to the output (each up to the output's size).
-
-    Only provably ours: a `.vica2-convert-*` folder holding our lock file, which no running conversion holds. One
+    """Remove the staging folders that killed conversions left next to the output (each up to the output's size):
+    only provably ours, a `.vica2-convert-*` folder holding our lock file, which no running conversion holds. One
     without it (or without file locks, on Windows) is named and left alone."""
-    if not parent.is_dir():
-        return
-    for folder in sorted(parent.glob(STAGING_PREFIX + "*")):
+    for folder in sorted(parent.glob(STAGING_PREFIX + "*")) if parent.is_dir() else ():
         if folder.is_symlink() or not folder.is_dir():
             continue
-        lock = folder / STAGING_LOCK
-        if fcntl is None or lock.is_symlink() or not lock.is_file() or _marked_by(lock) != WRITTEN_BY:
+        if fcntl is None or not _marked(folder / STAGING_LOCK):
             logger.warning("Left alone (not provably a staging folder of this converter): %s", folder)
             continue
         try:
-            with open(lock, "rb") as handle:
+            with open(folder / STAGING_LOCK, "rb") as handle:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
@@ -1462,13 +1107,6 @@ def remove_stale_staging(parent: Path) -> None:
             logger.warning("Could not remove %s, left by an interrupted conversion: %s", folder, error)
             continue
         logger.warning("Removed %s, left by an interrupted conversion (%.2f GB).", folder, size / 1e9)
-
-
-def _marked_by(lock: Path) -> str | None:
-    try:
-        return json.loads(lock.read_text(encoding="utf-8")).get("written_by")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _hold_staging_lock(staging_root: Path):
@@ -1502,9 +1140,8 @@ def staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
     lock = None
     try:
         lock = _hold_staging_lock(staging_root)
-        staged = staging_root / output_dir.name
+        staged, previous = staging_root / output_dir.name, staging_root / (output_dir.name + ".previous")
         staged.mkdir()
-        previous = staging_root / (output_dir.name + ".previous")
         yield staged
         write_output_marker(staged)
         if output_dir.exists() or output_dir.is_symlink():
@@ -1538,15 +1175,13 @@ def verify_conversion(folder: Path, plan: ConversionPlan) -> None:
         if loaded is None or loaded.dtype != expected.dtype or not torch.equal(loaded, expected):
             mismatched.append(planned.target)
         compared.add(planned.target)
-    unchecked = [name for name in expected_tensors(plan.config) if name not in compared]
     _raise_problems(
         "Verification failed; the output was not moved into place.",
         ("tensors that differ after reloading", mismatched),
-        ("tensors never compared", unchecked),
+        ("tensors never compared", [name for name in expected_tensors(plan.config) if name not in compared]),
     )
     logits = smoke_forward(model)
-    limit = model.config.generatable_vocab_size or logits.shape[-1]
-    if not torch.isfinite(logits[..., :limit]).all():
+    if not torch.isfinite(logits[..., : model.config.generatable_vocab_size or logits.shape[-1]]).all():
         raise ConversionError(
             "Verification failed; the output was not moved into place: the reloaded model's logits on a synthetic "
             f"video are not finite, although every weight is (checked while converting). {non_finite_cause(model)}"
@@ -1556,19 +1191,15 @@ def verify_conversion(folder: Path, plan: ConversionPlan) -> None:
 
 def non_finite_cause(model) -> str:
     """Name the first module (in execution order) whose output is not finite on the smoke input, and what to do."""
-    first: list[str] = []
+    names, first = {module: name for name, module in model.named_modules() if name}, []
 
-    def hook(name):
-        def record(module, args, output):
-            tensors = output if isinstance(output, (tuple, list)) else (getattr(output, "last_hidden_state", output),)
-            if not first and any(
-                isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in tensors
-            ):
-                first.append(f"{name} ({type(module).__name__})")
+    def record(module, args, output):
+        tensors = output if isinstance(output, (tuple, list)) else (getattr(output, "last_hidden_state", output),)
+        if not first and any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+                             for t in tensors):
+            first.append(f"{names[module]} ({type(module).__name__})")
 
-        return record
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    handles = [module.register_forward_hook(record) for module in names]
     try:
         smoke_forward(model)
     finally:
@@ -1577,27 +1208,21 @@ def non_finite_cause(model) -> str:
     dtype = str(model.dtype).replace("torch.", "")
     if not first:
         return f"No module's output is non-finite when run again ({dtype}): the logits themselves overflow."
-    advice = "convert with --dtype bfloat16 or float32" if model.dtype == torch.float16 else "check the checkpoint"
-    return (
-        f"The first module with a non-finite output is {first[0]}, computing in {dtype}: its activations overflow; "
-        f"{advice}."
-    )
+    advice = "convert with dtype=bfloat16 or float32" if model.dtype == torch.float16 else "check the checkpoint"
+    return (f"The first module with a non-finite output is {first[0]}, computing in {dtype}: its activations "
+            f"overflow; {advice}.")
 
 
 @torch.no_grad()
 def smoke_forward(model) -> torch.Tensor:
     """Logits of the model on a tiny random video (enough frames for one Hiera frame) inside a short prompt."""
-    config = model.config
+    config, generator = model.config, torch.Generator().manual_seed(0)
     num_frames = config.video_frames_budget // config.hiera_frames
-    generator = torch.Generator().manual_seed(0)
-    siglip_size, hiera_size = config.vision_config.image_size, config.hiera_config.image_size
-    hiera_size = hiera_size[0] if isinstance(hiera_size, (list, tuple)) else hiera_size
-    dtype = model.dtype
-    siglip = torch.randn(1, num_frames, 3, siglip_size, siglip_size, generator=generator).to(dtype)
-    hiera = torch.randn(1, num_frames, 3, hiera_size, hiera_size, generator=generator).to(dtype)
-    num_tokens = sum(config.num_video_tokens(num_frames))
+    sizes = [config.vision_config.image_size, config.hiera_config.image_size]
+    sizes = [size[0] if isinstance(size, (list, tuple)) else size for size in sizes]
+    siglip, hiera = (torch.randn(1, num_frames, 3, size, size, generator=generator).to(model.dtype) for size in sizes)
     text = list(range(1, 5))
-    input_ids = torch.tensor([text + [config.video_token_id] * num_tokens + text])
+    input_ids = torch.tensor([text + [config.video_token_id] * sum(config.num_video_tokens(num_frames)) + text])
     model.eval()
     return model(input_ids=input_ids, pixel_values_videos=siglip, hiera_pixel_values_videos=hiera).logits.float()
 
@@ -1611,19 +1236,18 @@ def check_hub_access(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except Exception as error:  # noqa: BLE001 - HFValidationError: say it in our words
-        raise ConversionError(f"--push-to-hub {repo_id!r} is not a valid repo id: {error}") from error
+        raise ConversionError(f"push_to_hub={repo_id!r} is not a valid repo id: {error}") from error
     if constants.is_offline_mode():
-        raise ConversionError(
-            f"--push-to-hub {repo_id}: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE is set); nothing was "
-            "converted. Unset it, or convert without --push-to-hub and upload the folder later."
-        )
+        raise ConversionError(f"push_to_hub={repo_id}: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE is "
+                              "set); nothing was converted. Unset it, or convert without push_to_hub and upload the "
+                              "folder later.")
     try:
         HfApi().whoami()
     except Exception as error:  # noqa: BLE001 - network errors, missing token, ...: all mean "cannot upload"
         raise ConversionError(
-            f"--push-to-hub {repo_id}: cannot reach the Hugging Face Hub as a logged-in user ({type(error).__name__}: "
+            f"push_to_hub={repo_id}: cannot reach the Hugging Face Hub as a logged-in user ({type(error).__name__}: "
             f"{error}); nothing was converted. Log in (`hf auth login` or HF_TOKEN) and check the network, or convert "
-            "without --push-to-hub."
+            "without push_to_hub."
         ) from error
 
 
@@ -1632,10 +1256,8 @@ def push_folder(folder: Path, repo_id: str, private: bool) -> str:
 
     api = HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload converted ViCA2",
-        ignore_patterns=[OUTPUT_MARKER],  # a local ownership mark, not part of the model
-    )
+    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload converted ViCA2",
+                      ignore_patterns=[OUTPUT_MARKER])  # a local ownership mark, not part of the model
     return str(url)
 
 
@@ -1655,41 +1277,23 @@ class ConversionResult:
     hub_url: str | None = None
 
 
-def prepare_conversion(
-    input_dir: Path,
-    sam2_checkpoint: Path | None = None,
-    dtype: str | torch.dtype | None = None,
-    projector_seed: int = 0,
-):
+def prepare_conversion(input_dir: Path, sam2_checkpoint: Path | None = None, dtype=None, projector_seed: int = 0):
     """Read and check everything, write nothing: (inputs, tokenizer with placeholders, plan)."""
     inputs = read_inputs(input_dir, sam2_checkpoint)
     tokenizer = load_tokenizer(input_dir)
-    vocabulary = add_placeholder_tokens(tokenizer, int(inputs.raw_config["vocab_size"]))
-    dtype = default_dtype(inputs.raw_config) if dtype is None else DTYPES.get(dtype, dtype)
+    vocabulary = add_placeholder_tokens(tokenizer, inputs.raw_config["vocab_size"])
+    dtype = default_dtype(inputs) if dtype is None else DTYPES.get(dtype, dtype)
     if dtype not in DTYPES.values():
         raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     config = build_hub_config(inputs, vocabulary, dtype)
-    sources = list(inputs.sources)
-    if inputs.kind == "vica2-init":
-        projector = spatial_projector_init(config, projector_seed)
-        sources.append(Source(InMemoryFile(f"spatial projector (seed {projector_seed})", projector), identity_mapper))
-    return inputs, tokenizer, plan_conversion(sources, config, vocabulary, dtype)
+    return inputs, tokenizer, plan_conversion(weight_sources(inputs, config, projector_seed), config, vocabulary, dtype)
 
 
 def convert_checkpoint(
-    input_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    sam2_checkpoint: str | os.PathLike | None = None,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    verify: bool = False,
-    overwrite: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    projector_seed: int = 0,
-    base_models: list[str] | tuple[str, ...] = DEFAULT_BASE_MODELS,
-    license: str = DEFAULT_LICENSE,
+    input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, sam2_checkpoint: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, verify: bool = False,
+    overwrite: bool = False, push_to_hub: str | None = None, private: bool = False, projector_seed: int = 0,
+    base_models: list[str] | tuple[str, ...] = DEFAULT_BASE_MODELS, license: str = DEFAULT_LICENSE,
     progress: bool = True,
 ) -> ConversionResult:
     """Convert a ViCA2 release folder (or assemble ViCA2-init from LLaVA-Video + SAM2.1) into a hub folder.
@@ -1705,29 +1309,26 @@ def convert_checkpoint(
         check_hub_access(push_to_hub)
     inputs, tokenizer, plan = prepare_conversion(input_dir, sam2_checkpoint, dtype, projector_seed)
     generation = build_generation_config(inputs, tokenizer)
-    for line in summarize_dropped(plan.dropped):
-        logger.info("Dropped %s", line)
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in plan.dropped:
+        by_reason.setdefault(reason, []).append(key)
+    for reason, keys in by_reason.items():
+        logger.info("Dropped %s: %d tensor(s): %s%s", reason, len(keys), ", ".join(keys[:4]), " ..." * (len(keys) > 4))
     if plan.vocabulary.added_rows:
-        logger.warning(
-            "The embedding has no spare rows for <image>/<video>: %d mean-initialised row(s) added (never generated).",
-            plan.vocabulary.added_rows,
-        )
+        logger.warning("The embedding has no spare rows for <image>/<video>: %d mean-initialised row(s) added (never "
+                       "generated).", plan.vocabulary.added_rows)
     with staged_output(output_dir, overwrite) as staged:
         weight_files = write_weights(plan, staged, max_shard_size, progress)
         plan.config.save_pretrained(staged)
         write_generation_config(staged, generation)
         write_processor(staged, plan.config, tokenizer)
         remote_code = copy_remote_code(staged)
-        check_shipped_code(staged, remote_code)
         build_model_card(plan.config, inputs, list(base_models), license, push_to_hub).save(staged / "README.md")
         if verify:
             verify_conversion(staged, plan)
-    result = ConversionResult(
-        output_dir, inputs.kind, plan.dtype, len(plan.tensors), plan.output_bytes(), weight_files, plan.dropped,
-        plan.vocabulary, remote_code, verify,
-    )
-    if push_to_hub:
-        result.hub_url = push_folder(output_dir, push_to_hub, private)
+    result = ConversionResult(output_dir, inputs.kind, plan.dtype, len(plan.tensors), plan.output_bytes(),
+                              weight_files, plan.dropped, plan.vocabulary, remote_code, verify)
+    result.hub_url = push_folder(output_dir, push_to_hub, private) if push_to_hub else None
     return result
 
 
@@ -1736,83 +1337,58 @@ def check_max_shard_size(value: int | str) -> int:
     shard splitter uses, so what passes here is what the writer accepts."""
     from huggingface_hub.serialization._base import parse_size_to_int
 
-    problem = None
-    size = None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        problem = f"a {type(value).__name__}"
-    elif isinstance(value, int):
-        size = value
-    else:
-        try:
-            size = parse_size_to_int(value)
-        except ValueError as error:
-            problem = _one_line(error)
-    if problem is None and size <= 0:
-        problem = "not a positive size"
-    if problem is not None:
-        raise ConversionError(
-            f"--max-shard-size {value!r} is not a size ({problem}); give a positive number with a unit, e.g. 5GB or "
-            "500MB."
-        )
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"a {type(value).__name__}")
+        size = value if isinstance(value, int) else parse_size_to_int(value)
+        if size <= 0:
+            raise ValueError("not a positive size")
+    except ValueError as error:
+        raise ConversionError(f"max_shard_size={value!r} is not a size ({_one_line(error)}); give a positive number "
+                              "with a unit, e.g. 5GB or 500MB.") from error
     return size
 
 
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input-dir", required=True, type=Path, help="ViCA2 release (or LLaVA-Video-Qwen2) folder")
-    parser.add_argument("--output-dir", required=True, type=Path, help="hub folder to write (must not exist)")
-    parser.add_argument(
-        "--sam2-checkpoint", type=Path, help="SAM2.1 .pt or transformers SAM2 folder: assemble ViCA2-init"
-    )
-    parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the release's)")
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (default), 500MB")
-    parser.add_argument("--verify", action="store_true", help="reload the output and compare every tensor")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this hub repo")
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    parser.add_argument("--projector-seed", type=int, default=0, help="ViCA2-init: seed of the spatial projector")
-    parser.add_argument("--base-model", action="append", help="model card base_model (repeatable)")
-    parser.add_argument("--license", default=DEFAULT_LICENSE, help="model card license (default: apache-2.0)")
-    args = parser.parse_args(argv)
-    if args.private and not args.push_to_hub:
-        parser.error("--private needs --push-to-hub")
-    return args
+# The library's messages name arguments (`overwrite=True`, `max_shard_size=...`); the command line names its flags.
+_ARGUMENT_WORDS = re.compile(r"\b(overwrite|max_shard_size|sam2_checkpoint|push_to_hub|output_dir|dtype)=(True\b)?")
+
+
+def as_flags(message: str) -> str:
+    return _ARGUMENT_WORDS.sub(lambda m: "--" + m[1].replace("_", "-") + ("" if m[2] else " "), message)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The command line; exit status 0, 2 for input that cannot be converted (one `error:` line), 1 when writing
     fails (disk full, permissions)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--input-dir", required=True, type=Path, help="ViCA2 release (or LLaVA-Video-Qwen2) folder")
+    add("--output-dir", required=True, type=Path, help="hub folder to write (must not exist)")
+    add("--sam2-checkpoint", type=Path, help="SAM2.1 .pt or transformers SAM2 folder: assemble ViCA2-init")
+    add("--dtype", choices=list(DTYPES), help="output dtype (default: the release's)")
+    add("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (default), 500MB")
+    add("--verify", action="store_true", help="reload the output and compare every tensor")
+    add("--overwrite", action="store_true", help="replace an existing --output-dir")
+    add("--push-to-hub", metavar="REPO_ID", help="upload the folder to this hub repo")
+    add("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    add("--projector-seed", type=int, default=0, help="ViCA2-init: seed of the spatial projector")
+    add("--base-model", action="append", dest="base_models", help="model card base_model (repeatable)")
+    add("--license", default=DEFAULT_LICENSE, help="model card license (default: apache-2.0)")
+    args = vars(parser.parse_args(argv))
+    if args["private"] and not args["push_to_hub"]:
+        parser.error("--private needs --push-to-hub")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv, prog)
+    args["base_models"] = args["base_models"] or DEFAULT_BASE_MODELS
     try:
-        result = convert_checkpoint(
-            args.input_dir,
-            args.output_dir,
-            sam2_checkpoint=args.sam2_checkpoint,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            verify=args.verify,
-            overwrite=args.overwrite,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            projector_seed=args.projector_seed,
-            base_models=args.base_model or DEFAULT_BASE_MODELS,
-            license=args.license,
-        )
-    except ConversionError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return 1
-    print(
-        f"Wrote {result.output_dir}: {result.num_tensors} tensors ({result.num_bytes / 1e9:.2f} GB, "
-        f"{str(result.dtype).replace('torch.', '')}) in {len(result.weight_files)} file(s); "
-        f"{len(result.dropped)} input tensor(s) dropped; vocabulary {result.vocabulary.rows} rows, "
-        f"generatable ids < {result.vocabulary.tokenizer_size}"
-        + ("; verified" if result.verified else "")
-        + (f"; uploaded to {result.hub_url}" if result.hub_url else "")
-    )
+        result = convert_checkpoint(args.pop("input_dir"), args.pop("output_dir"), **args)
+    except (ConversionError, OSError) as error:
+        print(f"error: {as_flags(_one_line(error))}", file=sys.stderr)
+        return 2 if isinstance(error, ConversionError) else 1
+    print(f"Wrote {result.output_dir}: {result.num_tensors} tensors ({result.num_bytes / 1e9:.2f} GB, "
+          f"{str(result.dtype).replace('torch.', '')}) in {len(result.weight_files)} file(s); {len(result.dropped)} "
+          f"input tensor(s) dropped; vocabulary {result.vocabulary.rows} rows, generatable ids < "
+          f"{result.vocabulary.tokenizer_size}" + ("; verified" if result.verified else "")
+          + (f"; uploaded to {result.hub_url}" if result.hub_url else ""))
     return 0
 
 

@@ -39,30 +39,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "generation_config.json")
 GB = 1e9
 
-# Inverse of the release -> hub key mapping (checked against `release_key_to_hub` for every key below).
-_HIERA_INVERSE = (
-    ("patch_embed.projection.", "patch_embed.proj."),
-    (".layer_norm1.", ".norm1."),
-    (".layer_norm2.", ".norm2."),
-    (".mlp.proj_in.", ".mlp.layers.0."),
-    (".mlp.proj_out.", ".mlp.layers.1."),
-)
-
-
-def hub_key_to_release(name: str) -> str:
-    for release_prefix, hub_prefix in cc._PREFIXES:
-        if name.startswith(hub_prefix):
-            key = release_prefix + name[len(hub_prefix):]
-            break
-    else:
-        raise KeyError(name)
-    if key.startswith("model.sam_tower.vision_tower."):
-        for ours, theirs in _HIERA_INVERSE:
-            key = key.replace(ours, theirs)
-    assert cc.release_key_to_hub(key, 26) == name, (key, name)
-    return key
-
-
 def release_config(num_layers: int) -> dict:
     """The 7B release config with a narrower, shorter Qwen2 (vocabulary, towers and projector widths kept)."""
     raw = json.loads((FIXTURE_DIR.parent / "vica2_7b_raw_config.json").read_text())
@@ -74,7 +50,7 @@ def release_config(num_layers: int) -> dict:
 def release_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
     """Release key -> shape, in the model's order, plus the stored-but-unused SigLIP post_layernorm."""
     shapes = cc.expected_tensors(cc.release_config_to_vica2(raw))
-    release = {hub_key_to_release(name): shape for name, shape in shapes.items()}
+    release = {cc.hub_key_to_release(name): shape for name, shape in shapes.items()}
     for suffix in ("weight", "bias"):
         release[f"model.vision_tower.vision_tower.vision_model.post_layernorm.{suffix}"] = (1152,)
     return release

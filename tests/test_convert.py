@@ -247,7 +247,7 @@ def test_tokenizer_gets_placeholders_as_special_tokens(converted):
 def release_7b_sources():
     listing = json.loads(FIXTURE_7B_KEYS.read_text())
     infos = [cc.TensorInfo(t["name"], tuple(t["shape"]), torch.bfloat16) for t in listing["tensors"]]
-    return listing, [cc.Source(cc.ShapesOnlyFile("vica2-7b", infos), cc.release_mapper(26))]
+    return listing, [cc.Source("vica2-7b", cc.release_mapper(26), shapes=infos)]
 
 
 @pytest.mark.skipif(not FIXTURE_7B_KEYS.is_file(), reason="7B key listing not found")
@@ -279,7 +279,7 @@ def test_7b_listing_with_a_27th_siglip_layer_drops_it():
     ]
     vocabulary = cc.Vocabulary(152064, 151646, 151646, 151647)
     plan = cc.plan_conversion(
-        [cc.Source(cc.ShapesOnlyFile("7b", infos), cc.release_mapper(26))], Vica2Config(), vocabulary, torch.bfloat16
+        [cc.Source("7b", cc.release_mapper(26), shapes=infos)], Vica2Config(), vocabulary, torch.bfloat16
     )
     dropped_layers = [key for key, reason in plan.dropped if ".layers.26." in key]
     assert len(dropped_layers) == len(layer_25) > 0
@@ -425,7 +425,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "out"
     convert(FIXTURE_DIR, out)
     (out / "config.json").write_text("{}")  # a converted folder, even edited, is still ours to replace
-    with pytest.raises(cc.ConversionError, match="already exists; pass --overwrite"):
+    with pytest.raises(cc.ConversionError, match="already exists; pass overwrite=True"):
         convert(FIXTURE_DIR, out)
     assert (out / "config.json").read_text() == "{}"
     convert(FIXTURE_DIR, out, overwrite=True)
@@ -476,7 +476,7 @@ def _a_file(path: Path) -> dict[str, bytes]:
 def test_overwrite_replaces_only_what_the_converter_wrote(tmp_path, make):
     out = tmp_path / "out"
     kept = make(out)
-    with pytest.raises(cc.ConversionError, match="--overwrite refuses to replace"):
+    with pytest.raises(cc.ConversionError, match="overwrite=True refuses to replace"):
         convert(FIXTURE_DIR, out, overwrite=True)
     for name, content in kept.items():
         assert (out / name if name else out).read_bytes() == content
@@ -492,7 +492,7 @@ def test_overwrite_rechecks_a_folder_that_appears_during_the_conversion(tmp_path
         _user_folder(out)
 
     monkeypatch.setattr(cc, "write_processor", user_creates_out)
-    with pytest.raises(cc.ConversionError, match="--overwrite refuses to replace"):
+    with pytest.raises(cc.ConversionError, match="overwrite=True refuses to replace"):
         convert(FIXTURE_DIR, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and not staging_dirs(tmp_path)
 
@@ -743,7 +743,7 @@ def test_vica2_init_refuses_a_different_hiera(tmp_path):
 
 def test_llava_video_without_sam2_is_refused(tmp_path):
     llava = llava_video_folder(tmp_path)
-    with pytest.raises(cc.ConversionError, match="pass the SAM2.1 Hiera weights with --sam2-checkpoint"):
+    with pytest.raises(cc.ConversionError, match="pass the SAM2.1 Hiera weights with sam2_checkpoint="):
         convert(llava, tmp_path / "out")
 
 
@@ -900,10 +900,14 @@ def _truncate(release: Path) -> None:
     (release / "model.safetensors").write_bytes(data[: len(data) // 2])
 
 
-def _tower_stages_of_wrong_type(release: Path) -> None:
-    towers = json.loads((release / "tower_configs.json").read_text())
-    towers["hiera"]["stages"] = "1,2,2,1"
-    (release / "tower_configs.json").write_text(json.dumps(towers))
+def _edit_tower(tower: str, **changes):
+    def edit(release: Path) -> None:
+        towers = json.loads((release / "tower_configs.json").read_text())
+        towers[tower].update(changes)
+        towers[tower] = {key: value for key, value in towers[tower].items() if value is not _DROP}
+        (release / "tower_configs.json").write_text(json.dumps(towers))
+
+    return edit
 
 
 BAD_INPUTS = [
@@ -914,7 +918,29 @@ BAD_INPUTS = [
     ("pool-mode", _edit_json("config.json", mm_spatial_pool_mode="nearest"), [], "field 'mm_spatial_pool_mode'"),
     ("projector-width", _edit_json("config.json", mm_hidden_size=33), [], "field 'mm_hidden_size' is 33"),
     ("image-token-string", _edit_json("config.json", image_token_index="383"), [], "field 'image_token_index'"),
-    ("tower-type", _tower_stages_of_wrong_type, [], r"tower_configs.json \[hiera\]: field 'stages'"),
+    ("tower-type", _edit_tower("hiera", stages="1,2,2,1"), [], r"tower_configs.json \[hiera\]: field 'stages'"),
+    # Values checked by the configs they map into (Vica2Config, the library's strict sub-configs), named by the
+    # release file and the release field they came from.
+    ("tie-word-embeddings", _edit_json("config.json", tie_word_embeddings="yes"), [],
+     "config.json: field 'tie_word_embeddings'"),
+    ("aspect-ratio", _edit_json("config.json", image_aspect_ratio="anyres"), [],
+     "config.json: field 'image_aspect_ratio': vision_aspect_ratio='anyres'"),
+    ("pinpoints", _edit_json("config.json", image_grid_pinpoints=[[100, 384]]), [],
+     "config.json: field 'image_grid_pinpoints'"),
+    ("dtype-name", _edit_json("config.json", torch_dtype="int8"), [], "config.json: field 'torch_dtype'"),
+    ("projector-type", _edit_json("config.json", mm_projector_type="linear"), [],
+     "config.json: field 'mm_projector_type' is 'linear'"),
+    ("newline-position", _edit_json("config.json", mm_newline_position="one_token"), [],
+     "config.json: field 'mm_newline_position' is 'one_token'; ViCA2 reproduces only 'grid'"),
+    ("faster-video", _edit_json("config.json", add_faster_video=True), [], "field 'add_faster_video' is True"),
+    ("rope-theta", _edit_json("config.json", rope_theta=-1.0), [], "field 'rope_theta' must be a positive number"),
+    ("kv-heads-zero", _edit_json("config.json", num_key_value_heads=0), [], "field 'num_key_value_heads' must be"),
+    ("hiera-q-stride", _edit_tower("hiera", q_stride="x"), [], r"tower_configs.json \[hiera\]: field 'q_stride'"),
+    ("hiera-dim-mul", _edit_tower("hiera", dim_mul="2"), [], r"tower_configs.json \[hiera\]: field 'dim_mul'"),
+    ("hiera-windows", _edit_tower("hiera", window_spec=[8, 4, 14]), [], "field 'window_spec' has 3 entries for 4"),
+    ("hiera-missing", _edit_tower("hiera", embed_dim=_DROP), [], r"\[hiera\]: field 'embed_dim' is missing"),
+    ("siglip-act", _edit_tower("siglip_vision_model", hidden_act=3), [],
+     r"tower_configs.json \[siglip_vision_model\]: field 'hidden_act'"),
     ("config-json", _write("config.json", b"{not json"), [], "config.json is not valid JSON"),
     ("config-list", _write("config.json", b"[1, 2]"), [], "config.json must hold a JSON object"),
     ("tower-json", _write("tower_configs.json", b"{"), [], "tower_configs.json is not valid JSON"),
