@@ -134,7 +134,7 @@ def test_video_hiera_pixels_match_the_release(processor, samples):
     assert out["hiera_pixel_values_videos"].shape == (1, 2, 3, 1024, 1024)
     assert_hiera_matches_release(out["hiera_pixel_values_videos"][0], "video", [0, 2])
     # All four frames, as the release's SAM2 processor prepared them.
-    every_frame = processor.image_processor.preprocess_video(frames, hiera_frame_stride=1)
+    every_frame = processor.video_processor.preprocess_video(frames, hiera_frame_stride=1)
     assert_hiera_matches_release(every_frame["hiera_pixel_values_videos"], "video", [0, 1, 2, 3])
 
 
