@@ -18,7 +18,6 @@ rescale + normalise of uint8 pixels reproduces the release's float operations bi
 
 from __future__ import annotations
 
-import math
 import os
 import re
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from transformers.image_processing_backends import PilBackend
-from transformers.image_processing_utils import BatchFeature, select_best_resolution
+from transformers.image_processing_utils import BatchFeature, get_patch_output_size, select_best_resolution
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -129,7 +128,8 @@ class Vica2ImageProcessor(PilBackend):
         return_tensors=None,
         **kwargs,
     ) -> BatchFeature:
-        _require_resize(do_resize)
+        if do_resize is False:
+            raise ValueError("do_resize=False is not supported: the SigLIP tower needs S x S inputs.")
         side = square_side(size)
         _check_pinpoints(image_grid_pinpoints, side)
         siglip_norm = (
@@ -162,27 +162,14 @@ def anyres_tiles(image: np.ndarray, side: int, grid_pinpoints, resample=PILImage
     side x side tiles, row by row, of the image fitted (aspect kept) and centred on black in its best grid."""
     height, width = image.shape[:2]
     best_height, best_width = select_best_resolution((height, width), grid_pinpoints)
-    new_height, new_width = _fitted_size(height, width, best_height, best_width)
-    picture = Image.fromarray(image)
+    # The image resized into the grid keeping its aspect ratio (the release's `resize_and_pad_image`), centred.
+    new_height, new_width = get_patch_output_size(image, (best_height, best_width), ChannelDimension.LAST)
     canvas = Image.new("RGB", (best_width, best_height), (0, 0, 0))
-    resized = picture.resize((new_width, new_height), resample=_pil_filter(resample))
+    resized = Image.fromarray(image).resize((new_width, new_height), resample=_pil_filter(resample))
     canvas.paste(resized, ((best_width - new_width) // 2, (best_height - new_height) // 2))
     grid = np.asarray(canvas)
-    tiles = [
-        grid[top : top + side, left : left + side]
-        for top in range(0, best_height, side)
-        for left in range(0, best_width, side)
-    ]
+    tiles = [grid[y : y + side, x : x + side] for y in range(0, best_height, side) for x in range(0, best_width, side)]
     return [pil_resize(image, side, resample)] + tiles
-
-
-def _fitted_size(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
-    """Size of the image resized into the target keeping its aspect ratio: the filled side equals the target, the
-    other is min(ceil(side * scale), target) (the release's `resize_and_pad_image`)."""
-    scale_w, scale_h = target_width / width, target_height / height
-    if scale_w < scale_h:
-        return min(math.ceil(height * scale_w), target_height), target_width
-    return target_height, min(math.ceil(width * scale_h), target_width)
 
 
 def hiera_pixels(frames: np.ndarray, size: int, mean, std, antialias: bool = False, out=None) -> torch.Tensor:
@@ -270,11 +257,6 @@ def _check_pinpoints(grid_pinpoints, side: int) -> None:
         )
 
 
-def _require_resize(do_resize) -> None:
-    if do_resize is False:
-        raise ValueError("do_resize=False is not supported: the SigLIP tower needs S x S inputs.")
-
-
 def _as_return_type(data: dict, return_tensors) -> dict:
     if str(return_tensors) in ("np", "TensorType.NUMPY"):
         return {key: value.numpy() for key, value in data.items()}
@@ -312,15 +294,21 @@ def to_rgb_uint8(image, what: str = "image", input_data_format=None) -> np.ndarr
             "of shape (height, width, 3), or a path."
         )
     if image.ndim == 2:
-        image = image[..., None]
-    elif image.ndim != 3:
+        image, input_data_format = image[..., None], ChannelDimension.LAST
+    if image.ndim != 3:
         raise ValueError(
             f"The {what} array has shape {tuple(image.shape)}; expected (height, width, 3) RGB (also accepted: "
             "(height, width) grayscale, 4-channel RGBA, or channels first)."
         )
-    elif channel_dimension(image.shape, what, input_data_format) == ChannelDimension.FIRST:
-        image = np.moveaxis(image, 0, -1)
-    return check_not_empty(as_rgb_channels(as_uint8(image, what), what), what)
+    return rgb_uint8(image, what, input_data_format)
+
+
+def rgb_uint8(pixels: np.ndarray, what: str, input_data_format=None) -> np.ndarray:
+    """(..., H, W, C) or (..., C, H, W) pixels, C in 1, 3, 4, as uint8 RGB (..., H, W, 3): grayscale replicated,
+    alpha dropped (as PIL's `convert("RGB")`), 16- and 32-bit integers scaled to 0..255 (see `as_uint8`)."""
+    if channel_dimension(pixels.shape[-3:], what, input_data_format) == ChannelDimension.FIRST:
+        pixels = np.moveaxis(pixels, -3, -1)
+    return check_not_empty(as_rgb_channels(as_uint8(pixels, what), what), what)
 
 
 def as_uint8(pixels: np.ndarray, what: str = "image") -> np.ndarray:
@@ -382,11 +370,9 @@ def channel_dimension(shape: tuple, what: str, input_data_format) -> ChannelDime
 
 
 def check_not_empty(image: np.ndarray, what: str) -> np.ndarray:
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(
-            f"The {what} is empty (height {image.shape[0]}, width {image.shape[1]}); pass a picture of at least 1 x 1 "
-            "pixels."
-        )
+    height, width = image.shape[-3:-1]
+    if height == 0 or width == 0:
+        raise ValueError(f"The {what} is empty (height {height}, width {width}); pass a picture of at least 1 x 1 pixels.")
     return image
 
 

@@ -48,30 +48,18 @@ VIDEO_ARGS = (
     "num_frames", "fast_decode", "decode_workers", "do_sample_frames", "video_metadata", "hiera_antialias", "device",
     "input_data_format",
 )  # fmt: skip
-TOKENIZER_ARGS = frozenset(TextKwargs.__annotations__) - {
-    "return_mm_token_type_ids",
-    "return_text_replacement_offsets",
-}
+TEXT_OPTIONS = ("return_text_replacement_offsets", "return_mm_token_type_ids")  # ours, not the tokenizer's
+TOKENIZER_ARGS = frozenset(TextKwargs.__annotations__) - set(TEXT_OPTIONS)
 # The switch for media URLs (http(s), rtsp, ftp, data, ...): fetched by default, as transformers does. A server that
 # passes users' chats through the processor sets `allow_remote_media=False` (or this variable to 0), so that a chat
 # cannot make it call internal addresses.
 REMOTE_MEDIA_ENV = "VICA2_ALLOW_REMOTE_MEDIA"
 
 # Arguments of `ProcessorMixin.apply_chat_template` itself (the rest goes to `__call__`).
-CHAT_TEMPLATE_ARGS = frozenset(
-    {
-        "tools",
-        "documents",
-        "add_generation_prompt",
-        "continue_final_message",
-        "return_assistant_tokens_mask",
-        "tokenize",
-        "return_tensors",
-        "return_dict",
-        "load_audio_from_video",
-        "sanitize_control_tokens",
-    }
-)
+CHAT_TEMPLATE_ARGS = frozenset({
+    "tools", "documents", "add_generation_prompt", "continue_final_message", "return_assistant_tokens_mask",
+    "tokenize", "return_tensors", "return_dict", "load_audio_from_video", "sanitize_control_tokens",
+})  # fmt: skip
 
 # A placeholder typed into a text part would be expanded into a video / image that the request does not have (or,
 # where the engine only expands the placeholders of the media it got, as vLLM does, read as a stray token): the
@@ -146,18 +134,9 @@ class Vica2Processor(ProcessorMixin):
             from the image processor's recipe). Saved in its own `video_preprocessor_config.json`.
     """
 
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        chat_template=None,
-        image_token: str = "<image>",
-        video_token: str = "<video>",
-        token_layout: dict | None = None,
-        add_time_instruction: bool = True,
-        allow_remote_media: bool | None = None,
-        **kwargs,
-    ):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = "<image>",
+                 video_token: str = "<video>", token_layout: dict | None = None, add_time_instruction: bool = True,
+                 allow_remote_media: bool | None = None, **kwargs):
         # Not a named parameter: ProcessorMixin would then type-check it against transformers' video processor base
         # class, which needs torchvision before transformers 5.18.
         video_processor = kwargs.pop("video_processor", None)
@@ -261,7 +240,7 @@ class Vica2Processor(ProcessorMixin):
         video_kwargs = {name: kwargs.pop(name) for name in VIDEO_ARGS[:5] if name in kwargs}
         video_kwargs.update({name: kwargs[name] for name in VIDEO_ARGS[5:] if name in kwargs})  # images' too
         return_metadata = bool(kwargs.pop("return_metadata", False))
-        options = {name: bool(kwargs.pop(name, False)) for name in self._text_options}
+        options = {name: bool(kwargs.pop(name, False)) for name in TEXT_OPTIONS}
         image_kwargs = self._image_kwargs(kwargs)
         text_kwargs = _tokenizer_kwargs(kwargs)
         texts = _as_text_list(text)
@@ -286,8 +265,6 @@ class Vica2Processor(ProcessorMixin):
         if texts is not None:
             data = {**self._text_inputs(texts, data, overrides, text_kwargs, **options), **data}
         return BatchFeature(data)
-
-    _text_options = ("return_text_replacement_offsets", "return_mm_token_type_ids")
 
     def _text_inputs(self, texts, data, overrides, text_kwargs, return_text_replacement_offsets=False,
                      return_mm_token_type_ids=False) -> dict:
@@ -387,17 +364,8 @@ class Vica2Processor(ProcessorMixin):
             return False
         raise ValueError(f"{REMOTE_MEDIA_ENV}={value!r}: set it to 1 (fetch media URLs) or 0 (refuse them).")
 
-    def load_video(
-        self,
-        source,
-        num_frames: int | None = None,
-        fast_decode: bool = False,
-        decode_workers: int | None = None,
-        hiera_antialias: bool | None = None,
-        device=None,
-        keep_frames: bool = True,
-        **overrides,
-    ) -> DecodedVideo:
+    def load_video(self, source, num_frames=None, fast_decode=False, decode_workers=None, hiera_antialias=None,
+                   device=None, keep_frames: bool = True, **overrides) -> DecodedVideo:
         """Read and sample a video file once, e.g. to reuse it across prompts: pass the result as `videos=`.
 
         `num_frames` defaults to the (overridden) frame budget. The model's pixels are prepared while the video
@@ -407,17 +375,11 @@ class Vica2Processor(ProcessorMixin):
         """
         self.check_media_source(source, "video")
         layout = self.resolve_token_layout(**overrides)
+        stride = check_frame_ratio(layout["video_frames_budget"], layout["hiera_frames"])
         return self.video_processor.load_video(
-            source,
-            self._num_frames(num_frames, layout),
-            check_frame_ratio(layout["video_frames_budget"], layout["hiera_frames"]),
-            fast_decode,
-            decode_workers,
-            hiera_antialias,
-            device,
-            keep_frames=keep_frames,
-            allow_network=self._remote_media_allowed(),
-        )
+            source, self._num_frames(num_frames, layout), stride, fast_decode, decode_workers, hiera_antialias, device,
+            keep_frames=keep_frames, allow_network=self._remote_media_allowed(),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------- chat template
     def apply_chat_template(self, conversation, chat_template=None, add_time_instruction=None, **kwargs):
@@ -431,7 +393,8 @@ class Vica2Processor(ProcessorMixin):
         be given as keyword arguments or in `processor_kwargs`.
         """
         processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
-        template = self._template_string(chat_template)
+        template = chat_template or self.chat_template
+        template = template.get("default") if isinstance(template, dict) else template
         for name in [k for k in kwargs if k not in CHAT_TEMPLATE_ARGS and k not in _template_variables(template)]:
             processor_kwargs[name] = kwargs.pop(name)
         loading = {name: processor_kwargs.pop(name) for name in VIDEO_ARGS[:3] if name in processor_kwargs}
@@ -440,17 +403,11 @@ class Vica2Processor(ProcessorMixin):
         loading.update({name: flat[name] for name in TOKEN_RATIO_ARGS if flat.get(name) is not None})
         add_time = self.add_time_instruction if add_time_instruction is None else add_time_instruction
         conversations, is_batched = _copy_conversations(conversation)
-        for messages in conversations:  # before anything is read or probed
-            for message in messages:
-                for block in message.get("content") if isinstance(message.get("content"), list) else []:
-                    for kind, source in _chat_media_sources(block):
-                        self.check_media_source(source, kind)
-        for messages in conversations:
-            for message in messages:
-                if isinstance(message.get("content"), list):
-                    message["content"] = self._with_loaded_videos(
-                        message["content"], kwargs.get("tokenize", False), add_time, loading
-                    )
+        contents = [m["content"] for messages in conversations for m in messages if isinstance(m.get("content"), list)]
+        for kind, source in (item for content in contents for block in content for item in _chat_media_sources(block)):
+            self.check_media_source(source, kind)  # every source, before anything is read or probed
+        for content in contents:
+            content[:] = self._with_loaded_videos(content, kwargs.get("tokenize", False), add_time, loading)
         from jinja2 import TemplateError  # transformers' chat templates need jinja2
 
         try:
@@ -501,13 +458,6 @@ class Vica2Processor(ProcessorMixin):
         if metadata is None:
             return source, None
         return (source, metadata), metadata
-
-    def _template_string(self, chat_template):
-        if chat_template is None:
-            chat_template = self.chat_template
-        if isinstance(chat_template, dict):
-            chat_template = chat_template.get("default")
-        return chat_template
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -589,21 +539,11 @@ def _unmarked(text: str) -> str:
 
 def _copy_conversations(conversation) -> tuple[list, bool]:
     """Copy the message structure (not the media in it) so that rewriting entries leaves the caller's intact."""
-    is_batched = (
-        isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
-    )
+    first = conversation[0] if isinstance(conversation, (list, tuple)) and conversation else None
+    is_batched = isinstance(first, (list, tuple))
+    copy = lambda m: {**m, "content": [dict(b) if isinstance(b, dict) else b for b in m["content"]]}  # noqa: E731
     conversations = conversation if is_batched else [conversation]
-    copied = []
-    for messages in conversations:
-        copied.append(
-            [
-                {**message, "content": [dict(b) if isinstance(b, dict) else b for b in message["content"]]}
-                if isinstance(message.get("content"), list)
-                else dict(message)
-                for message in messages
-            ]
-        )
-    return copied, bool(is_batched)
+    return [[copy(m) if isinstance(m.get("content"), list) else dict(m) for m in c] for c in conversations], is_batched
 
 
 def _chat_media_sources(block) -> list[tuple[str, object]]:

@@ -24,23 +24,12 @@ import torch
 from PIL import Image
 
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ChannelDimension, PILImageResampling
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.utils import VIDEO_PROCESSOR_NAME, logging
 from transformers.utils.hub import cached_file
 from transformers.video_utils import VideoMetadata
 
-from .image_processing_vica2 import (
-    CHANNEL_COUNTS,
-    as_rgb_channels,
-    as_uint8,
-    channel_dimension,
-    check_not_empty,
-    hiera_pixels,
-    normalize_uint8,
-    pil_resize,
-    square_side,
-    to_rgb_uint8,
-)
+from .image_processing_vica2 import hiera_pixels, normalize_uint8, pil_resize, rgb_uint8, square_side, to_rgb_uint8
 from .video_loading_vica2 import DecodedVideo, FastResize, probe_video, read_video, sample_frame_indices
 
 
@@ -415,16 +404,7 @@ def to_video_frames(video, input_data_format=None) -> np.ndarray:
         )
     if video.shape[0] == 0:
         raise ValueError("A video has no frames (its first dimension is 0): pass at least one frame.")
-    if channel_dimension(video.shape[1:], "video frame", input_data_format) == ChannelDimension.FIRST:
-        video = np.moveaxis(video, 1, -1)
-    if video.shape[-1] not in CHANNEL_COUNTS:
-        raise ValueError(
-            f"Video frames have shape {tuple(video.shape[1:])}; expected (height, width, 3) RGB frames "
-            "(1-channel grayscale and 4-channel RGBA are converted)."
-        )
-    frames = as_rgb_channels(as_uint8(video, "video"), "video")
-    check_not_empty(frames[0], "video frame")
-    return frames
+    return rgb_uint8(video, "video frame", input_data_format)
 
 
 def check_decoded_video(num_frames: int, metadata: VideoMetadata | None, requested: int | None) -> None:
