@@ -120,18 +120,15 @@ class Vica2Processor(ProcessorMixin):
     Tokenizer + [`Vica2ImageProcessor`] + [`Vica2VideoProcessor`] (`video_processor`) for ViCA2.
 
     Args:
-        image_processor ([`Vica2ImageProcessor`]): SigLIP / Hiera pixels of images.
-        tokenizer: the Qwen2 tokenizer, with `<image>` and `<video>` as special tokens (see `from_model_config`).
+        image_processor, tokenizer (the Qwen2 tokenizer with `<image>` / `<video>` special tokens: `from_model_config`).
         chat_template (`str`, *optional*): defaults to the release's "qwen_1_5" conversation.
-        image_token (`str`, defaults to `"<image>"`), video_token (`str`, defaults to `"<video>"`): placeholders.
+        image_token, video_token (`str`, defaults to `"<image>"`, `"<video>"`): the placeholders.
         token_layout (`dict`, *optional*): `Vica2Config.token_layout()` of the checkpoint (defaults: ViCA2-7B).
         add_time_instruction (`bool`, defaults to `True`): `apply_chat_template` adds the release's time
             instruction after a video whose timing is known (training used it).
-        allow_remote_media (`bool`, *optional*): whether media given as URLs (http, https, rtsp, ftp, data, ...) are
-            fetched. `False` refuses them before anything is fetched; unset (`None`), the environment variable
-            `VICA2_ALLOW_REMOTE_MEDIA` decides (`0` refuses), and URLs are fetched when it is unset too.
-        video_processor ([`Vica2VideoProcessor`], *optional*): reads, samples and prepares videos (default: built
-            from the image processor's recipe). Saved in its own `video_preprocessor_config.json`.
+        allow_remote_media (`bool`, *optional*): whether media URLs (http, https, rtsp, ftp, data, ...) are fetched.
+            `False` refuses them before anything is fetched; unset, `VICA2_ALLOW_REMOTE_MEDIA=0` refuses.
+        video_processor ([`Vica2VideoProcessor`], *optional*): default: built from the image processor's recipe.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = "<image>",
@@ -158,9 +155,7 @@ class Vica2Processor(ProcessorMixin):
         `image_token_id` / `video_token_id`), makes left padding the default (generation), and sizes the image and
         video processors from the towers: S = `vision_config.image_size`, Hs = `hiera_config.image_size[0]`.
         """
-        missing = [t for t in ("<image>", "<video>") if _token_in_vocab(tokenizer, t) is None]
-        if missing:
-            tokenizer.add_tokens(missing, special_tokens=True)
+        tokenizer.add_tokens([t for t in ("<image>", "<video>") if _token_in_vocab(tokenizer, t) is None], True)
         for token, expected in (("<image>", config.image_token_id), ("<video>", config.video_token_id)):
             actual = tokenizer.convert_tokens_to_ids(token)
             if actual != expected:
@@ -215,21 +210,18 @@ class Vica2Processor(ProcessorMixin):
         Args:
             images: a PIL image, uint8 array / tensor (H, W, 3), path, or a (nested) list of them, one per `<image>`.
             text (`str` or `list[str]`): prompts holding exactly one placeholder per visual item, in order.
-            videos: one per `<video>`: a path / URL / binary file object, decoded frames, a `DecodedVideo`
-                (`load_video`), a (frames, metadata) pair, or a (nested) list of those (see `Vica2VideoProcessor`).
-            video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride (`int`): token-ratio overrides;
-                they reach the model as each video's `video_token_ratio` row.
-            num_frames, do_sample_frames, video_metadata, fast_decode, decode_workers, device, hiera_antialias,
-                input_data_format: reading, sampling and pixel settings (see `Vica2VideoProcessor.__call__`);
-                `num_frames` defaults to the frame budget, `hiera_antialias` / `input_data_format` apply to images too.
-            return_metadata (`bool`): also return each video's `VideoMetadata` as `video_metadata`.
+            videos: one per `<video>`, anything `Vica2VideoProcessor` reads (a path / URL / file object, decoded
+                frames, a `DecodedVideo` from `load_video`, a (frames, metadata) pair), or a (nested) list of those.
+            video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride (`int`): token-ratio overrides.
+            num_frames (default: the frame budget), do_sample_frames, video_metadata, fast_decode, decode_workers,
+                device, hiera_antialias, input_data_format, return_metadata: the video processor's settings
+                (`hiera_antialias` and `input_data_format` apply to images too).
             padding, padding_side, truncation, max_length, return_tensors (default `"pt"`), ...: tokenizer options.
 
         Returns:
-            `BatchFeature` with `input_ids`, `attention_mask`, and for images `pixel_values`, `image_sizes`,
-            `hiera_pixel_values`, for videos `pixel_values_videos`, `hiera_pixel_values_videos` (lists when the
-            videos have different frame counts) and `video_token_ratio` (the four token-ratio settings of each video,
-            overrides applied, for the model).
+            `BatchFeature` with `input_ids`, `attention_mask`; for images `pixel_values`, `image_sizes`,
+            `hiera_pixel_values`; for videos `pixel_values_videos`, `hiera_pixel_values_videos` (lists when the
+            videos' frame counts differ) and `video_token_ratio` (each video's four token-ratio settings, for the model).
         """
         if audio is not None:
             raise ValueError("ViCA2 does not take audio; pass images and/or videos.")

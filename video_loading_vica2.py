@@ -58,12 +58,8 @@ class VideoLoadError(ValueError):
 
 @dataclass
 class FastResize:
-    """Opt-in "fast" decoding: swscale resizes straight from the decoder's YUV to the model's sizes.
-
-    Skips the full-resolution RGB frame, PIL and torch resizes; pixels differ slightly from the release's recipe
-    (different resampling filters and chroma handling). Hiera pixels are produced only for every
-    `hiera_frame_stride`-th sampled frame, the frames Hiera encodes.
-    """
+    """Opt-in "fast" decoding: swscale resizes straight from the decoder's YUV to the model's sizes (no full-size RGB
+    frame, PIL or torch resize; pixels differ slightly from the release's), Hiera's only for the frames it encodes."""
 
     siglip_size: int
     hiera_size: int
@@ -96,17 +92,9 @@ class DecodedVideo:
     (A plain class, not a dataclass: transformers' chat templates turn dataclasses found in messages into dicts.)
     """
 
-    def __init__(
-        self,
-        metadata: VideoMetadata | None,
-        frames: np.ndarray | None = None,
-        siglip_frames: np.ndarray | None = None,
-        hiera_frames: np.ndarray | None = None,
-        hiera_frame_stride: int | None = None,
-        stats: DecodeStats | None = None,
-        pixels: dict | None = None,
-        pixels_key: tuple | None = None,
-    ):
+    def __init__(self, metadata: VideoMetadata | None, frames=None, siglip_frames=None, hiera_frames=None,
+                 hiera_frame_stride: int | None = None, stats: DecodeStats | None = None, pixels: dict | None = None,
+                 pixels_key: tuple | None = None):
         self.metadata, self.frames, self.siglip_frames, self.hiera_frames = metadata, frames, siglip_frames, hiera_frames
         self.hiera_frame_stride, self.stats = hiera_frame_stride, stats if stats is not None else DecodeStats()
         self.pixels, self.pixels_key = pixels, pixels_key
@@ -149,36 +137,24 @@ def _num_frames(num_frames) -> int:
 
 # --------------------------------------------------------------------------------------------------- public API
 def load_video(source, num_frames: int) -> tuple[np.ndarray, VideoMetadata]:
-    """Sample `num_frames` frames of a video exactly as the release does; returns ((T, H, W, 3) uint8, metadata).
-
-    `source` is a path, a URL PyAV can open, or a binary file-like object. `metadata.frames_indices` are the sampled
-    frame indices and `metadata.timestamps` their times (index / average fps); `metadata.duration` is
-    total_frames / average fps, as in the release's time instruction.
-    """
+    """Sample `num_frames` frames of a video (a path, a URL PyAV can open, or a binary file object) exactly as the
+    release does: ((T, H, W, 3) uint8, metadata with the sampled `frames_indices`, their `timestamps` (index /
+    average fps) and `duration` = total frames / average fps, as in the release's time instruction)."""
     video = read_video(source, num_frames)
     return video.frames, video.metadata
 
 
-def read_video(
-    source,
-    num_frames: int,
-    fast_resize: FastResize | None = None,
-    decode_workers: int | None = None,
-    make_frame_sink: Callable | None = None,
-    keep_frames: bool = True,
-    allow_network: bool = True,
-) -> DecodedVideo:
+def read_video(source, num_frames: int, fast_resize: FastResize | None = None, decode_workers: int | None = None,
+               make_frame_sink: Callable | None = None, keep_frames=True, allow_network=True) -> DecodedVideo:
     """Sample and decode `num_frames` frames of a video file (see `load_video`); `fast_resize` selects fast mode.
 
     Args:
         decode_workers: threads that decode keyframe segments in parallel (default: `default_decode_workers()`, the
             cores this process may use). The frames do not depend on it. A file object is read by one worker.
-        make_frame_sink: called with the video's metadata (its sampled `frames_indices`) before decoding starts;
-            returns the frame sink, called as `sink(position, frame)` once per distinct sampled frame as soon as it
-            is decoded, on the calling thread (in completion order, not presentation order; `position` is the
-            frame's index in the video). `frame` is the (H, W, 3) uint8 RGB frame, or in fast mode the
-            (siglip, hiera) pair (hiera None for frames Hiera does not encode). Lets preprocessing run while later
-            frames decode.
+        make_frame_sink: called with the video's metadata (its sampled `frames_indices`) before decoding; returns
+            the sink, called as `sink(position, frame)` on the calling thread once per distinct sampled frame as it
+            is decoded (in completion order; `position`: its index in the video; `frame`: (H, W, 3) uint8 RGB, or
+            in fast mode the (siglip, hiera) pair, hiera None for frames Hiera does not encode).
         keep_frames: with a frame sink, False keeps no frames in the result (only the metadata and stats).
         allow_network: False keeps FFmpeg off the network: a URL is refused, and a local file that refers to
             remote parts (an HLS playlist naming http segments) fails instead of fetching them.
@@ -347,11 +323,8 @@ def _index_stream(container, stream, name: str) -> StreamIndex:
 
 
 def _truncated(name: str, stream, demuxed: int) -> VideoLoadError:
-    """The file ends before the frames its header lists (an interrupted download or copy of an index-first mp4).
-
-    An error rather than sampling the frames that are there: the answer would be about the start of the video
-    only, while the user asked about all of it, and a warning in a log is easily missed (a server never shows it).
-    Whoever does want the part that is there can rewrite the header for it, as the message says."""
+    """The file ends before the frames its header lists (an interrupted copy of an index-first mp4): an error, as
+    sampling the part that is there would answer about the start of the video only, without anyone noticing."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     seconds = lambda frames: f" ({frames / float(rate):.2f} s)" if rate else ""  # noqa: E731
     return VideoLoadError(

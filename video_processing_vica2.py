@@ -59,20 +59,10 @@ class Vica2VideoProcessor:
         "hiera_image_std", "hiera_antialias", "do_sample_frames",
     )  # fmt: skip
 
-    def __init__(
-        self,
-        size: dict | None = None,
-        resample=PILImageResampling.BICUBIC,
-        rescale_factor: float = 1 / 255,
-        image_mean=(0.5, 0.5, 0.5),
-        image_std=(0.5, 0.5, 0.5),
-        hiera_size: int = 1024,
-        hiera_image_mean=tuple(IMAGENET_DEFAULT_MEAN),
-        hiera_image_std=tuple(IMAGENET_DEFAULT_STD),
-        hiera_antialias: bool = False,
-        do_sample_frames: bool = True,
-        **kwargs,
-    ):
+    def __init__(self, size: dict | None = None, resample=PILImageResampling.BICUBIC, rescale_factor=1 / 255,
+                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), hiera_size: int = 1024,
+                 hiera_image_mean=IMAGENET_DEFAULT_MEAN, hiera_image_std=IMAGENET_DEFAULT_STD,
+                 hiera_antialias: bool = False, do_sample_frames: bool = True, **kwargs):
         unknown = sorted(set(kwargs) - {"video_processor_type", "processor_class", "auto_map"})
         if unknown:
             raise TypeError(f"Unknown setting(s) {', '.join(unknown)} for Vica2VideoProcessor; known: {self.settings}.")
@@ -111,10 +101,8 @@ class Vica2VideoProcessor:
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> Vica2VideoProcessor | None:
         """The video processor of a folder or hub repo, or None when it has no `video_preprocessor_config.json`."""
         hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}
-        path = cached_file(
-            pretrained_model_name_or_path, VIDEO_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False,
-            **hub_kwargs,
-        )  # fmt: skip
+        path = cached_file(pretrained_model_name_or_path, VIDEO_PROCESSOR_NAME,
+                           _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if path is None:
             return None
         with open(path, encoding="utf-8") as file:
@@ -124,22 +112,10 @@ class Vica2VideoProcessor:
         return f"{type(self).__name__} {json.dumps(self.to_dict(), sort_keys=True)}"
 
     # ------------------------------------------------------------------------------------------- the call
-    def __call__(
-        self,
-        videos,
-        video_metadata=None,
-        num_frames: int | None = None,
-        default_num_frames: int | None = None,
-        do_sample_frames: bool = False,
-        hiera_frame_stride: int = 1,
-        hiera_antialias: bool | None = None,
-        device=None,
-        fast_decode: bool = False,
-        decode_workers: int | None = None,
-        input_data_format=None,
-        allow_network: bool = True,
-        return_metadata: bool = False,
-    ) -> BatchFeature:
+    def __call__(self, videos, video_metadata=None, num_frames: int | None = None, default_num_frames=None,
+                 do_sample_frames: bool = False, hiera_frame_stride: int = 1, hiera_antialias=None, device=None,
+                 fast_decode=False, decode_workers=None, input_data_format=None, allow_network=True,
+                 return_metadata=False) -> BatchFeature:
         r"""
         Read / sample `videos` and prepare their pixels.
 
@@ -148,15 +124,14 @@ class Vica2VideoProcessor:
                 (a uint8 (T, H, W, 3) array or tensor, or a list of PIL images / arrays; used as given), a
                 `DecodedVideo` (`load_video`), or a (frames, metadata) pair.
             video_metadata: `VideoMetadata` (or dict) per decoded-frames video: which frames of the video they are.
-            num_frames: frames to sample from each video file (default: `default_num_frames`). Given for decoded
-                frames, it samples them too (their metadata must say which frames they are).
-            default_num_frames: what `num_frames` defaults to (`Vica2Processor` passes the frame budget).
-            do_sample_frames: sample decoded frames that come with metadata as the release samples a file.
+            num_frames: frames to sample from a file (default: `default_num_frames`, which `Vica2Processor` sets to
+                the frame budget). Given for decoded frames, it samples them too, as `do_sample_frames=True` does:
+                as the release samples a file, when their metadata says which frames they are.
             hiera_frame_stride: k; Hiera pixels are prepared for frames 0, k, 2k, ... only.
             hiera_antialias: antialias the Hiera resize (default: the processor's setting).
             device: prepare the pixels there (the Hiera resize and both normalisations; SigLIP's PIL resize stays on
                 the CPU); outputs are on `device`.
-            fast_decode: resize while decoding (swscale, from YUV); faster, not bit-exact. Files only.
+            fast_decode: files only: resize while decoding (swscale, from YUV); faster, not bit-exact.
             decode_workers: threads decoding a file's keyframe segments (default: one per usable core).
             input_data_format: where decoded frames' channels are, when their shape does not tell.
             allow_network: False refuses URLs and keeps FFmpeg on local files.
@@ -212,18 +187,8 @@ class Vica2VideoProcessor:
         return {"pixel_values_videos": siglip, "hiera_pixel_values_videos": hiera}
 
     # ------------------------------------------------------------------------------------------- reading, sampling
-    def load_video(
-        self,
-        source,
-        num_frames: int,
-        hiera_frame_stride: int = 1,
-        fast_decode: bool = False,
-        decode_workers: int | None = None,
-        hiera_antialias: bool | None = None,
-        device=None,
-        keep_frames: bool = True,
-        allow_network: bool = True,
-    ) -> DecodedVideo:
+    def load_video(self, source, num_frames: int, hiera_frame_stride: int = 1, fast_decode=False, decode_workers=None,
+                   hiera_antialias=None, device=None, keep_frames=True, allow_network=True) -> DecodedVideo:
         """Read and sample `num_frames` frames of a video file. In exact mode its pixels are prepared as its frames
         decode (for `hiera_frame_stride`, `hiera_antialias`, `device`), keeping the full-size frames only with
         `keep_frames`; with `fast_decode` swscale resizes the frames while decoding."""
