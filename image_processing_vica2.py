@@ -2,18 +2,11 @@
 """ViCA2 image processor: SigLIP pixels (anyres tiles) and Hiera pixels of single images, and the pixel recipes
 the video processor (`video_processing_vica2`) applies to frames.
 
-The recipes are the research release's, reproduced exactly (see SPEC.md):
-
-- SigLIP: resize the uint8 RGB picture to S x S with PIL bicubic (aspect ratio not kept), x / 255, then
-  (x - 0.5) / 0.5. A single image is also tiled LLaVA-OneVision style ("anyres"): the best grid resolution is
-  chosen, the image is resized into it keeping its aspect ratio and pasted centred on black, then cut into S x S
-  tiles row by row; tile 0 is the whole image squashed to S x S.
-- Hiera: x / 255 as float, bilinear resize to Hs x Hs on the float tensor *without* antialiasing (the release ran
-  torchvision 0.16, whose tensor resize did not antialias; `hiera_antialias=True` switches it on), then ImageNet
-  mean / std.
-
-The PIL bicubic resize of uint8 data is not reproducible with tensor ops, so it runs picture by picture. The
-rescale + normalise of uint8 pixels reproduces the release's float operations bit for bit: see `normalize_uint8`.
+The recipes are the research release's, bit for bit (SPEC.md). SigLIP: PIL bicubic to S x S (aspect not kept; no
+tensor op reproduces it), x / 255, (x - 0.5) / 0.5; a single image is also tiled LLaVA-OneVision style ("anyres":
+fitted into its best grid resolution, centred on black, cut into S x S tiles; tile 0 is the whole image). Hiera:
+x / 255 as float, bilinear to Hs x Hs without antialiasing (as torchvision 0.16, which the release ran), ImageNet
+mean / std.
 """
 
 from __future__ import annotations
@@ -53,16 +46,10 @@ URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")
 
 class Vica2ImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
-    hiera_size (`int`, *optional*, defaults to 1024):
-        Side of the square Hiera input (`config.hiera_config.image_size[0]`).
-    hiera_image_mean (`list[float]`, *optional*, defaults to ImageNet's):
-        Per-channel mean of the Hiera normalisation.
-    hiera_image_std (`list[float]`, *optional*, defaults to ImageNet's):
-        Per-channel std of the Hiera normalisation.
-    hiera_antialias (`bool`, *optional*, defaults to `False`):
-        Antialias the Hiera resize. The release did not (torchvision 0.16); it only matters when downscaling.
-    image_grid_pinpoints (`list[list[int]]`, *optional*):
-        Candidate `[height, width]` resolutions of the anyres tiling (`config.image_grid_pinpoints`).
+    hiera_size (`int`, defaults to 1024): side of the square Hiera input (`config.hiera_config.image_size[0]`).
+    hiera_image_mean, hiera_image_std (`list[float]`, default ImageNet's): the Hiera normalisation.
+    hiera_antialias (`bool`, defaults to `False`): antialias the Hiera resize (the release did not).
+    image_grid_pinpoints (`list[list[int]]`): `[height, width]` resolutions of the anyres tiling.
     """
 
     hiera_size: int
@@ -173,13 +160,9 @@ def anyres_tiles(image: np.ndarray, side: int, grid_pinpoints, resample=PILImage
 
 
 def hiera_pixels(frames: np.ndarray, size: int, mean, std, antialias: bool = False, out=None) -> torch.Tensor:
-    """The release's SAM2 recipe on uint8 RGB frames (N, H, W, 3) -> float32 (N, 3, size, size).
-
-    /255 as torchvision's ToTensor does it (float division), bilinear resize on the float tensor
-    (align_corners=False, antialias off by default as in torchvision 0.16), then (x - mean) / std.
-    `frames` may also be a uint8 tensor, on any device: the work then runs there (device preprocessing). `out`: a
-    float32 (N, 3, size, size) tensor there to write into (saves a copy when filling a larger batch).
-    """
+    """The release's SAM2 recipe on uint8 RGB frames (N, H, W, 3) -> float32 (N, 3, size, size): /255 (float, as
+    ToTensor), bilinear resize on the float tensor (align_corners=False), (x - mean) / std. A uint8 tensor is
+    processed on its device; `out`: a float32 tensor there to write into."""
     frames = _as_tensor(frames)
     out = torch.empty(len(frames), 3, size, size, device=frames.device) if out is None else out
     for start in range(0, len(frames), HIERA_CHUNK_FRAMES):
@@ -207,17 +190,11 @@ def _lut(rescale_factor: float, mean, std) -> np.ndarray:
     return ((values[None, :] - mean) / std).astype(np.float32)
 
 
-def normalize_uint8(
-    pixels: np.ndarray, rescale_factor: float, mean, std, channels_first: bool = False, out=None
-) -> torch.Tensor:
+def normalize_uint8(pixels, rescale_factor: float, mean, std, channels_first=False, out=None) -> torch.Tensor:
     """uint8 (N, H, W, 3) (or (N, 3, H, W) with `channels_first`) -> float32 (N, 3, H, W) =
-    (x * rescale_factor - mean) / std, bit-identical to the release.
-
-    Each output value depends on one uint8 value only, so the release's result is the 256-entry table `_lut`.
-    Batched float32 tensor ops `(x / divisor - mean) / std` reproduce that table exactly for the recipes used here
-    (checked on all 256 values every call); otherwise the table is gathered. `out`: a float32 (N, 3, H, W) tensor
-    on the pixels' device to write into.
-    """
+    (x * rescale_factor - mean) / std, bit-identical to the release: each output value depends on one uint8 value,
+    so the release's result is the 256-entry table `_lut`; batched float32 ops reproduce it exactly for the recipes
+    used here (checked on all 256 values, every call, where it runs), else the table is gathered."""
     lut = _lut(rescale_factor, mean, std)
     pixels = _as_tensor(pixels)  # a uint8 tensor on another device is normalised there
     device = pixels.device
@@ -312,12 +289,9 @@ def rgb_uint8(pixels: np.ndarray, what: str, input_data_format=None) -> np.ndarr
 
 
 def as_uint8(pixels: np.ndarray, what: str = "image") -> np.ndarray:
-    """Pixels as uint8: uint8 as is, bool as 0 / 255, 16- and 32-bit integers scaled by their dtype's range (a
-    uint16 image's 65535 is white, as in a 16-bit PNG; int32 by 2**31 - 1, PIL's mode "I"; rounded to nearest).
-
-    Refused: floats (whether they span [0, 1] or [0, 255] is the caller's convention, not something to guess) and
-    8- / 64-bit signed integers (no image format uses them; an int64 array is nearly always 0..255 values in numpy's
-    or torch's default integer type, which scaling by 2**63 would turn black)."""
+    """Pixels as uint8: uint8 as is, bool as 0 / 255, 16- and 32-bit integers scaled by their dtype's range (65535 is
+    white, as in a 16-bit PNG). Refused: floats (their range is the caller's convention) and 8- / 64-bit signed
+    integers (an int64 array is nearly always 0..255 values, which scaling by 2**63 would turn black)."""
     dtype = pixels.dtype
     if dtype == np.uint8:
         return pixels
@@ -344,8 +318,7 @@ def as_uint8(pixels: np.ndarray, what: str = "image") -> np.ndarray:
 
 def channel_dimension(shape: tuple, what: str, input_data_format) -> ChannelDimension:
     """Where the channels of an (A, B, C) image are: `input_data_format` when given, else the one end that can hold
-    1, 3 or 4 channels. When both ends can (tiny images such as (3, 4, 4)), guessing would read the pixels wrongly
-    half of the time, so the caller is asked."""
+    1, 3 or 4 channels; when both can (tiny images such as (3, 4, 4)) the caller is asked rather than guessed for."""
     if input_data_format is not None:
         try:
             return ChannelDimension(input_data_format)
@@ -404,14 +377,10 @@ def _load_image_file(path: str) -> Image.Image:
         image = load_image(path)
         image.load()
     except Exception as error:  # noqa: BLE001 - network, HTTP and image-format errors all mean "cannot read it"
-        source = _short(path)
+        source = path if len(path) <= 200 else path[:200] + "..."  # a data: URL can be megabytes long
         hint = "Check the URL (or fetch the image yourself and pass it)" if is_url else "Check that it is an image"
         raise ValueError(f"Could not read the image '{source}': {type(error).__name__}: {error}. {hint}.") from error
     return image
-
-
-def _short(path: str, limit: int = 200) -> str:
-    return path if len(path) <= limit else path[:limit] + "..."  # a data: URL can be megabytes long
 
 
 Vica2ImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -1,16 +1,10 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
 """ViCA2 video processor: reads videos (PyAV, `video_loading_vica2`), samples their frames, keeps their metadata and
-prepares the two towers' video pixels.
-
-transformers 5.x keeps a model's video handling in its video processor (`processor.video_processor`), with its own
-config file (`video_preprocessor_config.json`), `do_sample_frames` and `VideoMetadata`; serving engines look for it
-there (vLLM's Transformers backend serves videos only when the processor has one, and hands over the decoded frames
-with their metadata when `do_sample_frames` is set). transformers' `BaseVideoProcessor` needs torchvision (and
-decodes with torchcodec), neither of which ViCA2 depends on, so this is a small class with the same conventions.
-
-The pixels are the release's (SPEC.md): SigLIP PIL bicubic to S x S, x / 255, (x - 0.5) / 0.5 for every frame;
-Hiera bilinear to Hs x Hs on the float tensor, ImageNet mean / std, for every k-th frame only (k =
-video_frames_budget / hiera_frames: the frames Hiera encodes).
+prepares the two towers' pixels (the release's recipes, `image_processing_vica2`; Hiera's only for the frames it
+encodes). It follows transformers 5.x's video-processor conventions (`processor.video_processor`, its own
+`video_preprocessor_config.json`, `do_sample_frames`, `VideoMetadata`), which serving engines rely on (vLLM hands
+over decoded frames with their metadata when `do_sample_frames` is set); transformers' `BaseVideoProcessor` itself
+needs torchvision (and decodes with torchcodec), neither of which ViCA2 depends on.
 """
 
 from __future__ import annotations
@@ -201,10 +195,7 @@ class Vica2VideoProcessor:
             sinks.append(VideoPixelSink(self, metadata.frames_indices, hiera_frame_stride, hiera_antialias, device))
             return sinks[0]
 
-        video = read_video(
-            source, num_frames, None, decode_workers, make_frame_sink=make_sink, keep_frames=keep_frames,
-            allow_network=allow_network,
-        )  # fmt: skip
+        video = read_video(source, num_frames, None, decode_workers, make_sink, keep_frames, allow_network)
         video.pixels, video.pixels_key = sinks[0].pixels(), self.pixels_key(hiera_frame_stride, hiera_antialias, device)
         return video
 
@@ -214,13 +205,9 @@ class Vica2VideoProcessor:
         return probe_video(source, num_frames, allow_network=allow_network)
 
     def sample_frames(self, frames, metadata: VideoMetadata | None, num_frames: int) -> tuple[object, VideoMetadata]:
-        """The release's `num_frames`-frame sampling of a video, taken from already-decoded frames.
-
-        `metadata.frames_indices` says which of the `metadata.total_num_frames` frames of the video were decoded (a
-        serving engine decodes either all of them or its own uniform sample). The indices the release reads must be
-        among the decoded ones, or this raises: other frames than the release's would change the answer silently.
-        Metadata that does not say which frames were decoded leaves the frames as they are.
-        """
+        """The release's `num_frames`-frame sampling of a video, taken from decoded frames whose metadata says which
+        of the video's frames they are (else they are left as they are). The frames the release reads must be among
+        them, or this raises: other frames would change the answer silently."""
         known = metadata is not None and metadata.total_num_frames and metadata.frames_indices is not None
         if not known or len(metadata.frames_indices) != len(frames):
             return frames, metadata
@@ -291,14 +278,9 @@ class Vica2VideoProcessor:
 
 
 class VideoPixelSink:
-    """`Vica2VideoProcessor.preprocess_video`, one decoded frame at a time (a `read_video` frame sink).
-
-    Called as `sink(position, frame)` with each distinct sampled frame ((H, W, 3) uint8 RGB, `position` its index in
-    the video) in any order, it writes the frame's SigLIP pixels into every output slot sampling that frame and its
-    Hiera pixels into the slots of the frames Hiera encodes, so no full-size frame is kept and preprocessing runs
-    while later frames decode. Every step works on each frame alone, so the result is bit-identical to the batched
-    `preprocess_video`.
-    """
+    """`Vica2VideoProcessor.preprocess_video`, one decoded frame at a time (a `read_video` frame sink): `sink(position,
+    frame)` writes the frame's pixels into every output slot sampling it, so no full-size frame is kept. Every step
+    works on each frame alone, so the result is bit-identical to the batched `preprocess_video`."""
 
     def __init__(self, video_processor, indices: list[int], hiera_frame_stride: int, hiera_antialias, device):
         self.processor, self.side = video_processor, square_side(video_processor.size)
@@ -338,12 +320,8 @@ def _slots(indices: list[int]) -> dict[int, list[int]]:
 
 # ----------------------------------------------------------------------------------------------- input checks
 def to_video_frames(video, input_data_format=None) -> np.ndarray:
-    """Decoded frames as a uint8 RGB (T, H, W, 3) array, used as given (no resampling of time).
-
-    Accepts an array or tensor (T, H, W, C) or (T, C, H, W) (`input_data_format` says which when the shape does
-    not) with C in 1, 3, 4, or a list of PIL images / (H, W, C) arrays of one size; uint8, bool and 16- / 32-bit
-    integer pixels (see `as_uint8`).
-    """
+    """Decoded frames as a uint8 RGB (T, H, W, 3) array: from an array / tensor (T, H, W, C) or (T, C, H, W), C in 1,
+    3, 4, or a list of PIL images / (H, W, C) arrays of one size (see `rgb_uint8`)."""
     if isinstance(video, (list, tuple)):
         if not video:
             raise ValueError("A video has no frames: pass at least one frame.")
