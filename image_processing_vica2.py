@@ -263,13 +263,8 @@ def to_rgb_uint8(image, what: str = "image", input_data_format=None) -> np.ndarr
             return check_not_empty(np.array(image if image.mode == "RGB" else image.convert("RGB")), what)
         # 16/32-bit integer and float modes: PIL's convert("RGB") would clip them at 255; scale them as arrays.
         image, input_data_format = np.array(image), ChannelDimension.LAST
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if not isinstance(image, np.ndarray):
-        raise TypeError(
-            f"Unsupported {what} type {type(image).__name__}: pass a PIL image, a uint8 numpy array or torch tensor "
-            "of shape (height, width, 3), or a path."
-        )
+    image = as_array(image, f"{what} type", "a PIL image, a uint8 numpy array or torch tensor of shape (height, "
+                     "width, 3), or a path")
     if image.ndim == 2:
         image, input_data_format = image[..., None], ChannelDimension.LAST
     if image.ndim != 3:
@@ -278,6 +273,14 @@ def to_rgb_uint8(image, what: str = "image", input_data_format=None) -> np.ndarr
             "(height, width) grayscale, 4-channel RGBA, or channels first)."
         )
     return rgb_uint8(image, what, input_data_format)
+
+
+def as_array(value, what: str, expected: str) -> np.ndarray:
+    """A numpy array or a tensor (moved to the CPU) as a numpy array, or a TypeError saying what was expected."""
+    value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"Unsupported {what} {type(value).__name__}: pass {expected}.")
+    return value
 
 
 def rgb_uint8(pixels: np.ndarray, what: str, input_data_format=None) -> np.ndarray:

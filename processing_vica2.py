@@ -279,14 +279,9 @@ class Vica2Processor(ProcessorMixin):
         return dict(text_inputs)
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
-        """Placeholder tokens per item: what `__call__` expands each placeholder to, and what serving engines ask
-        for before processing.
-
-        Args:
-            image_sizes: (height, width) of each image (original size).
-            video_sizes: (num_frames, height, width) of each video, num_frames being the frames given to the model.
-            **kwargs: token-ratio overrides (other keys are ignored).
-        """
+        """Placeholder tokens per item (what `__call__` expands each placeholder to; serving engines ask before
+        processing) for `image_sizes` (original (height, width)), `video_sizes` ((frames given to the model, height,
+        width)) and token-ratio overrides in `kwargs` (other keys are ignored)."""
         layout = self.resolve_token_layout(**{k: v for k, v in kwargs.items() if k in TOKEN_RATIO_ARGS})
         data = {}
         if image_sizes is not None:

@@ -610,11 +610,8 @@ def _keyframe_between(index: StreamIndex, current: int, target: int) -> bool:
 
 def _seek_to_keyframe(container, stream, index: StreamIndex, target: int):
     """Seek to the last keyframe at or before `target`; returns the first packet read there (None if no seek works).
-
-    Demuxers disagree on the timestamp they seek by (mp4 and Matroska land exactly on a keyframe's pts, MPEG-TS on
-    its dts), so try both, and accept a landing at or before the keyframe: decoding from an earlier keyframe only
-    costs time, landing after it would lose the frame.
-    """
+    Demuxers seek by pts (mp4, Matroska) or dts (MPEG-TS), so both are tried; landing before the keyframe only costs
+    time, after it would lose the frame."""
     k = bisect.bisect_right(index.keyframe_positions, target) - 1
     key_pts = index.frame_pts[index.keyframe_positions[k]]
     for timestamp in dict.fromkeys((key_pts, index.keyframe_dts[k])):

@@ -23,7 +23,7 @@ from transformers.utils import VIDEO_PROCESSOR_NAME, logging
 from transformers.utils.hub import cached_file
 from transformers.video_utils import VideoMetadata
 
-from .image_processing_vica2 import hiera_pixels, normalize_uint8, pil_resize, rgb_uint8, square_side, to_rgb_uint8
+from .image_processing_vica2 import as_array, hiera_pixels, normalize_uint8, pil_resize, rgb_uint8, square_side, to_rgb_uint8
 from .video_loading_vica2 import DecodedVideo, FastResize, probe_video, read_video, sample_frame_indices
 
 
@@ -333,13 +333,8 @@ def to_video_frames(video, input_data_format=None) -> np.ndarray:
                 "to one size first."
             )
         return np.stack(frames)
-    if isinstance(video, torch.Tensor):
-        video = video.detach().cpu().numpy()
-    if not isinstance(video, np.ndarray):
-        raise TypeError(
-            f"Unsupported video type {type(video).__name__}: pass a path, a file object, a uint8 array of shape "
-            "(frames, height, width, 3), or a list of frames."
-        )
+    video = as_array(video, "video type", "a path, a file object, a uint8 array of shape (frames, height, width, 3), "
+                     "or a list of frames")
     if video.ndim != 4:
         raise ValueError(
             f"A video array must have 4 dimensions (frames, height, width, 3); got shape {tuple(video.shape)}. For a "
