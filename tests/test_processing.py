@@ -581,7 +581,7 @@ def test_optional_packages_are_guarded(monkeypatch):
     from conftest import REPO_ROOT
 
     monkeypatch.setitem(sys.modules, "av", None)
-    for name in ("processing_vica2.py", "image_processing_vica2.py", "video_loading_vica2.py"):
+    for name in ("processing_vica2.py", "image_processing_vica2.py", "video_processing_vica2.py", "video_loading_vica2.py"):
         check_imports(str(REPO_ROOT / name))
 
 
