@@ -1,25 +1,16 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""ViCA2 image processor: SigLIP pixels (anyres tiles for images) and Hiera pixels, for images and video frames.
+"""ViCA2 image processor: SigLIP pixels (anyres tiles) and Hiera pixels of single images, and the pixel recipes
+the video processor (`video_processing_vica2`) applies to frames.
 
-The recipes are the research release's, reproduced exactly (see SPEC.md):
-
-- SigLIP: resize the uint8 RGB picture to S x S with PIL bicubic (aspect ratio not kept), x / 255, then
-  (x - 0.5) / 0.5. A single image is also tiled LLaVA-OneVision style ("anyres"): the best grid resolution is
-  chosen, the image is resized into it keeping its aspect ratio and pasted centred on black, then cut into S x S
-  tiles row by row; tile 0 is the whole image squashed to S x S.
-- Hiera: x / 255 as float, bilinear resize to Hs x Hs on the float tensor *without* antialiasing (the release ran
-  torchvision 0.16, whose tensor resize did not antialias; `hiera_antialias=True` switches it on), then ImageNet
-  mean / std.
-
-The PIL bicubic resize of uint8 data is what the release did and it is not reproducible with tensor ops, so it
-runs frame by frame; everything else works on whole batches of frames. The rescale + normalise of uint8 pixels
-reproduces the release's float operations (float64 rescale cast to float32, float32 normalise) bit for bit: see
-`normalize_uint8`.
+The recipes are the research release's, bit for bit (SPEC.md). SigLIP: PIL bicubic to S x S (aspect not kept; no
+tensor op reproduces it), x / 255, (x - 0.5) / 0.5; a single image is also tiled LLaVA-OneVision style ("anyres":
+fitted into its best grid resolution, centred on black, cut into S x S tiles; tile 0 is the whole image). Hiera:
+x / 255 as float, bilinear to Hs x Hs without antialiasing (as torchvision 0.16, which the release ran), ImageNet
+mean / std.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 
@@ -29,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from transformers.image_processing_backends import PilBackend
-from transformers.image_processing_utils import BatchFeature, select_best_resolution
+from transformers.image_processing_utils import BatchFeature, get_patch_output_size, select_best_resolution
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -55,16 +46,10 @@ URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")
 
 class Vica2ImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
-    hiera_size (`int`, *optional*, defaults to 1024):
-        Side of the square Hiera input (`config.hiera_config.image_size[0]`).
-    hiera_image_mean (`list[float]`, *optional*, defaults to ImageNet's):
-        Per-channel mean of the Hiera normalisation.
-    hiera_image_std (`list[float]`, *optional*, defaults to ImageNet's):
-        Per-channel std of the Hiera normalisation.
-    hiera_antialias (`bool`, *optional*, defaults to `False`):
-        Antialias the Hiera resize. The release did not (torchvision 0.16); it only matters when downscaling.
-    image_grid_pinpoints (`list[list[int]]`, *optional*):
-        Candidate `[height, width]` resolutions of the anyres tiling (`config.image_grid_pinpoints`).
+    hiera_size (`int`, defaults to 1024): side of the square Hiera input (`config.hiera_config.image_size[0]`).
+    hiera_image_mean, hiera_image_std (`list[float]`, default ImageNet's): the Hiera normalisation.
+    hiera_antialias (`bool`, defaults to `False`): antialias the Hiera resize (the release did not).
+    image_grid_pinpoints (`list[list[int]]`): `[height, width]` resolutions of the anyres tiling.
     """
 
     hiera_size: int
@@ -76,12 +61,11 @@ class Vica2ImageProcessorKwargs(ImagesKwargs, total=False):
 
 class Vica2ImageProcessor(PilBackend):
     r"""
-    Prepares images and video frames for ViCA2's two vision towers (no torchvision needed).
+    Prepares images for ViCA2's two vision towers (no torchvision needed; videos: `Vica2VideoProcessor`).
 
     `__call__(images)` returns, for single images, `pixel_values` (num_images, max_tiles, 3, S, S) zero-padded past
     each image's tiles, `image_sizes` (num_images, 2) = original (height, width) and `hiera_pixel_values`
-    (num_images, 3, Hs, Hs). `preprocess_video(frames)` returns the per-frame SigLIP pixels and the Hiera pixels of
-    the frames Hiera encodes. Inputs: PIL images, or uint8 arrays / tensors (H, W, 3); grayscale and RGBA are
+    (num_images, 3, Hs, Hs). Inputs: PIL images, or uint8 arrays / tensors (H, W, 3); grayscale and RGBA are
     converted to RGB the way the release's `Image.convert("RGB")` does (alpha is dropped, not composited).
     """
 
@@ -131,163 +115,27 @@ class Vica2ImageProcessor(PilBackend):
         return_tensors=None,
         **kwargs,
     ) -> BatchFeature:
-        _require_resize(do_resize)
-        side = _square_side(size)
+        if do_resize is False:
+            raise ValueError("do_resize=False is not supported: the SigLIP tower needs S x S inputs.")
+        side = square_side(size)
         _check_pinpoints(image_grid_pinpoints, side)
-        siglip_norm = self._siglip_normalization(do_rescale, rescale_factor, do_normalize, image_mean, image_std)
-        tiles = [anyres_tiles(image, side, image_grid_pinpoints, resample) for image in images]
-        pixel_values = torch.zeros(len(images), max(len(t) for t in tiles), 3, side, side)
-        for i, image_tiles in enumerate(tiles):
-            pixel_values[i, : len(image_tiles)] = normalize_uint8(np.stack(image_tiles), *siglip_norm)
-        hiera = torch.cat(
-            [
-                self._hiera(image[None], hiera_size, hiera_image_mean, hiera_image_std, hiera_antialias)
-                for image in images
-            ]
-        )
-        data = {
-            "pixel_values": pixel_values,
-            "image_sizes": torch.tensor([image.shape[:2] for image in images], dtype=torch.long),
-            "hiera_pixel_values": hiera,
-        }
-        return BatchFeature(_as_return_type(data, return_tensors))
-
-    # ------------------------------------------------------------------------------------------- videos
-    def preprocess_video(
-        self,
-        frames: np.ndarray,
-        hiera_frame_stride: int = 1,
-        hiera_antialias: bool | None = None,
-        return_tensors="pt",
-        device=None,
-        input_data_format: str | ChannelDimension | None = None,
-    ) -> BatchFeature:
-        """SigLIP pixels of every frame and Hiera pixels of every `hiera_frame_stride`-th frame.
-
-        Args:
-            frames: (T, H, W, 3) uint8 RGB, e.g. from `load_video` or `to_video_frames`.
-            hiera_frame_stride: k = video_frames_budget / hiera_frames; only frames 0, k, 2k, ... are prepared for
-                Hiera (the model encodes no others), which saves most of the 1024 x 1024 work.
-            device: run the Hiera resize and both normalisations there (e.g. `"cuda"`); the uint8 frames move once.
-                SigLIP's PIL bicubic stays on the CPU (the release's exact recipe). Outputs are on `device`.
-            input_data_format: `"channels_last"` / `"channels_first"` (a `ChannelDimension`); needed only when the
-                shape does not tell (tiny frames).
-
-        Returns:
-            `pixel_values_videos` (T, 3, S, S) and `hiera_pixel_values_videos` (ceil(T / k), 3, Hs, Hs).
-        """
-        frames = to_video_frames(frames, input_data_format)
-        side = _square_side(self.size)
-        resized = np.stack([pil_resize(frame, side, self.resample) for frame in frames])
-        hiera_frames = frames[::hiera_frame_stride]
-        if device is not None:
-            resized, hiera_frames = (torch.from_numpy(x).to(device) for x in (resized, np.ascontiguousarray(hiera_frames)))
-        hiera = self._hiera(hiera_frames, self.hiera_size, self.hiera_image_mean, self.hiera_image_std, hiera_antialias)
-        siglip = normalize_uint8(resized, *self._default_siglip_normalization())
-        data = {"pixel_values_videos": siglip, "hiera_pixel_values_videos": hiera}
-        return BatchFeature(_as_return_type(data, return_tensors))
-
-    def preprocess_resized_video(
-        self, siglip_frames: np.ndarray, hiera_frames: np.ndarray, return_tensors="pt", device=None
-    ):
-        """Normalise frames that fast decoding already resized: (T, 3, S, S) and (T_h, 3, Hs, Hs) uint8 RGB (on
-        `device` when given: the uint8 frames move there once)."""
-        if device is not None:
-            siglip_frames, hiera_frames = (torch.from_numpy(x).to(device) for x in (siglip_frames, hiera_frames))
-        hiera_normalization = (1 / 255, self.hiera_image_mean, self.hiera_image_std)
-        data = {
-            "pixel_values_videos": normalize_uint8(
-                siglip_frames, *self._default_siglip_normalization(), channels_first=True
-            ),
-            "hiera_pixel_values_videos": normalize_uint8(hiera_frames, *hiera_normalization, channels_first=True),
-        }
-        return BatchFeature(_as_return_type(data, return_tensors))
-
-    # ------------------------------------------------------------------------------------------- shared steps
-    def _default_siglip_normalization(self) -> tuple:
-        return self._siglip_normalization(
-            self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean, self.image_std
-        )
-
-    @staticmethod
-    def _siglip_normalization(do_rescale, rescale_factor, do_normalize, image_mean, image_std) -> tuple:
-        """(rescale_factor, mean, std) of the SigLIP recipe, with the do_rescale / do_normalize switches applied."""
-        return (
+        siglip_norm = (
             rescale_factor if do_rescale else 1.0,
             tuple(image_mean) if do_normalize else (0.0, 0.0, 0.0),
             tuple(image_std) if do_normalize else (1.0, 1.0, 1.0),
         )
-
-    def _hiera(self, frames: np.ndarray, size, mean, std, antialias) -> torch.Tensor:
-        return hiera_pixels(
-            frames,
-            size if size is not None else self.hiera_size,
-            mean if mean is not None else self.hiera_image_mean,
-            std if std is not None else self.hiera_image_std,
-            self.hiera_antialias if antialias is None else antialias,
-        )
-
-
-    def video_pixel_sink(
-        self, indices: list[int], hiera_frame_stride: int = 1, hiera_antialias: bool | None = None, device=None
-    ) -> VideoPixelSink:
-        """A `read_video` frame sink that prepares the pixels of the sampled frames `indices` as they are decoded
-        (see `VideoPixelSink`); `sink.pixels()` then equals `preprocess_video` of the stacked frames."""
-        return VideoPixelSink(self, indices, hiera_frame_stride, hiera_antialias, device)
-
-
-class VideoPixelSink:
-    """The video recipe of `Vica2ImageProcessor.preprocess_video`, one decoded frame at a time.
-
-    Called as `sink(position, frame)` with each distinct sampled frame ((H, W, 3) uint8 RGB, `position` its index in
-    the video) in any order, it writes the frame's SigLIP pixels into every output slot sampling that frame and its
-    Hiera pixels into the slots of the frames Hiera encodes (0, k, 2k, ... of the sample), so no full-size frame is
-    kept and preprocessing runs while later frames decode. Every step of the recipe works on each frame alone (PIL
-    resize, bilinear interpolation, the element-wise normalisation), so the result is bit-identical to the batched
-    `preprocess_video`. With `device`, the Hiera resize and both normalisations run there on the uint8 frame moved
-    once; SigLIP's PIL bicubic stays on the CPU.
-    """
-
-    def __init__(self, image_processor, indices: list[int], hiera_frame_stride: int, hiera_antialias, device):
-        self.processor, self.side = image_processor, _square_side(image_processor.size)
-        self.hiera_antialias = image_processor.hiera_antialias if hiera_antialias is None else hiera_antialias
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.siglip_slots, self.hiera_slots = _slots(indices), _slots(indices[::hiera_frame_stride])
-        self.siglip = torch.empty(len(indices), 3, self.side, self.side, device=self.device)
-        size = image_processor.hiera_size
-        self.hiera = torch.empty(len(indices[::hiera_frame_stride]), 3, size, size, device=self.device)
-
-    def __call__(self, position: int, frame: np.ndarray) -> None:
-        processor = self.processor
-        resized = torch.from_numpy(np.array(pil_resize(frame, self.side, processor.resample)[None])).to(self.device)
-        first, *repeats = self.siglip_slots[position]  # written in place; a frame sampled twice is copied
-        normalize_uint8(resized, *processor._default_siglip_normalization(), out=self.siglip[first : first + 1])
-        for slot in repeats:
-            self.siglip[slot].copy_(self.siglip[first])
-        if position in self.hiera_slots:
-            full = torch.from_numpy(frame[None]).to(self.device)
-            first, *repeats = self.hiera_slots[position]
-            hiera_pixels(
-                full,
-                processor.hiera_size,
-                processor.hiera_image_mean,
-                processor.hiera_image_std,
-                self.hiera_antialias,
-                out=self.hiera[first : first + 1],
-            )
-            for slot in repeats:
-                self.hiera[slot].copy_(self.hiera[first])
-
-    def pixels(self) -> dict:
-        return {"pixel_values_videos": self.siglip, "hiera_pixel_values_videos": self.hiera}
-
-
-def _slots(indices: list[int]) -> dict[int, list[int]]:
-    """frame index -> the output slots holding it (a frame sampled twice fills two slots)."""
-    slots: dict[int, list[int]] = {}
-    for slot, index in enumerate(indices):
-        slots.setdefault(index, []).append(slot)
-    return slots
+        tiles = [anyres_tiles(image, side, image_grid_pinpoints, resample) for image in images]
+        pixel_values = torch.zeros(len(images), max(len(t) for t in tiles), 3, side, side)
+        for i, image_tiles in enumerate(tiles):
+            pixel_values[i, : len(image_tiles)] = normalize_uint8(np.stack(image_tiles), *siglip_norm)
+        antialias = self.hiera_antialias if hiera_antialias is None else hiera_antialias
+        hiera = [hiera_pixels(image[None], hiera_size, hiera_image_mean, hiera_image_std, antialias) for image in images]
+        data = {
+            "pixel_values": pixel_values,
+            "image_sizes": torch.tensor([image.shape[:2] for image in images], dtype=torch.long),
+            "hiera_pixel_values": torch.cat(hiera),
+        }
+        return BatchFeature(_as_return_type(data, return_tensors))
 
 
 # ----------------------------------------------------------------------------------------------- pixel recipes
@@ -301,37 +149,20 @@ def anyres_tiles(image: np.ndarray, side: int, grid_pinpoints, resample=PILImage
     side x side tiles, row by row, of the image fitted (aspect kept) and centred on black in its best grid."""
     height, width = image.shape[:2]
     best_height, best_width = select_best_resolution((height, width), grid_pinpoints)
-    new_height, new_width = _fitted_size(height, width, best_height, best_width)
-    picture = Image.fromarray(image)
+    # The image resized into the grid keeping its aspect ratio (the release's `resize_and_pad_image`), centred.
+    new_height, new_width = get_patch_output_size(image, (best_height, best_width), ChannelDimension.LAST)
     canvas = Image.new("RGB", (best_width, best_height), (0, 0, 0))
-    resized = picture.resize((new_width, new_height), resample=_pil_filter(resample))
+    resized = Image.fromarray(image).resize((new_width, new_height), resample=_pil_filter(resample))
     canvas.paste(resized, ((best_width - new_width) // 2, (best_height - new_height) // 2))
     grid = np.asarray(canvas)
-    tiles = [
-        grid[top : top + side, left : left + side]
-        for top in range(0, best_height, side)
-        for left in range(0, best_width, side)
-    ]
+    tiles = [grid[y : y + side, x : x + side] for y in range(0, best_height, side) for x in range(0, best_width, side)]
     return [pil_resize(image, side, resample)] + tiles
 
 
-def _fitted_size(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
-    """Size of the image resized into the target keeping its aspect ratio: the filled side equals the target, the
-    other is min(ceil(side * scale), target) (the release's `resize_and_pad_image`)."""
-    scale_w, scale_h = target_width / width, target_height / height
-    if scale_w < scale_h:
-        return min(math.ceil(height * scale_w), target_height), target_width
-    return target_height, min(math.ceil(width * scale_h), target_width)
-
-
 def hiera_pixels(frames: np.ndarray, size: int, mean, std, antialias: bool = False, out=None) -> torch.Tensor:
-    """The release's SAM2 recipe on uint8 RGB frames (N, H, W, 3) -> float32 (N, 3, size, size).
-
-    /255 as torchvision's ToTensor does it (float division), bilinear resize on the float tensor
-    (align_corners=False, antialias off by default as in torchvision 0.16), then (x - mean) / std.
-    `frames` may also be a uint8 tensor, on any device: the work then runs there (device preprocessing). `out`: a
-    float32 (N, 3, size, size) tensor there to write into (saves a copy when filling a larger batch).
-    """
+    """The release's SAM2 recipe on uint8 RGB frames (N, H, W, 3) -> float32 (N, 3, size, size): /255 (float, as
+    ToTensor), bilinear resize on the float tensor (align_corners=False), (x - mean) / std. A uint8 tensor is
+    processed on its device; `out`: a float32 tensor there to write into."""
     frames = _as_tensor(frames)
     out = torch.empty(len(frames), 3, size, size, device=frames.device) if out is None else out
     for start in range(0, len(frames), HIERA_CHUNK_FRAMES):
@@ -359,17 +190,11 @@ def _lut(rescale_factor: float, mean, std) -> np.ndarray:
     return ((values[None, :] - mean) / std).astype(np.float32)
 
 
-def normalize_uint8(
-    pixels: np.ndarray, rescale_factor: float, mean, std, channels_first: bool = False, out=None
-) -> torch.Tensor:
+def normalize_uint8(pixels, rescale_factor: float, mean, std, channels_first=False, out=None) -> torch.Tensor:
     """uint8 (N, H, W, 3) (or (N, 3, H, W) with `channels_first`) -> float32 (N, 3, H, W) =
-    (x * rescale_factor - mean) / std, bit-identical to the release.
-
-    Each output value depends on one uint8 value only, so the release's result is the 256-entry table `_lut`.
-    Batched float32 tensor ops `(x / divisor - mean) / std` reproduce that table exactly for the recipes used here
-    (checked on all 256 values every call); otherwise the table is gathered. `out`: a float32 (N, 3, H, W) tensor
-    on the pixels' device to write into.
-    """
+    (x * rescale_factor - mean) / std, bit-identical to the release: each output value depends on one uint8 value,
+    so the release's result is the 256-entry table `_lut`; batched float32 ops reproduce it exactly for the recipes
+    used here (checked on all 256 values, every call, where it runs), else the table is gathered."""
     lut = _lut(rescale_factor, mean, std)
     pixels = _as_tensor(pixels)  # a uint8 tensor on another device is normalised there
     device = pixels.device
@@ -393,7 +218,7 @@ def _pil_filter(resample):
     return Image.Resampling(int(resample)) if resample is not None else Image.Resampling.BICUBIC
 
 
-def _square_side(size) -> int:
+def square_side(size) -> int:
     height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
     if height != width:
         raise ValueError(f"ViCA2's SigLIP input is square; got size height={height}, width={width}.")
@@ -407,11 +232,6 @@ def _check_pinpoints(grid_pinpoints, side: int) -> None:
             f"{side} x {side}); got {grid_pinpoints}. Build the image processor from the model config "
             "(Vica2Processor.from_model_config)."
         )
-
-
-def _require_resize(do_resize) -> None:
-    if do_resize is False:
-        raise ValueError("do_resize=False is not supported: the SigLIP tower needs S x S inputs.")
 
 
 def _as_return_type(data: dict, return_tensors) -> dict:
@@ -440,35 +260,41 @@ def to_rgb_uint8(image, what: str = "image", input_data_format=None) -> np.ndarr
         image = _load_image_file(os.fspath(image))
     if isinstance(image, Image.Image):
         if not image.mode.startswith(("I", "F")):
-            return _check_not_empty(np.array(image if image.mode == "RGB" else image.convert("RGB")), what)
+            return check_not_empty(np.array(image if image.mode == "RGB" else image.convert("RGB")), what)
         # 16/32-bit integer and float modes: PIL's convert("RGB") would clip them at 255; scale them as arrays.
         image, input_data_format = np.array(image), ChannelDimension.LAST
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if not isinstance(image, np.ndarray):
-        raise TypeError(
-            f"Unsupported {what} type {type(image).__name__}: pass a PIL image, a uint8 numpy array or torch tensor "
-            "of shape (height, width, 3), or a path."
-        )
+    image = as_array(image, f"{what} type", "a PIL image, a uint8 numpy array or torch tensor of shape (height, "
+                     "width, 3), or a path")
     if image.ndim == 2:
-        image = image[..., None]
-    elif image.ndim != 3:
+        image, input_data_format = image[..., None], ChannelDimension.LAST
+    if image.ndim != 3:
         raise ValueError(
             f"The {what} array has shape {tuple(image.shape)}; expected (height, width, 3) RGB (also accepted: "
             "(height, width) grayscale, 4-channel RGBA, or channels first)."
         )
-    elif _channel_dimension(image.shape, what, input_data_format) == ChannelDimension.FIRST:
-        image = np.moveaxis(image, 0, -1)
-    return _check_not_empty(_to_three_channels(as_uint8(image, what), what), what)
+    return rgb_uint8(image, what, input_data_format)
+
+
+def as_array(value, what: str, expected: str) -> np.ndarray:
+    """A numpy array or a tensor (moved to the CPU) as a numpy array, or a TypeError saying what was expected."""
+    value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"Unsupported {what} {type(value).__name__}: pass {expected}.")
+    return value
+
+
+def rgb_uint8(pixels: np.ndarray, what: str, input_data_format=None) -> np.ndarray:
+    """(..., H, W, C) or (..., C, H, W) pixels, C in 1, 3, 4, as uint8 RGB (..., H, W, 3): grayscale replicated,
+    alpha dropped (as PIL's `convert("RGB")`), 16- and 32-bit integers scaled to 0..255 (see `as_uint8`)."""
+    if channel_dimension(pixels.shape[-3:], what, input_data_format) == ChannelDimension.FIRST:
+        pixels = np.moveaxis(pixels, -3, -1)
+    return check_not_empty(as_rgb_channels(as_uint8(pixels, what), what), what)
 
 
 def as_uint8(pixels: np.ndarray, what: str = "image") -> np.ndarray:
-    """Pixels as uint8: uint8 as is, bool as 0 / 255, 16- and 32-bit integers scaled by their dtype's range (a
-    uint16 image's 65535 is white, as in a 16-bit PNG; int32 by 2**31 - 1, PIL's mode "I"; rounded to nearest).
-
-    Refused: floats (whether they span [0, 1] or [0, 255] is the caller's convention, not something to guess) and
-    8- / 64-bit signed integers (no image format uses them; an int64 array is nearly always 0..255 values in numpy's
-    or torch's default integer type, which scaling by 2**63 would turn black)."""
+    """Pixels as uint8: uint8 as is, bool as 0 / 255, 16- and 32-bit integers scaled by their dtype's range (65535 is
+    white, as in a 16-bit PNG). Refused: floats (their range is the caller's convention) and 8- / 64-bit signed
+    integers (an int64 array is nearly always 0..255 values, which scaling by 2**63 would turn black)."""
     dtype = pixels.dtype
     if dtype == np.uint8:
         return pixels
@@ -493,10 +319,9 @@ def as_uint8(pixels: np.ndarray, what: str = "image") -> np.ndarray:
     )
 
 
-def _channel_dimension(shape: tuple, what: str, input_data_format) -> ChannelDimension:
+def channel_dimension(shape: tuple, what: str, input_data_format) -> ChannelDimension:
     """Where the channels of an (A, B, C) image are: `input_data_format` when given, else the one end that can hold
-    1, 3 or 4 channels. When both ends can (tiny images such as (3, 4, 4)), guessing would read the pixels wrongly
-    half of the time, so the caller is asked."""
+    1, 3 or 4 channels; when both can (tiny images such as (3, 4, 4)) the caller is asked rather than guessed for."""
     if input_data_format is not None:
         try:
             return ChannelDimension(input_data_format)
@@ -520,16 +345,14 @@ def _channel_dimension(shape: tuple, what: str, input_data_format) -> ChannelDim
     return ChannelDimension.LAST if last else ChannelDimension.FIRST
 
 
-def _check_not_empty(image: np.ndarray, what: str) -> np.ndarray:
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(
-            f"The {what} is empty (height {image.shape[0]}, width {image.shape[1]}); pass a picture of at least 1 x 1 "
-            "pixels."
-        )
+def check_not_empty(image: np.ndarray, what: str) -> np.ndarray:
+    height, width = image.shape[-3:-1]
+    if height == 0 or width == 0:
+        raise ValueError(f"The {what} is empty (height {height}, width {width}); pass a picture of at least 1 x 1 pixels.")
     return image
 
 
-def _to_three_channels(image: np.ndarray, what: str) -> np.ndarray:
+def as_rgb_channels(image: np.ndarray, what: str) -> np.ndarray:
     channels = image.shape[-1]
     if channels == 3:
         return image
@@ -557,58 +380,10 @@ def _load_image_file(path: str) -> Image.Image:
         image = load_image(path)
         image.load()
     except Exception as error:  # noqa: BLE001 - network, HTTP and image-format errors all mean "cannot read it"
-        source = _short(path)
+        source = path if len(path) <= 200 else path[:200] + "..."  # a data: URL can be megabytes long
         hint = "Check the URL (or fetch the image yourself and pass it)" if is_url else "Check that it is an image"
         raise ValueError(f"Could not read the image '{source}': {type(error).__name__}: {error}. {hint}.") from error
     return image
-
-
-def _short(path: str, limit: int = 200) -> str:
-    return path if len(path) <= limit else path[:limit] + "..."  # a data: URL can be megabytes long
-
-
-def to_video_frames(video, input_data_format=None) -> np.ndarray:
-    """Decoded frames as a uint8 RGB (T, H, W, 3) array, used as given (no resampling of time).
-
-    Accepts an array or tensor of shape (T, H, W, C) (or (T, C, H, W); `input_data_format` says which when the
-    shape does not) with C in 1, 3, 4, or a list of PIL images / (H, W, C) arrays of one size. uint8, bool and
-    integer pixels are accepted (see `as_uint8`). Anything else raises an error that says what was expected.
-    """
-    if isinstance(video, (list, tuple)):
-        if not video:
-            raise ValueError("A video has no frames: pass at least one frame.")
-        frames = [to_rgb_uint8(frame, "video frame", input_data_format) for frame in video]
-        sizes = sorted({frame.shape[:2] for frame in frames})
-        if len(sizes) > 1:
-            raise ValueError(
-                f"The frames of one video must all have the same size; got {', '.join(map(str, sizes))}. Resize them "
-                "to one size first."
-            )
-        return np.stack(frames)
-    if isinstance(video, torch.Tensor):
-        video = video.detach().cpu().numpy()
-    if not isinstance(video, np.ndarray):
-        raise TypeError(
-            f"Unsupported video type {type(video).__name__}: pass a path, a file object, a uint8 array of shape "
-            "(frames, height, width, 3), or a list of frames."
-        )
-    if video.ndim != 4:
-        raise ValueError(
-            f"A video array must have 4 dimensions (frames, height, width, 3); got shape {tuple(video.shape)}. For a "
-            "single frame use `frame[None]`; for a still picture consider `images=`."
-        )
-    if video.shape[0] == 0:
-        raise ValueError("A video has no frames (its first dimension is 0): pass at least one frame.")
-    if _channel_dimension(video.shape[1:], "video frame", input_data_format) == ChannelDimension.FIRST:
-        video = np.moveaxis(video, 1, -1)
-    if video.shape[-1] not in CHANNEL_COUNTS:
-        raise ValueError(
-            f"Video frames have shape {tuple(video.shape[1:])}; expected (height, width, 3) RGB frames "
-            "(1-channel grayscale and 4-channel RGBA are converted)."
-        )
-    frames = _to_three_channels(as_uint8(video, "video"), "video")
-    _check_not_empty(frames[0], "video frame")
-    return frames
 
 
 Vica2ImageProcessor.register_for_auto_class("AutoImageProcessor")

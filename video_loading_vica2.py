@@ -1,28 +1,16 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
 """Video decoding for ViCA2 with PyAV: the release's frame sampling, decoding only the frames it needs.
 
-The release samples `n` frames with `np.linspace(0, total_frames - 1, n, dtype=int)` and stamps frame `i` at
-`i / average_fps`. Decoding a whole video to keep 64 frames is most of the cost of preprocessing, so this module
-reads a video in two passes:
-
-1. an index pass that demuxes packets without decoding them: the exact frame count (the container's own count
-   may be missing, as in Matroska, or wrong), each frame's presentation timestamp and the keyframes;
-2. a decode pass over the sampled frames only: it seeks to the last keyframe before a sampled frame when a keyframe
-   lies between it and the current position, tells the decoder to skip non-reference frames that are not sampled
-   (they are not needed to decode any other frame, so the sampled frames are bit-identical to a full decode), and
-   converts only the sampled frames to RGB. At most the sampled frames are held in memory.
-
-The decode pass splits the sampled frames by keyframe segment (GOP): segments are independent, so `decode_workers`
-threads (default: the cores this process may use) each open the container, take segments from a shared queue, seek
-to the segment's keyframe and decode up to its last sampled frame. PyAV releases the GIL while demuxing, decoding
-and converting, so threads use the cores; each decoder gets the cores left over as FFmpeg frame threads. Frames are
-placed by their presentation position, so the result does not depend on which worker decoded what. A `frame_sink`
-receives each sampled frame as soon as it is decoded (on the calling thread, while the workers decode on): the
-processor prepares the model's pixels there, so preprocessing overlaps decoding and no full-size frame is kept.
-Rotation from the video's display matrix is applied to every frame, as players do.
-
-transformers' own `load_video(..., backend="pyav")` decodes every frame of the video and keeps them all, which is
-why ViCA2 has its own reader.
+The release samples `n` frames at `np.linspace(0, total_frames - 1, n, dtype=int)`, frame `i` at `i / average_fps`.
+A video is read in two passes: an index pass demuxes the packets without decoding (exact frame count, presentation
+timestamps, keyframes); a decode pass seeks to the last keyframe before a sampled frame when one lies in between,
+skips decoding non-reference frames nobody asked for (the sampled frames stay bit-identical to a full decode) and
+converts only the sampled frames to RGB. Keyframe segments are independent, so `decode_workers` threads each open
+the container and take segments from a shared queue (PyAV releases the GIL); frames are placed by presentation
+position, so the result does not depend on the workers. A `frame_sink` gets each sampled frame as soon as it is
+decoded, on the calling thread, so preprocessing overlaps decoding and no full-size frame is kept. A rotation in the
+display matrix is applied, as players do. (transformers' `load_video(..., backend="pyav")` decodes and keeps every
+frame, hence this reader.)
 """
 
 from __future__ import annotations
@@ -39,6 +27,8 @@ import numpy as np
 
 from transformers.utils import logging
 from transformers.video_utils import VideoMetadata
+
+from .configuration_vica2 import positive_int
 
 
 try:
@@ -68,12 +58,8 @@ class VideoLoadError(ValueError):
 
 @dataclass
 class FastResize:
-    """Opt-in "fast" decoding: swscale resizes straight from the decoder's YUV to the model's sizes.
-
-    Skips the full-resolution RGB frame, PIL and torch resizes; pixels differ slightly from the release's recipe
-    (different resampling filters and chroma handling). Hiera pixels are produced only for every
-    `hiera_frame_stride`-th sampled frame, the frames Hiera encodes.
-    """
+    """Opt-in "fast" decoding: swscale resizes straight from the decoder's YUV to the model's sizes (no full-size RGB
+    frame, PIL or torch resize; pixels differ slightly from the release's), Hiera's only for the frames it encodes."""
 
     siglip_size: int
     hiera_size: int
@@ -92,10 +78,8 @@ class DecodeStats:
     workers: int = 0  # decode workers that ran
 
     def add(self, other: DecodeStats) -> None:
-        self.frames_decoded += other.frames_decoded
-        self.frames_converted += other.frames_converted
-        self.seeks += other.seeks
-        self.workers += other.workers
+        for name in ("frames_decoded", "frames_converted", "seeks", "workers"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class DecodedVideo:
@@ -108,25 +92,12 @@ class DecodedVideo:
     (A plain class, not a dataclass: transformers' chat templates turn dataclasses found in messages into dicts.)
     """
 
-    def __init__(
-        self,
-        metadata: VideoMetadata | None,
-        frames: np.ndarray | None = None,
-        siglip_frames: np.ndarray | None = None,
-        hiera_frames: np.ndarray | None = None,
-        hiera_frame_stride: int | None = None,
-        stats: DecodeStats | None = None,
-        pixels: dict | None = None,
-        pixels_key: tuple | None = None,
-    ):
-        self.metadata = metadata
-        self.frames = frames
-        self.siglip_frames = siglip_frames
-        self.hiera_frames = hiera_frames
-        self.hiera_frame_stride = hiera_frame_stride
-        self.stats = stats if stats is not None else DecodeStats()
-        self.pixels = pixels
-        self.pixels_key = pixels_key
+    def __init__(self, metadata: VideoMetadata | None, frames=None, siglip_frames=None, hiera_frames=None,
+                 hiera_frame_stride: int | None = None, stats: DecodeStats | None = None, pixels: dict | None = None,
+                 pixels_key: tuple | None = None):
+        self.metadata, self.frames, self.siglip_frames, self.hiera_frames = metadata, frames, siglip_frames, hiera_frames
+        self.hiera_frame_stride, self.stats = hiera_frame_stride, stats if stats is not None else DecodeStats()
+        self.pixels, self.pixels_key = pixels, pixels_key
 
     @property
     def num_frames(self) -> int:
@@ -154,67 +125,47 @@ class StreamIndex:
 
 # --------------------------------------------------------------------------------------------------- sampling
 def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
-    """The release's uniform sampling: `np.linspace(0, total_frames - 1, num_frames, dtype=int)`.
-
-    When `num_frames > total_frames` indices repeat (the release did this in training, with `force_sample=True`).
-    """
-    if total_frames < 1:
-        raise ValueError(f"total_frames must be positive, got {total_frames}.")
-    _check_num_frames(num_frames)
-    return np.linspace(0, total_frames - 1, num_frames, dtype=int).tolist()
+    """The release's uniform sampling: `np.linspace(0, total_frames - 1, num_frames, dtype=int)`; indices repeat when
+    `num_frames > total_frames` (as the release's training did, with `force_sample=True`)."""
+    positive_int("total_frames", total_frames)
+    return np.linspace(0, total_frames - 1, _num_frames(num_frames), dtype=int).tolist()
 
 
-def _check_num_frames(num_frames) -> None:
-    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
-        raise ValueError(
-            f"num_frames must be a positive integer (frames to sample from the video), got {num_frames!r}."
-        )
+def _num_frames(num_frames) -> int:
+    return positive_int("num_frames", num_frames, "frames to sample from the video")
 
 
 # --------------------------------------------------------------------------------------------------- public API
 def load_video(source, num_frames: int) -> tuple[np.ndarray, VideoMetadata]:
-    """Sample `num_frames` frames of a video exactly as the release does; returns ((T, H, W, 3) uint8, metadata).
-
-    `source` is a path, a URL PyAV can open, or a binary file-like object. `metadata.frames_indices` are the sampled
-    frame indices and `metadata.timestamps` their times (index / average fps); `metadata.duration` is
-    total_frames / average fps, as in the release's time instruction.
-    """
+    """Sample `num_frames` frames of a video (a path, a URL PyAV can open, or a binary file object) exactly as the
+    release does: ((T, H, W, 3) uint8, metadata with the sampled `frames_indices`, their `timestamps` (index /
+    average fps) and `duration` = total frames / average fps, as in the release's time instruction)."""
     video = read_video(source, num_frames)
     return video.frames, video.metadata
 
 
-def read_video(
-    source,
-    num_frames: int,
-    fast_resize: FastResize | None = None,
-    decode_workers: int | None = None,
-    make_frame_sink: Callable | None = None,
-    keep_frames: bool = True,
-    allow_network: bool = True,
-) -> DecodedVideo:
+def read_video(source, num_frames: int, fast_resize: FastResize | None = None, decode_workers: int | None = None,
+               make_frame_sink: Callable | None = None, keep_frames=True, allow_network=True) -> DecodedVideo:
     """Sample and decode `num_frames` frames of a video file (see `load_video`); `fast_resize` selects fast mode.
 
     Args:
         decode_workers: threads that decode keyframe segments in parallel (default: `default_decode_workers()`, the
             cores this process may use). The frames do not depend on it. A file object is read by one worker.
-        make_frame_sink: called with the video's metadata (its sampled `frames_indices`) before decoding starts;
-            returns the frame sink, called as `sink(position, frame)` once per distinct sampled frame as soon as it
-            is decoded, on the calling thread (in completion order, not presentation order; `position` is the
-            frame's index in the video). `frame` is the (H, W, 3) uint8 RGB frame, or in fast mode the
-            (siglip, hiera) pair (hiera None for frames Hiera does not encode). Lets preprocessing run while later
-            frames decode.
+        make_frame_sink: called with the video's metadata (its sampled `frames_indices`) before decoding; returns
+            the sink, called as `sink(position, frame)` on the calling thread once per distinct sampled frame as it
+            is decoded (in completion order; `position`: its index in the video; `frame`: (H, W, 3) uint8 RGB, or
+            in fast mode the (siglip, hiera) pair, hiera None for frames Hiera does not encode).
         keep_frames: with a frame sink, False keeps no frames in the result (only the metadata and stats).
         allow_network: False keeps FFmpeg off the network: a URL is refused, and a local file that refers to
             remote parts (an HLS playlist naming http segments) fails instead of fetching them.
     """
-    _check_num_frames(num_frames)
-    workers = default_decode_workers() if decode_workers is None else _check_workers(decode_workers)
+    num_frames = _num_frames(num_frames)
+    workers = default_decode_workers() if decode_workers is None else positive_int(
+        "decode_workers", decode_workers, f"threads decoding the video; unset: one per core, {default_decode_workers()} here"
+    )
     video_file = _VideoFile(source, allow_network)
-    with video_file.open() as container:
-        stream = video_file.video_stream(container)
-        index = _index_stream(container, stream, video_file.name)
-        indices = _sample_checked(index.num_frames, int(num_frames), video_file.name)
-        metadata = _metadata(stream, index.num_frames, indices)
+    index, metadata = _probe(video_file, num_frames)
+    indices = metadata.frames_indices
     if video_file.start is not None:
         workers = 1  # one file object cannot be read at two places at once
     frame_sink = make_frame_sink(metadata) if make_frame_sink is not None else None
@@ -246,23 +197,17 @@ def default_decode_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _check_workers(decode_workers) -> int:
-    if isinstance(decode_workers, bool) or not isinstance(decode_workers, (int, np.integer)) or decode_workers < 1:
-        raise ValueError(
-            f"decode_workers must be a positive integer (threads decoding the video), got {decode_workers!r}; leave "
-            f"it unset for one per available core ({default_decode_workers()} here)."
-        )
-    return int(decode_workers)
-
-
 def probe_video(source, num_frames: int, allow_network: bool = True) -> VideoMetadata:
     """The metadata `load_video` would return (frame count, fps, sampled indices), from the index pass alone."""
-    _check_num_frames(num_frames)
-    video_file = _VideoFile(source, allow_network)
+    return _probe(_VideoFile(source, allow_network), _num_frames(num_frames))[1]
+
+
+def _probe(video_file: _VideoFile, num_frames: int) -> tuple[StreamIndex, VideoMetadata]:
+    """The index pass: the stream's index and the metadata of the `num_frames` frames the release samples."""
     with video_file.open() as container:
         stream = video_file.video_stream(container)
         index = _index_stream(container, stream, video_file.name)
-        return _metadata(stream, index.num_frames, _sample_checked(index.num_frames, int(num_frames), video_file.name))
+        return index, _metadata(stream, index.num_frames, _sample_checked(index.num_frames, num_frames, video_file.name))
 
 
 # --------------------------------------------------------------------------------------------------- opening
@@ -378,11 +323,8 @@ def _index_stream(container, stream, name: str) -> StreamIndex:
 
 
 def _truncated(name: str, stream, demuxed: int) -> VideoLoadError:
-    """The file ends before the frames its header lists (an interrupted download or copy of an index-first mp4).
-
-    An error rather than sampling the frames that are there: the answer would be about the start of the video
-    only, while the user asked about all of it, and a warning in a log is easily missed (a server never shows it).
-    Whoever does want the part that is there can rewrite the header for it, as the message says."""
+    """The file ends before the frames its header lists (an interrupted copy of an index-first mp4): an error, as
+    sampling the part that is there would answer about the start of the video only, without anyone noticing."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     seconds = lambda frames: f" ({frames / float(rate):.2f} s)" if rate else ""  # noqa: E731
     return VideoLoadError(
@@ -668,11 +610,8 @@ def _keyframe_between(index: StreamIndex, current: int, target: int) -> bool:
 
 def _seek_to_keyframe(container, stream, index: StreamIndex, target: int):
     """Seek to the last keyframe at or before `target`; returns the first packet read there (None if no seek works).
-
-    Demuxers disagree on the timestamp they seek by (mp4 and Matroska land exactly on a keyframe's pts, MPEG-TS on
-    its dts), so try both, and accept a landing at or before the keyframe: decoding from an earlier keyframe only
-    costs time, landing after it would lose the frame.
-    """
+    Demuxers seek by pts (mp4, Matroska) or dts (MPEG-TS), so both are tried; landing before the keyframe only costs
+    time, after it would lose the frame."""
     k = bisect.bisect_right(index.keyframe_positions, target) - 1
     key_pts = index.frame_pts[index.keyframe_positions[k]]
     for timestamp in dict.fromkeys((key_pts, index.keyframe_dts[k])):

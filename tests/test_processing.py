@@ -134,7 +134,7 @@ def test_video_hiera_pixels_match_the_release(processor, samples):
     assert out["hiera_pixel_values_videos"].shape == (1, 2, 3, 1024, 1024)
     assert_hiera_matches_release(out["hiera_pixel_values_videos"][0], "video", [0, 2])
     # All four frames, as the release's SAM2 processor prepared them.
-    every_frame = processor.image_processor.preprocess_video(frames, hiera_frame_stride=1)
+    every_frame = processor.video_processor.preprocess_video(frames, hiera_frame_stride=1)
     assert_hiera_matches_release(every_frame["hiera_pixel_values_videos"], "video", [0, 1, 2, 3])
 
 
@@ -510,9 +510,11 @@ def test_save_and_load_through_auto_classes(processor, samples, tmp_path):
     from transformers.models.auto.image_processing_auto import AutoImageProcessor  # 5.17: not torchvision-gated
 
     processor.save_pretrained(tmp_path)
-    for name in ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "tokenizer_config.json"):
+    for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                 "chat_template.jinja", "tokenizer_config.json"):
         assert (tmp_path / name).is_file(), name
-    for module in ("processing_vica2", "image_processing_vica2", "video_loading_vica2", "configuration_vica2"):
+    for module in ("processing_vica2", "image_processing_vica2", "video_processing_vica2", "video_loading_vica2",
+                   "configuration_vica2"):
         assert (tmp_path / f"{module}.py").is_file(), module
     config = json.loads((tmp_path / "processor_config.json").read_text())
     assert config["auto_map"]["AutoProcessor"] == "processing_vica2.Vica2Processor"
@@ -537,6 +539,41 @@ def test_save_and_load_through_auto_classes(processor, samples, tmp_path):
         strict(text="<image>", images="https://127.0.0.1:1/a.png")
 
 
+def test_the_video_processor_round_trips_through_its_own_config_file(tiny, tmp_path):
+    """`save_pretrained` writes the video processor's settings to `video_preprocessor_config.json`, and
+    `AutoProcessor.from_pretrained` (remote code) reads them back from there, not from the image processor."""
+    from transformers import AutoProcessor
+
+    from vica2.video_processing_vica2 import Vica2VideoProcessor
+
+    _, processor = tiny
+    processor.video_processor = Vica2VideoProcessor(
+        size=processor.video_processor.size, hiera_size=48, hiera_antialias=True, image_mean=(0.4, 0.5, 0.6),
+        do_sample_frames=False,
+    )  # fmt: skip
+    try:
+        processor.save_pretrained(tmp_path)
+    finally:
+        processor.video_processor = Vica2VideoProcessor.from_image_processor(processor.image_processor)
+    saved = json.loads((tmp_path / "video_preprocessor_config.json").read_text())
+    assert saved["video_processor_type"] == "Vica2VideoProcessor" and saved["hiera_size"] == 48
+    assert "video_processing_vica2.py" in {path.name for path in tmp_path.iterdir()}
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True).video_processor
+    assert type(loaded).__name__ == "Vica2VideoProcessor"
+    assert json.loads(json.dumps(loaded.to_dict())) == saved
+    assert (loaded.hiera_size, loaded.hiera_antialias, loaded.image_mean, loaded.do_sample_frames) == (
+        48, True, (0.4, 0.5, 0.6), False)
+    assert processor.image_processor.hiera_size != 48  # the image processor keeps its own settings
+    frames = np.random.default_rng(0).integers(0, 256, (4, 20, 20, 3), dtype=np.uint8)
+    assert loaded(frames)["hiera_pixel_values_videos"].shape == (1, 4, 3, 48, 48)
+    # A folder saved before the video processor had its own file gets it from the image processor's recipe.
+    (tmp_path / "video_preprocessor_config.json").unlink()
+    rebuilt = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True).video_processor
+    assert rebuilt.hiera_size == processor.image_processor.hiera_size and rebuilt.hiera_antialias is False
+    with pytest.raises(TypeError, match="Unknown setting.*bogus"):
+        Vica2VideoProcessor(bogus=1)
+
+
 def test_optional_packages_are_guarded(monkeypatch):
     """Remote code: `check_imports` must pass for every file with PyAV absent (the hub checks each file)."""
     from transformers.dynamic_module_utils import check_imports
@@ -544,7 +581,7 @@ def test_optional_packages_are_guarded(monkeypatch):
     from conftest import REPO_ROOT
 
     monkeypatch.setitem(sys.modules, "av", None)
-    for name in ("processing_vica2.py", "image_processing_vica2.py", "video_loading_vica2.py"):
+    for name in ("processing_vica2.py", "image_processing_vica2.py", "video_processing_vica2.py", "video_loading_vica2.py"):
         check_imports(str(REPO_ROOT / name))
 
 

@@ -408,7 +408,7 @@ def test_through_the_processor(videos, reference_frames):
     expected = exact_uniform_indices(300, 16)
     assert metadata.frames_indices == expected
     assert metadata.timestamps == pytest.approx([i / 30 for i in expected], abs=1e-12)
-    from_full_decode = processor.image_processor.preprocess_video(
+    from_full_decode = processor.video_processor.preprocess_video(
         reference_frames["mp4"][expected], hiera_frame_stride=2
     )
     assert torch.equal(inputs["pixel_values_videos"][0], from_full_decode["pixel_values_videos"])
@@ -433,20 +433,20 @@ def test_pixels_prepared_while_decoding_equal_the_batched_recipe(processor, vide
     # Parallel decode + per-frame preprocessing, on the CPU and through the device path (device="cpu"), against
     # the batched recipe on frames of a plain sequential decode: bit for bit.
     indices = processor.load_video(videos[container], 9).metadata.frames_indices
-    expected = processor.image_processor.preprocess_video(reference_frames[container][indices], hiera_frame_stride=2)
+    expected = processor.video_processor.preprocess_video(reference_frames[container][indices], hiera_frame_stride=2)
     for options in ({"decode_workers": 1}, {"decode_workers": 3}, {"device": "cpu", "decode_workers": 2}):
         inputs = processor(text="<video>\nWhat moves?", videos=str(videos[container]), num_frames=9, **options)
         for key in ("pixel_values_videos", "hiera_pixel_values_videos"):
             assert torch.equal(inputs[key][0], expected[key]), (key, options)
 
 
-def test_device_path_of_the_image_processor_equals_the_default(processor, reference_frames):
+def test_device_path_of_the_video_processor_equals_the_default(processor, reference_frames):
     frames = reference_frames["mp4"][:5]
-    image_processor = processor.image_processor
-    default = image_processor.preprocess_video(frames, hiera_frame_stride=2)
-    on_device = image_processor.preprocess_video(frames, hiera_frame_stride=2, device="cpu")
-    fast_default = image_processor.preprocess_resized_video(frames.transpose(0, 3, 1, 2), frames[::2].transpose(0, 3, 1, 2))
-    fast_device = image_processor.preprocess_resized_video(
+    video_processor = processor.video_processor
+    default = video_processor.preprocess_video(frames, hiera_frame_stride=2)
+    on_device = video_processor.preprocess_video(frames, hiera_frame_stride=2, device="cpu")
+    fast_default = video_processor.preprocess_resized_video(frames.transpose(0, 3, 1, 2), frames[::2].transpose(0, 3, 1, 2))
+    fast_device = video_processor.preprocess_resized_video(
         np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), np.ascontiguousarray(frames[::2].transpose(0, 3, 1, 2)), device="cpu"
     )
     for key in ("pixel_values_videos", "hiera_pixel_values_videos"):
@@ -463,7 +463,7 @@ def test_a_loaded_video_reuses_its_pixels_and_keeps_its_frames(processor, videos
     assert torch.equal(first["hiera_pixel_values_videos"], second["hiera_pixel_values_videos"])
     # Other settings are prepared again from the kept frames.
     antialiased = processor(text="<video>\nQ3", videos=video, hiera_antialias=True)
-    expected = processor.image_processor.preprocess_video(
+    expected = processor.video_processor.preprocess_video(
         reference_frames["large"][video.metadata.frames_indices], hiera_frame_stride=2, hiera_antialias=True
     )
     assert torch.equal(antialiased["hiera_pixel_values_videos"][0], expected["hiera_pixel_values_videos"])
@@ -478,13 +478,13 @@ def test_chat_template_reads_with_the_calls_settings(processor, videos, referenc
         inputs = processor.apply_chat_template(
             messages, tokenize=True, return_dict=True, num_frames=6, hiera_antialias=antialias, decode_workers=2
         )
-        expected = processor.image_processor.preprocess_video(frames, hiera_frame_stride=2, hiera_antialias=antialias)
+        expected = processor.video_processor.preprocess_video(frames, hiera_frame_stride=2, hiera_antialias=antialias)
         assert torch.equal(inputs["hiera_pixel_values_videos"][0], expected["hiera_pixel_values_videos"])
 
 
 def test_pixels_of_repeated_frames_fill_every_slot(processor, videos, reference_frames):
     inputs = processor(text="<video>\nQ", videos=str(videos["short"]), num_frames=16)  # 10 frames: some sampled twice
     indices = np.linspace(0, 9, 16, dtype=int).tolist()
-    expected = processor.image_processor.preprocess_video(reference_frames["short"][indices], hiera_frame_stride=2)
+    expected = processor.video_processor.preprocess_video(reference_frames["short"][indices], hiera_frame_stride=2)
     for key in ("pixel_values_videos", "hiera_pixel_values_videos"):
         assert torch.equal(inputs[key][0], expected[key])
