@@ -287,7 +287,7 @@ def test_placeholders_equal_the_tokens_the_model_emits(
     assert inputs["video_token_ratio"].tolist() == [list(overrides.values())]  # handed to the model, per video
     with torch.no_grad():
         video_tokens = model.get_video_features(
-            inputs["pixel_values_videos"], inputs["hiera_pixel_values_videos"], **overrides
+            inputs["pixel_values_videos"], inputs["hiera_pixel_values_videos"], inputs["video_token_ratio"]
         )[0].shape[0]
         image_tokens = model.get_image_features(
             inputs["pixel_values"], inputs["image_sizes"], inputs["hiera_pixel_values"]
