@@ -36,7 +36,7 @@ if __package__ in (None, ""):
     _package.__path__ = [str(Path(__file__).resolve().parent)]
     sys.modules.setdefault("vica2", _package)
 
-from vica2.inference_vica2 import ChatSession, UsageError, implied_token_counts, load_model_and_processor  # noqa: E402
+from vica2.tools.inference import ChatSession, UsageError, implied_token_counts, load_model_and_processor  # noqa: E402
 from vica2.video_loading_vica2 import VideoLoadError  # noqa: E402
 
 
@@ -443,7 +443,7 @@ def _message(error: BaseException) -> str:
 def build_tiny_model(workdir: Path):
     """The built-in offline default, as `vica2 demo` makes it: a tiny random release, converted."""
     from vica2.convert_checkpoint import convert_checkpoint
-    from vica2.demo import build_demo_release
+    from vica2.tools.demo import build_demo_release
 
     hub = workdir / "tiny-vica2"
     convert_checkpoint(build_demo_release(workdir / "release"), hub, overwrite=True, progress=False)
@@ -454,7 +454,7 @@ def create_app(model_path: str | None = None, *, workdir: str | Path | None = No
                device: str = "auto", frames: int | None = None, max_new_tokens: int = 128,
                cache_budget_gb: float = 4.0, max_conversations: int = 4) -> Vica2App:
     """Load the model (or build the tiny offline one when `model_path` is None) and write the example clip."""
-    from vica2.demo import write_demo_video
+    from vica2.tools.demo import write_demo_video
 
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="vica2-app-"))

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from vica2.convert_checkpoint import convert_checkpoint, hub_key_to_release, release_key_to_hub
-from vica2.demo import build_demo_release, write_demo_video
+from vica2.tools.demo import build_demo_release, write_demo_video
 
 
 pytest.importorskip("av")
 
-VICA2 = [sys.executable, "-m", "vica2.cli"]
+VICA2 = [sys.executable, "-m", "vica2.tools.cli"]
 
 
 @pytest.fixture(scope="module")

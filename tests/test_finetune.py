@@ -22,7 +22,7 @@ av = pytest.importorskip("av")
 
 from transformers import TrainerCallback  # noqa: E402
 
-from vica2.training_vica2 import (  # noqa: E402
+from vica2.tools.training import (  # noqa: E402
     FULL_MINUS_HIERA,
     STAGES,
     Vica2DataCollator,
@@ -52,7 +52,7 @@ QUESTION = "<image>\nHow many objects are there?"
 
 # ----------------------------------------------------------------------------------------------- helpers
 def byte_tokenizer():
-    from vica2.demo import build_byte_tokenizer
+    from vica2.tools.demo import build_byte_tokenizer
 
     return build_byte_tokenizer()
 
@@ -372,7 +372,7 @@ def test_activation_checkpointing_same_loss_grads_and_recomputes_every_tower(med
 def test_lora_trains_saves_reloads_and_merges(media, tmp_path):
     from peft import PeftModel
 
-    from vica2.training_vica2 import add_lora, lora_config, lora_modules_to_save
+    from vica2.tools.training import add_lora, lora_config, lora_modules_to_save
 
     model, processor = make_tiny()
     # Adapters on the LLM; the spatial projector and the head train fully beside them (PEFT modules_to_save).
@@ -607,7 +607,7 @@ def test_finetune_script_runs_end_to_end(mode, tmp_path):
     checkpoint, mixture = write_checkpoint_and_data(tmp_path)
     output = tmp_path / "out"
     command = [
-        sys.executable, str(REPO_ROOT / "finetune.py"),
+        sys.executable, str(REPO_ROOT / "tools" / "finetune.py"),
         "--model_name_or_path", str(checkpoint), "--data_path", str(mixture), "--media_root", str(tmp_path),
         "--output_dir", str(output), "--num_frames", str(NUM_FRAMES), "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--report_to", "none",
@@ -669,7 +669,7 @@ def code_marking_checkpoint(folder: Path, marker: Path) -> Path:
 def test_finetune_loads_the_installed_classes_and_runs_code_from_the_folder_only_when_asked(tmp_path):
     from transformers import HfArgumentParser
 
-    from vica2.finetune import ModelArguments, load_model, load_processor
+    from vica2.tools.finetune import ModelArguments, load_model, load_processor
     from vica2.image_processing_vica2 import Vica2ImageProcessor
     from vica2.modeling_vica2 import Vica2ForConditionalGeneration
     from vica2.processing_vica2 import Vica2Processor
@@ -692,7 +692,7 @@ def test_finetune_loads_the_installed_classes_and_runs_code_from_the_folder_only
 
 
 def test_finetune_refuses_a_tokenizer_that_needs_code_from_the_folder(tmp_path):
-    from vica2.finetune import ModelArguments, load_processor
+    from vica2.tools.finetune import ModelArguments, load_processor
 
     marker = tmp_path / "ran.txt"
     folder = code_marking_checkpoint(tmp_path / "checkpoint", marker)

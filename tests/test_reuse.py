@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from vica2.inference_vica2 import (
+from vica2.tools.inference import (
     ChatSession,
     EncodedPrefix,
     ReuseStats,
@@ -27,7 +27,7 @@ QUESTIONS = ["How many chairs are in the room?", "Where is the red ball?", "Is t
 
 @pytest.fixture(scope="module")
 def setup():
-    from vica2.demo import build_byte_tokenizer
+    from vica2.tools.demo import build_byte_tokenizer
     from vica2.processing_vica2 import Vica2Processor
 
     tokenizer = build_byte_tokenizer()

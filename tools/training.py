@@ -31,8 +31,8 @@ from PIL import Image
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .configuration_vica2 import TOKEN_RATIO_ARGS
-from .processing_vica2 import time_instruction
+from ..configuration_vica2 import TOKEN_RATIO_ARGS
+from ..processing_vica2 import time_instruction
 
 
 try:

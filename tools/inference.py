@@ -1,7 +1,7 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
 """The inference API every front-end shares (`vica2 ask` / `vica2 chat`, the VSI-Bench evaluator, the web app).
 
-    from vica2.inference_vica2 import ChatSession, load_model_and_processor
+    from vica2.tools.inference import ChatSession, load_model_and_processor
 
     model, processor = load_model_and_processor("ViCA2-7B-hf", dtype="bfloat16")
     chat = ChatSession(model, processor)
@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .configuration_vica2 import TOKEN_RATIO_ARGS, num_image_tokens, num_video_tokens
+from ..configuration_vica2 import TOKEN_RATIO_ARGS, num_image_tokens, num_video_tokens
 
 
 class UsageError(Exception):
@@ -99,10 +99,10 @@ def register_installed_classes() -> None:
     """Make the auto classes resolve model_type "vica2" to the installed classes (no code from a model folder)."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-    from .configuration_vica2 import Vica2Config
-    from .image_processing_vica2 import Vica2ImageProcessor
-    from .modeling_vica2 import Vica2ForConditionalGeneration, Vica2Model
-    from .processing_vica2 import Vica2Processor
+    from ..configuration_vica2 import Vica2Config
+    from ..image_processing_vica2 import Vica2ImageProcessor
+    from ..modeling_vica2 import Vica2ForConditionalGeneration, Vica2Model
+    from ..processing_vica2 import Vica2Processor
 
     for register in (
         lambda: AutoConfig.register(Vica2Config.model_type, Vica2Config),
@@ -275,7 +275,7 @@ def prepare_media(model, processor, *, video=None, image=None, num_frames: int |
 
 def _prepare_media(model, processor, video, image, num_frames, fast_decode, overrides) -> MediaInputs:
     if video is not None:
-        from .video_loading_vica2 import DecodedVideo
+        from ..video_loading_vica2 import DecodedVideo
 
         if not isinstance(video, DecodedVideo) and isinstance(video, (str, Path)):
             video = processor.load_video(str(video), num_frames=num_frames, fast_decode=fast_decode, **overrides)
@@ -331,7 +331,7 @@ def reusable_prefix_length(sequences: list[list[int]], media: MediaInputs | None
 
 
 def _cache_name() -> str:
-    from .modeling_vica2 import CACHE_NAME  # `cache` in transformers >= 5.2x, `past_key_values` before
+    from ..modeling_vica2 import CACHE_NAME  # `cache` in transformers >= 5.2x, `past_key_values` before
 
     return CACHE_NAME
 

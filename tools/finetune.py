@@ -43,10 +43,10 @@ from transformers.utils import logging as hf_logging
 
 from vica2.configuration_vica2 import Vica2Config
 from vica2.image_processing_vica2 import Vica2ImageProcessor
-from vica2.inference_vica2 import register_image_processor
+from vica2.tools.inference import register_image_processor
 from vica2.modeling_vica2 import Vica2ForConditionalGeneration
 from vica2.processing_vica2 import Vica2Processor
-from vica2.training_vica2 import (
+from vica2.tools.training import (
     FULL_MINUS_HIERA,
     LABEL_MODES,
     LANGUAGE_MODEL_LORA_TARGETS,

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vica2.inference_vica2 import (
+from vica2.tools.inference import (
     Answer,
     ChatSession,
     UsageError,
@@ -163,7 +163,7 @@ def _set_media(session: ChatSession, kind: str, path: str, verbose: bool) -> Non
 
 # ---------------------------------------------------------------------------------------------------- demo
 def run_demo(args) -> int:
-    from vica2.demo import build_demo_checkpoint
+    from vica2.tools.demo import build_demo_checkpoint
 
     created = args.workdir is None  # a folder of our own is removed at the end; a --workdir is the user's
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vica2-demo-"))
@@ -270,7 +270,7 @@ def _delegated(argv: list[str]) -> int | None:
         # the converter prints its own one-line errors; `prog` makes its usage say `vica2 convert`
         return convert_main([arg for arg in rest if arg != "--debug"], prog="vica2 convert")
     if command == ["eval-vsibench"]:
-        from vica2.evaluate_vsibench import main as eval_vsibench_main
+        from vica2.tools.evaluate_vsibench import main as eval_vsibench_main
 
         return eval_vsibench_main(rest + (["--debug"] if debug and "--debug" not in rest else []))
     if command == ["app"]:  # the web demo: Gradio is imported only here

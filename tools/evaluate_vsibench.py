@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vica2.inference_vica2 import UsageError, check_device, check_model_path
+from vica2.tools.inference import UsageError, check_device, check_model_path
 
 
 EXIT_USAGE = 2
@@ -580,7 +580,7 @@ class TransformersEngine:
 
     def __init__(self, model, processor, *, batch_size: int = 1, max_new_tokens: int = 16, prefix_reuse: bool = True,
                  max_cache_bytes: int | None = None):
-        from vica2.inference_vica2 import ReuseStats
+        from vica2.tools.inference import ReuseStats
 
         self.model, self.processor = model, processor
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -589,7 +589,7 @@ class TransformersEngine:
 
     def answer(self, video, prompts: list[str]):
         """Yields the raw generated texts of `prompts` (each showing `video`, a DecodedVideo) batch by batch."""
-        from vica2.inference_vica2 import iter_answer_prompts, prepare_media
+        from vica2.tools.inference import iter_answer_prompts, prepare_media
 
         media = prepare_media(self.model, self.processor, video=video)
         yield from iter_answer_prompts(
@@ -713,7 +713,7 @@ def run_evaluation(args) -> int:
                     "from it): add --trust-remote-code for a folder you trust, or use --engine transformers, which "
                     "runs the installed classes."
                 )
-            from vica2.vllm_engine_vica2 import require_vllm
+            from vica2.tools.vllm_engine import require_vllm
 
             require_vllm()
     extra = {"model": args.model, "data": str(args.data), "settings": settings.as_dict(),
@@ -740,7 +740,7 @@ def build_engine(args):
     if args.engine == "vllm":
         from transformers import AutoProcessor
 
-        from vica2.vllm_engine_vica2 import VsiBenchVllmEngine
+        from vica2.tools.vllm_engine import VsiBenchVllmEngine
 
         # vLLM runs the folder's code (asked for with --trust-remote-code); the processor is the same code.
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
@@ -748,7 +748,7 @@ def build_engine(args):
                                   videos_in_flight=args.videos_in_flight,
                                   tensor_parallel_size=args.tensor_parallel_size,
                                   data_parallel_size=args.data_parallel_size, dtype=args.dtype)
-    from vica2.inference_vica2 import load_model_and_processor
+    from vica2.tools.inference import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, args.dtype, args.device,
                                                 attn_implementation=args.attn_implementation,
