@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from vica2.tools.inference import UsageError, check_device, check_model_path
+from vica2.tools.shell import add_model_options, guarded, one_line
 
-
-EXIT_USAGE = 2
 
 # ---------------------------------------------------------------------------------------------------- the benchmark
 NUMERICAL_TYPES = ("object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation")
@@ -551,7 +550,7 @@ def evaluate(engine, processor, questions: list[Question], video_root: Path, set
             video = read_video_or_error(processor, video_root, video_name, settings.frames)
             prompts = [_prompt_for(question, video, processor, settings) for question in group]
             if isinstance(video, Exception):
-                save(group, prompts, [None] * len(group), error=_one_line(video))
+                save(group, prompts, [None] * len(group), error=_error_text(video))
             else:
                 yield VideoJob(group, prompts, video)
 
@@ -645,8 +644,8 @@ def make_record(question: Question, prompt: str, settings: RunSettings, output: 
     }
 
 
-def _one_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {one_line(error)}"
 
 
 def check_videos_exist(questions: list[Question], video_root: Path) -> None:
@@ -822,7 +821,7 @@ def _rescored(record: dict) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vica2 eval-vsibench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="converted ViCA2 folder or hub repo id")
+    add_model_options(parser)
     parser.add_argument("--data", help="VSI-Bench test split: .parquet (needs pyarrow), .json or .jsonl")
     parser.add_argument("--video-root", help="folder holding <dataset>/<scene_name>.mp4")
     parser.add_argument("--output-dir", default="vsibench-results", help="predictions and summary go here")
@@ -855,13 +854,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard", help="i/n: run the i-th of n parts (0-based), e.g. one per GPU; then --merge")
     parser.add_argument("--merge", action="store_true", help="combine the shard outputs of --output-dir")
     parser.add_argument("--retry-errors", action="store_true", help="run the error rows of the output again")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--attn-implementation", help="eager, sdpa, flash_attention_2, ...")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the Python code that comes with the model folder / repo instead of the installed "
-                             "vica2 classes (only for a source you trust)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -887,16 +879,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_run_args(args, parser)
-    try:
-        return run_merge(args) if args.merge else run_evaluation(args)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
-    except (UsageError, FileNotFoundError, ValueError, OSError, ImportError) as error:
-        if args.debug:
-            raise
-        print(f"vica2 eval-vsibench: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return EXIT_USAGE
+    return guarded("vica2 eval-vsibench", lambda: run_merge(args) if args.merge else run_evaluation(args),
+                   debug=args.debug, interrupted="interrupted: run the same command again to resume")
 
 
 if __name__ == "__main__":
