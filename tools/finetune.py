@@ -26,7 +26,7 @@ import importlib.util
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from transformers.integrations import deepspeed_config
 from transformers.training_args import ParallelMode
 from transformers.utils import logging as hf_logging
 
+from vica2.configuration_vica2 import TOKEN_RATIO_ARGS
 from vica2.tools.inference import load_model_and_processor
 from vica2.tools.shell import FLAGS, add_model_options, guarded
 from vica2.tools.training import (
@@ -191,19 +192,8 @@ def prepare_model(model, tuning: TuningArguments):
 
 
 def build_dataset(data: DataArguments, processor, seed: int) -> Vica2SupervisedDataset:
-    records = load_data_mixture(data.data_path, seed=seed)
-    return Vica2SupervisedDataset(
-        records,
-        processor,
-        media_root=data.media_root,
-        image_folder=data.image_folder,
-        video_folder=data.video_folder,
-        num_frames=data.num_frames,
-        add_time_instruction=data.add_time_instruction,
-        label_mode=data.label_mode,
-        model_max_length=data.model_max_length,
-        check_media=data.check_media,
-    )
+    options = {name: value for name, value in asdict(data).items() if name != "data_path"}  # the dataset's own
+    return Vica2SupervisedDataset(load_data_mixture(data.data_path, seed=seed), processor, **options)
 
 
 def save_outputs(trainer: Vica2Trainer, processor, tuning: TuningArguments) -> None:
@@ -334,14 +324,7 @@ def main(argv: list[str] | None = None) -> Vica2Trainer:
     if isinstance(loaded, int):
         sys.exit(loaded)
     model, processor = loaded
-    apply_token_ratio(
-        model,
-        processor,
-        video_frames_budget=tuning_args.video_frames_budget,
-        hiera_frames=tuning_args.hiera_frames,
-        siglip_pool_stride=tuning_args.siglip_pool_stride,
-        hiera_pool_stride=tuning_args.hiera_pool_stride,
-    )
+    apply_token_ratio(model, processor, **{name: getattr(tuning_args, name) for name in TOKEN_RATIO_ARGS})
     model = prepare_model(model, tuning_args)
     logger.warning(trainable_summary(model))
 
