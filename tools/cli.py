@@ -17,6 +17,7 @@ comes with a model folder or hub repo runs unless `--trust-remote-code` is given
 from __future__ import annotations
 
 import argparse
+import importlib
 import shutil
 import sys
 import tempfile
@@ -243,24 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands with parsers of their own: the module whose `main(argv)` runs each, imported only when it is chosen.
+DELEGATED = {"convert": "vica2.convert_checkpoint", "eval-vsibench": "vica2.tools.evaluate_vsibench", "app": "vica2.app"}
+
+
 def _delegated(argv: list[str]) -> int | None:
-    """`convert`, `eval-vsibench` and `app` have their own parsers; a --debug before the command goes along to them."""
+    """`convert`, `eval-vsibench` and `app`; a --debug before the command goes along to them."""
     debug = argv[:1] == ["--debug"]
     command, rest = (argv[1:2], argv[2:]) if debug else (argv[:1], argv[1:])
-    if command == ["convert"]:
-        from vica2.convert_checkpoint import main as convert_main
-
-        # the converter prints its own one-line errors; `prog` makes its usage say `vica2 convert`
-        return convert_main([arg for arg in rest if arg != "--debug"], prog="vica2 convert")
-    if command == ["eval-vsibench"]:
-        from vica2.tools.evaluate_vsibench import main as eval_vsibench_main
-
-        return eval_vsibench_main(rest + (["--debug"] if debug and "--debug" not in rest else []))
-    if command == ["app"]:  # the web demo: Gradio is imported only here
-        from vica2.app import main as app_main
-
-        return app_main(rest + (["--debug"] if debug and "--debug" not in rest else []))
-    return None
+    if not command or command[0] not in DELEGATED:
+        return None
+    main = importlib.import_module(DELEGATED[command[0]]).main
+    if command == ["convert"]:  # the converter prints its own one-line errors; `prog` makes its usage say so
+        return main([arg for arg in rest if arg != "--debug"], prog="vica2 convert")
+    return main(rest + (["--debug"] if debug and "--debug" not in rest else []))
 
 
 def main(argv: list[str] | None = None) -> int:
