@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands with parsers of their own: the module whose `main(argv)` runs each, imported only when it is chosen.
-DELEGATED = {"convert": "vica2.convert_checkpoint", "eval-vsibench": "vica2.tools.evaluate_vsibench", "app": "vica2.app"}
+DELEGATED = {"convert": "vica2.convert_checkpoint", "eval-vsibench": "vica2.tools.evaluate_vsibench",
+             "app": "vica2.app"}
 
 
 def _delegated(argv: list[str]) -> int | None:

@@ -202,7 +202,8 @@ def build_demo_checkpoint(workdir: str | Path, report: Callable[[str], None] | N
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    report(f"2. converted it with convert_checkpoint.py{' (verified)' if verify else ''}: {hub} ({result.num_tensors} tensors, "
+    checked = " (verified)" if verify else ""
+    report(f"2. converted it with convert_checkpoint.py{checked}: {hub} ({result.num_tensors} tensors, "
            f"{len(result.dropped)} unused release tensors dropped, remote code: {', '.join(result.remote_code)})")
     video = write_demo_video(workdir / "room.mp4")
     report(f"3. generated a 4 s, 24 fps test video: {video}")

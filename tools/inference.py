@@ -71,15 +71,14 @@ def load_model_and_processor(model_path: str, dtype: str = "auto", device: str |
     load). Raises `UsageError` for a missing folder, a research-release folder that needs converting, an unknown or
     unavailable device, or a missing optional package.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     check_model_path(model_path)
     if device is not None:
         check_device(device)
-    if not trust_remote_code:
-        register_installed_classes()
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    kwargs = {"trust_remote_code": trust_remote_code, "dtype": dtype if dtype == "auto" else _torch_dtype(dtype)}
+    model_class, processor_class = _classes(trust_remote_code)
+    processor = processor_class.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    kwargs = {"dtype": dtype if dtype == "auto" else _torch_dtype(dtype)}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     if load_in_4bit or load_in_8bit:
         from transformers import BitsAndBytesConfig
 
@@ -92,43 +91,63 @@ def load_model_and_processor(model_path: str, dtype: str = "auto", device: str |
         kwargs["device_map"] = "auto" if torch.cuda.is_available() or load_in_4bit or load_in_8bit else None
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).eval()
+    model = model_class.from_pretrained(model_path, **kwargs).eval()
     if device not in ("auto", None) and not (load_in_4bit or load_in_8bit):
         model = model.to(device)
     return model, processor
 
 
-def register_image_processor(config_class, image_processor_class) -> None:
-    """`AutoImageProcessor.register` for a PIL-backend image processor. transformers 5.17 guards every attribute
-    of the top-level `transformers.AutoImageProcessor` behind torchvision (which ViCA2 does not need); the class in
-    its own module is not guarded."""
-    from transformers.models.auto import image_processing_auto
+def _classes(trust_remote_code: bool) -> tuple:
+    """(model class, processor class) to load with: the auto classes, which run the folder's code, when trusted;
+    else the installed classes themselves. Only the config and image processor are registered with the auto classes
+    (the processor loads its parts through them): an auto class with a registered model or processor would prefer
+    it to the folder's code, so a later `trust_remote_code=True` load in this process would not run that code."""
+    if trust_remote_code:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    image_processing_auto.AutoImageProcessor.register(
-        config_class, image_processor_classes={"pil": image_processor_class}, exist_ok=True
-    )
+        return AutoModelForImageTextToText, AutoProcessor
+    from ..modeling_vica2 import Vica2ForConditionalGeneration
+    from ..processing_vica2 import Vica2Processor
+
+    _register(_config_and_image_processor())
+    return Vica2ForConditionalGeneration, Vica2Processor
 
 
-def register_installed_classes() -> None:
-    """Make the auto classes resolve model_type "vica2" to the installed classes (no code from a model folder)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+def _config_and_image_processor() -> list:
+    from transformers import AutoConfig
+    # transformers 5.17 guards the top-level `AutoImageProcessor` behind torchvision (which ViCA2 does not need); the
+    # class in its own module is not guarded.
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from ..configuration_vica2 import Vica2Config
     from ..image_processing_vica2 import Vica2ImageProcessor
-    from ..modeling_vica2 import Vica2ForConditionalGeneration, Vica2Model
-    from ..processing_vica2 import Vica2Processor
 
-    for register in (
-        lambda: AutoConfig.register(Vica2Config.model_type, Vica2Config),
-        lambda: AutoModel.register(Vica2Config, Vica2Model),
-        lambda: AutoModelForImageTextToText.register(Vica2Config, Vica2ForConditionalGeneration),
-        lambda: register_image_processor(Vica2Config, Vica2ImageProcessor),
-        lambda: AutoProcessor.register(Vica2Config, Vica2Processor),
-    ):
+    return [lambda: AutoConfig.register(Vica2Config.model_type, Vica2Config, exist_ok=True),
+            lambda: AutoImageProcessor.register(Vica2Config, image_processor_classes={"pil": Vica2ImageProcessor},
+                                                exist_ok=True)]
+
+
+def _register(registrations: list) -> None:
+    for register in registrations:
         try:
             register()
         except ValueError:  # already registered (a second load in this process)
             pass
+
+
+def register_installed_classes() -> None:
+    """Make the auto classes resolve model_type "vica2" to the installed classes, process-wide (no code from a model
+    folder; `pipeline(...)` then uses them too). They win over a folder's own code from then on in this process."""
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+    from ..configuration_vica2 import Vica2Config
+    from ..modeling_vica2 import Vica2ForConditionalGeneration, Vica2Model
+    from ..processing_vica2 import Vica2Processor
+
+    _register([*_config_and_image_processor(),
+               lambda: AutoModel.register(Vica2Config, Vica2Model),
+               lambda: AutoModelForImageTextToText.register(Vica2Config, Vica2ForConditionalGeneration),
+               lambda: AutoProcessor.register(Vica2Config, Vica2Processor)])
 
 
 def check_model_path(model_path: str) -> None:
@@ -830,9 +849,8 @@ class ChatSession:
 
 
 __all__ = [
-    "UsageError", "DTYPE_NAMES", "load_model_and_processor", "register_installed_classes", "check_model_path", "check_device",
-    "inputs_to_model", "implied_token_counts", "visual_token_counts", "MediaInputs", "prepare_media",
-    "common_prefix_length", "reusable_prefix_length", "cache_bytes_per_token", "EncodedPrefix", "Answer", "ReuseStats", "answer_prompts",
-    "iter_answer_prompts",
-    "ask", "user_message", "render_chat", "SessionStats", "ChatSession",
+    "UsageError", "DTYPE_NAMES", "load_model_and_processor", "register_installed_classes", "check_model_path",
+    "check_device", "inputs_to_model", "implied_token_counts", "visual_token_counts", "MediaInputs", "prepare_media",
+    "common_prefix_length", "reusable_prefix_length", "cache_bytes_per_token", "EncodedPrefix", "Answer", "ReuseStats",
+    "answer_prompts", "iter_answer_prompts", "ask", "user_message", "render_chat", "SessionStats", "ChatSession",
 ]

@@ -2,7 +2,8 @@
 """The one shell every front-end wears (`vica2 ask/chat/demo`, `vica2 eval-vsibench`, `vica2 app`, finetune.py).
 
 - `add_model_options` declares the options they share (the model, `--dtype`, `--device`, `--attn-implementation`,
-  `--trust-remote-code`, `--debug`) once, in the front-end's flag style (`--dtype` or finetune's `--model_name_or_path`).
+  `--trust-remote-code`, `--debug`) once, in the front-end's flag style (`--model` or finetune's
+  `--model_name_or_path`, `--attn_implementation`).
 - `guarded` runs a command: a library error the user can fix becomes one line `PROG: error: ...` and exit code 2
   (`--debug` shows the traceback instead), Ctrl-C exits 130.
 - `flag_message` is where API wording becomes flag wording: library errors name the API argument
@@ -17,6 +18,8 @@ import argparse
 import re
 import sys
 from typing import Callable
+
+from transformers.hf_argparser import string_to_bool
 
 from vica2.tools.inference import DTYPE_NAMES, UsageError
 
@@ -51,21 +54,13 @@ def add_model_options(parser: argparse.ArgumentParser, *, model_flag: str = "--m
     parser.add_argument(flag("attn_implementation"), dest="attn_implementation",
                         help="eager, sdpa (default), flash_attention_2, vica2_fused, ...")
     if separator == "_":  # HfArgumentParser's boolean style: `--trust_remote_code True`
-        parser.add_argument(flag("trust_remote_code"), dest="trust_remote_code", type=_boolean, nargs="?",
+        parser.add_argument(flag("trust_remote_code"), dest="trust_remote_code", type=string_to_bool, nargs="?",
                             const=True, default=False, help=TRUST_REMOTE_CODE_HELP)
     else:
         parser.add_argument(flag("trust_remote_code"), dest="trust_remote_code", action="store_true",
                             help=TRUST_REMOTE_CODE_HELP)
         parser.add_argument("--debug", action="store_true", default=debug_default, help="show tracebacks")
     return parser
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def one_line(error: BaseException) -> str:
