@@ -6,7 +6,7 @@
     vica2 chat --model M --video room.mp4          # a conversation; the video is encoded once
     vica2 demo                      # the whole path offline, on a tiny random model and a generated video
     vica2 convert --input-dir RAW --output-dir OUT ...   # = python convert_checkpoint.py
-    vica2 eval-vsibench --model M --data test.parquet --video-root DIR ...   # = python evaluate_vsibench.py
+    vica2 eval-vsibench --model M --data test.parquet --video-root DIR ...   # = python -m vica2.tools.evaluate_vsibench
     vica2 app --model DIR_OR_REPO   # a web demo in the browser (= python app.py; needs the `app` extra)
 
 Errors a user can fix (a missing file, a corrupt video, a bad setting) are printed as one line, exit code 2;
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(run=run_demo)
 
     commands.add_parser("convert", help="convert a release checkpoint (see convert_checkpoint.py)", add_help=False)
-    commands.add_parser("eval-vsibench", help="evaluate on VSI-Bench (see evaluate_vsibench.py)", add_help=False)
+    commands.add_parser("eval-vsibench", help="evaluate on VSI-Bench (see tools/evaluate_vsibench.py)", add_help=False)
     commands.add_parser("app", help="a web demo: chat about a video in the browser (see app.py)", add_help=False)
     return parser
 

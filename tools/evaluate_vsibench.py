@@ -571,7 +571,7 @@ class TransformersEngine:
     """Answers a video's prompts with a transformers model, greedily, `batch_size` prompts per generate call.
 
     With `prefix_reuse` (the default) the video's towers and its prompts' shared prefix run once and every question
-    continues from that KV cache (`vica2.inference_vica2`); at most `max_cache_bytes` of cache copies are held for a
+    continues from that KV cache (`vica2.tools.inference`); at most `max_cache_bytes` of cache copies are held for a
     batch. Without it every question runs its whole prompt (the plain path). Both give the same texts.
     """
 
