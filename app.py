@@ -6,7 +6,7 @@
     VICA2_MODEL=owner/name python app.py     # what a Hugging Face Space runs (app.py as is)
 
 Each upload is decoded and encoded once (vision towers + prefill of the prompt up to the question); every turn of
-the chat continues from that cached prefix, through the shared prefix API of `inference_vica2.py`. Each browser tab
+the chat continues from that cached prefix, through the shared prefix API of `vica2.tools.inference`. Each browser tab
 has its own conversation; one model call runs at a time (a queue, whose position the page shows). Needs the `app`
 extra: `pip install 'vica2-hf[app]'`.
 """
@@ -36,7 +36,14 @@ if __package__ in (None, ""):
     _package.__path__ = [str(Path(__file__).resolve().parent)]
     sys.modules.setdefault("vica2", _package)
 
-from vica2.inference_vica2 import ChatSession, UsageError, implied_token_counts, load_model_and_processor  # noqa: E402
+from vica2.tools.inference import (  # noqa: E402
+    ChatSession,
+    UsageError,
+    cache_bytes_per_token,
+    implied_token_counts,
+    load_model_and_processor,
+)
+from vica2.tools.shell import add_model_options, guarded, one_line  # noqa: E402
 from vica2.video_loading_vica2 import VideoLoadError  # noqa: E402
 
 
@@ -107,13 +114,6 @@ def _whole_number(value) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def cache_bytes_per_token(model) -> int:
-    """Bytes of KV cache one prompt token takes: keys and values of every language-model layer."""
-    text = model.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * model.dtype.itemsize
-
-
 def media_kind(path: str | Path) -> str:
     """"image" for the usual image suffixes, else "video" (PyAV reads nearly any container)."""
     return "image" if Path(path).suffix.lower() in IMAGE_SUFFIXES else "video"
@@ -124,7 +124,7 @@ def media_kind(path: str | Path) -> str:
 class TabState:
     """One browser tab's conversation (held in `gr.State`, so each tab has its own)."""
 
-    session: object = None  # inference_vica2.ChatSession; None before the first upload or once released
+    session: object = None  # vica2.tools.inference.ChatSession; None before the first upload or once released
     media_path: str | None = None
     kind: str | None = None
     settings: TokenSettings | None = None
@@ -173,7 +173,7 @@ class Vica2App:
                 counts = implied_token_counts(self.model.config, num_frames=settings.frames, **settings.overrides())
                 what = f"A video at {settings.frames} frames"
         except USER_ERRORS as error:
-            return f"⚠️ {_message(error)}"
+            return f"⚠️ {one_line(error)}"
         cache_mb = counts["total"] * cache_bytes_per_token(self.model) / 2**20
         return (f"{what}: **{counts['total']:,} visual tokens** (SigLIP {counts['siglip']:,} + Hiera "
                 f"{counts['hiera']:,}), a cache of about {cache_mb:,.1f} MB.")
@@ -191,7 +191,7 @@ class Vica2App:
                                            time_instruction)
             new_tab = self._open(str(path), settings)
         except USER_ERRORS as error:  # name the file as the user knows it, not by the server's upload path
-            message = _message(error).replace(str(path), Path(path).name)
+            message = one_line(error).replace(str(path), Path(path).name)
             return tab, tab.messages, tab.thumbnails, self.stats(tab), f"⚠️ {message}"
         self._forget(tab)
         self._keep(new_tab)
@@ -221,7 +221,7 @@ class Vica2App:
                        "its cache had been released to make room for other conversations")
                 tab = self._restart(tab, settings, f"New conversation: {why}, so the media was encoded again.")
         except USER_ERRORS as error:
-            yield tab, tab.messages, self.stats(tab), f"⚠️ {_message(error)}", question
+            yield tab, tab.messages, self.stats(tab), f"⚠️ {one_line(error)}", question
             return
         self._keep(tab)
         tab.messages = [*tab.messages, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
@@ -252,7 +252,7 @@ class Vica2App:
                 tab.session.reset()
                 tab.messages = []
         except USER_ERRORS as error:
-            return tab, tab.messages, tab.thumbnails, self.stats(tab), f"⚠️ {_message(error)}"
+            return tab, tab.messages, tab.thumbnails, self.stats(tab), f"⚠️ {one_line(error)}"
         self._keep(tab)
         return tab, tab.messages, tab.thumbnails, self.stats(tab), "New conversation. " + self._ready(tab)
 
@@ -435,26 +435,13 @@ def _values(settings: TokenSettings) -> tuple:
             settings.time_instruction)
 
 
-def _message(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 # ---------------------------------------------------------------------------------------------------- main
-def build_tiny_model(workdir: Path):
-    """The built-in offline default, as `vica2 demo` makes it: a tiny random release, converted."""
-    from vica2.convert_checkpoint import convert_checkpoint
-    from vica2.demo import build_demo_release
-
-    hub = workdir / "tiny-vica2"
-    convert_checkpoint(build_demo_release(workdir / "release"), hub, overwrite=True, progress=False)
-    return hub
-
-
 def create_app(model_path: str | None = None, *, workdir: str | Path | None = None, dtype: str = "auto",
-               device: str = "auto", frames: int | None = None, max_new_tokens: int = 128,
-               cache_budget_gb: float = 4.0, max_conversations: int = 4) -> Vica2App:
-    """Load the model (or build the tiny offline one when `model_path` is None) and write the example clip."""
-    from vica2.demo import write_demo_video
+               device: str = "auto", attn_implementation: str | None = None, trust_remote_code: bool = False,
+               frames: int | None = None, max_new_tokens: int = 128, cache_budget_gb: float = 4.0,
+               max_conversations: int = 4) -> Vica2App:
+    """Load the model (or build `vica2 demo`'s tiny offline one when `model_path` is None) and the example clip."""
+    from vica2.tools.demo import build_demo_checkpoint, write_demo_video
 
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="vica2-app-"))
@@ -462,13 +449,16 @@ def create_app(model_path: str | None = None, *, workdir: str | Path | None = No
     workdir = Path(workdir)
     random_weights = model_path is None
     if random_weights:
-        model_path = str(build_tiny_model(workdir))
+        demo = build_demo_checkpoint(workdir, verify=False)
+        model_path, example = str(demo.hub), demo.video
         dtype, frames = "float32", frames or 8  # the tiny towers run at the real input sizes: keep CPU turns short
-    model, processor = load_model_and_processor(model_path, dtype, device)
+    else:
+        example = write_demo_video(workdir / "room.mp4")
+    model, processor = load_model_and_processor(model_path, dtype, device, attn_implementation=attn_implementation,
+                                                trust_remote_code=trust_remote_code)
     # Visitors upload files: nothing they send makes this server fetch from the network (an uploaded HLS playlist
     # naming http segments included).
     processor.allow_remote_media = False
-    example = write_demo_video(workdir / "example-room.mp4")
     return Vica2App(model, processor, model_name="built-in tiny random ViCA2" if random_weights else model_path,
                     random_weights=random_weights, example_video=example, frames=frames,
                     max_new_tokens=max_new_tokens, cache_budget_gb=cache_budget_gb,
@@ -476,38 +466,37 @@ def create_app(model_path: str | None = None, *, workdir: str | Path | None = No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vica2 app", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=os.environ.get("VICA2_MODEL"),
-                        help="converted ViCA2 folder or hub repo id (default: $VICA2_MODEL, else the built-in tiny "
-                             "random model)")
+    parser = argparse.ArgumentParser(prog="vica2 app", description=__doc__.split("\n\n")[0],
+                                     epilog="--model defaults to $VICA2_MODEL, else the built-in tiny random model.")
+    add_model_options(parser, model_default=os.environ.get("VICA2_MODEL"))
     # Spaces tell Gradio where to listen through GRADIO_SERVER_NAME / _PORT (0.0.0.0:7860); locally: this machine only.
     parser.add_argument("--host", default=os.environ.get("VICA2_HOST") or os.environ.get("GRADIO_SERVER_NAME")
                         or "127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860))
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--frames", type=int, help="default frames to sample (the model's budget, 8 for the tiny one)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--cache-budget-gb", type=float, default=float(os.environ.get("VICA2_CACHE_BUDGET_GB", 4.0)),
                         help="largest KV cache one conversation may hold (ViCA2-7B, 64 frames: 1.2 GB in bf16)")
     parser.add_argument("--max-conversations", type=int, default=4,
                         help="conversations that keep their cache at once (the oldest is released first)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        import_gradio()
-        app = create_app(args.model, dtype=args.dtype, device=args.device, frames=args.frames,
-                         max_new_tokens=args.max_new_tokens, cache_budget_gb=args.cache_budget_gb,
-                         max_conversations=args.max_conversations)
-    except (UsageError, ImportError, OSError, ValueError) as error:
-        if args.debug:
-            raise
-        print(f"vica2 app: error: {_message(error)}", file=sys.stderr)
-        return 2
+    app = guarded("vica2 app", lambda: _start(args), debug=args.debug)
+    return app if isinstance(app, int) else _serve(app, args)
+
+
+def _start(args) -> Vica2App:
+    import_gradio()  # before the slow load: a missing extra is said at once
+    return create_app(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn_implementation,
+                      trust_remote_code=args.trust_remote_code, frames=args.frames,
+                      max_new_tokens=args.max_new_tokens, cache_budget_gb=args.cache_budget_gb,
+                      max_conversations=args.max_conversations)
+
+
+def _serve(app: Vica2App, args) -> int:
     # A stop by SIGTERM (a Space restarting, `kill`) exits like Ctrl-C, so the temporary folder is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"vica2 app: serving {app.model_name} on http://{args.host}:{args.port}", file=sys.stderr)

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 def size_config(name: str):
     from vica2.configuration_vica2 import Vica2Config
     from vica2.convert_checkpoint import release_hiera_config, release_siglip_config
-    from vica2.demo import DEMO_TOWERS
+    from vica2.tools.demo import DEMO_TOWERS
 
     if name == "7b":
         return Vica2Config()

@@ -4,7 +4,7 @@
    tokens) on the `mid` model of bench_generate.py (random weights), answered
    - without reuse: every question runs its whole prompt (towers + prefill), as the evaluator did before;
    - with reuse: per video the towers and the shared prefix run once, each question continues from the KV cache
-     (`vica2.inference_vica2.answer_prompts`, what `vica2 eval-vsibench` now does by default), batch 1 and 4.
+     (`vica2.tools.inference.answer_prompts`, what `vica2 eval-vsibench` now does by default), batch 1 and 4.
    The answers must be identical; the script fails otherwise.
 2. FLOPs at ViCA2-7B's real shapes (counted with `torch.utils.flop_counter` on meta tensors: no weights needed):
    the SigLIP and Hiera towers per frame, the LM prefill of the shared prefix, a question's continuation over the
@@ -67,7 +67,7 @@ def vsibench_questions(count: int) -> list[str]:
 def mid_model_and_processor():
     from bench_generate import build_model
 
-    from vica2.demo import build_byte_tokenizer
+    from vica2.tools.demo import build_byte_tokenizer
     from vica2.processing_vica2 import Vica2Processor
 
     tokenizer = build_byte_tokenizer()
@@ -78,8 +78,8 @@ def mid_model_and_processor():
 
 
 def wall_times(videos: int, questions: int, frames: int, new_tokens: int) -> dict:
-    from vica2.demo import write_demo_video
-    from vica2.inference_vica2 import ReuseStats, answer_prompts, prepare_media, render_chat
+    from vica2.tools.demo import write_demo_video
+    from vica2.tools.inference import ReuseStats, answer_prompts, prepare_media, render_chat
 
     model, processor = mid_model_and_processor()
     texts = vsibench_questions(questions)

@@ -1,6 +1,6 @@
 """vLLM vs transformers as the VSI-Bench evaluator's engine: 4 videos x 8 questions, in one run on this machine.
 
-Both engines answer through the evaluator's own loop (`vica2.evaluate_vsibench.evaluate`: the same video decoding,
+Both engines answer through the evaluator's own loop (`vica2.tools.evaluate_vsibench.evaluate`: the same video decoding,
 prompts and records), greedy, 8 new tokens, on two random-weight models built here: `tiny` (tests_vllm's model)
 and `mid` (LLM hidden 512, 4 layers, head size 64). Reported per model:
   - questions/s through transformers (prefix reuse, the evaluator's default) and through vLLM (the evaluator's
@@ -43,7 +43,7 @@ def mid_config():
 
 
 def write_bench(root: Path):
-    from vica2.evaluate_vsibench import QUESTION_TYPES, MULTIPLE_CHOICE_TYPES, Question
+    from vica2.tools.evaluate_vsibench import QUESTION_TYPES, MULTIPLE_CHOICE_TYPES, Question
 
     questions = []
     for video in range(VIDEOS):
@@ -68,7 +68,7 @@ class Collect:
 
 
 def run(engine, questions, video_root, new_tokens=NEW_TOKENS):
-    from vica2.evaluate_vsibench import RunSettings, evaluate
+    from vica2.tools.evaluate_vsibench import RunSettings, evaluate
 
     writer = Collect()
     engine.max_new_tokens = new_tokens
@@ -79,8 +79,8 @@ def run(engine, questions, video_root, new_tokens=NEW_TOKENS):
 
 
 def transformers_figures(folder, questions, video_root):
-    from vica2.evaluate_vsibench import TransformersEngine
-    from vica2.inference_vica2 import load_model_and_processor
+    from vica2.tools.evaluate_vsibench import TransformersEngine
+    from vica2.tools.inference import load_model_and_processor
 
     model, processor = load_model_and_processor(str(folder), "float32", "cpu")
     engine = TransformersEngine(model, processor)
@@ -93,8 +93,8 @@ def transformers_figures(folder, questions, video_root):
 def vllm_figures(folder, questions, video_root):
     from transformers import AutoProcessor
 
-    from vica2.inference_vica2 import register_installed_classes
-    from vica2.vllm_engine_vica2 import VsiBenchVllmEngine, prefix_cache_counts
+    from vica2.tools.inference import register_installed_classes
+    from vica2.tools.vllm_engine import VsiBenchVllmEngine, prefix_cache_counts
 
     register_installed_classes()
     processor = AutoProcessor.from_pretrained(str(folder))

@@ -26,7 +26,7 @@ pytest.importorskip("av")
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio builds anything: no version check, no telemetry
 
 from vica2 import app as app_module  # noqa: E402
-from vica2.demo import write_demo_video  # noqa: E402
+from vica2.tools.demo import write_demo_video  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def test_ask_before_any_upload_says_what_to_do(demo):
 
 
 def test_cli_dispatches_to_the_app_and_reports_missing_gradio(monkeypatch, capsys):
-    from vica2.cli import main
+    from vica2.tools.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["app", "--help"])
@@ -236,13 +236,14 @@ def test_app_py_runs_as_a_script_outside_the_package(tmp_path):
     """A Space runs `python app.py` from the repository's files, with nothing installed as `vica2`."""
     for path in REPO_ROOT.glob("*.py"):
         shutil.copy(path, tmp_path / path.name)
+    shutil.copytree(REPO_ROOT / "tools", tmp_path / "tools", ignore=shutil.ignore_patterns("__pycache__"))
     code = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
             "type(f).__name__.lower()]; space = runpy.run_path('app.py', run_name='space'); "
-            "print(sys.modules['vica2.inference_vica2'].__file__); space['main'](['--help'])")
+            "print(sys.modules['vica2.tools.inference'].__file__); space['main'](['--help'])")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     used, help_text = result.stdout.split("\n", 1)
-    assert Path(used) == tmp_path / "inference_vica2.py"  # the files beside app.py, not an installed vica2
+    assert Path(used) == tmp_path / "tools" / "inference.py"  # the files beside app.py, not an installed vica2
     assert "--cache-budget-gb" in help_text
 
 

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from vica2.convert_checkpoint import convert_checkpoint, hub_key_to_release, release_key_to_hub
-from vica2.demo import build_demo_release, write_demo_video
+from vica2.tools.demo import build_demo_release, write_demo_video
 
 
 pytest.importorskip("av")
 
-VICA2 = [sys.executable, "-m", "vica2.cli"]
+VICA2 = [sys.executable, "-m", "vica2.tools.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +226,34 @@ def test_hub_key_to_release_inverts_every_7b_key():
     for tensor in json.loads(Path(FIXTURE_7B_KEYS).read_text())["tensors"]:
         mapped = release_key_to_hub(tensor["name"], 26)
         assert mapped is None or hub_key_to_release(mapped) == tensor["name"]
+
+
+def test_layout_hub_files_at_the_root_tools_apart_and_front_ends_import_only_the_library():
+    """The remote code never reaches into vica2.tools; library modules never import a front-end; front-ends never
+    import each other (the `vica2` command names the commands it delegates to, and imports one when it is chosen)."""
+    import ast
+
+    from transformers.dynamic_module_utils import get_imports
+
+    root = Path(__file__).resolve().parents[1]
+    hub_files = sorted(path.name for path in root.glob("*.py"))
+    assert hub_files == ["app.py", "configuration_vica2.py", "convert_checkpoint.py", "image_processing_vica2.py",
+                         "kernels_vica2.py", "modeling_vica2.py", "processing_vica2.py", "video_loading_vica2.py",
+                         "video_processing_vica2.py"]
+    for name in hub_files:
+        if name.endswith("_vica2.py"):
+            assert not {"tools", "vica2"} & set(get_imports(root / name)), name
+
+    def imported(path):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return names
+
+    front_ends = {"vica2.tools.cli", "vica2.tools.evaluate_vsibench", "vica2.tools.finetune", "vica2.app"}
+    for path in [*sorted((root / "tools").glob("*.py")), root / "app.py"]:
+        module = "vica2.app" if path.name == "app.py" else f"vica2.tools.{path.stem}"
+        assert not (front_ends - {module}) & imported(path), path

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.distributed
 requires_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="these launches are only wrong on a machine without GPUs")
 
-FINETUNE = str(REPO_ROOT / "finetune.py")
+FINETUNE = str(REPO_ROOT / "tools" / "finetune.py")
 GLOBAL_BATCH = 4
 ACCUMULATION = 2
 STEPS = 2  # 8 records, one epoch

@@ -22,7 +22,7 @@ av = pytest.importorskip("av")
 
 from transformers import TrainerCallback  # noqa: E402
 
-from vica2.training_vica2 import (  # noqa: E402
+from vica2.tools.training import (  # noqa: E402
     FULL_MINUS_HIERA,
     STAGES,
     Vica2DataCollator,
@@ -52,7 +52,7 @@ QUESTION = "<image>\nHow many objects are there?"
 
 # ----------------------------------------------------------------------------------------------- helpers
 def byte_tokenizer():
-    from vica2.demo import build_byte_tokenizer
+    from vica2.tools.demo import build_byte_tokenizer
 
     return build_byte_tokenizer()
 
@@ -372,7 +372,7 @@ def test_activation_checkpointing_same_loss_grads_and_recomputes_every_tower(med
 def test_lora_trains_saves_reloads_and_merges(media, tmp_path):
     from peft import PeftModel
 
-    from vica2.training_vica2 import add_lora, lora_config, lora_modules_to_save
+    from vica2.tools.training import add_lora, lora_config, lora_modules_to_save
 
     model, processor = make_tiny()
     # Adapters on the LLM; the spatial projector and the head train fully beside them (PEFT modules_to_save).
@@ -607,7 +607,7 @@ def test_finetune_script_runs_end_to_end(mode, tmp_path):
     checkpoint, mixture = write_checkpoint_and_data(tmp_path)
     output = tmp_path / "out"
     command = [
-        sys.executable, str(REPO_ROOT / "finetune.py"),
+        sys.executable, str(REPO_ROOT / "tools" / "finetune.py"),
         "--model_name_or_path", str(checkpoint), "--data_path", str(mixture), "--media_root", str(tmp_path),
         "--output_dir", str(output), "--num_frames", str(NUM_FRAMES), "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--report_to", "none",
@@ -667,32 +667,29 @@ def code_marking_checkpoint(folder: Path, marker: Path) -> Path:
 
 
 def test_finetune_loads_the_installed_classes_and_runs_code_from_the_folder_only_when_asked(tmp_path):
-    from transformers import HfArgumentParser
-
-    from vica2.finetune import ModelArguments, load_model, load_processor
+    from vica2.tools.finetune import load, model_option_parser
     from vica2.image_processing_vica2 import Vica2ImageProcessor
     from vica2.modeling_vica2 import Vica2ForConditionalGeneration
     from vica2.processing_vica2 import Vica2Processor
 
     marker = tmp_path / "ran.txt"
     folder = code_marking_checkpoint(tmp_path / "checkpoint", marker)
-    (default,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(["--model_name_or_path", str(folder)])
-    model, processor = load_model(default), load_processor(default)
+    default = model_option_parser().parse_args(["--model_name_or_path", str(folder)])
+    model, processor = load(default)
     assert not marker.exists()
     assert type(model) is Vica2ForConditionalGeneration and type(processor) is Vica2Processor
     assert type(processor.image_processor) is Vica2ImageProcessor
+    assert model.dtype == torch.float32 and not model.config.use_cache  # float32 master weights, no KV cache
 
-    (asked,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(
-        ["--model_name_or_path", str(folder), "--trust_remote_code", "True"]
-    )
-    model, processor = load_model(asked), load_processor(asked)
+    asked = model_option_parser().parse_args(["--model_name_or_path", str(folder), "--trust_remote_code", "True"])
+    model, processor = load(asked)
     assert {"modeling_vica2.py", "processing_vica2.py"} <= set(marker.read_text().split())
     assert type(model).__module__.startswith("transformers_modules")
     assert type(processor).__module__.startswith("transformers_modules")
 
 
 def test_finetune_refuses_a_tokenizer_that_needs_code_from_the_folder(tmp_path):
-    from vica2.finetune import ModelArguments, load_processor
+    from vica2.tools.finetune import load, model_option_parser
 
     marker = tmp_path / "ran.txt"
     folder = code_marking_checkpoint(tmp_path / "checkpoint", marker)
@@ -701,5 +698,14 @@ def test_finetune_refuses_a_tokenizer_that_needs_code_from_the_folder(tmp_path):
     config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", None]})
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="trust_remote_code"):
-        load_processor(ModelArguments(model_name_or_path=str(folder)))
+        load(model_option_parser().parse_args(["--model_name_or_path", str(folder)]))
     assert not marker.exists()
+
+
+def test_finetune_says_a_bad_model_folder_in_one_line_with_its_flag(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "finetune.py"), "--model_name_or_path",
+                             str(tmp_path / "nowhere"), "--data_path", "d.json", "--output_dir", str(tmp_path / "out"),
+                             "--use_cpu", "True", "--report_to", "none"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"finetune.py: error: --model_name_or_path '{tmp_path / 'nowhere'}': no such folder" in result.stderr

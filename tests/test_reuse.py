@@ -1,4 +1,4 @@
-"""Encode once, ask many: answers from a reused prefix equal answers from scratch (inference_vica2.py)."""
+"""Encode once, ask many: answers from a reused prefix equal answers from scratch (vica2.tools.inference)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from vica2.inference_vica2 import (
+from vica2.tools.inference import (
     ChatSession,
     EncodedPrefix,
     ReuseStats,
     UsageError,
     answer_prompts,
+    cache_bytes_per_token,
+    check_device,
+    check_model_path,
     common_prefix_length,
     implied_token_counts,
     prepare_media,
@@ -27,7 +30,7 @@ QUESTIONS = ["How many chairs are in the room?", "Where is the red ball?", "Is t
 
 @pytest.fixture(scope="module")
 def setup():
-    from vica2.demo import build_byte_tokenizer
+    from vica2.tools.demo import build_byte_tokenizer
     from vica2.processing_vica2 import Vica2Processor
 
     tokenizer = build_byte_tokenizer()
@@ -158,7 +161,7 @@ def test_batch_rows_are_bounded_by_the_cache_memory_budget(setup):
     config = model.config.text_config
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size //
                                                                                config.num_attention_heads) * 4
-    assert prefix.cache_bytes() == per_token * (len(ids) - 1)
+    assert prefix.cache_bytes() == per_token * (len(ids) - 1) == cache_bytes_per_token(model) * (len(ids) - 1)
     assert prefix.rows_within(8, None) == 8
     assert prefix.rows_within(8, 3 * prefix.cache_bytes()) == 3
     assert prefix.rows_within(8, 1) == 1  # always at least one row
@@ -239,3 +242,42 @@ def test_chat_without_media_and_bad_input(setup, tmp_path):
         chat.set_video(tmp_path / "broken.mp4")
     with pytest.raises(UsageError, match="hiera_frames"):
         ChatSession(model, processor, hiera_frames=3).set_video(frames)
+
+
+def test_token_ratio_overrides_reach_the_model_only_as_the_processors_video_token_ratio(setup):
+    """The inference API hands the scalar overrides to the processor; the model gets its per-video carrier."""
+    from vica2.configuration_vica2 import TOKEN_RATIO_ARGS
+
+    model, processor, frames, _ = setup
+    media = _media(setup, "video", hiera_frames=8, hiera_pool_stride=1)
+    budget = model.config.video_frames_budget
+    assert media.pixels["video_token_ratio"].tolist() == [[budget, 8, model.config.siglip_pool_stride, 1]]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    try:
+        chat = ChatSession(model, processor, max_new_tokens=2, hiera_frames=8, hiera_pool_stride=1)
+        chat.set_video(frames)
+        chat.ask(QUESTIONS[0])
+        answer_prompts(model, processor, [render_chat(processor, [user_message(media, QUESTIONS[1])])], media,
+                       reuse=False, max_new_tokens=2)
+    finally:
+        hook.remove()
+    assert seen and not any(set(TOKEN_RATIO_ARGS) & kwargs for kwargs in seen)
+    assert any("video_token_ratio" in kwargs for kwargs in seen)
+
+
+def test_library_errors_name_the_api_argument_and_the_shell_shows_the_flag(tmp_path):
+    from vica2.tools.shell import flag_message
+
+    with pytest.raises(UsageError, match=r"^model_path '.*nowhere': no such folder") as missing:
+        check_model_path(str(tmp_path / "nowhere"))
+    assert missing.value.argument == "model_path" and "--" not in str(missing.value)
+    assert flag_message(missing.value).startswith(f"--model '{tmp_path / 'nowhere'}': no such folder")
+    assert flag_message(missing.value, {"model_path": "--model_name_or_path"}).startswith("--model_name_or_path '")
+    with pytest.raises(UsageError, match=r"^device 'banana': unknown device") as banana:
+        check_device("banana")
+    assert flag_message(banana.value).startswith("--device 'banana': unknown device")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="use device='cpu'") as cuda:
+            check_device("cuda")
+        assert "use --device cpu" in flag_message(cuda.value)

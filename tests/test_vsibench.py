@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vica2.evaluate_vsibench import (
+from vica2.tools.evaluate_vsibench import (
     MULTIPLE_CHOICE_TYPES,
     NUMERICAL_TYPES,
     QUESTION_TYPES,
@@ -348,7 +348,7 @@ def test_bad_shards_are_refused(text):
 @pytest.mark.parametrize("flag", ["--videos-in-flight", "--tensor-parallel-size", "--data-parallel-size",
                                   "--batch-size", "--frames"])
 def test_counts_below_one_are_refused_before_anything_runs(flag, capsys):
-    from vica2.evaluate_vsibench import main
+    from vica2.tools.evaluate_vsibench import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", "m", "--data", "d.jsonl", "--video-root", "v", flag, "0"])
@@ -392,7 +392,7 @@ def _question_rows():
 def bench(tmp_path_factory):
     """A tiny converted ViCA2, a mini benchmark (JSONL) and its videos."""
     from vica2.convert_checkpoint import convert_checkpoint
-    from vica2.demo import build_demo_release, write_demo_video
+    from vica2.tools.demo import build_demo_release, write_demo_video
 
     root = tmp_path_factory.mktemp("vsibench")
     convert_checkpoint(build_demo_release(root / "release"), root / "model", overwrite=True, progress=False)
@@ -408,7 +408,7 @@ def bench(tmp_path_factory):
 
 
 def _cli(bench, output_dir, *extra, check=True):
-    command = [sys.executable, "-m", "vica2.cli", "eval-vsibench", "--model", str(bench["model"]), "--data",
+    command = [sys.executable, "-m", "vica2.tools.cli", "eval-vsibench", "--model", str(bench["model"]), "--data",
                str(bench["data"]), "--video-root", str(bench["videos"]), "--output-dir", str(output_dir),
                "--frames", "4", "--dtype", "float32", "--device", "cpu", *extra]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
@@ -509,7 +509,7 @@ def test_finished_run_is_not_rerun_and_other_settings_are_refused(bench, finishe
 
 
 def test_retry_errors_reruns_only_the_error_rows(bench, finished_run, tmp_path):
-    from vica2.demo import write_demo_video
+    from vica2.tools.demo import write_demo_video
 
     out, videos = tmp_path / "run", tmp_path / "videos"
     shutil.copytree(finished_run["out"], out)
@@ -543,7 +543,7 @@ def test_shards_merge_into_the_whole_benchmark(bench):
     target["ground_truth"] = parse_answer(target["output"])
     shard_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in edited), encoding="utf-8")
 
-    merge = subprocess.run([sys.executable, "-m", "vica2.cli", "eval-vsibench", "--merge", "--output-dir", str(out)],
+    merge = subprocess.run([sys.executable, "-m", "vica2.tools.cli", "eval-vsibench", "--merge", "--output-dir", str(out)],
                            capture_output=True, text=True, cwd=REPO_ROOT)
     assert merge.returncode == 0, merge.stderr
     merged = _lines(out / "predictions.jsonl")
@@ -559,7 +559,7 @@ def test_shards_merge_into_the_whole_benchmark(bench):
 
 def test_merge_refuses_missing_shards(tmp_path):
     (tmp_path / "predictions.shard1of3.jsonl").write_text("")
-    result = subprocess.run([sys.executable, "-m", "vica2.cli", "eval-vsibench", "--merge", "--output-dir",
+    result = subprocess.run([sys.executable, "-m", "vica2.tools.cli", "eval-vsibench", "--merge", "--output-dir",
                              str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 2 and "Shards [0, 2] of 3" in result.stderr
 
@@ -572,10 +572,10 @@ def test_wrong_video_root_stops_before_loading_the_model(bench, tmp_path):
 
 def test_vllm_engine_without_vllm_is_a_one_line_install_hint(bench, tmp_path, monkeypatch, capsys):
     """--engine vllm imports vLLM only then; where it is missing (hidden here) the run stops before writing."""
-    from vica2.evaluate_vsibench import main
+    from vica2.tools.evaluate_vsibench import main
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
-    monkeypatch.delitem(sys.modules, "vica2.vllm_engine_vica2", raising=False)
+    monkeypatch.delitem(sys.modules, "vica2.tools.vllm_engine", raising=False)
     out = tmp_path / "out"
     code = main(["--model", str(bench["model"]), "--data", str(bench["data"]), "--video-root", str(bench["videos"]),
                  "--output-dir", str(out), "--engine", "vllm", "--frames", "4", "--trust-remote-code"])
@@ -587,7 +587,7 @@ def test_vllm_engine_without_vllm_is_a_one_line_install_hint(bench, tmp_path, mo
 
 def test_vllm_engine_runs_folder_code_only_when_asked(bench, tmp_path, capsys):
     """vLLM's Transformers backend executes the model folder's code: --engine vllm needs --trust-remote-code."""
-    from vica2.evaluate_vsibench import main
+    from vica2.tools.evaluate_vsibench import main
 
     out = tmp_path / "out"
     code = main(["--model", str(bench["model"]), "--data", str(bench["data"]), "--video-root", str(bench["videos"]),
@@ -600,11 +600,11 @@ def test_vllm_engine_runs_folder_code_only_when_asked(bench, tmp_path, capsys):
 
 def test_the_transformers_engine_does_not_import_vllm(bench, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from vica2.evaluate_vsibench import main; "
+        [sys.executable, "-c", "import sys; from vica2.tools.evaluate_vsibench import main; "
          f"main(['--model', {str(bench['model'])!r}, '--data', {str(bench['data'])!r}, '--video-root', "
          f"{str(bench['videos'])!r}, '--output-dir', {str(tmp_path / 'out')!r}, '--frames', '4', '--limit', "
          "'2', '--dtype', 'float32', '--device', 'cpu']); assert 'vllm' not in sys.modules and "
-         "'vica2.vllm_engine_vica2' not in sys.modules"],
+         "'vica2.tools.vllm_engine' not in sys.modules"],
         capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(_lines(tmp_path / "out" / "predictions.jsonl")) == 2  # the engine really ran
@@ -631,8 +631,8 @@ def test_evaluate_saves_answers_given_in_any_order_across_videos(bench, tmp_path
     in any order; each is saved to its own question, and an unreadable video's rows never reach the engine."""
     from transformers import AutoProcessor
 
-    from vica2.evaluate_vsibench import PredictionWriter, RunSettings, evaluate, load_questions, read_records
-    from vica2.inference_vica2 import register_installed_classes
+    from vica2.tools.evaluate_vsibench import PredictionWriter, RunSettings, evaluate, load_questions, read_records
+    from vica2.tools.inference import register_installed_classes
 
     register_installed_classes()  # the folder's processor, no code from the folder
     processor = AutoProcessor.from_pretrained(bench["model"])

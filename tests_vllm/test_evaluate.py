@@ -59,7 +59,7 @@ def _records(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def transformers_records(bench, hub_folder):
     out = bench["root"] / "transformers"
-    result = subprocess.run([sys.executable, "-m", "vica2.cli", *_args(bench, hub_folder, out, "--device", "cpu")],
+    result = subprocess.run([sys.executable, "-m", "vica2.tools.cli", *_args(bench, hub_folder, out, "--device", "cpu")],
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return _records(out / "predictions.jsonl")
@@ -68,8 +68,8 @@ def transformers_records(bench, hub_folder):
 @pytest.fixture
 def vllm_main(llm, monkeypatch):
     """The evaluator's main(), its `vllm.LLM(...)` answered by the session's engine; the arguments are kept."""
-    import vica2.vllm_engine_vica2 as engine_module
-    from vica2.evaluate_vsibench import main
+    import vica2.tools.vllm_engine as engine_module
+    from vica2.tools.evaluate_vsibench import main
 
     started = []
     monkeypatch.setattr(engine_module.vllm, "LLM", lambda **kwargs: started.append(kwargs) or llm)

@@ -143,7 +143,7 @@ def test_front_end_engine_answers_as_transformers(llm, reference, hub_folder, me
     from transformers import AutoTokenizer
 
     from vica2.video_loading_vica2 import read_video
-    from vica2.vllm_engine_vica2 import VllmEngine
+    from vica2.tools.vllm_engine import VllmEngine
 
     paths = [str(media[name]) for name in ("long", "other", "long", "short")]
     prompts = [chat(f"<video>\nQuestion {i}?") for i in range(len(paths))]
@@ -162,7 +162,7 @@ def test_stream_keeps_the_next_videos_queued_and_answers_as_generate(llm, hub_fo
     current video's are answered, never more than `videos_in_flight` videos at once, and the answers are those of
     one `generate` call per video."""
     from vica2.video_loading_vica2 import read_video
-    from vica2.vllm_engine_vica2 import VllmEngine
+    from vica2.tools.vllm_engine import VllmEngine
 
     engine = VllmEngine(str(hub_folder), llm=llm)
     videos = {name: read_video(str(media[name]), 8) for name in ("long", "other", "short")}
@@ -195,7 +195,7 @@ def test_stream_keeps_the_next_videos_queued_and_answers_as_generate(llm, hub_fo
 
 def test_a_stream_closed_early_leaves_nothing_in_the_engine(llm, hub_folder, media):
     from vica2.video_loading_vica2 import read_video
-    from vica2.vllm_engine_vica2 import VllmEngine
+    from vica2.tools.vllm_engine import VllmEngine
 
     engine = VllmEngine(str(hub_folder), llm=llm)
     video = read_video(str(media["long"]), 8)

@@ -6,7 +6,7 @@
     vica2 chat --model M --video room.mp4          # a conversation; the video is encoded once
     vica2 demo                      # the whole path offline, on a tiny random model and a generated video
     vica2 convert --input-dir RAW --output-dir OUT ...   # = python convert_checkpoint.py
-    vica2 eval-vsibench --model M --data test.parquet --video-root DIR ...   # = python evaluate_vsibench.py
+    vica2 eval-vsibench --model M --data test.parquet --video-root DIR ...   # = python -m vica2.tools.evaluate_vsibench
     vica2 app --model DIR_OR_REPO   # a web demo in the browser (= python app.py; needs the `app` extra)
 
 Errors a user can fix (a missing file, a corrupt video, a bad setting) are printed as one line, exit code 2;
@@ -17,13 +17,15 @@ comes with a model folder or hub repo runs unless `--trust-remote-code` is given
 from __future__ import annotations
 
 import argparse
+import importlib
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from vica2.inference_vica2 import (
+from vica2.configuration_vica2 import TOKEN_RATIO_ARGS
+from vica2.tools.inference import (
     Answer,
     ChatSession,
     UsageError,
@@ -32,10 +34,7 @@ from vica2.inference_vica2 import (
     check_model_path,
     load_model_and_processor,
 )
-
-
-EXIT_USAGE = 2
-USER_ERRORS = (UsageError, FileNotFoundError, ValueError, OSError, ImportError)
+from vica2.tools.shell import USER_ERRORS, add_model_options, flag_message, guarded
 
 
 # ---------------------------------------------------------------------------------------------------- shared
@@ -61,8 +60,7 @@ def _check_before_loading(args) -> None:
 
 
 def _overrides(args) -> dict:
-    from vica2.configuration_vica2 import TOKEN_RATIO_ARGS
-
+    """The token-ratio flags, for the processor (the inference API hands them to it, never to the model)."""
     return {name: getattr(args, name) for name in TOKEN_RATIO_ARGS}
 
 
@@ -123,7 +121,7 @@ def run_chat(args) -> int:
         except USER_ERRORS as error:  # one bad turn (a missing file) does not end the conversation
             if args.debug:
                 raise
-            print(f"vica2 chat: error: {_one_line(error)}", file=sys.stderr)
+            print(f"vica2 chat: error: {flag_message(error)}", file=sys.stderr)
 
 
 def _chat_command(session: ChatSession, line: str, verbose: bool) -> bool:
@@ -152,8 +150,6 @@ def _chat_command(session: ChatSession, line: str, verbose: bool) -> bool:
 
 
 def _set_media(session: ChatSession, kind: str, path: str, verbose: bool) -> None:
-    if not Path(path).is_file():
-        raise UsageError(f"--{kind} {path!r}: no such file.")
     media = session.set_video(path) if kind == "video" else session.set_image(path)
     print(f"({kind} {path}: {media.num_tokens} visual tokens, encoded in {session.encode_s:.1f}s)")
     if verbose:
@@ -163,7 +159,7 @@ def _set_media(session: ChatSession, kind: str, path: str, verbose: bool) -> Non
 
 # ---------------------------------------------------------------------------------------------------- demo
 def run_demo(args) -> int:
-    from vica2.demo import build_demo_checkpoint
+    from vica2.tools.demo import build_demo_checkpoint
 
     created = args.workdir is None  # a folder of our own is removed at the end; a --workdir is the user's
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vica2-demo-"))
@@ -193,8 +189,8 @@ def run_demo(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------- main
 def _model_options() -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(add_help=False)
-    options.add_argument("--model", required=True, help="converted ViCA2 folder or hub repo id")
+    options = add_model_options(argparse.ArgumentParser(add_help=False), model_required=True,
+                                debug_default=argparse.SUPPRESS)  # `vica2 --debug ask ...` keeps the main value
     options.add_argument("--frames", type=int, help="frames to sample (default: the model's frame budget, 64)")
     options.add_argument("--hiera-frames", dest="hiera_frames", type=int, help="N_hiera at the frame budget")
     options.add_argument("--video-frames-budget", dest="video_frames_budget", type=int)
@@ -203,34 +199,21 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--no-time-instruction", action="store_true",
                          help="leave out the release's time instruction after the video")
     options.add_argument("--fast-decode", action="store_true", help="resize while decoding (faster, not exact)")
-    options.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    options.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     quant = options.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="quantize the language model to 4-bit (nf4)")
     quant.add_argument("--load-in-8bit", action="store_true", help="quantize the language model to 8-bit")
-    options.add_argument("--attn-implementation", help="eager, sdpa, flash_attention_2, vica2_fused, ...")
-    options.add_argument("--trust-remote-code", action="store_true",
-                         help="run the Python code that comes with the model folder / repo instead of the installed "
-                              "vica2 classes (only for a source you trust)")
     options.add_argument("--max-new-tokens", type=int, default=64)
     options.add_argument("--verbose", action="store_true", help="token counts per stream and timings")
     return options
-
-
-def _debug_option() -> argparse.ArgumentParser:
-    # SUPPRESS: a subcommand without --debug leaves the main parser's value alone (`vica2 --debug ask ...`)
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    return debug
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vica2", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
-    model_options, debug = _model_options(), _debug_option()
+    model_options = _model_options()
 
-    ask_parser = commands.add_parser("ask", parents=[model_options, debug],
+    ask_parser = commands.add_parser("ask", parents=[model_options],
                                      help="answer questions about a video or an image")
     media = ask_parser.add_mutually_exclusive_group(required=True)
     media.add_argument("--video", help="video file (any format PyAV reads)")
@@ -240,14 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     ask_parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask_parser.set_defaults(run=run_ask)
 
-    chat_parser = commands.add_parser("chat", parents=[model_options, debug],
+    chat_parser = commands.add_parser("chat", parents=[model_options],
                                       help="a conversation about a video or an image (read from stdin)")
     media = chat_parser.add_mutually_exclusive_group()
     media.add_argument("--video", help="video file to talk about (or /video PATH later)")
     media.add_argument("--image", help="image file to talk about (or /image PATH later)")
     chat_parser.set_defaults(run=run_chat, max_new_tokens=256)
 
-    demo_parser = commands.add_parser("demo", parents=[debug], help="the whole path offline on a tiny random model")
+    demo_parser = commands.add_parser("demo", help="the whole path offline on a tiny random model")
+    demo_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     demo_parser.add_argument("--workdir", help="where to write the demo files, kept (default: a temporary folder, "
                                                "removed at the end)")
     demo_parser.add_argument("--frames", type=int, default=16)
@@ -255,29 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(run=run_demo)
 
     commands.add_parser("convert", help="convert a release checkpoint (see convert_checkpoint.py)", add_help=False)
-    commands.add_parser("eval-vsibench", help="evaluate on VSI-Bench (see evaluate_vsibench.py)", add_help=False)
+    commands.add_parser("eval-vsibench", help="evaluate on VSI-Bench (see tools/evaluate_vsibench.py)", add_help=False)
     commands.add_parser("app", help="a web demo: chat about a video in the browser (see app.py)", add_help=False)
     return parser
 
 
+# Commands with parsers of their own: the module whose `main(argv)` runs each, imported only when it is chosen.
+DELEGATED = {"convert": "vica2.convert_checkpoint", "eval-vsibench": "vica2.tools.evaluate_vsibench",
+             "app": "vica2.app"}
+
+
 def _delegated(argv: list[str]) -> int | None:
-    """`convert`, `eval-vsibench` and `app` have their own parsers; a --debug before the command goes along to them."""
+    """`convert`, `eval-vsibench` and `app`; a --debug before the command goes along to them."""
     debug = argv[:1] == ["--debug"]
     command, rest = (argv[1:2], argv[2:]) if debug else (argv[:1], argv[1:])
-    if command == ["convert"]:
-        from vica2.convert_checkpoint import main as convert_main
-
-        # the converter prints its own one-line errors; `prog` makes its usage say `vica2 convert`
-        return convert_main([arg for arg in rest if arg != "--debug"], prog="vica2 convert")
-    if command == ["eval-vsibench"]:
-        from vica2.evaluate_vsibench import main as eval_vsibench_main
-
-        return eval_vsibench_main(rest + (["--debug"] if debug and "--debug" not in rest else []))
-    if command == ["app"]:  # the web demo: Gradio is imported only here
-        from vica2.app import main as app_main
-
-        return app_main(rest + (["--debug"] if debug and "--debug" not in rest else []))
-    return None
+    if not command or command[0] not in DELEGATED:
+        return None
+    main = importlib.import_module(DELEGATED[command[0]]).main
+    if command == ["convert"]:  # the converter prints its own one-line errors; `prog` makes its usage say so
+        return main([arg for arg in rest if arg != "--debug"], prog="vica2 convert")
+    return main(rest + (["--debug"] if debug and "--debug" not in rest else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,19 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if delegated is not None:
         return delegated
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        return 130
-    except USER_ERRORS as error:
-        if args.debug:
-            raise
-        print(f"vica2 {args.command}: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    return guarded(f"vica2 {args.command}", lambda: args.run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

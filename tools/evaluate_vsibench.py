@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vica2.inference_vica2 import UsageError, check_device, check_model_path
+from vica2.tools.inference import UsageError, check_device, check_model_path
+from vica2.tools.shell import add_model_options, guarded, one_line
 
-
-EXIT_USAGE = 2
 
 # ---------------------------------------------------------------------------------------------------- the benchmark
 NUMERICAL_TYPES = ("object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation")
@@ -551,7 +550,7 @@ def evaluate(engine, processor, questions: list[Question], video_root: Path, set
             video = read_video_or_error(processor, video_root, video_name, settings.frames)
             prompts = [_prompt_for(question, video, processor, settings) for question in group]
             if isinstance(video, Exception):
-                save(group, prompts, [None] * len(group), error=_one_line(video))
+                save(group, prompts, [None] * len(group), error=_error_text(video))
             else:
                 yield VideoJob(group, prompts, video)
 
@@ -572,7 +571,7 @@ class TransformersEngine:
     """Answers a video's prompts with a transformers model, greedily, `batch_size` prompts per generate call.
 
     With `prefix_reuse` (the default) the video's towers and its prompts' shared prefix run once and every question
-    continues from that KV cache (`vica2.inference_vica2`); at most `max_cache_bytes` of cache copies are held for a
+    continues from that KV cache (`vica2.tools.inference`); at most `max_cache_bytes` of cache copies are held for a
     batch. Without it every question runs its whole prompt (the plain path). Both give the same texts.
     """
 
@@ -580,7 +579,7 @@ class TransformersEngine:
 
     def __init__(self, model, processor, *, batch_size: int = 1, max_new_tokens: int = 16, prefix_reuse: bool = True,
                  max_cache_bytes: int | None = None):
-        from vica2.inference_vica2 import ReuseStats
+        from vica2.tools.inference import ReuseStats
 
         self.model, self.processor = model, processor
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -589,7 +588,7 @@ class TransformersEngine:
 
     def answer(self, video, prompts: list[str]):
         """Yields the raw generated texts of `prompts` (each showing `video`, a DecodedVideo) batch by batch."""
-        from vica2.inference_vica2 import iter_answer_prompts, prepare_media
+        from vica2.tools.inference import iter_answer_prompts, prepare_media
 
         media = prepare_media(self.model, self.processor, video=video)
         yield from iter_answer_prompts(
@@ -645,8 +644,8 @@ def make_record(question: Question, prompt: str, settings: RunSettings, output: 
     }
 
 
-def _one_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {one_line(error)}"
 
 
 def check_videos_exist(questions: list[Question], video_root: Path) -> None:
@@ -713,7 +712,7 @@ def run_evaluation(args) -> int:
                     "from it): add --trust-remote-code for a folder you trust, or use --engine transformers, which "
                     "runs the installed classes."
                 )
-            from vica2.vllm_engine_vica2 import require_vllm
+            from vica2.tools.vllm_engine import require_vllm
 
             require_vllm()
     extra = {"model": args.model, "data": str(args.data), "settings": settings.as_dict(),
@@ -740,7 +739,7 @@ def build_engine(args):
     if args.engine == "vllm":
         from transformers import AutoProcessor
 
-        from vica2.vllm_engine_vica2 import VsiBenchVllmEngine
+        from vica2.tools.vllm_engine import VsiBenchVllmEngine
 
         # vLLM runs the folder's code (asked for with --trust-remote-code); the processor is the same code.
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
@@ -748,7 +747,7 @@ def build_engine(args):
                                   videos_in_flight=args.videos_in_flight,
                                   tensor_parallel_size=args.tensor_parallel_size,
                                   data_parallel_size=args.data_parallel_size, dtype=args.dtype)
-    from vica2.inference_vica2 import load_model_and_processor
+    from vica2.tools.inference import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, args.dtype, args.device,
                                                 attn_implementation=args.attn_implementation,
@@ -822,7 +821,7 @@ def _rescored(record: dict) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vica2 eval-vsibench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="converted ViCA2 folder or hub repo id")
+    add_model_options(parser)
     parser.add_argument("--data", help="VSI-Bench test split: .parquet (needs pyarrow), .json or .jsonl")
     parser.add_argument("--video-root", help="folder holding <dataset>/<scene_name>.mp4")
     parser.add_argument("--output-dir", default="vsibench-results", help="predictions and summary go here")
@@ -855,13 +854,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard", help="i/n: run the i-th of n parts (0-based), e.g. one per GPU; then --merge")
     parser.add_argument("--merge", action="store_true", help="combine the shard outputs of --output-dir")
     parser.add_argument("--retry-errors", action="store_true", help="run the error rows of the output again")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--attn-implementation", help="eager, sdpa, flash_attention_2, ...")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the Python code that comes with the model folder / repo instead of the installed "
-                             "vica2 classes (only for a source you trust)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -887,16 +879,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_run_args(args, parser)
-    try:
-        return run_merge(args) if args.merge else run_evaluation(args)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
-    except (UsageError, FileNotFoundError, ValueError, OSError, ImportError) as error:
-        if args.debug:
-            raise
-        print(f"vica2 eval-vsibench: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return EXIT_USAGE
+    return guarded("vica2 eval-vsibench", lambda: run_merge(args) if args.merge else run_evaluation(args),
+                   debug=args.debug, interrupted="interrupted: run the same command again to resume")
 
 
 if __name__ == "__main__":

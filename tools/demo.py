@@ -1,5 +1,6 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""The built-in default for `vica2 demo`: a tiny random ViCA2 in the research release's own layout, and a video.
+"""The built-in default for `vica2 demo` and the web app: a tiny random ViCA2 in the research release's own layout,
+and a video. A shared helper (both front-ends import it; it imports neither).
 
 Nothing is downloaded. The tiny checkpoint has the release's file layout, key names and config (with the towers at
 their real input sizes, 384 for SigLIP and 1024 for Hiera, but a few channels wide), so the demo runs the real
@@ -180,10 +181,11 @@ class DemoCheckpoint:
     result: object  # the converter's ConversionResult
 
 
-def build_demo_checkpoint(workdir: str | Path, report: Callable[[str], None] | None = None) -> DemoCheckpoint:
+def build_demo_checkpoint(workdir: str | Path, report: Callable[[str], None] | None = None, *,
+                          verify: bool = True) -> DemoCheckpoint:
     """What `vica2 demo` runs on (and the web app's built-in model): a tiny random release written to
-    `workdir/release`, converted and verified into `workdir/hub`, and a test video `workdir/room.mp4`.
-    `report` (e.g. `print`) gets one line per step."""
+    `workdir/release`, converted (and with `verify`, checked by reloading) into `workdir/hub`, and a test video
+    `workdir/room.mp4`. `report` (e.g. `print`) gets one line per step."""
     from transformers.utils import logging as hf_logging
 
     from vica2.convert_checkpoint import convert_checkpoint
@@ -196,11 +198,12 @@ def build_demo_checkpoint(workdir: str | Path, report: Callable[[str], None] | N
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the verification reload would show a second "Loading weights" bar
     try:
-        result = convert_checkpoint(release, hub, overwrite=True, verify=True, progress=False)
+        result = convert_checkpoint(release, hub, overwrite=True, verify=verify, progress=False)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    report(f"2. converted it with convert_checkpoint.py (verified): {hub} ({result.num_tensors} tensors, "
+    checked = " (verified)" if verify else ""
+    report(f"2. converted it with convert_checkpoint.py{checked}: {hub} ({result.num_tensors} tensors, "
            f"{len(result.dropped)} unused release tensors dropped, remote code: {', '.join(result.remote_code)})")
     video = write_demo_video(workdir / "room.mp4")
     report(f"3. generated a 4 s, 24 fps test video: {video}")

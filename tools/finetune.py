@@ -1,22 +1,23 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
 """Fine-tune ViCA2 with the library's Trainer: the release's stage recipes, your own data, LoRA, DeepSpeed.
 
-    # one process (CPU or one GPU)
-    python finetune.py --model_name_or_path ViCA2-7B-hf --data_path data.yaml --media_root /data \
+    # one process (CPU or one GPU); `python -m vica2.tools.finetune` is the same
+    python tools/finetune.py --model_name_or_path ViCA2-7B-hf --data_path data.yaml --media_root /data \
         --stage stage3 --output_dir out --bf16 True --gradient_checkpointing True
 
     # several GPUs: torchrun / deepspeed / accelerate launch, with --deepspeed ds_zero3.json
-    torchrun --nproc_per_node 8 finetune.py ... --deepspeed ds_zero3.json
-    accelerate launch --config_file accelerate_config.yaml finetune.py ...
+    torchrun --nproc_per_node 8 tools/finetune.py ... --deepspeed ds_zero3.json
+    accelerate launch --config_file accelerate_config.yaml tools/finetune.py ...
 
 The shipped configs (ds_zero2.json, ds_zero3.json, fsdp_config.json, accelerate_config.yaml's DeepSpeed file) are
 found by name from any working directory. Launches that would train wrongly without an error (processes that do
 not train together, data split without gradient sync, a world size other than the launcher's) are refused.
-The model and processor are the installed vica2 classes; `--trust_remote_code True` runs the folder's own code.
+The model and processor load as every front-end loads them (`vica2.tools.inference.load_model_and_processor`): the
+installed vica2 classes; `--trust_remote_code True` runs the folder's own code.
 
 `--data_path` is a .json / .jsonl file of the release's LLaVA-style records or a YAML mixture of them with
 sampling strategies ("all", "first:1000", "end:500", "random:10%"). See docs_fragments/finetune.md and
-`python finetune.py --help`. Needs the repository installed (`pip install -e '.[train,video]'`).
+`python tools/finetune.py --help`. Needs the repository installed (`pip install -e '.[train,video]'`).
 """
 
 from __future__ import annotations
@@ -25,28 +26,20 @@ import importlib.util
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    HfArgumentParser,
-    set_seed,
-)
+from transformers import HfArgumentParser, set_seed
 from transformers.integrations import deepspeed_config
 from transformers.training_args import ParallelMode
 from transformers.utils import logging as hf_logging
 
-from vica2.configuration_vica2 import Vica2Config
-from vica2.image_processing_vica2 import Vica2ImageProcessor
-from vica2.inference_vica2 import register_image_processor
-from vica2.modeling_vica2 import Vica2ForConditionalGeneration
-from vica2.processing_vica2 import Vica2Processor
-from vica2.training_vica2 import (
+from vica2.configuration_vica2 import TOKEN_RATIO_ARGS
+from vica2.tools.inference import load_model_and_processor
+from vica2.tools.shell import FLAGS, add_model_options, guarded
+from vica2.tools.training import (
     FULL_MINUS_HIERA,
     LABEL_MODES,
     LANGUAGE_MODEL_LORA_TARGETS,
@@ -66,26 +59,13 @@ from vica2.training_vica2 import (
 
 
 logger = hf_logging.get_logger("vica2.finetune")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "A converted ViCA2 checkpoint (hub id or folder)."})
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "Weights dtype at load: float32 (master weights; use --bf16 for mixed precision), "
-                  "bfloat16, float16 or auto.", "choices": list(DTYPES)},
-    )
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "sdpa (default), eager, flash_attention_2, vica2_fused, ..."}
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Load the model and processor with the Python files of the checkpoint folder or hub repo "
-                  "(its auto_map). Default: the installed vica2 classes, and no code from the checkpoint runs."},
-    )
+PROG = "finetune.py"
+# The shared model options in HfArgumentParser's style (float32 master weights: use --bf16 for mixed precision; no
+# --device: the Trainer places the model).
+MODEL_OPTIONS = {"model_flag": "--model_name_or_path", "model_required": True, "dtype_default": "float32",
+                 "device": False, "separator": "_"}
+FLAG_NAMES = {**FLAGS, "model_path": "--model_name_or_path", "dtype": "--dtype", "attn_implementation":
+              "--attn_implementation"}
 
 
 @dataclass
@@ -160,27 +140,21 @@ def apply_stage(tuning: TuningArguments, training: Vica2TrainingArguments, given
         tuning.trainable_parts = "none" if tuning.lora else FULL_MINUS_HIERA
 
 
-def load_processor(args: ModelArguments):
-    if args.trust_remote_code:
-        return AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
-    # The installed classes. The processor loads its image processor through AutoImageProcessor, which would want the
-    # folder's code for a model type it does not know: register ours. A tokenizer needing code is refused.
-    AutoConfig.register(Vica2Config.model_type, Vica2Config, exist_ok=True)
-    register_image_processor(Vica2Config, Vica2ImageProcessor)
-    return Vica2Processor.from_pretrained(args.model_name_or_path, trust_remote_code=False)
+def model_option_parser(parser=None):
+    """`parser` (default a new HfArgumentParser) with the shared model options, finetune's style."""
+    return add_model_options(parser if parser is not None else HfArgumentParser([]), **MODEL_OPTIONS)
 
 
-def load_model(args: ModelArguments):
-    kwargs = {"dtype": DTYPES[args.dtype]}
-    if args.attn_implementation is not None:
-        kwargs["attn_implementation"] = args.attn_implementation
-    if args.trust_remote_code:
-        model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, trust_remote_code=True, **kwargs)
-    else:
-        model = Vica2ForConditionalGeneration.from_pretrained(args.model_name_or_path, **kwargs)
+def load(args) -> tuple:
+    """(model, processor) for training, loaded as every front-end loads them; the model left on the CPU for the
+    Trainer (or DeepSpeed ZeRO-3, which partitions it while it loads) to place. A tokenizer or processor that would
+    need code from the folder is refused unless `--trust_remote_code True`."""
+    model, processor = load_model_and_processor(args.model, args.dtype, None,
+                                                attn_implementation=args.attn_implementation,
+                                                trust_remote_code=args.trust_remote_code)
     keep_used_weight_conversions(model)
     set_use_cache(model, False)  # no KV cache while training: it only costs memory (restored before saving)
-    return model
+    return model, processor
 
 
 def keep_used_weight_conversions(model) -> None:
@@ -218,19 +192,8 @@ def prepare_model(model, tuning: TuningArguments):
 
 
 def build_dataset(data: DataArguments, processor, seed: int) -> Vica2SupervisedDataset:
-    records = load_data_mixture(data.data_path, seed=seed)
-    return Vica2SupervisedDataset(
-        records,
-        processor,
-        media_root=data.media_root,
-        image_folder=data.image_folder,
-        video_folder=data.video_folder,
-        num_frames=data.num_frames,
-        add_time_instruction=data.add_time_instruction,
-        label_mode=data.label_mode,
-        model_max_length=data.model_max_length,
-        check_media=data.check_media,
-    )
+    options = {name: value for name, value in asdict(data).items() if name != "data_path"}  # the dataset's own
+    return Vica2SupervisedDataset(load_data_mixture(data.data_path, seed=seed), processor, **options)
 
 
 def save_outputs(trainer: Vica2Trainer, processor, tuning: TuningArguments) -> None:
@@ -248,11 +211,11 @@ def save_outputs(trainer: Vica2Trainer, processor, tuning: TuningArguments) -> N
 # ----------------------------------------------------------------------------------------------- launching
 SHIPPED_CONFIG_OPTIONS = ("--deepspeed", "--fsdp_config")
 DEEPSPEED_INSTALL_HINT = "DeepSpeed is not installed: `pip install deepspeed` (or `pip install 'vica2-hf[deepspeed]'`)."
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root, where the shipped configs are
 
 
 def shipped_config(path: str) -> str:
-    """`path` as given when it exists; else the config of that name shipped next to this script (so that
+    """`path` as given when it exists; else the config of that name shipped at the repository root (so that
     `--deepspeed ds_zero3.json` and accelerate_config.yaml's relative DeepSpeed file work from any folder)."""
     if Path(path).exists() or Path(path).is_absolute() or not (HERE / path).is_file():
         return path
@@ -342,30 +305,26 @@ def batch_summary(training_args) -> str:
 def main(argv: list[str] | None = None) -> Vica2Trainer:
     argv = locate_shipped_configs(sys.argv[1:] if argv is None else argv)
     if wants_deepspeed(argv) and importlib.util.find_spec("deepspeed") is None:
-        sys.exit(f"finetune.py: {DEEPSPEED_INSTALL_HINT}")
-    parser = HfArgumentParser((ModelArguments, DataArguments, TuningArguments, Vica2TrainingArguments))
-    model_args, data_args, tuning_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        sys.exit(f"{PROG}: {DEEPSPEED_INSTALL_HINT}")
+    parser = model_option_parser(HfArgumentParser((DataArguments, TuningArguments, Vica2TrainingArguments)))
+    data_args, tuning_args, training_args, model_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     hf_logging.set_verbosity(training_args.get_process_log_level())
     problem = launch_problem(training_args, launcher_world_size())
     if problem is not None:
-        sys.exit(f"finetune.py: refused: {problem}")
+        sys.exit(f"{PROG}: refused: {problem}")
     attach_deepspeed(training_args)
     if training_args.should_log:
         logger.warning(batch_summary(training_args))
     apply_stage(tuning_args, training_args, given_options(argv))
     set_seed(training_args.seed)
 
-    processor = load_processor(model_args)
-    model = load_model(model_args)
-    apply_token_ratio(
-        model,
-        processor,
-        video_frames_budget=tuning_args.video_frames_budget,
-        hiera_frames=tuning_args.hiera_frames,
-        siglip_pool_stride=tuning_args.siglip_pool_stride,
-        hiera_pool_stride=tuning_args.hiera_pool_stride,
-    )
+    # The user's mistakes in what is loaded (a missing folder, a release checkpoint, an unknown dtype) are one line.
+    loaded = guarded(PROG, lambda: load(model_args), debug=False, flags=FLAG_NAMES)
+    if isinstance(loaded, int):
+        sys.exit(loaded)
+    model, processor = loaded
+    apply_token_ratio(model, processor, **{name: getattr(tuning_args, name) for name in TOKEN_RATIO_ARGS})
     model = prepare_model(model, tuning_args)
     logger.warning(trainable_summary(model))
 

@@ -1,7 +1,7 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
 """Fine-tuning ViCA2 with the library's Trainer: trainable parts, the release's stage recipes, LoRA, data.
 
-Used by `finetune.py` (and importable as `vica2.training_vica2`); not part of the hub's remote code.
+Used by `tools/finetune.py` (and importable as `vica2.tools.training`); not part of the hub's remote code.
 
 - Trainable parts: the release's `--mm_tunable_parts` names (`mm_vision_tower`, `mm_mlp_adapter`,
   `mm_language_model`, `sam_tower`, `sam_projector`) select exactly the parameters the release's train.py unfroze,
@@ -31,8 +31,8 @@ from PIL import Image
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .configuration_vica2 import TOKEN_RATIO_ARGS
-from .processing_vica2 import time_instruction
+from ..configuration_vica2 import TOKEN_RATIO_ARGS
+from ..processing_vica2 import time_instruction
 
 
 try:
