@@ -53,8 +53,9 @@ def test_ask_about_a_video_prints_answer_tokens_and_timings(converted):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("\n") >= 1  # the answer line (random weights: any text)
     # 4 frames: SigLIP 4 x 14 x 15 = 840, Hiera every 2nd frame: 2 x 16 x 17 = 544 (the demo towers are real-size).
-    assert "(SigLIP 840, Hiera 544), generated 3" in result.stderr
-    assert "time to first token" in result.stderr
+    assert "(SigLIP 840, Hiera 544), generated 3\n" in result.stderr  # one question: nothing "read from the cache"
+    assert "cache" not in result.stderr and "time to first token" in result.stderr
+    assert not result.stdout.startswith("Q: ")  # one question: a bare answer, as scripts read it
 
 
 def test_ask_with_token_ratio_overrides_and_stream(converted):
@@ -106,12 +107,18 @@ def test_demo_removes_the_temporary_folder_it_made(tmp_path):
     assert not list(tmp_path.glob("vica2-demo-*"))  # (torch may leave its own caches there)
 
 
-def test_ask_several_questions_from_one_prefix(converted):
+@pytest.mark.parametrize("stream", [False, True])
+def test_several_questions_are_labelled_and_share_one_prefix(converted, stream):
     result = _run("ask", "--model", converted["hub"], "--video", converted["video"], "--question", "How many?",
-                  "--question", "Where is the ball?", "--frames", "4", "--max-new-tokens", "2", "--verbose")
+                  "--question", "Where is the ball?", "--frames", "4", "--max-new-tokens", "2", "--verbose",
+                  *(["--stream"] if stream else []))
     assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and lines[0] == "Q: How many?" and lines[2] == "Q: Where is the ball?"
+    assert lines[1].startswith("A: ") and lines[3].startswith("A: ")
     assert result.stderr.count("[tokens] prompt") == 2
-    assert "[reuse] 2 questions from one encoded prefix: the towers ran once, 1 prefills saved" in result.stderr
+    assert result.stderr.count("prompt tokens shared with the other questions (encoded once)") == 2
+    assert "[reuse] 2 questions from one encoded prefix: the towers ran once, 1 prefill saved" in result.stderr
 
 
 def test_chat_through_a_pipe(converted):
@@ -121,7 +128,7 @@ def test_chat_through_a_pipe(converted):
     assert result.returncode == 0, result.stderr[-2000:]
     sessions = [line for line in result.stderr.splitlines() if line.startswith("[session]")]
     assert len(sessions) == 3 and all("towers ran 1x" in line for line in sessions)  # encoded once, /reset kept it
-    assert "3 turns" in sessions[-1]
+    assert "; 1 turn," in sessions[0] and "; 3 turns," in sessions[-1]
     assert "conversation reset" in result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("vica2 chat: error:")]
     assert len(errors) == 2 and "missing.mp4" in errors[0] and "/bogus" in errors[1]
@@ -169,10 +176,11 @@ def test_bad_device_model_and_release_folder_are_one_line_errors(converted, tmp_
     assert "gone.mp4" in line and "no such file" in line
 
 
-def test_debug_works_after_the_command_and_convert_help_names_itself(tmp_path):
+def test_debug_works_after_the_command_keeps_exit_code_2_and_convert_help_names_itself(tmp_path):
     for args in (("--debug", "ask"), ("ask", "--debug")):
         result = _run(*args, "--model", tmp_path / "nowhere", "--video", tmp_path / "v.mp4", "--question", "?")
-        assert result.returncode != 2 and "Traceback" in result.stderr and "UsageError" in result.stderr
+        assert result.returncode == 2 and "Traceback" in result.stderr and "UsageError" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("vica2 ask: error: --video")
     result = _run("convert", "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: vica2 convert")
 
@@ -257,3 +265,175 @@ def test_layout_hub_files_at_the_root_tools_apart_and_front_ends_import_only_the
     for path in [*sorted((root / "tools").glob("*.py")), root / "app.py"]:
         module = "vica2.app" if path.name == "app.py" else f"vica2.tools.{path.stem}"
         assert not (front_ends - {module}) & imported(path), path
+
+
+# ---------------------------------------------------------------------------------------------------- the command line
+def test_every_option_and_subcommand_has_help():
+    import argparse
+
+    from vica2.tools.cli import build_parser
+
+    def walk(parser, name):
+        assert parser.description or name == "vica2", f"{name} has no description"
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {choice.dest: choice.help for choice in action._choices_actions}
+                for command, subparser in action.choices.items():
+                    assert helps.get(command), f"{name} {command} has no help"
+                    if subparser.add_help:  # convert, eval-vsibench, app: their own parsers give their help
+                        yield from walk(subparser, f"{name} {command}")
+            elif action.help != argparse.SUPPRESS:
+                yield name, action
+
+    actions = list(walk(build_parser(), "vica2"))
+    assert len(actions) > 40
+    for name, action in actions:
+        assert action.help and action.help.strip(), f"{name} {action.option_strings} has no help"
+    frames = [action for name, action in actions if name == "vica2 ask" and "--frames" in action.option_strings]
+    assert "the model's frame budget, 64 for ViCA2-7B" in frames[0].help
+
+
+def test_eval_vsibench_help_lists_the_question_types():
+    from vica2.tools.evaluate_vsibench import QUESTION_TYPES, REL_DIRECTION_TASK
+
+    result = _run("eval-vsibench", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name in (*QUESTION_TYPES, REL_DIRECTION_TASK):
+        assert name in text
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` (a few bytes: what a decompression bomb looks like to a reader)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def test_options_and_media_are_checked_in_the_commands_terms_before_the_model_loads(converted, tmp_path):
+    """A bad option is reported even when the model could not load at all (this folder does not exist)."""
+    video, image = converted["video"], converted["image"]
+    jpg = tmp_path / "photo.jpg"
+    Image.open(image).save(jpg)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(30000, 30000))
+    nowhere = tmp_path / "no-model"
+    cases = [
+        (("--video", video, "--frames", "0"), "argument --frames: 0 is not allowed"),
+        (("--video", video, "--max-new-tokens", "-3"), "argument --max-new-tokens: -3 is not allowed"),
+        (("--video", video, "--hiera-pool-stride", "two"), "argument --hiera-pool-stride: 'two' is not a whole"),
+        (("--video", jpg), f"--video '{jpg}' is an image: use --image {jpg}"),
+        (("--video", image), "is an image: use --image"),  # a PNG as a video
+        (("--image", video), f"--image '{video}' is a video: use --video {video}"),
+        (("--image", bomb), "too many pixels to decode"),
+        (("--image", "http://127.0.0.1:9/room.png"), "is a URL; add --allow-remote-media to fetch it"),
+        (("--video", video, "--max-question-chars", "10"), "--question: 14 characters, over the limit of 10"),
+    ]
+    for args, message in cases:
+        line = _one_error_line(_run("ask", "--model", nowhere, *args, "--question", "How many rooms"))
+        assert message in line, (args, line)
+    line = _one_error_line(_run("ask", "--model", converted["hub"], "--image", bomb, "--question", "?"))
+    assert "bomb.png" in line and "too many pixels" in line
+
+
+def test_an_image_url_answering_404_says_so(converted):
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/room.png"
+        no_proxy = {"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        line = _one_error_line(_run("ask", "--model", converted["hub"], "--image", url, "--question", "?",
+                                    "--allow-remote-media", env=no_proxy))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"--image '{url}': the server answered HTTP 404" in line and "cannot identify" not in line
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "mismatched sizes", "deep config"])
+def test_a_hostile_model_folder_is_one_line(converted, tmp_path, damage):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(converted["hub"], folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "mismatched sizes":
+        tensors = load_file(weights)
+        tensors["lm_head.weight"] = torch.zeros(tensors["lm_head.weight"].shape[0] + 1, 64)
+        save_file(tensors, weights, metadata={"format": "pt"})
+    else:
+        (folder / "config.json").write_text("[" * 10**6 + "]" * 10**6)
+    line = _one_error_line(_run("ask", "--model", folder, "--video", converted["video"], "--question", "?",
+                                "--frames", "2", "--max-new-tokens", "1"))
+    expected = {"truncated weights": "SafetensorError", "mismatched sizes": "a tensor's shape does not fit config.json",
+                "deep config": "config.json is nested too deeply"}[damage]
+    assert f"--model '{folder}'" in line and expected in line
+
+
+def test_chat_survives_bad_lines_and_a_closed_stdin(converted):
+    stdin = b"\xff\xfe not text\n" + b"x" * 50_000 + b"\n" + b"y" * 120 + b"\nHow many chairs?\n"
+    result = subprocess.run([*VICA2, "chat", "--model", str(converted["hub"]), "--video", str(converted["video"]),
+                             "--frames", "2", "--max-new-tokens", "2", "--max-question-chars", "100", "--verbose"],
+                            input=stdin, capture_output=True, timeout=600,
+                            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"})
+    stderr = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("vica2 chat: error:")]
+    assert len(errors) == 3, stderr
+    assert "not UTF-8" in errors[0] and "--max-question-chars 100" in errors[1]
+    assert "120 characters, longer than --max-question-chars 100" in errors[2]
+    assert stderr.count("[tokens] prompt") == 1 and "; 1 turn," in stderr  # the good question after them was asked
+    closed = subprocess.run(["bash", "-c", 'exec "$@" <&-', "bash", *VICA2, "chat", "--model", "nobody/none"],
+                            capture_output=True, text=True, timeout=600)
+    assert _one_error_line(closed, "chat").endswith("standard input is closed: pipe the questions in, or run vica2 "
+                                                    "chat in a terminal.")
+
+
+def test_chat_stops_cleanly_when_its_output_is_closed(converted):
+    process = subprocess.Popen([*VICA2, "chat", "--model", str(converted["hub"]), "--video", str(converted["video"]),
+                                "--frames", "2", "--max-new-tokens", "40", "--verbose"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"})
+    process.stdout.close()  # the reader is gone before the first answer
+    _, stderr = process.communicate(b"How many chairs?\nAnd tables?\n" * 3, timeout=600)
+    stderr = stderr.decode()
+    assert process.returncode == 0 and "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "vica2 chat: the output was closed; stopped."
+    assert "[tokens] prompt" not in stderr  # no answer was finished for nobody: it stopped at the first write
+
+
+def test_demo_never_writes_over_the_users_files(tmp_path):
+    from vica2.tools.cli import DEMO_MARKER, demo_workdir
+
+    (tmp_path / "room.mp4").write_bytes(b"my holiday video")
+    result = _run("demo", "--workdir", tmp_path, "--frames", "2", "--max-new-tokens", "1")
+    line = _one_error_line(result, "demo")
+    assert "already holds files that are not the demo's" in line
+    assert (tmp_path / "room.mp4").read_bytes() == b"my holiday video" and sorted(tmp_path.iterdir()) == [
+        tmp_path / "room.mp4"]
+    assert "is a file" in _one_error_line(_run("demo", "--workdir", tmp_path / "room.mp4"), "demo")
+    own = demo_workdir(str(tmp_path / "new" / "demo"))  # a folder it makes is marked as the demo's ...
+    assert (own / DEMO_MARKER).is_file()
+    (own / "room.mp4").write_bytes(b"the demo's video")
+    assert demo_workdir(str(own)) == own  # ... and may be written again

@@ -34,29 +34,121 @@ from vica2.tools.inference import (
     check_model_path,
     load_model_and_processor,
 )
-from vica2.tools.shell import USER_ERRORS, add_model_options, flag_message, guarded
+from vica2.tools.shell import USER_ERRORS, add_model_options, flag_message, guarded, one_line
 
 
 # ---------------------------------------------------------------------------------------------------- shared
+MAX_QUESTION_CHARS = 4000  # a VSI-Bench question is under 1,000; a long one costs memory quadratic in its length
+MAX_IMAGE_DOWNLOAD_BYTES = 64 << 20
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".avif"}
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg", ".ts", ".3gp"}
+URL_PREFIXES = ("http://", "https://")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _load(args):
     start = time.perf_counter()
-    model, processor = load_model_and_processor(args.model, args.dtype, args.device, load_in_4bit=args.load_in_4bit,
-                                                load_in_8bit=args.load_in_8bit,
-                                                attn_implementation=args.attn_implementation,
-                                                trust_remote_code=args.trust_remote_code)
+    try:
+        model, processor = load_model_and_processor(
+            args.model, args.dtype, args.device, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+            attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
+    except (UsageError, ImportError):
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated weights, mismatched sizes, bad JSON: the folder's fault
+        why = ("a tensor's shape does not fit config.json" if "ignore_mismatched_sizes" in str(error)
+               else f"{type(error).__name__}: {one_line(error)}")
+        raise UsageError(f"--model {args.model!r}: could not load it ({why}).") from error
     if args.verbose:
         print(f"[load] {args.model} in {time.perf_counter() - start:.1f}s ({model.dtype}, {model.device})",
               file=sys.stderr)
     return model, processor
 
 
-def _check_before_loading(args) -> None:
-    """What can be checked without the model (files, device, model path): before the slow load."""
-    for flag, value in (("--video", args.video), ("--image", args.image)):
-        if value is not None and not Path(value).is_file():
-            raise UsageError(f"{flag} {value!r}: no such file.")
+def _check_before_loading(args, questions=()) -> dict:
+    """What can be checked without the model (questions, media, device, model path), before the slow load.
+    Returns the media as `ask` takes it ({"video": path} or {"image": path or a fetched PIL image}), or {}."""
+    for question in questions:
+        check_question(question, args.max_question_chars, "--question")
+    media = {kind: resolve_media(kind, getattr(args, kind), args.allow_remote_media)
+             for kind in ("video", "image") if getattr(args, kind, None) is not None}
     check_device(args.device)
-    check_model_path(args.model)
+    try:
+        check_model_path(args.model)
+    except RecursionError as error:  # a config.json nested a million levels deep
+        raise UsageError(f"--model {args.model!r}: config.json is nested too deeply to read ({error}).") from None
+    return media
+
+
+def check_question(text: str, limit: int, what: str = "the question") -> None:
+    if len(text) > limit:
+        raise UsageError(f"{what}: {len(text):,} characters, over the limit of {limit:,} (--max-question-chars "
+                         "raises it).")
+
+
+def resolve_media(kind: str, value: str, allow_remote: bool):
+    """`value` of --video / --image checked in the command's terms: a local file of the right kind (an image given
+    as --video points to --image and back), or with `allow_remote` an image URL, fetched now."""
+    flag, other = f"--{kind}", "--image" if kind == "video" else "--video"
+    if value.startswith(URL_PREFIXES):
+        if kind == "image" and allow_remote:
+            return _fetch_image(value)
+        fix = "add --allow-remote-media to fetch it" if kind == "image" else "download the video and give the file"
+        raise UsageError(f"{flag} {value!r} is a URL; {fix}.")
+    if not Path(value).is_file():
+        raise UsageError(f"{flag} {value!r}: no such file.")
+    is_image = _image_problem(value) is None
+    suffix = Path(value).suffix.lower()
+    if kind == "video" and (is_image and suffix != ".gif" or suffix in IMAGE_SUFFIXES):
+        raise UsageError(f"--video {value!r} is an image: use --image {value}")
+    if kind == "image" and (suffix in VIDEO_SUFFIXES or not is_image):
+        if suffix in VIDEO_SUFFIXES:
+            raise UsageError(f"--image {value!r} is a video: use --video {value}")
+        raise UsageError(f"--image {value!r}: {_image_problem(value)}")
+    return value
+
+
+def _image_problem(source) -> str | None:
+    """Why PIL cannot read `source` (a path or a file object) as an image, from its header alone; None if it can."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source):
+            return None
+    except Image.DecompressionBombError as error:
+        return f"refused, too many pixels to decode ({error})"
+    except UnidentifiedImageError:
+        return "not an image PIL can read (a video goes to --video)"
+    except (OSError, ValueError, SyntaxError) as error:  # PIL reports some corrupt headers as SyntaxError
+        return f"not a readable image ({type(error).__name__}: {one_line(error)})"
+
+
+def _fetch_image(url: str):
+    """An image URL, downloaded (at most MAX_IMAGE_DOWNLOAD_BYTES, 30 s between bytes) and decoded."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    data = bytearray()
+    try:
+        with httpx.stream("GET", url, timeout=30, follow_redirects=True) as response:
+            if response.status_code >= 400:
+                raise UsageError(f"--image {url!r}: the server answered HTTP {response.status_code} "
+                                 f"{response.reason_phrase}.")
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > MAX_IMAGE_DOWNLOAD_BYTES:
+                    raise UsageError(f"--image {url!r}: over {MAX_IMAGE_DOWNLOAD_BYTES >> 20} MB; refused.")
+    except httpx.HTTPError as error:
+        raise UsageError(f"--image {url!r}: could not fetch it ({type(error).__name__}: {one_line(error)}).") from None
+    problem = _image_problem(io.BytesIO(data))
+    if problem:
+        raise UsageError(f"--image {url!r}: {problem}")
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
 
 
 def _overrides(args) -> dict:
@@ -64,30 +156,38 @@ def _overrides(args) -> dict:
     return {name: getattr(args, name) for name in TOKEN_RATIO_ARGS}
 
 
-def print_answer(answer: Answer, verbose: bool, streamed: bool) -> None:
+def print_answer(answer: Answer, verbose: bool, streamed: bool, shared_prefix: bool = False) -> None:
+    """`answer` (unless it was streamed) and, `verbose`, its token counts and timings. `shared_prefix`: its cached
+    tokens were encoded once for several questions (for one question they are its own prompt: nothing to report)."""
     if not streamed:
         print(answer.text)
     if verbose:
         t = answer.timings
+        cached = (f"; {answer.cached_tokens} prompt tokens shared with the other questions (encoded once)"
+                  if shared_prefix else "")
         print(f"[tokens] prompt {answer.prompt_tokens} (SigLIP {answer.visual_tokens['siglip']}, Hiera "
-              f"{answer.visual_tokens['hiera']}), generated {answer.new_tokens}; {answer.cached_tokens} prompt tokens "
-              "read from the cache", file=sys.stderr)
+              f"{answer.visual_tokens['hiera']}), generated {answer.new_tokens}{cached}", file=sys.stderr)
         print(f"[time] preprocessing {t['preprocess_s']:.2f}s, time to first token {t['time_to_first_token_s']:.2f}s,"
               f" decode {t['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------- ask
 def run_ask(args) -> int:
-    _check_before_loading(args)
+    media = _check_before_loading(args, args.question)
     model, processor = _load(args)
-    answers = ask(model, processor, args.question, video=args.video, image=args.image, frames=args.frames,
-                  max_new_tokens=args.max_new_tokens, stream=args.stream, fast_decode=args.fast_decode,
+    several = len(args.question) > 1
+    labels = iter(args.question)
+    stream = (lambda: print(f"Q: {next(labels)}\nA: ", end="", flush=True)) if args.stream and several else None
+    answers = ask(model, processor, args.question, **media, frames=args.frames, max_new_tokens=args.max_new_tokens,
+                  stream=args.stream, fast_decode=args.fast_decode, on_answer_start=stream,
                   add_time_instruction=False if args.no_time_instruction else None, **_overrides(args))
-    for answer in answers:
-        print_answer(answer, args.verbose, args.stream)
-    if args.verbose and len(answers) > 1:
+    for question, answer in zip(args.question, answers):
+        if several and not args.stream:  # one question stays a bare answer: scripts read it as it is
+            print(f"Q: {question}\nA: ", end="")
+        print_answer(answer, args.verbose, args.stream, shared_prefix=several)
+    if args.verbose and several:
         print(f"[reuse] {len(answers)} questions from one encoded prefix: the towers ran once, "
-              f"{len(answers) - 1} prefills saved", file=sys.stderr)
+              f"{plural(len(answers) - 1, 'prefill')} saved", file=sys.stderr)
     return 0
 
 
@@ -96,35 +196,65 @@ CHAT_HELP = "Commands: /video PATH, /image PATH (a new conversation about it), /
 
 
 def run_chat(args) -> int:
-    _check_before_loading(args)
+    if sys.stdin is None:  # started with stdin closed (`<&-`): nothing could ever be asked
+        raise UsageError("standard input is closed: pipe the questions in, or run vica2 chat in a terminal.")
+    media = _check_before_loading(args)
     model, processor = _load(args)
     session = ChatSession(model, processor, num_frames=args.frames, fast_decode=args.fast_decode,
                           add_time_instruction=False if args.no_time_instruction else None,
                           max_new_tokens=args.max_new_tokens, **_overrides(args))
-    if args.video or args.image:
-        _set_media(session, "video" if args.video else "image", args.video or args.image, args.verbose)
+    for kind, value in media.items():
+        _set_media(session, kind, value, getattr(args, kind), args.verbose)
     interactive = sys.stdin.isatty()
     if interactive:
         print(CHAT_HELP)
-    while True:
-        if interactive:
-            print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input
-            return 0
-        line = line.strip()
-        if not line:
-            continue
+    for line in input_lines(sys.stdin.buffer, args.max_question_chars, prompt="you> " if interactive else None):
         try:
-            if not _chat_command(session, line, args.verbose):
+            if isinstance(line, UsageError):  # a line that could not be read: say so, then read the next one
+                raise line
+            if line.strip() and not _chat_command(session, line.strip(), args):
                 return 0
+        except BrokenPipeError:  # the output is gone: nobody reads the answers (the shell ends cleanly)
+            raise
         except USER_ERRORS as error:  # one bad turn (a missing file) does not end the conversation
             if args.debug:
                 raise
             print(f"vica2 chat: error: {flag_message(error)}", file=sys.stderr)
+    return 0
 
 
-def _chat_command(session: ChatSession, line: str, verbose: bool) -> bool:
+def input_lines(stream, max_chars: int, prompt: str | None = None):
+    """Lines of `stream` (bytes) as text, each read with bounded memory; a line that is not UTF-8 or is longer
+    than `max_chars` characters comes as a `UsageError` instead (the rest of a too-long line is skipped)."""
+    limit = 4 * max_chars + 2  # bytes: UTF-8 spends at most 4 a character, and the line may end in \r\n
+    while True:
+        if prompt:
+            print(prompt, end="", flush=True)
+        try:
+            raw = stream.readline(limit)
+        except OSError as error:  # stdin is a folder, a closed descriptor ...: nothing more can be read
+            raise UsageError(f"cannot read standard input ({one_line(error)}).") from None
+        if not raw:  # end of input
+            return
+        if len(raw) == limit and not raw.endswith(b"\n"):
+            while (rest := stream.readline(1 << 16)) and not rest.endswith(b"\n"):
+                pass
+            yield UsageError(f"the line is over {limit:,} bytes, longer than --max-question-chars {max_chars:,}; "
+                             "not asked.")
+            continue
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            yield UsageError(f"the line is not UTF-8 text (byte {error.start + 1} of it); not asked.")
+            continue
+        if len(text) > max_chars:
+            yield UsageError(f"the line is {len(text):,} characters, longer than --max-question-chars {max_chars:,}; "
+                             "not asked.")
+            continue
+        yield text
+
+
+def _chat_command(session: ChatSession, line: str, args) -> bool:
     """Run one input line; False to end the conversation."""
     command, _, rest = line.partition(" ")
     if command in ("/quit", "/exit"):
@@ -135,34 +265,54 @@ def _chat_command(session: ChatSession, line: str, verbose: bool) -> bool:
     elif command in ("/video", "/image"):
         if not rest.strip():
             raise UsageError(f"{command} needs a path: {command} PATH")
-        _set_media(session, command[1:], rest.strip(), verbose)
+        kind, source = command[1:], rest.strip()
+        _set_media(session, kind, resolve_media(kind, source, args.allow_remote_media), source, args.verbose)
     elif command.startswith("/"):
         raise UsageError(f"unknown command {command!r}. {CHAT_HELP}")
     else:
         answer = session.ask(line, stream=True)
         print()
-        print_answer(answer, verbose, streamed=True)
-        if verbose:
+        print_answer(answer, args.verbose, streamed=True)
+        if args.verbose:
             stats = session.stats
-            print(f"[session] towers ran {stats.tower_runs}x; {stats.turns} turns, {stats.prefill_tokens} tokens "
-                  f"prefilled, {stats.cached_tokens} read from the cache", file=sys.stderr)
+            print(f"[session] towers ran {stats.tower_runs}x; {plural(stats.turns, 'turn')}, "
+                  f"{stats.prefill_tokens} tokens prefilled, {stats.cached_tokens} read from the conversation's "
+                  "cache", file=sys.stderr)
     return True
 
 
-def _set_media(session: ChatSession, kind: str, path: str, verbose: bool) -> None:
-    media = session.set_video(path) if kind == "video" else session.set_image(path)
-    print(f"({kind} {path}: {media.num_tokens} visual tokens, encoded in {session.encode_s:.1f}s)")
+def _set_media(session: ChatSession, kind: str, value, source: str, verbose: bool) -> None:
+    """Start a conversation about `value` (a path, or an image fetched from the URL `source`)."""
+    media = session.set_video(value) if kind == "video" else session.set_image(value)
+    print(f"({kind} {source}: {media.num_tokens} visual tokens, encoded in {session.encode_s:.1f}s)")
     if verbose:
         print(f"[encode] SigLIP {media.visual_tokens['siglip']}, Hiera {media.visual_tokens['hiera']} tokens; "
               f"towers + prefix prefill {session.encode_s:.2f}s", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------- demo
+DEMO_MARKER = ".vica2-demo"  # in a --workdir the demo made (or found empty): it may write there again
+
+
+def demo_workdir(workdir: str) -> Path:
+    """`workdir` made ready for the demo's files, never at the cost of the user's: a new folder or an empty one is
+    claimed with DEMO_MARKER; one holding that marker is the demo's own; anything else is refused."""
+    path = Path(workdir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--workdir {workdir!r} is a file; give a new or empty folder.")
+    if path.is_dir() and not (path / DEMO_MARKER).is_file() and any(path.iterdir()):
+        raise UsageError(f"--workdir {workdir!r} already holds files that are not the demo's; give a new or empty "
+                         "folder (the demo never writes over your files).")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / DEMO_MARKER).write_text("written by `vica2 demo`: it may replace the files in this folder\n")
+    return path
+
+
 def run_demo(args) -> int:
     from vica2.tools.demo import build_demo_checkpoint
 
-    created = args.workdir is None  # a folder of our own is removed at the end; a --workdir is the user's
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vica2-demo-"))
+    created = args.workdir is None  # a folder of our own is removed at the end; a --workdir is kept
+    workdir = Path(tempfile.mkdtemp(prefix="vica2-demo-")) if created else demo_workdir(args.workdir)
     try:
         print(f"vica2 demo: working in {workdir}" + (" (removed at the end; --workdir DIR keeps the files)"
                                                       if created else ""))
@@ -188,54 +338,90 @@ def run_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 1 or more")
+    return value
+
+
 def _model_options() -> argparse.ArgumentParser:
     options = add_model_options(argparse.ArgumentParser(add_help=False), model_required=True,
                                 debug_default=argparse.SUPPRESS)  # `vica2 --debug ask ...` keeps the main value
-    options.add_argument("--frames", type=int, help="frames to sample (default: the model's frame budget, 64)")
-    options.add_argument("--hiera-frames", dest="hiera_frames", type=int, help="N_hiera at the frame budget")
-    options.add_argument("--video-frames-budget", dest="video_frames_budget", type=int)
-    options.add_argument("--siglip-pool-stride", dest="siglip_pool_stride", type=int)
-    options.add_argument("--hiera-pool-stride", dest="hiera_pool_stride", type=int)
+    options.add_argument("--frames", type=positive_int,
+                         help="frames to sample from a video (default: the model's frame budget, 64 for ViCA2-7B)")
+    ratio = options.add_argument_group("token ratio (default: the model's own settings)")
+    ratio.add_argument("--hiera-frames", dest="hiera_frames", type=positive_int,
+                       help="frames the Hiera tower sees at the frame budget (N_hiera)")
+    ratio.add_argument("--video-frames-budget", dest="video_frames_budget", type=positive_int,
+                       help="the frame count the token ratio is defined at (64 for ViCA2-7B)")
+    ratio.add_argument("--siglip-pool-stride", dest="siglip_pool_stride", type=positive_int,
+                       help="spatial pooling of SigLIP's tokens per frame (2 for ViCA2-7B; 1 keeps all)")
+    ratio.add_argument("--hiera-pool-stride", dest="hiera_pool_stride", type=positive_int,
+                       help="spatial pooling of Hiera's tokens per frame (2 for ViCA2-7B; 1 keeps all)")
     options.add_argument("--no-time-instruction", action="store_true",
                          help="leave out the release's time instruction after the video")
     options.add_argument("--fast-decode", action="store_true", help="resize while decoding (faster, not exact)")
     quant = options.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="quantize the language model to 4-bit (nf4)")
     quant.add_argument("--load-in-8bit", action="store_true", help="quantize the language model to 8-bit")
-    options.add_argument("--max-new-tokens", type=int, default=64)
-    options.add_argument("--verbose", action="store_true", help="token counts per stream and timings")
+    options.add_argument("--max-new-tokens", type=positive_int, default=64,
+                         help="most tokens an answer may have (default: 64 for ask, 256 for chat)")
+    options.add_argument("--max-question-chars", type=positive_int, default=MAX_QUESTION_CHARS,
+                         help=f"longest question accepted, in characters (default {MAX_QUESTION_CHARS:,}); a longer "
+                              "one is refused with one line")
+    options.add_argument("--allow-remote-media", action="store_true",
+                         help="fetch an --image given as an http(s) URL (default: local files only)")
+    options.add_argument("--verbose", action="store_true", help="token counts per stream and timings, on stderr")
     return options
+
+
+ASK_DESCRIPTION = """Answer questions about one video or image and exit. One --question prints its answer alone (for
+scripts); several print each as "Q: question" and "A: answer", all answered from one encoding of the media."""
+CHAT_DESCRIPTION = f"""A conversation about a video or an image: one question per input line (a terminal or a pipe),
+each answered with the conversation so far; the media is encoded once. {CHAT_HELP}."""
+DEMO_DESCRIPTION = """The whole path offline, nothing downloaded: write a tiny random ViCA2 in the research release's
+layout, convert it, generate a video and ask about it (the answer is random: so are the weights)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vica2", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     model_options = _model_options()
 
-    ask_parser = commands.add_parser("ask", parents=[model_options],
+    ask_parser = commands.add_parser("ask", parents=[model_options], description=ASK_DESCRIPTION,
                                      help="answer questions about a video or an image")
     media = ask_parser.add_mutually_exclusive_group(required=True)
     media.add_argument("--video", help="video file (any format PyAV reads)")
-    media.add_argument("--image", help="image file")
+    media.add_argument("--image", help="image file (or an http(s) URL with --allow-remote-media)")
     ask_parser.add_argument("--question", required=True, action="append",
-                            help="repeat to ask several: all are answered from one encoding of the video")
+                            help="repeat to ask several: all are answered from one encoding of the video, each "
+                                 "printed after its question")
     ask_parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask_parser.set_defaults(run=run_ask)
 
-    chat_parser = commands.add_parser("chat", parents=[model_options],
+    chat_parser = commands.add_parser("chat", parents=[model_options], description=CHAT_DESCRIPTION,
                                       help="a conversation about a video or an image (read from stdin)")
     media = chat_parser.add_mutually_exclusive_group()
     media.add_argument("--video", help="video file to talk about (or /video PATH later)")
     media.add_argument("--image", help="image file to talk about (or /image PATH later)")
     chat_parser.set_defaults(run=run_chat, max_new_tokens=256)
 
-    demo_parser = commands.add_parser("demo", help="the whole path offline on a tiny random model")
+    demo_parser = commands.add_parser("demo", description=DEMO_DESCRIPTION,
+                                      help="the whole path offline on a tiny random model")
     demo_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    demo_parser.add_argument("--workdir", help="where to write the demo files, kept (default: a temporary folder, "
-                                               "removed at the end)")
-    demo_parser.add_argument("--frames", type=int, default=16)
-    demo_parser.add_argument("--max-new-tokens", type=int, default=8)
+    demo_parser.add_argument("--workdir", help="a new or empty folder to keep the demo's files in (default: a "
+                                               "temporary folder, removed at the end); a folder holding other files "
+                                               "is refused")
+    demo_parser.add_argument("--frames", type=positive_int, default=16,
+                             help="frames to sample from the demo video (default 16)")
+    demo_parser.add_argument("--max-new-tokens", type=positive_int, default=8,
+                             help="tokens in the demo's answer (default 8)")
     demo_parser.set_defaults(run=run_demo)
 
     commands.add_parser("convert", help="convert a release checkpoint (see convert_checkpoint.py)", add_help=False)

@@ -850,7 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "than --batch-size if needed; a 64-frame ViCA2-7B video is ~1.2 GB per row in bf16)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--limit", type=int, help="only the first N (selected) questions")
-    parser.add_argument("--question-types", help="comma-separated, e.g. object_counting,object_rel_direction")
+    parser.add_argument("--question-types", help="comma-separated, e.g. object_counting,object_rel_direction (its "
+                        f"three levels); known: {', '.join(QUESTION_TYPES)}, {REL_DIRECTION_TASK}")
     parser.add_argument("--shard", help="i/n: run the i-th of n parts (0-based), e.g. one per GPU; then --merge")
     parser.add_argument("--merge", action="store_true", help="combine the shard outputs of --output-dir")
     parser.add_argument("--retry-errors", action="store_true", help="run the error rows of the output again")

@@ -635,10 +635,12 @@ def _timings(started: float, generate_started: float, streamer, done: float, new
 # ---------------------------------------------------------------------------------------------------- one-shot ask
 def ask(model, processor, questions: str | list[str], *, video=None, image=None, frames: int | None = None,
         max_new_tokens: int = 64, stream=None, add_time_instruction: bool | None = None, fast_decode: bool = False,
-        stats: ReuseStats | None = None, **overrides) -> list[Answer]:
+        stats: ReuseStats | None = None, on_answer_start: Callable[[], None] | None = None,
+        **overrides) -> list[Answer]:
     """Answer each of `questions` (independently, greedily) about one video or image, all from one encoded prefix.
 
-    `stream`: True prints each answer as it is generated; a callable gets each piece of text. Token-ratio
+    `stream`: True prints each answer as it is generated; a callable gets each piece of text. `on_answer_start` is
+    called before each answer is generated (e.g. to print its question above a streamed answer). Token-ratio
     `overrides`: video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride.
     """
     questions = [questions] if isinstance(questions, str) else list(questions)
@@ -661,6 +663,8 @@ def ask(model, processor, questions: str | list[str], *, video=None, image=None,
     streamer_class = _text_streamer_class()
     answers = []
     for sequence in ids:
+        if on_answer_start is not None:
+            on_answer_start()
         start = time.perf_counter()
         streamer = streamer_class(processor.tokenizer, _on_text(stream))
         new_ids, _ = prefix.generate([sequence], pad_token_id=_pad_id(processor), max_new_tokens=max_new_tokens,

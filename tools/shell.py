@@ -5,7 +5,7 @@
   `--trust-remote-code`, `--debug`) once, in the front-end's flag style (`--model` or finetune's
   `--model_name_or_path`, `--attn_implementation`).
 - `guarded` runs a command: a library error the user can fix becomes one line `PROG: error: ...` and exit code 2
-  (`--debug` shows the traceback instead), Ctrl-C exits 130.
+  (`--debug` shows the traceback above it, same exit code), Ctrl-C exits 130, a closed stdout ends quietly.
 - `flag_message` is where API wording becomes flag wording: library errors name the API argument
   (`UsageError("model_path 'x': no such folder", argument="model_path")`); a front-end shows the flag that sets it.
 
@@ -15,8 +15,10 @@ A shared helper, not a front-end: it imports the inference API only.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+import traceback
 from typing import Callable
 
 from transformers.hf_argparser import string_to_bool
@@ -81,15 +83,22 @@ def flag_message(error: BaseException, flags: dict[str, str] = FLAGS) -> str:
 
 def guarded(prog: str, run: Callable[[], object], *, debug: bool, flags: dict[str, str] = FLAGS,
             interrupted: str | None = None):
-    """`run()`'s result, or for the user's errors a line on stderr and exit code 2 (`debug`: raised instead)."""
+    """`run()`'s result, or for the user's errors a line on stderr and exit code 2 (`debug`: the traceback too, with
+    the same exit code). A closed stdout (`| head`) ends the command quietly, exit code 0."""
     try:
-        return run()
+        result = run()
+        sys.stdout.flush()  # here, where a closed output is handled, not at exit
+        return result
     except KeyboardInterrupt:
         if interrupted:
             print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # nobody reads the output any more: stop, and let no flush at exit fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"{prog}: the output was closed; stopped.", file=sys.stderr)
+        return 0
     except USER_ERRORS as error:
         if debug:
-            raise
+            traceback.print_exc()
         print(f"{prog}: error: {flag_message(error, flags)}", file=sys.stderr)
         return EXIT_USAGE
