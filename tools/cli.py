@@ -10,8 +10,8 @@
     vica2 app --model DIR_OR_REPO   # a web demo in the browser (= python app.py; needs the `app` extra)
 
 Errors a user can fix (a missing file, a corrupt video, a bad setting) are printed as one line, exit code 2;
-`--debug` (before or after the command) shows the traceback instead. The model's own classes are used; no code that
-comes with a model folder or hub repo runs unless `--trust-remote-code` is given.
+`--debug` (before or after the command) shows the traceback above it, with the same exit code. The model's own
+classes are used; no code that comes with a model folder or hub repo runs unless `--trust-remote-code` is given.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def check_question(text: str, limit: int, what: str = "the question") -> None:
 def resolve_media(kind: str, value: str, allow_remote: bool):
     """`value` of --video / --image checked in the command's terms: a local file of the right kind (an image given
     as --video points to --image and back), or with `allow_remote` an image URL, fetched now."""
-    flag, other = f"--{kind}", "--image" if kind == "video" else "--video"
+    flag = f"--{kind}"
     if value.startswith(URL_PREFIXES):
         if kind == "image" and allow_remote:
             return _fetch_image(value)
@@ -99,14 +99,13 @@ def resolve_media(kind: str, value: str, allow_remote: bool):
         raise UsageError(f"{flag} {value!r} is a URL; {fix}.")
     if not Path(value).is_file():
         raise UsageError(f"{flag} {value!r}: no such file.")
-    is_image = _image_problem(value) is None
-    suffix = Path(value).suffix.lower()
-    if kind == "video" and (is_image and suffix != ".gif" or suffix in IMAGE_SUFFIXES):
+    suffix, problem = Path(value).suffix.lower(), _image_problem(value)
+    if kind == "video" and (suffix in IMAGE_SUFFIXES or problem is None and suffix != ".gif"):  # a GIF may be either
         raise UsageError(f"--video {value!r} is an image: use --image {value}")
-    if kind == "image" and (suffix in VIDEO_SUFFIXES or not is_image):
-        if suffix in VIDEO_SUFFIXES:
-            raise UsageError(f"--image {value!r} is a video: use --video {value}")
-        raise UsageError(f"--image {value!r}: {_image_problem(value)}")
+    if kind == "image" and suffix in VIDEO_SUFFIXES:
+        raise UsageError(f"--image {value!r} is a video: use --video {value}")
+    if kind == "image" and problem:
+        raise UsageError(f"--image {value!r}: {problem}")
     return value
 
 
@@ -356,7 +355,7 @@ def _model_options() -> argparse.ArgumentParser:
                          help="frames to sample from a video (default: the model's frame budget, 64 for ViCA2-7B)")
     ratio = options.add_argument_group("token ratio (default: the model's own settings)")
     ratio.add_argument("--hiera-frames", dest="hiera_frames", type=positive_int,
-                       help="frames the Hiera tower sees at the frame budget (N_hiera)")
+                       help="frames the Hiera tower sees at the frame budget (N_hiera, 32 for ViCA2-7B)")
     ratio.add_argument("--video-frames-budget", dest="video_frames_budget", type=positive_int,
                        help="the frame count the token ratio is defined at (64 for ViCA2-7B)")
     ratio.add_argument("--siglip-pool-stride", dest="siglip_pool_stride", type=positive_int,
