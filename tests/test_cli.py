@@ -294,13 +294,17 @@ def test_every_option_and_subcommand_has_help():
 
 
 def test_eval_vsibench_help_lists_the_question_types():
-    from vica2.tools.evaluate_vsibench import QUESTION_TYPES, REL_DIRECTION_TASK
+    from vica2.tools.evaluate_vsibench import QUESTION_TYPES, REL_DIRECTION_TASK, parse_question_types
+    from vica2.tools.inference import UsageError
 
     result = _run("eval-vsibench", "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     for name in (*QUESTION_TYPES, REL_DIRECTION_TASK):
         assert name in text
+    with pytest.raises(UsageError) as refused:
+        parse_question_types("object_counting,object_colour")
+    assert "unknown type 'object_colour'; known: " + ", ".join(QUESTION_TYPES) in str(refused.value)
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -272,7 +272,8 @@ def _question_from_row(row: dict, index: int) -> Question:
         raise UsageError(f"Question {index} (id {row.get('id')!r}) lacks {', '.join(missing)}.")
     question_type = str(row["question_type"])
     if question_type not in QUESTION_TYPES:
-        raise UsageError(f"Question {row['id']!r} has an unknown question_type {question_type!r}.")
+        raise UsageError(f"Question {row['id']!r} has an unknown question_type {question_type!r}; known: "
+                         f"{', '.join(QUESTION_TYPES)}.")
     options = row.get("options")
     if options is not None and (isinstance(options, (str, bytes, dict)) or not hasattr(options, "__len__")):
         raise UsageError(f"Question {row['id']!r}: options must be a list of strings, got {type(options).__name__} "
