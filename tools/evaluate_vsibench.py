@@ -518,16 +518,20 @@ class PredictionWriter:
 def locked_outputs(paths: list[Path]):
     """Hold a lock file next to each output file (`<file>.lock`, an `fcntl.flock`) for the run: a second run
     writing the same files would answer everything again and append it, double-counting the summary. The locks go
-    with the process (also when it is killed); the `.lock` files stay and are harmless. Without `fcntl` (Windows)
-    nothing is locked."""
+    with the process (also when it is killed); the `.lock` files stay and are harmless (a folder this run made and
+    left otherwise empty is removed). Without `fcntl` (Windows) nothing is locked."""
     try:
         import fcntl
     except ImportError:
         yield
         return
+    folder = paths[0].parent
+    created = not folder.exists()
     with contextlib.ExitStack() as held:
+        if created:  # a run that stops before writing anything leaves no folder behind
+            held.callback(_remove_if_only_locks, folder)
+        folder.mkdir(parents=True, exist_ok=True)
         for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
             handle = held.enter_context(open(path.with_name(path.name + ".lock"), "a"))
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -535,6 +539,14 @@ def locked_outputs(paths: list[Path]):
                 raise UsageError(f"--output-dir {str(path.parent)!r} is in use by another run (it holds "
                                  f"{handle.name}); wait for it to finish or use another --output-dir.") from None
         yield
+
+
+def _remove_if_only_locks(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        if all(path.suffix == ".lock" for path in folder.iterdir()):
+            for path in folder.iterdir():
+                path.unlink()
+            folder.rmdir()
 
 
 def write_text_atomically(path: Path, content: str) -> None:
