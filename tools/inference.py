@@ -26,6 +26,7 @@ the API arguments (`model_path`, `device`, ...); the front-ends' shell (`vica2.t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import queue
@@ -793,20 +794,15 @@ class ChatSession:
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ one turn at a time
+    @contextlib.contextmanager
     def _busy(self):
-        session = self
-
-        class _Held:
-            def __enter__(self):
-                if not session._lock.acquire(blocking=False):
-                    raise SessionBusy("This ChatSession is running another turn (from another thread, or a streamed "
-                                      "answer not finished or cancelled); wait for it, call cancel(), or use one "
-                                      "session per thread.")
-
-            def __exit__(self, *exc):
-                session._lock.release()
-
-        return _Held()
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusy("This ChatSession is running another turn (from another thread, or a streamed answer "
+                              "not finished or cancelled); wait for it, call cancel(), or use one session per thread.")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def cancel(self) -> None:
         """Stop the streamed turn in flight (if any) and wait for its generation thread; the session is then as it
