@@ -390,6 +390,9 @@ def test_beams_and_out_of_range_ids_on_a_cached_prefix_are_refused_before_any_wo
         chat = ChatSession(model, processor, max_new_tokens=2)
         with pytest.raises(UsageError, match="num_beams=3"):
             chat.ask("Hello?", num_beams=3)
+        with pytest.raises(UsageError, match="num_return_sequences=2"):
+            answer_prompts(model, processor, [render_chat(processor, [user_message(media, q)]) for q in QUESTIONS],
+                           media, num_return_sequences=2, do_sample=True, max_new_tokens=2)
     finally:
         hook.remove()
     assert not calls

@@ -574,6 +574,7 @@ def iter_answer_prompts(model, processor, prompts: list[str], media: MediaInputs
             yield _generate_from_scratch(model, processor, ids[start:start + batch_size], media, stats,
                                          skip_special_tokens, **generate_kwargs)
         return
+    check_continuation(model, [row[length:] for row in ids], generate_kwargs)  # before the prefix's work
     prefix = EncodedPrefix.encode(model, ids[0][:length], media)
     stats.prefixes_encoded += 1
     stats.tower_runs += int(media is not None)
