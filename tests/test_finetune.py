@@ -709,3 +709,115 @@ def test_finetune_says_a_bad_model_folder_in_one_line_with_its_flag(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"finetune.py: error: --model_name_or_path '{tmp_path / 'nowhere'}': no such folder" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- hardening
+def test_data_files_that_cannot_be_read_name_the_file_and_line(tmp_path):
+    (tmp_path / "a.json").write_text('[\n {"id": 1},\n {"id": 2,,}\n]')
+    with pytest.raises(ValueError, match=r"a\.json, line 3: not valid JSON"):
+        load_data_mixture(tmp_path / "a.json")
+    (tmp_path / "b.jsonl").write_text('{"id": 1}\n\n{"id": 2}\n{"id": \n')  # a blank line 2 still counts
+    with pytest.raises(ValueError, match=r"b\.jsonl, line 4: not valid JSON"):
+        load_data_mixture(tmp_path / "b.jsonl")
+    (tmp_path / "c.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"c\.json: JSON nested too deeply"):
+        load_data_mixture(tmp_path / "c.json")
+    (tmp_path / "d.json").write_text('{"id": 1}')
+    with pytest.raises(ValueError, match=r"d\.json must hold a JSON list of records, not a dict"):
+        load_data_mixture(tmp_path / "d.json")
+    with pytest.raises(ValueError, match=r"missing\.json: no such data file"):
+        load_data_mixture(tmp_path / "missing.json")
+    (tmp_path / "ok.json").write_text("[]")
+    for name, text, problem in (
+        ("e.yaml", "datasets: [unclosed", r"e\.yaml: not valid YAML"),
+        ("f.yaml", "- json_path: ok.json", r"f\.yaml lists no `datasets`"),
+        ("g.yaml", "datasets: {json_path: ok.json}", r"g\.yaml lists no `datasets`"),
+        ("h.yaml", "datasets: [{sampling_strategy: all}]", r"h\.yaml: dataset 1 must be a mapping with a `json_path`"),
+        ("i.yaml", "datasets: [{json_path: ok.json, sampling_strategy: 5}]", r"i\.yaml: dataset 1 must be a mapping"),
+        ("j.yaml", "datasets: [{json_path: ok.json, sampling_strategy: 'first:abc'}]",
+         r"j\.yaml, dataset 1: Sampling strategy 'first:abc': N must be a whole number"),
+        ("k.yaml", "datasets: [{json_path: a.json}]", r"k\.yaml, dataset 1: .*a\.json, line 3: not valid JSON"),
+    ):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=problem):
+            load_data_mixture(tmp_path / name)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--num_frames", "0"], "--num_frames 0: must be at least 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be at least 1"),
+    (["--model_max_length", "0"], "--model_max_length 0: must be at least 1"),
+    (["--data_path", "bad.json"], "bad.json, line 1: not valid JSON"),
+    (["--data_path", "no_answers.json"], "--data_path no_answers.json: none of its 1 records can be trained on (e.g. no answer ('gpt') turn)"),
+    (["--model_name_or_path", "nowhere/x/y"], "--model_name_or_path 'nowhere/x/y': no such folder"),
+])
+def test_finetune_checks_options_and_data_before_loading_the_model(tmp_path, monkeypatch, capsys, options, message):
+    from vica2.tools import finetune
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "vica2"}')
+    (tmp_path / "good.json").write_text(json.dumps([video_record("0.mp4", "1")]))
+    (tmp_path / "bad.json").write_text("[{")
+    (tmp_path / "no_answers.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"}]}]))
+    monkeypatch.setattr(finetune, "load", lambda args: pytest.fail("the model was loaded before the checks"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model_name_or_path", str(tmp_path / "model"), "--data_path", "good.json", "--output_dir", "out",
+            "--use_cpu", "True", "--report_to", "none", *options]
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"finetune.py: error: {message}" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("name", ["../0.mp4", "/etc/passwd", "~/0.mp4", "sub/../../0.mp4"])
+def test_media_paths_outside_the_media_root_are_refused_by_the_evaluators_rule(media, name):
+    from vica2.tools.paths import escaping_reason
+
+    _, processor = make_tiny()
+    data = dataset([video_record("0.mp4", "1"), video_record(name, "2")], processor, media / "sub_root_absent",
+                   check_media=False)
+    assert len(data) == 1 and data.skipped == {"invalid": 1} and escaping_reason(name)
+    assert escaping_reason("scannet/scene0.mp4") is None
+
+
+def test_a_record_with_a_video_and_an_image_is_refused_not_trained_without_its_image(media):
+    _, processor = make_tiny()
+    both = {"video": "0.mp4", "image": "room.png",
+            "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "2"}]}
+    data = dataset([video_record("0.mp4", "1"), both], processor, media)
+    assert len(data) == 1 and data.skipped == {"invalid": 1}
+    assert "both a video and an image" in check_record_problem(both)
+
+
+def check_record_problem(record):
+    from vica2.tools.training import check_record
+
+    return check_record(record)
+
+
+def test_zero_lengths_are_refused(media):
+    _, processor = make_tiny()
+    for name in ("model_max_length", "num_frames"):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number of at least 1, got 0"):
+            Vica2SupervisedDataset([video_record("0.mp4", "1")], processor, media_root=media, **{name: 0})
+
+
+def test_a_video_replaced_while_it_is_read_is_skipped_not_decoded_with_the_old_timing(media, tmp_path):
+    import shutil
+
+    _, processor = make_tiny()
+    shutil.copy(media / "0.mp4", tmp_path / "moving.mp4")
+    shutil.copy(media / "1.mp4", tmp_path / "1.mp4")
+    data = dataset([video_record("moving.mp4", "1"), video_record("1.mp4", "2")], processor, tmp_path)
+    read = processor.load_video
+
+    def replaced_between_passes(path, **kwargs):
+        video = read(path, **kwargs)
+        if path.endswith("moving.mp4"):
+            (tmp_path / "moving.mp4").write_bytes((media / "corrupt.mp4").read_bytes())
+        return video
+
+    processor.load_video = replaced_between_passes
+    example = data[0]  # the replaced video is skipped; the next record comes in its place
+    assert data.skipped == {"changed": 1}
+    assert processor.tokenizer.decode([t for t in example["labels"].tolist() if t != -100]) == "2<|im_end|>"

@@ -281,3 +281,135 @@ def test_library_errors_name_the_api_argument_and_the_shell_shows_the_flag(tmp_p
         with pytest.raises(UsageError, match="use device='cpu'") as cuda:
             check_device("cuda")
         assert "use --device cpu" in flag_message(cuda.value)
+
+
+# ---------------------------------------------------------------------------------------------------- hardening
+class _FailOnce:
+    """A forward hook on the last decoder layer that raises once when armed: a turn failing half-way through a
+    forward (out of memory, a bad input), after the first layers already wrote their keys and values."""
+
+    def __init__(self, model):
+        self.armed = False
+        self.handle = model.model.language_model.layers[-1].register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("simulated out of memory")
+
+
+def _cache_state(chat):
+    return [(layer.keys.clone(), layer.values.clone()) for layer in chat._cache.layers]
+
+
+def test_a_failed_turn_leaves_the_session_as_before_and_reset_restores_the_encoded_prefix(setup):
+    model, processor, frames, _ = setup
+    fresh = ChatSession(model, processor, max_new_tokens=4)
+    fresh.set_video(frames)
+    encoded_ids, encoded_cache = list(fresh._ids), _cache_state(fresh)
+    expected = [fresh.ask(QUESTIONS[0]).new_ids, fresh.ask(QUESTIONS[1]).new_ids]
+
+    chat = ChatSession(model, processor, max_new_tokens=4)
+    chat.set_video(frames)
+    chat.ask(QUESTIONS[0])
+    failing = _FailOnce(model)
+    try:
+        failing.armed = True
+        with pytest.raises(RuntimeError, match="simulated"):
+            chat.ask(QUESTIONS[1])
+    finally:
+        failing.handle.remove()
+    lengths = {layer.keys.shape[-2] for layer in chat._cache.layers}
+    assert lengths == {len(chat._ids)} and len(chat.history) == 2 and chat.stats.turns == 1  # nothing half-done
+    assert chat.ask(QUESTIONS[1]).new_ids == expected[1]
+    chat.reset()
+    assert chat._ids == encoded_ids
+    for (keys, values), (fresh_keys, fresh_values) in zip(_cache_state(chat), encoded_cache):
+        assert torch.equal(keys, fresh_keys) and torch.equal(values, fresh_values)
+    assert chat.ask(QUESTIONS[0]).new_ids == expected[0]
+
+
+class _Gate:
+    """A logits processor that writes "a " (so the streamer hands out a first piece) and then holds generation
+    until the session's turn is cancelled: the stream is mid-answer, deterministically."""
+
+    def __init__(self, chat, tokenizer):
+        self.chat, self.step = chat, 0
+        self.forced = [tokenizer(text, add_special_tokens=False)["input_ids"][-1] for text in ("a", " ")]
+
+    def __call__(self, input_ids, scores):
+        if self.step < len(self.forced):
+            scores = torch.full_like(scores, -float("inf"))
+            scores[:, self.forced[self.step]] = 0
+        else:
+            self.chat._cancel.wait(timeout=120)
+        self.step += 1
+        return scores
+
+
+def test_a_cancelled_stream_stops_its_thread_and_a_second_thread_is_refused(setup):
+    import threading
+
+    from transformers import LogitsProcessorList
+
+    from vica2.tools.inference import SessionBusy
+
+    model, processor, frames, _ = setup
+    chat = ChatSession(model, processor, max_new_tokens=40)
+    chat.set_video(frames)
+    first = chat.ask(QUESTIONS[0], max_new_tokens=3)
+    before = set(threading.enumerate())
+    stream = chat.iter_ask(QUESTIONS[1], logits_processor=LogitsProcessorList([_Gate(chat, processor.tokenizer)]))
+    assert next(stream).startswith("a")  # the generation thread now holds the session, mid-answer
+    with pytest.raises(SessionBusy, match="another turn"):
+        chat.ask(QUESTIONS[2])
+    stream.close()  # the user stopped reading: generation must stop before the session is used again
+    assert not [thread for thread in set(threading.enumerate()) - before if thread.is_alive()]
+    assert len(chat.history) == 2 and chat.last_answer is first  # the cancelled turn left nothing behind
+    assert {layer.keys.shape[-2] for layer in chat._cache.layers} == {len(chat._ids)}
+    fresh = ChatSession(model, processor, max_new_tokens=3)
+    fresh.set_video(frames)
+    fresh.ask(QUESTIONS[0])
+    assert chat.ask(QUESTIONS[1], max_new_tokens=3).new_ids == fresh.ask(QUESTIONS[1]).new_ids
+
+
+def test_beams_and_out_of_range_ids_on_a_cached_prefix_are_refused_before_any_work(setup):
+    model, processor, frames, _ = setup
+    media = _media(setup, "video")
+    ids = media.tokenize(processor, [render_chat(processor, [user_message(media, q)]) for q in QUESTIONS[:2]])
+    prefix = EncodedPrefix.encode(model, ids[0][:reusable_prefix_length(ids, media)], media)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        for option in ({"num_beams": 2}, {"num_return_sequences": 2, "do_sample": True}):
+            with pytest.raises(UsageError, match=f"{next(iter(option))}=2 is not supported"):
+                prefix.generate(ids, pad_token_id=0, max_new_tokens=2, **option)
+        vocab = model.get_input_embeddings().num_embeddings
+        with pytest.raises(UsageError, match=f"vocabulary has {vocab} tokens"):
+            prefix.generate([ids[0][:-1] + [vocab + 5]], pad_token_id=0, max_new_tokens=2)
+        chat = ChatSession(model, processor, max_new_tokens=2)
+        with pytest.raises(UsageError, match="num_beams=3"):
+            chat.ask("Hello?", num_beams=3)
+        with pytest.raises(UsageError, match="num_return_sequences=2"):
+            answer_prompts(model, processor, [render_chat(processor, [user_message(media, q)]) for q in QUESTIONS],
+                           media, num_return_sequences=2, do_sample=True, max_new_tokens=2)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_question_length_limit_and_bad_counts_are_refused(setup):
+    from vica2.tools.inference import check_question
+
+    model, processor = setup[:2]
+    chat = ChatSession(model, processor, max_new_tokens=2, max_question_chars=20)
+    with pytest.raises(UsageError, match=r"question: 21 characters, over the limit of 20 \(max_question_chars\)"):
+        chat.ask("x" * 21)
+    assert chat.stats.turns == 0
+    check_question("x" * 10**6, None)  # no limit
+    with pytest.raises(UsageError, match="num_frames must be a positive"):
+        implied_token_counts(model.config, num_frames=0)
+    media = _media(setup, "video")
+    with pytest.raises(UsageError, match="batch_size must be a positive"):
+        answer_prompts(model, processor, [render_chat(processor, [user_message(media, "Why?")])], media,
+                       batch_size=-1)

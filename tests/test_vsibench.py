@@ -339,7 +339,7 @@ def test_shard_syntax(text, expected):
     assert parse_shard(text) == expected
 
 
-@pytest.mark.parametrize("text", ["4/4", "1", "-1/2", "a/b", "1/0"])
+@pytest.mark.parametrize("text", ["4/4", "1", "-1/2", "a/b", "1/0", "0/99999999999999999999", "0/4097"])
 def test_bad_shards_are_refused(text):
     with pytest.raises(UsageError):
         parse_shard(text)
@@ -355,14 +355,19 @@ def test_counts_below_one_are_refused_before_anything_runs(flag, capsys):
     assert exit_info.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
 
 
+def _prediction(id_, **changes):
+    return json.dumps({"id": id_, "question_type": "object_counting", "ground_truth": "2", "output": "2",
+                       "score": 1.0, **changes})
+
+
 def test_torn_last_line_is_cut_off_and_other_bad_lines_are_errors(tmp_path):
     path = tmp_path / "predictions.jsonl"
-    path.write_text('{"id": 1}\n{"id": 2}\n{"id": 3, "ques')
+    path.write_text(f'{_prediction(1)}\n{_prediction(2)}\n{{"id": 3, "ques')
     assert [r["id"] for r in read_records(path)] == [1, 2]
     assert path.read_text().endswith('"ques')  # reading alone does not modify
     assert [r["id"] for r in read_records(path, repair=True)] == [1, 2]
-    assert path.read_text() == '{"id": 1}\n{"id": 2}\n'
-    path.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
+    assert path.read_text() == f'{_prediction(1)}\n{_prediction(2)}\n'
+    path.write_text(f'{_prediction(1)}\nnot json\n{_prediction(2)}\n')
     with pytest.raises(UsageError, match="line 2"):
         read_records(path)
 
@@ -651,3 +656,84 @@ def test_evaluate_saves_answers_given_in_any_order_across_videos(bench, tmp_path
             assert record["output"] == f"{len(record['prompt'])} B"  # the answer to this very prompt
         else:
             assert question.scene_name == "broken" and record["output"] is None
+
+
+# ---------------------------------------------------------------------------------------------------- hardening
+@pytest.mark.parametrize("question_type, ground_truth, problem", [
+    ("object_counting", "-3", "not a number >= 0"), ("object_abs_distance", "three", "not a number >= 0"),
+    ("room_size_estimation", "nan", "not a number >= 0"), ("route_planning", "  ", "is empty"),
+])
+def test_ground_truths_that_cannot_be_scored_are_refused(tmp_path, question_type, ground_truth, problem):
+    rows = _rows()
+    rows[1].update(question_type=question_type, ground_truth=ground_truth, options=["A. x", "B. y"])
+    with pytest.raises(UsageError, match=f"Question 1: .*{problem}"):
+        load_questions(_write_rows(tmp_path / "q.jsonl", rows))
+
+
+@pytest.mark.parametrize("line, problem", [
+    (_prediction(2, score=1.5), r"score 1\.5 is not a number in \[0, 1\]"),
+    (_prediction(2, score=-0.1), "not a number in"), (_prediction(2, score="1"), "not a number in"),
+    ("5", "expected a prediction object, got int"), ('{"id": 2}', "lacks question_type, ground_truth, score"),
+    (_prediction(2, ground_truth="-4"), "not a number >= 0"), ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_corrupted_prediction_lines_are_one_line_errors_on_resume_and_merge(tmp_path, capsys, line, problem):
+    from vica2.tools.evaluate_vsibench import main
+
+    path = tmp_path / "predictions.shard0of1.jsonl"
+    path.write_text(f"{_prediction(1)}\n{line}\n")
+    with pytest.raises(UsageError, match=f"line 2: .*{problem}"):
+        read_records(path)
+    assert main(["--merge", "--output-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "line 2" in error and not (tmp_path / "summary.json").exists()
+
+
+def test_deeply_nested_data_files_are_one_line_errors(tmp_path):
+    for name, text in (("a.json", "[" * 100_000 + "]" * 100_000), ("b.jsonl", json.dumps(_rows()[0]) + "\n"
+                                                                    + "{\"a\": " * 100_000 + "1" + "}" * 100_000)):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UsageError, match="nested too deeply"):
+            load_questions(tmp_path / name)
+
+
+def _runnable(tmp_path):
+    """A data file, a video root holding its videos (never read here) and a model folder that passes the checks."""
+    data = _write_rows(tmp_path / "q.jsonl", _rows())
+    for scene in ("scene0", "scene1"):
+        (tmp_path / "videos" / "scannet").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "videos" / "scannet" / f"{scene}.mp4").write_bytes(b"")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "vica2"}')
+    return ["--model", str(tmp_path / "model"), "--data", str(data), "--video-root", str(tmp_path / "videos"),
+            "--device", "cpu"]
+
+
+def test_two_runs_into_one_output_dir_are_refused_and_the_lock_goes_with_the_run(tmp_path, capsys, monkeypatch):
+    from vica2.tools import evaluate_vsibench
+    from vica2.tools.evaluate_vsibench import locked_outputs, main
+
+    out = tmp_path / "out"
+    args = [*_runnable(tmp_path), "--output-dir", str(out)]
+    monkeypatch.setattr(evaluate_vsibench, "build_engine", lambda args: (_ for _ in ()).throw(ValueError("no model")))
+    with locked_outputs([out / "predictions.jsonl"]):  # another run holds the folder
+        assert main(args) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"--output-dir {str(out)!r} is in use by another run" in error
+    assert main(args) == 2 and "no model" in capsys.readouterr().err  # released: this run got in (and failed)
+    with locked_outputs([out / "predictions.jsonl"]):  # and released again on its way out
+        pass
+
+
+def test_a_run_failing_before_its_folder_existed_shows_the_real_error(tmp_path, capsys, monkeypatch):
+    from vica2.tools import evaluate_vsibench
+    from vica2.tools.evaluate_vsibench import main
+
+    def broken_engine(args):
+        raise OSError("the model's weights are truncated")
+
+    monkeypatch.setattr(evaluate_vsibench, "build_engine", broken_engine)
+    out = tmp_path / "new" / "out"
+    assert main([*_runnable(tmp_path), "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "the model's weights are truncated" in error and ".tmp" not in error
+    assert json.loads((out / "summary.json").read_text())["remaining"] == 3

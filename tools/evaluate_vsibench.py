@@ -20,7 +20,9 @@ of the remote code a converted checkpoint carries, so it may import `vica2.*`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from vica2.tools.inference import UsageError, check_device, check_model_path
+from vica2.tools.paths import escaping_reason
 from vica2.tools.shell import add_model_options, guarded, one_line
 
 
@@ -40,6 +43,7 @@ REL_DIRECTION_TYPES = ("object_rel_direction_easy", "object_rel_direction_medium
 MULTIPLE_CHOICE_TYPES = ("object_rel_distance", *REL_DIRECTION_TYPES, "route_planning", "obj_appearance_order")
 QUESTION_TYPES = NUMERICAL_TYPES + MULTIPLE_CHOICE_TYPES
 REL_DIRECTION_TASK = "object_rel_direction"
+MAX_SHARDS = 4096  # --shard i/n: more parts than this is a typo (the split has ~5k questions)
 
 # The eight tasks in the column order of the papers' tables (VSI-Bench and ViCA2), with their column titles.
 TASK_COLUMNS = OrderedDict(
@@ -239,7 +243,7 @@ def _read_json_rows(path: Path) -> list[dict]:
     except UnicodeDecodeError as error:
         raise UsageError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); give JSON or JSONL.") from None
     try:
-        data = json.loads(text)
+        data = _loads(text, f"{path}")
     except json.JSONDecodeError as whole:
         if text.lstrip().startswith("["):  # one JSON document (a list) that is broken somewhere
             raise UsageError(f"{path}, line {whole.lineno}: not valid JSON ({whole.msg}).") from None
@@ -251,13 +255,21 @@ def _read_json_rows(path: Path) -> list[dict]:
     return data
 
 
+def _loads(text: str, where: str):
+    """`json.loads`; data nested too deeply for Python's parser (a hostile file) is a one-line `UsageError`."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply to read; not a VSI-Bench file.") from None
+
+
 def _json_lines(path: Path, text: str) -> list:
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(_loads(line, f"{path}, line {number}"))
         except json.JSONDecodeError as error:
             raise UsageError(f"{path}, line {number}: not a JSON object ({error.msg}); fix or remove the line.") \
                 from None
@@ -283,6 +295,9 @@ def _question_from_row(row: dict, index: int) -> Question:
         raise UsageError(f"Question {row['id']!r} is multiple choice ({question_type}) but has no options.")
     for name in ("dataset", "scene_name"):
         _check_path_part(row, name)
+    problem = ground_truth_problem(row["ground_truth"], question_type)
+    if problem:
+        raise UsageError(f"Question {row['id']!r}: {problem}; fix the data (it would be scored wrongly).")
     return Question(
         id=row["id"].item() if hasattr(row["id"], "item") else row["id"],  # numpy ints from pandas
         dataset=str(row["dataset"]),
@@ -294,11 +309,24 @@ def _question_from_row(row: dict, index: int) -> Question:
     )
 
 
+def ground_truth_problem(ground_truth, question_type: str) -> str | None:
+    """Why `ground_truth` cannot be scored for `question_type` (None when it can): a numerical task's must be a
+    finite number >= 0 (Mean Relative Accuracy divides by it), a multiple-choice task's must not be empty."""
+    text = str(ground_truth).strip()
+    if task_of(question_type) in NUMERICAL_TYPES:
+        value = _to_float(text)
+        if value is None or not math.isfinite(value) or value < 0:
+            return f"ground_truth {_short(ground_truth)} of a numerical task ({question_type}) is not a number >= 0"
+    elif not text:
+        return f"ground_truth of a multiple-choice task ({question_type}) is empty"
+    return None
+
+
 def _check_path_part(row: dict, name: str) -> None:
-    """`dataset` and `scene_name` name one folder and one file under --video-root: a separator, '..', or an
-    absolute path would read a video from outside it, so they are refused."""
+    """`dataset` and `scene_name` name one folder and one file under --video-root: a separator, or a name that
+    `vica2.tools.paths` refuses (the rule fine-tuning's media paths follow too), would read a video from outside it."""
     value = str(row[name])
-    if value in ("", ".", "..") or any(char in value for char in "/\\\0") or Path(value).is_absolute():
+    if value in (".", "..") or any(char in value for char in "/\\") or escaping_reason(value):
         raise UsageError(
             f"Question {row['id']!r}: {name} {value!r} is not a plain name; videos are read from "
             "<video-root>/<dataset>/<scene_name>.mp4 only, never from outside --video-root."
@@ -341,8 +369,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match or not int(match[1]) < int(match[2]):
-        raise UsageError(f"--shard {text!r}: write i/n with 0 <= i < n, e.g. --shard 0/4 ... --shard 3/4.")
+    if not match or not int(match[1]) < int(match[2]) <= MAX_SHARDS:
+        raise UsageError(f"--shard {_short(text)}: write i/n with 0 <= i < n <= {MAX_SHARDS}, e.g. --shard 0/4 ... "
+                         "--shard 3/4.")
     return int(match[1]), int(match[2])
 
 
@@ -441,10 +470,31 @@ def read_records(path: Path, repair: bool = False) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = _loads(line, f"{path}, line {number}")
         except json.JSONDecodeError as error:
             raise UsageError(f"{path}, line {number}: not a JSON record ({error}); fix or remove the line.") from None
+        problem = record_problem(record)
+        if problem:
+            raise UsageError(f"{path}, line {number}: {problem}; fix or remove the line (it is not scored).")
+        records.append(record)
     return records
+
+
+def record_problem(record) -> str | None:
+    """Why a line of a predictions file is not a prediction this evaluator wrote (None when it is one)."""
+    if not isinstance(record, dict):
+        return f"expected a prediction object, got {type(record).__name__}"
+    missing = [name for name in ("id", "question_type", "ground_truth", "score") if name not in record]
+    if missing:
+        return f"the prediction lacks {', '.join(missing)}"
+    if record["question_type"] not in QUESTION_TYPES:
+        return f"unknown question_type {_short(record['question_type'])}"
+    score = record["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+        return f"score {_short(score)} is not a number in [0, 1]"
+    if not isinstance(record.get("output"), (str, type(None))):
+        return f"output {_short(record['output'])} is not text"
+    return ground_truth_problem(record["ground_truth"], record["question_type"])
 
 
 class PredictionWriter:
@@ -463,6 +513,41 @@ class PredictionWriter:
 
     def close(self) -> None:
         self.handle.close()
+
+
+@contextlib.contextmanager
+def locked_outputs(paths: list[Path]):
+    """Hold a lock file next to each output file (`<file>.lock`, an `fcntl.flock`) for the run: a second run
+    writing the same files would answer everything again and append it, double-counting the summary. The locks go
+    with the process (also when it is killed); the `.lock` files stay and are harmless (a folder this run made and
+    left otherwise empty is removed). Without `fcntl` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = paths[0].parent
+    created = not folder.exists()
+    with contextlib.ExitStack() as held:
+        if created:  # a run that stops before writing anything leaves no folder behind
+            held.callback(_remove_if_only_locks, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            handle = held.enter_context(open(path.with_name(path.name + ".lock"), "a"))
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"--output-dir {str(path.parent)!r} is in use by another run (it holds "
+                                 f"{handle.name}); wait for it to finish or use another --output-dir.") from None
+        yield
+
+
+def _remove_if_only_locks(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        if all(path.suffix == ".lock" for path in folder.iterdir()):
+            for path in folder.iterdir():
+                path.unlink()
+            folder.rmdir()
 
 
 def write_text_atomically(path: Path, content: str) -> None:
@@ -695,6 +780,12 @@ def run_evaluation(args) -> int:
     selected = select_questions(load_questions(args.data), parse_question_types(args.question_types), args.limit,
                                 shard)
     predictions_path, summary_path = output_paths(Path(args.output_dir), shard)
+    with locked_outputs([predictions_path]):  # also creates the folder: the summary can always be written
+        return _evaluate_locked(args, settings, selected, predictions_path, summary_path)
+
+
+def _evaluate_locked(args, settings: RunSettings, selected: list[Question], predictions_path: Path,
+                     summary_path: Path) -> int:
     records = read_records(predictions_path, repair=True)
     check_same_settings(records, settings.as_dict(), predictions_path)
     if args.retry_errors:
@@ -719,15 +810,22 @@ def run_evaluation(args) -> int:
     extra = {"model": args.model, "data": str(args.data), "settings": settings.as_dict(),
              "shard": args.shard, "selected": len(selected)}
     engine = None
+
+    def summarise() -> dict:
+        records = read_records(predictions_path)
+        remaining = len({q.key for q in selected} - {str(record["id"]) for record in records})
+        run = {"engine": engine.summary()} if engine is not None else {}
+        return write_summary(summary_path, records, {**extra, "remaining": remaining, **run})
+
     try:
         if pending:
             engine = build_engine(args)
             _run_pending(engine, settings, pending, len(selected), predictions_path, video_root)
-    finally:  # also after Ctrl-C: the summary of what is done so far
-        records = read_records(predictions_path)
-        remaining = len({q.key for q in selected} - {str(record["id"]) for record in records})
-        run = {"engine": engine.summary()} if engine is not None else {}
-        summary = write_summary(summary_path, records, {**extra, "remaining": remaining, **run})
+    except BaseException:  # also after Ctrl-C: the summary of what is done so far, never hiding the real error
+        with contextlib.suppress(Exception):
+            summarise()
+        raise
+    summary = summarise()
     print(format_table(summary))
     if engine is not None:
         print(engine.report())
@@ -776,6 +874,11 @@ def run_merge(args) -> int:
     output_dir = Path(args.output_dir)
     shard_files = _shard_files(output_dir)
     predictions_path, summary_path = output_paths(output_dir, None)
+    with locked_outputs([*shard_files, predictions_path]):  # no shard run may still be writing
+        return _merge_locked(output_dir, shard_files, predictions_path, summary_path)
+
+
+def _merge_locked(output_dir: Path, shard_files: list[Path], predictions_path: Path, summary_path: Path) -> int:
     merged: dict[str, dict] = {}
     for path in [*shard_files, predictions_path]:  # fresh shard results win over an earlier merge
         for record in read_records(path):

@@ -37,7 +37,7 @@ from transformers.training_args import ParallelMode
 from transformers.utils import logging as hf_logging
 
 from vica2.configuration_vica2 import TOKEN_RATIO_ARGS
-from vica2.tools.inference import load_model_and_processor
+from vica2.tools.inference import UsageError, check_model_path, load_model_and_processor
 from vica2.tools.shell import FLAGS, add_model_options, guarded
 from vica2.tools.training import (
     FULL_MINUS_HIERA,
@@ -50,6 +50,7 @@ from vica2.tools.training import (
     Vica2TrainingArguments,
     add_lora,
     apply_token_ratio,
+    check_record,
     load_data_mixture,
     lora_config,
     lora_modules_to_save,
@@ -191,9 +192,25 @@ def prepare_model(model, tuning: TuningArguments):
     return add_lora(model, config)
 
 
-def build_dataset(data: DataArguments, processor, seed: int) -> Vica2SupervisedDataset:
+def check_before_loading(data: DataArguments, training: Vica2TrainingArguments, model_args) -> list[dict]:
+    """The user's mistakes in options and data, found before the slow model load (one line each, by `guarded`);
+    returns the data's records (`load_data_mixture`: bad JSON / YAML name the file and line)."""
+    for flag, value in (("--num_frames", data.num_frames), ("--model_max_length", data.model_max_length),
+                        ("--gradient_accumulation_steps", training.gradient_accumulation_steps)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be at least 1.")
+    check_model_path(model_args.model)
+    records = load_data_mixture(data.data_path, seed=training.seed)
+    problems = [check_record(record) for record in records]
+    if all(problems):  # nothing could train: say why now, not after the model loaded
+        raise UsageError(f"--data_path {data.data_path}: none of its {len(records)} records can be trained on "
+                         f"(e.g. {problems[0] if problems else 'it holds no records'}).")
+    return records
+
+
+def build_dataset(data: DataArguments, processor, records: list[dict]) -> Vica2SupervisedDataset:
     options = {name: value for name, value in asdict(data).items() if name != "data_path"}  # the dataset's own
-    return Vica2SupervisedDataset(load_data_mixture(data.data_path, seed=seed), processor, **options)
+    return Vica2SupervisedDataset(records, processor, **options)
 
 
 def save_outputs(trainer: Vica2Trainer, processor, tuning: TuningArguments) -> None:
@@ -319,8 +336,12 @@ def main(argv: list[str] | None = None) -> Vica2Trainer:
     apply_stage(tuning_args, training_args, given_options(argv))
     set_seed(training_args.seed)
 
-    # The user's mistakes in what is loaded (a missing folder, a release checkpoint, an unknown dtype) are one line.
-    loaded = guarded(PROG, lambda: load(model_args), debug=False, flags=FLAG_NAMES)
+    # The user's mistakes (bad options, unreadable data, a missing folder, a release checkpoint, an unknown dtype)
+    # are one line each, exit code 2: the options and the data before the slow model load.
+    records = guarded(PROG, lambda: check_before_loading(data_args, training_args, model_args), debug=False,
+                      flags=FLAG_NAMES)
+    loaded = records if isinstance(records, int) else guarded(PROG, lambda: load(model_args), debug=False,
+                                                              flags=FLAG_NAMES)
     if isinstance(loaded, int):
         sys.exit(loaded)
     model, processor = loaded
@@ -328,7 +349,9 @@ def main(argv: list[str] | None = None) -> Vica2Trainer:
     model = prepare_model(model, tuning_args)
     logger.warning(trainable_summary(model))
 
-    dataset = build_dataset(data_args, processor, training_args.seed)
+    dataset = guarded(PROG, lambda: build_dataset(data_args, processor, records), debug=False, flags=FLAG_NAMES)
+    if isinstance(dataset, int):  # e.g. every record's media is missing
+        sys.exit(dataset)
     logger.warning(f"{len(dataset)} training records; skipped up front: {dataset.skipped or 'none'}.")
     trainer = Vica2Trainer(
         model=model,

@@ -26,6 +26,7 @@ the API arguments (`model_path`, `device`, ...); the front-ends' shell (`vica2.t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import queue
@@ -249,7 +250,10 @@ def implied_token_counts(config, *, num_frames: int | None = None, image_size: t
         if image_size is not None:
             siglip, hiera = num_image_tokens(int(image_size[0]), int(image_size[1]), **layout)
         else:
-            siglip, hiera = num_video_tokens(num_frames or layout["video_frames_budget"], **layout)
+            frames = layout["video_frames_budget"] if num_frames is None else num_frames
+            if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+                raise ValueError(f"num_frames must be a positive whole number, got {frames!r}.")
+            siglip, hiera = num_video_tokens(frames, **layout)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
     return {"siglip": siglip, "hiera": hiera, "total": siglip + hiera}
@@ -394,12 +398,33 @@ def _cache_name() -> str:
     return CACHE_NAME
 
 
-def _crop(cache, length: int) -> None:
-    # Negative counts mean "remove this many" in every supported transformers version (the meaning of a positive
-    # count changed during 5.x); 0 is skipped because 5.17 read crop(0) as "keep nothing".
-    excess = cache.get_seq_length() - length
-    if excess > 0:
-        cache.crop(-excess)
+def _truncate(cache, length: int) -> None:
+    """Cut every layer of `cache` to its first `length` tokens. Layer by layer: a forward that failed half-way (out
+    of memory, a bad input) leaves the first layers longer than the others, and a cut by one count would be wrong
+    for some of them."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.dim() > 1 and layer.keys.shape[-2] > length:
+            # negative counts mean "remove this many" in every supported transformers version (the meaning of a
+            # positive count changed during 5.x; 5.17 read crop(0) as "keep nothing")
+            layer.crop(length - layer.keys.shape[-2])
+
+
+def check_continuation(model, sequences: list[list[int]], generate_kwargs: dict) -> None:
+    """What generating from a cached prefix cannot do, refused before any work: beams and several return sequences
+    (the cache holds one row per prompt; use `answer_prompts(..., reuse=False)` for them), and token ids outside
+    the vocabulary (the model checks ids only at a prefill from an empty cache; a continuation is not one)."""
+    config = model.generation_config
+    for name in ("num_beams", "num_return_sequences"):
+        value = generate_kwargs.get(name, getattr(config, name, 1)) or 1
+        if value != 1:
+            raise UsageError(f"{name}={value} is not supported when answering from a cached prefix (one row per "
+                             f"prompt); use {name}=1, or answer_prompts(..., reuse=False) for {name} > 1.",
+                             argument=name)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    for sequence in sequences:
+        if sequence and (min(sequence) < 0 or max(sequence) >= vocab_size):
+            raise UsageError(f"input ids range from {min(sequence)} to {max(sequence)} but the vocabulary has "
+                             f"{vocab_size} tokens (ids 0 to {vocab_size - 1}); tokenize with this model's processor.")
 
 
 class EncodedPrefix:
@@ -460,6 +485,7 @@ class EncodedPrefix:
         for sequence in sequences:
             if len(sequence) <= length or list(sequence[:length]) != self.input_ids:
                 raise ValueError("Every sequence must start with the encoded prefix and continue after it.")
+        check_continuation(self.model, [s[length:] for s in sequences], generate_kwargs)
         rows, width = len(sequences), max(len(s) for s in sequences) - length
         device = self.model.device
         ids = torch.full((rows, length + width), pad_token_id, dtype=torch.long, device=device)
@@ -535,6 +561,8 @@ def iter_answer_prompts(model, processor, prompts: list[str], media: MediaInputs
                         skip_special_tokens: bool = True, **generate_kwargs) -> Iterator[list[str]]:
     """`answer_prompts`, one batch at a time (in prompt order), e.g. to save each batch as it is done."""
     stats = stats if stats is not None else ReuseStats()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be a positive whole number, got {batch_size!r}.", argument="batch_size")
     if not prompts:
         return
     ids = media.tokenize(processor, prompts) if media is not None else [
@@ -546,6 +574,7 @@ def iter_answer_prompts(model, processor, prompts: list[str], media: MediaInputs
             yield _generate_from_scratch(model, processor, ids[start:start + batch_size], media, stats,
                                          skip_special_tokens, **generate_kwargs)
         return
+    check_continuation(model, [row[length:] for row in ids], generate_kwargs)  # before the prefix's work
     prefix = EncodedPrefix.encode(model, ids[0][:length], media)
     stats.prefixes_encoded += 1
     stats.tower_runs += int(media is not None)
@@ -712,23 +741,50 @@ class SessionStats:
         return dict(self.__dict__)
 
 
+DEFAULT_MAX_QUESTION_CHARS = 4000  # a question's prefill is quadratic in its length: bound it (a setting)
+
+
+class SessionBusy(UsageError):
+    """A `ChatSession` was used while another turn of it was running (from another thread): one turn at a time."""
+
+
+class TurnCancelled(Exception):
+    """A streamed turn was cancelled (`ChatSession.cancel`, or its `iter_ask` generator closed); the session is as
+    it was before the turn."""
+
+
+def check_question(question: str, max_chars: int | None = DEFAULT_MAX_QUESTION_CHARS) -> None:
+    """A question a chat path will run: not empty, and at most `max_chars` characters (None: no limit).
+    Front-ends may call it before anything else; `ChatSession.ask` does."""
+    if not isinstance(question, str) or not question.strip():
+        raise UsageError("Ask a question (the text is empty).", argument="question")
+    if max_chars is not None and len(question) > max_chars:
+        raise UsageError(f"question: {len(question)} characters, over the limit of {max_chars} (max_question_chars); "
+                         "ask a shorter question or raise the limit.", argument="question")
+
+
 class ChatSession:
     """A conversation about one video or image; each turn continues from the conversation's KV cache.
 
     `set_video(path)` / `set_image(path)` encode the media once (towers + the prompt's shared prefix); `ask` renders
     the whole conversation with the chat template, keeps the cached tokens it shares with it (the longest common
-    prefix of token ids), prefills only the rest and generates. `reset()` forgets the conversation but keeps the
-    encoded media. Greedy answers equal those of the full conversation run from scratch.
+    prefix of token ids), prefills only the rest and generates. `reset()` forgets the conversation and cuts the cache
+    back to the encoded media prefix. Greedy answers equal those of the full conversation run from scratch.
+
+    A turn that fails (out of memory, a bad input) or is cancelled leaves the session as it was before it. One turn
+    runs at a time: a call from another thread while a turn runs raises `SessionBusy`. `max_question_chars` bounds a
+    question's length (None: no limit). Beams and several return sequences are refused (one cached row).
 
     Attributes: `stats` (`SessionStats`), `history` (the messages so far), `media` (`MediaInputs` or None),
     `last_answer` (the latest `Answer`), `encode_s` (seconds the last media encoding took).
     """
 
     def __init__(self, model, processor, *, num_frames: int | None = None, fast_decode: bool = False,
-                 add_time_instruction: bool | None = None, max_new_tokens: int = 256, **overrides):
+                 add_time_instruction: bool | None = None, max_new_tokens: int = 256,
+                 max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS, **overrides):
         self.model, self.processor = model, processor
         self.num_frames, self.fast_decode, self.add_time_instruction = num_frames, fast_decode, add_time_instruction
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.max_question_chars = max_new_tokens, max_question_chars
         self.overrides = {name: value for name, value in overrides.items() if value is not None}
         self.media: MediaInputs | None = None
         self.history: list[dict] = []
@@ -737,6 +793,29 @@ class ChatSession:
         self.encode_s = 0.0
         self._ids: list[int] = []  # the tokens whose keys/values `_cache` holds
         self._cache = None
+        self._prefix_length = 0  # tokens of the encoded media prefix at the start of `_ids`
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ one turn at a time
+    @contextlib.contextmanager
+    def _busy(self):
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusy("This ChatSession is running another turn (from another thread, or a streamed answer "
+                              "not finished or cancelled); wait for it, call cancel(), or use one session per thread.")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def cancel(self) -> None:
+        """Stop the streamed turn in flight (if any) and wait for its generation thread; the session is then as it
+        was before that turn."""
+        worker = self._worker
+        if worker is not None:
+            self._cancel.set()
+            worker.join()
 
     # ------------------------------------------------------------------ media
     def set_video(self, video, *, encode: bool = True) -> MediaInputs:
@@ -748,20 +827,23 @@ class ChatSession:
         return self._set_media(image=image, encode=encode)
 
     def _set_media(self, encode: bool, **item) -> MediaInputs:
-        start = time.perf_counter()
-        media = prepare_media(self.model, self.processor, num_frames=self.num_frames, fast_decode=self.fast_decode,
-                              **item, **self.overrides)
-        self.media, self.history, self._ids, self._cache = media, [], [], None
-        if encode:  # the prefix every first question shares: the common part of two probe prompts
-            probes = media.tokenize(self.processor, [self._render([user_message(media, q)]) for q in ("A", "B")])
-            length = reusable_prefix_length(probes, media)
-            if length:
-                prefix = EncodedPrefix.encode(self.model, probes[0][:length], media)
-                self._ids, self._cache = prefix.input_ids, prefix.cache
-                self.stats.tower_runs += 1
-                self.stats.prefill_tokens += length
-        self.encode_s = time.perf_counter() - start
-        return media
+        with self._busy():
+            start = time.perf_counter()
+            media = prepare_media(self.model, self.processor, num_frames=self.num_frames,
+                                  fast_decode=self.fast_decode, **item, **self.overrides)
+            ids, cache = [], None
+            if encode:  # the prefix every first question shares: the common part of two probe prompts
+                probes = media.tokenize(self.processor, [self._render([user_message(media, q)]) for q in "AB"])
+                length = reusable_prefix_length(probes, media)
+                if length:
+                    prefix = EncodedPrefix.encode(self.model, probes[0][:length], media)
+                    ids, cache = prefix.input_ids, prefix.cache
+                    self.stats.tower_runs += 1
+                    self.stats.prefill_tokens += length
+            # replaced only once the new media is encoded: a failure keeps the session as it was
+            self.media, self.history, self._ids, self._cache, self._prefix_length = media, [], ids, cache, len(ids)
+            self.encode_s = time.perf_counter() - start
+            return media
 
     def implied_token_counts(self, **overrides) -> dict[str, int]:
         """Visual tokens the session's media (or a frame-budget video) gives with `overrides`, before running."""
@@ -773,48 +855,40 @@ class ChatSession:
         return implied_token_counts(self.model.config, num_frames=frames, **settings)
 
     def reset(self) -> None:
-        """Forget the conversation; the encoded media stays (the next question reuses it)."""
-        self.history = []
+        """Forget the conversation; the encoded media stays (the cache is cut back to exactly its prefix)."""
+        with self._busy():
+            self.history = []
+            if self._cache is not None:
+                _truncate(self._cache, self._prefix_length)
+                self._ids = self._ids[: self._prefix_length]
 
     # ------------------------------------------------------------------ turns
     def ask(self, question: str, *, stream=None, max_new_tokens: int | None = None, **generate_kwargs) -> Answer:
         """The answer to `question` in this conversation. `stream`: True prints text as it comes, a callable gets
         each piece. `generate_kwargs` go to `generate` (do_sample, temperature, top_p, ...; default greedy)."""
-        if not question or not question.strip():
-            raise UsageError("Ask a question (the text is empty).")
+        check_question(question, self.max_question_chars)
+        with self._busy():
+            return self._turn(question, stream, max_new_tokens, generate_kwargs)
+
+    def _turn(self, question: str, stream, max_new_tokens: int | None, generate_kwargs: dict) -> Answer:
         started = time.perf_counter()
-        first_turn = not self.history
-        message = user_message(self.media if first_turn else None, question)
-        messages = [*self.history, message]
+        messages = [*self.history, user_message(None if self.history else self.media, question)]
         text = self._render(messages)
         ids = (self.media.tokenize(self.processor, [text])[0] if self.media is not None
                else list(self.processor.tokenizer(text)["input_ids"]))
         # nothing is kept when the media's placeholders would not all be inside the cache (then the towers rerun)
         keep = reusable_prefix_length([ids], self.media, cached=self._ids)
-        if keep:
-            _crop(self._cache, keep)
-            cache, kwargs = self._cache, {}
-        else:  # nothing reusable: run the whole prompt, the towers included
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-            kwargs = self.media.pixels if self.media is not None else {}
-            self.stats.tower_runs += int(self.media is not None)
+        check_continuation(self.model, [ids[keep:]], generate_kwargs)
         streamer = _text_streamer_class()(self.processor.tokenizer, _on_text(stream))
-        input_ids = torch.tensor([ids], device=self.model.device)
         generate_started = time.perf_counter()
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=_pad_id(self.processor),
-                max_new_tokens=max_new_tokens or self.max_new_tokens, streamer=streamer,
-                **{"do_sample": False, **generate_kwargs}, **{_cache_name(): cache}, **kwargs)
+        sequence, cache = self._generate(ids, keep, streamer, max_new_tokens, generate_kwargs)
         done = time.perf_counter()
-        sequence = output if isinstance(output, torch.Tensor) else output.sequences
-        new_ids = sequence[0, len(ids):].tolist()
-        self._cache, self._ids = cache, sequence[0, : cache.get_seq_length()].tolist()
+        new_ids = sequence[len(ids):]
+        self._cache, self._ids = cache, sequence[: cache.get_seq_length()]
         answer_text = self.processor.decode(new_ids, skip_special_tokens=True)
         self.history = [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer_text}]}]
         self.stats.turns += 1
+        self.stats.tower_runs += int(keep == 0 and self.media is not None)
         self.stats.prefill_tokens += len(ids) - keep
         self.stats.cached_tokens += keep
         self.stats.generated_tokens += len(new_ids)
@@ -825,11 +899,47 @@ class ChatSession:
         )
         return self.last_answer
 
+    def _generate(self, ids: list[int], keep: int, streamer, max_new_tokens, generate_kwargs) -> tuple[list, object]:
+        """(prompt + new token ids, the cache holding them) of one turn. When generation fails or is cancelled, the
+        conversation's cache is cut back to the `keep` tokens it shares with this turn (layer by layer: a failed
+        forward extends only some layers) and the error raised: the session is as before the turn."""
+        from transformers import DynamicCache, StoppingCriteriaList
+
+        if keep:
+            cache, kwargs = self._cache, {}
+        else:  # nothing reusable: run the whole prompt, the towers included, into a new cache
+            cache, kwargs = DynamicCache(), (self.media.pixels if self.media is not None else {})
+        input_ids = torch.tensor([ids], device=self.model.device)
+        stopping = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+        stopping.append(lambda input_ids, scores, **_: torch.full((input_ids.shape[0],), self._cancel.is_set(),
+                                                                   dtype=torch.bool, device=input_ids.device))
+        try:
+            if keep:
+                _truncate(cache, keep)
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    pad_token_id=_pad_id(self.processor), max_new_tokens=max_new_tokens or self.max_new_tokens,
+                    streamer=streamer, stopping_criteria=stopping, **{"do_sample": False, **generate_kwargs},
+                    **{_cache_name(): cache}, **kwargs)
+            if self._cancel.is_set():
+                raise TurnCancelled("the turn was cancelled")
+        except BaseException:
+            if keep:
+                _truncate(self._cache, keep)
+                self._ids = self._ids[:keep]
+            raise
+        sequence = output if isinstance(output, torch.Tensor) else output.sequences
+        return sequence[0].tolist(), cache
+
     def iter_ask(self, question: str, **kwargs) -> Iterator[str]:
         """`ask`, streamed: yields pieces of the answer's text as they are generated; afterwards `last_answer`
-        holds the whole `Answer` (and it is the generator's return value)."""
+        holds the whole `Answer` (and it is the generator's return value). Closing the generator early (or
+        `cancel()`) stops the generation and waits for its thread: the session is then as before the turn."""
+        check_question(question, self.max_question_chars)
         pieces: queue.Queue = queue.Queue()
         outcome: dict = {}
+        self._cancel.clear()
 
         def run():
             try:
@@ -840,10 +950,17 @@ class ChatSession:
                 pieces.put(None)
 
         worker = threading.Thread(target=run, daemon=True)
+        self._worker = worker
         worker.start()
-        while (piece := pieces.get()) is not None:
-            yield piece
-        worker.join()
+        try:
+            while (piece := pieces.get()) is not None:
+                yield piece
+        finally:  # also when the consumer stops early (GeneratorExit): stop generating before anything else runs
+            if worker.is_alive():
+                self._cancel.set()
+            worker.join()
+            self._worker = None
+            self._cancel.clear()
         if "error" in outcome:
             raise outcome["error"]
         return outcome["answer"]
@@ -857,4 +974,5 @@ __all__ = [
     "check_device", "inputs_to_model", "implied_token_counts", "visual_token_counts", "MediaInputs", "prepare_media",
     "common_prefix_length", "reusable_prefix_length", "cache_bytes_per_token", "EncodedPrefix", "Answer", "ReuseStats",
     "answer_prompts", "iter_answer_prompts", "ask", "user_message", "render_chat", "SessionStats", "ChatSession",
+    "SessionBusy", "TurnCancelled", "check_question", "check_continuation", "DEFAULT_MAX_QUESTION_CHARS",
 ]

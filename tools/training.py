@@ -33,6 +33,7 @@ from transformers.utils import logging
 
 from ..configuration_vica2 import TOKEN_RATIO_ARGS
 from ..processing_vica2 import time_instruction
+from .paths import escaping_reason, media_path
 
 
 try:
@@ -261,17 +262,38 @@ def apply_token_ratio(model, processor, **settings) -> dict:
 
 # ----------------------------------------------------------------------------------------------- data files
 def load_records(path: str | os.PathLike) -> list[dict]:
-    """Records of a LLaVA-style JSON list or JSONL file."""
+    """Records of a LLaVA-style JSON list or JSONL file. A file that cannot be read as one is a `ValueError` naming
+    the file (and, for JSON Lines, the line, counting every line of the file)."""
     path = Path(path)
+    if path.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"Unsupported data file {path}: use .json, .jsonl, or a .yaml mixture of them.")
+    text = _read_text(path)
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as file:
-            return [json.loads(line) for line in file if line.strip()]
-    if path.suffix == ".json":
-        records = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(records, list):
-            raise ValueError(f"{path} must hold a JSON list of records.")
-        return records
-    raise ValueError(f"Unsupported data file {path}: use .json, .jsonl, or a .yaml mixture of them.")
+        return [_parse_json(line, f"{path}, line {number}") for number, line in enumerate(text.splitlines(), 1)
+                if line.strip()]
+    records = _parse_json(text, str(path))
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of records, not a {type(records).__name__}.")
+    return records
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise ValueError(f"{path}: no such data file.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}).") from None
+
+
+def _parse_json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        line = f", line {error.lineno}" if "line" not in where else ""
+        raise ValueError(f"{where}{line}: not valid JSON ({error.msg}).") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read.") from None
 
 
 def sample_records(records: list, strategy: str, rng: random.Random) -> list:
@@ -282,10 +304,10 @@ def sample_records(records: list, strategy: str, rng: random.Random) -> list:
     kind, _, amount = strategy.partition(":")
     if kind not in ("first", "end", "random") or not amount:
         raise ValueError(f"Unknown sampling strategy {strategy!r}: use all, first:N, end:N or random:N (N or N%).")
-    if amount.endswith("%"):
-        count = math.ceil(float(amount[:-1]) * len(records) / 100)
-    else:
-        count = int(amount)
+    try:
+        count = math.ceil(float(amount[:-1]) * len(records) / 100) if amount.endswith("%") else int(amount)
+    except (ValueError, OverflowError):
+        raise ValueError(f"Sampling strategy {strategy!r}: N must be a whole number or a percentage.") from None
     count = max(0, min(count, len(records)))
     if kind == "first":
         return records[:count]
@@ -310,16 +332,26 @@ def load_data_mixture(data_path: str | os.PathLike, seed: int = 0) -> list[dict]
         return load_records(data_path)
     import yaml
 
-    mixture = yaml.safe_load(data_path.read_text(encoding="utf-8")) or {}
-    datasets = mixture.get("datasets")
-    if not datasets:
+    try:
+        mixture = yaml.safe_load(_read_text(data_path)) or {}
+    except (yaml.YAMLError, RecursionError) as error:
+        raise ValueError(f"{data_path}: not valid YAML ({' '.join(str(error).split())}).") from None
+    datasets = mixture.get("datasets") if isinstance(mixture, dict) else None
+    if not datasets or not isinstance(datasets, list):
         raise ValueError(f"{data_path} lists no `datasets` (entries with `json_path` and `sampling_strategy`).")
     rng = random.Random(seed)
     records = []
-    for entry in datasets:
+    for number, entry in enumerate(datasets, 1):
+        strategy = entry.get("sampling_strategy", "all") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("json_path"), str) or not isinstance(strategy, str):
+            raise ValueError(f"{data_path}: dataset {number} must be a mapping with a `json_path` (text) and an "
+                             f"optional `sampling_strategy` (text), got {str(entry)[:80]!r}.")
         json_path = data_path.parent / os.path.expanduser(entry["json_path"])
-        chosen = sample_records(load_records(json_path), entry.get("sampling_strategy", "all"), rng)
-        logger.info(f"{json_path}: {len(chosen)} records ({entry.get('sampling_strategy', 'all')})")
+        try:
+            chosen = sample_records(load_records(json_path), strategy, rng)
+        except ValueError as error:
+            raise ValueError(f"{data_path}, dataset {number}: {error}") from None
+        logger.info(f"{json_path}: {len(chosen)} records ({strategy})")
         records.extend(chosen)
     return records
 
@@ -338,7 +370,7 @@ def media_files(record: dict) -> tuple[str | None, list[str]]:
     for kind in ("video", "image"):
         if kind in record and record[kind] is not None:
             value = record[kind]
-            return kind, [value] if isinstance(value, str) else list(value)
+            return kind, list(value) if isinstance(value, (list, tuple)) else [value]
     return None, []
 
 
@@ -394,7 +426,15 @@ def check_record(record: dict) -> str | None:
         return str(error)
     if not any(role == "assistant" for role, _ in turns):
         return "no answer ('gpt') turn"
+    if all(record.get(kind) is not None for kind in ("video", "image")):
+        return "both a video and an image (one kind of media per record: split it into two records)"
     _, files = media_files(record)
+    if not all(isinstance(name, str) for name in files):
+        return "media paths must be text"
+    for name in files:
+        reason = escaping_reason(name)
+        if reason:
+            return f"media path {name!r} would be read from outside the media folder: {reason}"
     placeholders = sum(text.count(RELEASE_PLACEHOLDER) for _, text in turns)
     if placeholders not in (len(files), 0) or (placeholders and not files):
         return f"{placeholders} {RELEASE_PLACEHOLDER} placeholder(s) for {len(files)} media file(s)"
@@ -452,7 +492,7 @@ def _last_index(ids: list[int], token: int, before: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- dataset
-SKIP_REASONS = ("invalid", "missing", "unreadable", "too_long")
+SKIP_REASONS = ("invalid", "missing", "unreadable", "changed", "too_long")
 
 
 class SkipLedger:
@@ -523,6 +563,9 @@ class Vica2SupervisedDataset(torch.utils.data.Dataset):
     ):
         if label_mode not in LABEL_MODES:
             raise ValueError(f"Unknown label mode {label_mode!r}; use one of {', '.join(LABEL_MODES)}.")
+        for name, value in (("num_frames", num_frames), ("model_max_length", model_max_length)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}.")
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.folders = {"image": Path(image_folder or media_root), "video": Path(video_folder or media_root)}
@@ -539,7 +582,8 @@ class Vica2SupervisedDataset(torch.utils.data.Dataset):
 
     @property
     def skipped(self) -> dict:
-        """Records skipped so far, by reason: invalid, missing, unreadable, too_long."""
+        """Records skipped so far, by reason: invalid (also media paths outside the media folder, a record with
+        both a video and an image), missing, unreadable, changed (a video rewritten while read), too_long."""
         return self._ledger.as_dict()
 
     def _special_ids(self) -> dict:
@@ -575,7 +619,8 @@ class Vica2SupervisedDataset(torch.utils.data.Dataset):
         logger.warning(f"Skipping a training record ({reason}): {detail}. Skipped so far: {self.skipped}.")
 
     def _paths(self, kind: str | None, files: list[str]) -> list[Path]:
-        return [self.folders[kind] / os.path.expanduser(name) for name in files] if kind else []
+        # `check_record` refused names that would leave the folder (`vica2.tools.paths`, as the evaluator)
+        return [media_path(self.folders[kind], name) for name in files] if kind else []
 
     def __len__(self) -> int:
         return len(self.records)
@@ -597,6 +642,9 @@ class Vica2SupervisedDataset(torch.utils.data.Dataset):
         paths = self._paths(kind, files)
         try:
             media = [self._load(kind, path) for path in paths]
+        except FileChangedError as error:
+            self._skip(position, "changed", f"{kind} {paths} ({error})")
+            return None
         except MEDIA_ERRORS as error:
             reason = "missing" if isinstance(error, FileNotFoundError) else "unreadable"
             self._skip(position, reason, f"{kind} {paths} ({type(error).__name__}: {error})")
@@ -612,7 +660,13 @@ class Vica2SupervisedDataset(torch.utils.data.Dataset):
 
     def _load(self, kind: str, path: Path):
         if kind == "video":
-            return self.processor.load_video(str(path), num_frames=self.num_frames)
+            # The reader opens the file twice (an index pass for the timing, then the decode): a file replaced in
+            # between would give its frames with the old file's timing. Same size, time and inode before and after.
+            before = _identity(path)
+            video = self.processor.load_video(str(path), num_frames=self.num_frames)
+            if _identity(path) != before:
+                raise FileChangedError(f"{path} changed on disk while it was read; not used")
+            return video
         with Image.open(path) as image:
             return image.convert("RGB")  # decodes the whole file: a truncated image fails here, not later
 
@@ -675,6 +729,15 @@ class Vica2SupervisedDataset(torch.utils.data.Dataset):
 
 # The processor's pixel outputs, named as the model's forward takes them.
 PIXEL_INPUTS = ("pixel_values", "image_sizes", "hiera_pixel_values", "pixel_values_videos", "hiera_pixel_values_videos")
+
+
+class FileChangedError(Exception):
+    """A media file was replaced or rewritten while it was being read."""
+
+
+def _identity(path: Path) -> tuple:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev
 
 
 def _per_item_pixels(inputs) -> dict:
