@@ -28,17 +28,18 @@ from vica2.configuration_vica2 import TOKEN_RATIO_ARGS
 from vica2.tools.inference import (
     Answer,
     ChatSession,
+    DEFAULT_MAX_QUESTION_CHARS,
     UsageError,
     ask,
     check_device,
     check_model_path,
+    check_question,
     load_model_and_processor,
 )
 from vica2.tools.shell import USER_ERRORS, add_model_options, flag_message, guarded, one_line
 
 
 # ---------------------------------------------------------------------------------------------------- shared
-MAX_QUESTION_CHARS = 4000  # a VSI-Bench question is under 1,000; a long one costs memory quadratic in its length
 MAX_IMAGE_DOWNLOAD_BYTES = 64 << 20
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".avif"}
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg", ".ts", ".3gp"}
@@ -71,7 +72,7 @@ def _check_before_loading(args, questions=()) -> dict:
     """What can be checked without the model (questions, media, device, model path), before the slow load.
     Returns the media as `ask` takes it ({"video": path} or {"image": path or a fetched PIL image}), or {}."""
     for question in questions:
-        check_question(question, args.max_question_chars, "--question")
+        check_question(question, args.max_question_chars)
     media = {kind: resolve_media(kind, getattr(args, kind), args.allow_remote_media)
              for kind in ("video", "image") if getattr(args, kind, None) is not None}
     check_device(args.device)
@@ -80,12 +81,6 @@ def _check_before_loading(args, questions=()) -> dict:
     except RecursionError as error:  # a config.json nested a million levels deep
         raise UsageError(f"--model {args.model!r}: config.json is nested too deeply to read ({error}).") from None
     return media
-
-
-def check_question(text: str, limit: int, what: str = "the question") -> None:
-    if len(text) > limit:
-        raise UsageError(f"{what}: {len(text):,} characters, over the limit of {limit:,} (--max-question-chars "
-                         "raises it).")
 
 
 def resolve_media(kind: str, value: str, allow_remote: bool):
@@ -201,7 +196,8 @@ def run_chat(args) -> int:
     model, processor = _load(args)
     session = ChatSession(model, processor, num_frames=args.frames, fast_decode=args.fast_decode,
                           add_time_instruction=False if args.no_time_instruction else None,
-                          max_new_tokens=args.max_new_tokens, **_overrides(args))
+                          max_new_tokens=args.max_new_tokens, max_question_chars=args.max_question_chars,
+                          **_overrides(args))
     for kind, value in media.items():
         _set_media(session, kind, value, getattr(args, kind), args.verbose)
     interactive = sys.stdin.isatty()
@@ -370,8 +366,8 @@ def _model_options() -> argparse.ArgumentParser:
     quant.add_argument("--load-in-8bit", action="store_true", help="quantize the language model to 8-bit")
     options.add_argument("--max-new-tokens", type=positive_int, default=64,
                          help="most tokens an answer may have (default: 64 for ask, 256 for chat)")
-    options.add_argument("--max-question-chars", type=positive_int, default=MAX_QUESTION_CHARS,
-                         help=f"longest question accepted, in characters (default {MAX_QUESTION_CHARS:,}); a longer "
+    options.add_argument("--max-question-chars", type=positive_int, default=DEFAULT_MAX_QUESTION_CHARS,
+                         help=f"longest question accepted, in characters (default {DEFAULT_MAX_QUESTION_CHARS:,}); a longer "
                               "one is refused with one line")
     options.add_argument("--allow-remote-media", action="store_true",
                          help="fetch an --image given as an http(s) URL (default: local files only)")

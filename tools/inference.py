@@ -759,8 +759,8 @@ def check_question(question: str, max_chars: int | None = DEFAULT_MAX_QUESTION_C
     if not isinstance(question, str) or not question.strip():
         raise UsageError("Ask a question (the text is empty).", argument="question")
     if max_chars is not None and len(question) > max_chars:
-        raise UsageError(f"question: {len(question)} characters, over the limit of {max_chars} (max_question_chars); "
-                         "ask a shorter question or raise the limit.", argument="question")
+        raise UsageError(f"question: {len(question):,} characters, over the limit of {max_chars:,} "
+                         f"(max_question_chars='{max_chars}'); ask a shorter question or raise the limit.", argument="question")
 
 
 class ChatSession:

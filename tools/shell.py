@@ -32,7 +32,8 @@ EXIT_INTERRUPTED = 130
 USER_ERRORS = (UsageError, FileNotFoundError, ValueError, OSError, ImportError)
 # API argument -> the flag that sets it in the `vica2` commands, the evaluator and the app.
 FLAGS = {"model_path": "--model", "device": "--device", "dtype": "--dtype", "video": "--video", "image": "--image",
-         "attn_implementation": "--attn-implementation"}
+         "attn_implementation": "--attn-implementation", "question": "--question",
+         "max_question_chars": "--max-question-chars"}
 TRUST_REMOTE_CODE_HELP = ("run the Python code that comes with the model folder / repo instead of the installed vica2 "
                           "classes (only for a source you trust)")
 
