@@ -91,11 +91,11 @@ def test_upload_encodes_once_and_every_turn_continues_from_the_cache(demo):
     assert [caption for _, caption in thumbnails] == ["0.00 s", "1.92 s"]
     assert TOKENS_TEXT in stats
 
-    (tab, messages, stats, status, box), streamed = _ask(app, "How many chairs are in the room?", tab)
+    (tab, messages, _, stats, status, box), streamed = _ask(app, "How many chairs are in the room?", tab)
     assert len(streamed) >= 2 and box == ""  # streamed pieces, then the final state; the question box is cleared
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[1]["content"] == tab.session.last_answer.text
-    (tab, messages, stats, status, _), _ = _ask(app, "And how many tables?", tab)
+    (tab, messages, _, stats, status, _), _ = _ask(app, "And how many tables?", tab)
     assert [m["content"] for m in messages[::2]] == ["How many chairs are in the room?", "And how many tables?"]
     assert towers.snapshot() == after_upload  # neither turn ran a tower
     assert "vision towers ran 1× · 2 turn(s)" in stats
@@ -132,13 +132,17 @@ def test_unreadable_files_are_messages_and_the_conversation_goes_on(demo):
     (media / "broken.png").write_bytes(b"not a png at all")
     tab, *_ = _upload(app, demo["video"])
     (tab, messages, *_), _ = _ask(app, "First?", tab)
-    for path, expected in ((demo["broken"], "Could not open the video 'broken.mp4' as a video"),
-                           (media / "missing.mp4", "missing.mp4: no such file"),
-                           (media / "broken.png", "broken.png is not a readable image")):
+    for path, sentence, detail in (
+            (demo["broken"], "This file could not be read as a video.", "Could not open the video 'broken.mp4'"),
+            (media / "missing.mp4", "This file is no longer on the server", "missing.mp4: no such file"),
+            (media / "broken.png", "This file could not be read as an image.", "broken.png: UnidentifiedImageError")):
         kept, kept_messages, _, _, status = _upload(app, path, tab)
-        assert status.startswith("⚠️") and expected in status
+        # a sentence for people first; the technical detail only inside a collapsed <details>
+        short, _, details = status.partition("<details>")
+        assert short.startswith(f"⚠️ {sentence}") and detail not in short and str(media) not in status
+        assert details.startswith("<summary>Details</summary>") and detail in details
         assert kept is tab and kept_messages == messages  # the previous conversation is untouched
-    (tab, messages, _, status, _), _ = _ask(app, "Second?", tab)
+    (tab, messages, _, _, status, _), _ = _ask(app, "Second?", tab)
     assert status.startswith("Ready") and len(messages) == 4
     new_tab, _, _, _, status = _upload(app, demo["video"], tab)  # and the next upload works
     assert status.startswith("Ready") and new_tab is not tab
@@ -156,7 +160,7 @@ def test_bad_settings_are_messages(demo, ready_tab, settings, expected):
     assert expected in app.preview(*settings)
     fresh, _, _, _, status = _upload(app, demo["video"], settings=settings)
     assert status.startswith("⚠️") and expected in status and fresh.session is None
-    (same, messages, _, status, _), _ = _ask(app, "Why?", tab, settings=settings)
+    (same, messages, _, _, status, _), _ = _ask(app, "Why?", tab, settings=settings)
     assert expected in status and messages == [] and same is tab
 
 
@@ -165,7 +169,8 @@ def test_too_long_a_video_for_the_memory_budget(demo):
     app = demo["app"]
     assert "about 0.3 MB" in app.preview(*SETTINGS)
     tab, _, _, _, status = _upload(app, demo["video"], settings=(64, 32, 2, 2, True))
-    assert "Too long for this app's memory budget" in status and "22,144 visual tokens" in status
+    assert "Too long for this app's memory: 64 frames are 22,144 visual tokens" in status
+    assert "Sample fewer frames" in status and "--cache-budget-gb" in status.partition("<details>")[2]
     assert tab.session is None
 
 
@@ -181,10 +186,14 @@ def test_changed_settings_restart_the_conversation_on_the_same_video(demo):
     tab, *_ = _upload(app, demo["video"])
     (tab, *_), _ = _ask(app, "One?", tab)
     before = towers.snapshot()
-    (tab, messages, stats, status, _), _ = _ask(app, "Two?", tab, settings=(2, 2, 2, 2, True))
+    assert "Ready" in app.settings_changed(*SETTINGS, tab)[1]
+    summary, notice = app.settings_changed(4, 2, 2, 2, True, tab)  # said before the question is asked
+    assert "your next question starts a new conversation" in notice and "Hiera 544" in summary
+    (tab, messages, thumbnails, stats, status, _), _ = _ask(app, "Two?", tab, settings=(4, 2, 2, 2, True))
+    assert len(thumbnails) == 4 and tab.thumbnails is thumbnails  # the strip shows the frames now used
     assert towers.snapshot()["hiera"] > before["hiera"]
     assert "the settings changed" in status and [m["content"] for m in messages[::2]] == ["Two?"]
-    assert "Hiera 544" in stats  # both frames through Hiera now: 2 x 16 x 17
+    assert "Hiera 544" in stats and "1 turn(s)" in stats  # 2 of 4 frames through Hiera: 2 x 16 x 17
 
 
 def test_reset_keeps_the_encoded_video(demo):
@@ -194,6 +203,7 @@ def test_reset_keeps_the_encoded_video(demo):
     before = towers.snapshot()
     tab, messages, thumbnails, stats, status = app.reset(*SETTINGS, tab)
     assert messages == [] and len(thumbnails) == 2 and status.startswith("New conversation")
+    assert "0 turn(s)" in stats and "Last turn" not in stats  # the stats are this conversation's
     (tab, messages, *_), _ = _ask(app, "Two?", tab)
     assert [m["content"] for m in messages[::2]] == ["Two?"] and towers.snapshot() == before
 
@@ -209,15 +219,91 @@ def test_tabs_have_their_own_conversations_and_the_oldest_cache_is_released(demo
         (second, second_messages, *_), _ = _ask(app, "Question of tab two?", second)
         assert [m["content"] for m in first_messages[::2]] == ["Question of tab one?"]
         assert [m["content"] for m in second_messages[::2]] == ["Question of tab two?"]
-        (first, messages, _, status, _), _ = _ask(app, "Still there?", first)
+        (first, messages, _, _, status, _), _ = _ask(app, "Still there?", first)
         assert "released" in status and [m["content"] for m in messages[::2]] == ["Still there?"]
         assert second.session is None  # and now the second tab's was released
     finally:
         app.max_conversations = 4
 
 
+def test_the_question_shows_at_once_and_the_answer_streams_token_by_token(demo):
+    app = demo["app"]
+    ready_tab, *_ = _upload(app, demo["video"])
+    forwards = []
+    handle = app.model.model.language_model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        shown, messages, box, status = app.show_question("  Where is the ball? ", *SETTINGS, ready_tab)
+        assert (shown, box) == ("Where is the ball?", "") and messages[-1] == {"role": "user", "content": shown}
+        turns = app.ask(shown, *SETTINGS, ready_tab)
+        tab, messages, *_ = next(turns)  # before the model ran: the question, and an empty answer
+        assert forwards == [] and messages == [{"role": "user", "content": "Where is the ball?"},
+                                               {"role": "assistant", "content": ""}]
+        answers = [outputs[1][-1]["content"] for outputs in turns]
+    finally:
+        handle.remove()
+    new_ids = tab.session.last_answer.new_ids
+    # one update per token whose text is complete, each extending the last (was: text only at spaces)
+    pieces = len({app.processor.decode(new_ids[:n], skip_special_tokens=True) for n in range(1, len(new_ids) + 1)
+                  if not app.processor.decode(new_ids[:n], skip_special_tokens=True).endswith("\ufffd")} - {""})
+    assert len(answers) - 1 == pieces >= 2
+    assert all(later.startswith(earlier) for earlier, later in zip(answers, answers[1:-1]))
+
+
+def test_a_too_long_question_is_refused_before_the_model_runs(demo):
+    app = demo["app"]
+    ready_tab, *_ = _upload(app, demo["video"])
+    question = "?" * 40_000
+    shown, messages, box, _ = app.show_question(question, *SETTINGS, ready_tab)
+    assert box == question and messages == ready_tab.messages  # kept in the box to shorten; not put in the chat
+    before = demo["towers"].snapshot()
+    (tab, messages, _, _, status, box), _ = _ask(app, question, ready_tab)
+    assert "40,000 characters long" in status and "up to 2,000 characters" in status
+    assert tab is ready_tab and messages == [] and box == question.strip()
+    assert demo["towers"].snapshot() == before and tab.session.stats.turns == 0
+
+
+def test_the_summary_says_an_image_when_an_image_is_loaded(demo):
+    app = demo["app"]
+    tab, *_ = _upload(app, demo["image"])
+    summary = app.preview(*SETTINGS, tab)
+    assert summary.startswith("An image (200x120") and "A video" not in summary
+    assert "A video at 2 frames" in app.preview(*SETTINGS)
+
+
+def test_uploads_are_deleted_once_no_tab_uses_them(demo, tmp_path, monkeypatch):
+    """Gradio keeps every upload in its folder; the app deletes one when the last tab about it is done with it."""
+    import gradio
+
+    app = demo["app"]
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    uploaded = tmp_path / "0123abcd" / "room.mp4"
+    uploaded.parent.mkdir()
+    shutil.copy(demo["video"], uploaded)
+    assert Path(gradio.utils.get_upload_folder()) == tmp_path
+    first, *_ = _upload(app, uploaded)
+    second, *_ = _upload(app, uploaded)  # another tab about the same upload
+    _upload(app, demo["image"], first)  # the first tab moves on: the second still needs the file
+    assert uploaded.exists()
+    app._forget(second)  # the second tab is closed
+    assert not uploaded.exists() and not uploaded.parent.exists()
+    broken = tmp_path / "4567ef" / "broken.mp4"
+    broken.parent.mkdir()
+    shutil.copy(demo["broken"], broken)
+    _upload(app, broken)  # an upload that could not be used is not kept either
+    assert not broken.exists()
+    assert demo["video"].exists() and Path(app.example_video).exists()  # files outside the upload folder stay
+
+
+def test_question_and_upload_limits_are_settings(demo):
+    parser = app_module.build_parser()
+    args = parser.parse_args([])
+    assert (args.max_question_chars, args.max_file_size_mb) == (2000, 200)
+    args = parser.parse_args(["--max-question-chars", "50", "--max-file-size-mb", "1.5"])
+    assert (args.max_question_chars, args.max_file_size_mb) == (50, 1.5)
+
+
 def test_ask_before_any_upload_says_what_to_do(demo):
-    (tab, messages, _, status, _), _ = _ask(demo["app"], "Hello?", None)
+    (tab, messages, _, _, status, _), _ = _ask(demo["app"], "Hello?", None)
     assert "Upload a video or an image first" in status and messages == []
 
 
