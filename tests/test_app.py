@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -352,11 +353,11 @@ WAIT_MS = 120_000  # generous: CI shares two cores between the server and the br
 @pytest.fixture(scope="module")
 def server(demo):
     """The real page on 127.0.0.1 (a free port), stopped after the module's tests."""
-    page = demo["app"].build()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    page = demo["app"].launch("127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    assert page.max_file_size == 200 * 1024**2  # Gradio refuses larger uploads
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -370,7 +371,7 @@ def browser(server, tmp_path_factory):
     requested = []
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1280,
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1400,
                                                                                                 "height": 900})
         context.on("request", lambda request: requested.append(request.url))
         context.set_default_timeout(WAIT_MS)
@@ -385,9 +386,11 @@ def screenshots(tmp_path_factory):
     return tmp_path_factory.mktemp("screenshots")
 
 
-def _open_tab(browser, server):
+def _open_tab(browser, server, viewport=None):
     context, _ = browser
     page = context.new_page()
+    if viewport:
+        page.set_viewport_size(viewport)
     page.goto(server)
     page.wait_for_selector("#status")
     return page
@@ -410,6 +413,14 @@ def _page_ask(page, question: str, turns: int):
     _wait_text(page, "#status", "Ready")
 
 
+# Records every text the last answer bubble shows, as the page changes it.
+RECORD_ANSWERS = """() => { window.answers = [];
+  new MutationObserver(() => { const bots = document.querySelectorAll('#chat [data-testid=bot]');
+    const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
+    if (text && text !== window.answers[window.answers.length - 1]) window.answers.push(text); })
+  .observe(document.querySelector('#chat'), {childList: true, subtree: true, characterData: true}); }"""
+
+
 def _chat(page) -> tuple[list[str], list[str]]:
     users = [text.strip() for text in page.locator("#chat [data-testid=user]").all_inner_texts()]
     bots = [text.strip() for text in page.locator("#chat [data-testid=bot]").all_inner_texts()]
@@ -418,34 +429,102 @@ def _chat(page) -> tuple[list[str], list[str]]:
 
 @requires_browser
 def test_browser_upload_ask_and_follow_up_without_re_encoding(demo, server, browser, screenshots):
-    towers = demo["towers"]
+    towers, app = demo["towers"], demo["app"]
     page = _open_tab(browser, server)
     assert "answers are random" in page.inner_text("#random-note")
+    assert not page.is_visible("#preview")  # the token-ratio panel starts collapsed
+    page.click("#token-ratio button, #token-ratio .label-wrap")
     assert "SigLIP 420 + Hiera 272" in page.inner_text("#preview")  # the implied tokens, before anything ran
     _page_upload(page, demo["video"])
+    assert page.locator("#media-video video").get_attribute("src")  # the video the chat is about, shown
+    assert "room.mp4" in page.inner_text("#media").replace("\n", "")  # and the upload box still names it
     after_upload = towers.snapshot()
     strip = page.inner_text("#frames-strip")
     assert page.locator("#frames-strip img").count() == 2 and "0.00 s" in strip and "1.92 s" in strip
-    _page_ask(page, "How many chairs are in the room?", turns=1)
-    users, bots = _chat(page)
-    assert users == ["How many chairs are in the room?"] and len(bots) == 1
+    page.evaluate(RECORD_ANSWERS)
+    gate = ModelGate(app.model, step_s=0.2)  # holds the model, then paces its steps so each can reach the page
+    app.max_new_tokens = 8
+    try:
+        page.fill("#question textarea", "How many chairs are in the room?")
+        page.click("#ask")
+        _wait_text(page, "#chat [data-testid=user]", "How many chairs are in the room?")
+        assert page.evaluate("window.answers") == [] and gate.running == 0  # shown before the model answered
+        gate.open.set()
+        _wait_text(page, "#stats", "1 turn(s)")
+        _wait_text(page, "#status", "Ready")
+    finally:
+        gate.remove()
+        app.max_new_tokens = 4
+    answers, final = page.evaluate("window.answers"), _chat(page)[1][-1]
+    assert len(answers) >= 3 and answers[-1] == final  # several updates for one answer, each extending the last
+    assert all(later.startswith(earlier) for earlier, later in zip(answers, answers[1:]))
     assert TOKENS_TEXT in page.inner_text("#stats")
-    page.screenshot(path=screenshots / "1-first-answer.png", full_page=True)
+    page.screenshot(path=screenshots / "1-first-answer.png")
     _page_ask(page, "And how many tables?", turns=2)
     users, bots = _chat(page)
     assert users == ["How many chairs are in the room?", "And how many tables?"] and len(bots) == 2
     assert towers.snapshot() == after_upload  # the follow-up ran no tower
     assert "vision towers ran 1× · 2 turn(s)" in page.inner_text("#stats")
-    page.screenshot(path=screenshots / "2-follow-up.png", full_page=True)
+    page.screenshot(path=screenshots / "2-follow-up.png")
+    if os.environ.get("VICA2_APP_SCREENSHOT"):  # refresh the README's picture: VICA2_APP_SCREENSHOT=docs/app.png
+        page.screenshot(path=os.environ["VICA2_APP_SCREENSHOT"])
+    page.close()
+
+
+@requires_browser
+def test_browser_new_settings_are_announced_and_refresh_the_strip_and_stats(demo, server, browser):
+    page = _open_tab(browser, server)
+    _page_upload(page, demo["video"])
+    _page_ask(page, "One?", turns=1)
+    page.click("#token-ratio button, #token-ratio .label-wrap")
+    page.fill("#frames input", "4")
+    page.press("#frames input", "Enter")
+    _wait_text(page, "#status", "your next question starts a new conversation")  # said before Ask
+    assert page.locator("#frames-strip img").count() == 2
+    _page_ask(page, "Two?", turns=1)
+    assert "the settings changed" in page.inner_text("#status") and _chat(page)[0] == ["Two?"]
+    assert page.locator("#frames-strip img").count() == 4  # the strip shows the frames now used
+    page.click("#reset")
+    _wait_text(page, "#status", "New conversation. Ready")
+    stats = page.inner_text("#stats")
+    assert "0 turn(s)" in stats and "Last turn" not in stats and _chat(page) == ([], [])
+    page.close()
+
+
+@requires_browser
+def test_browser_phone_layout_puts_the_chat_right_after_the_media(demo, server, browser, screenshots):
+    page = _open_tab(browser, server, viewport={"width": 390, "height": 844})
+    page.click("#example")
+    _wait_text(page, "#status", "Ready")
+    assert page.locator("#media-video video").get_attribute("src")  # the example clip is shown
+    _page_ask(page, "Where is the ball?", turns=1)
+    box = {name: page.locator(selector).bounding_box() for name, selector in (
+        ("media", "#media"), ("example", "#example"), ("chat", "#chat"), ("question", "#question"),
+        ("bubble", "#chat [data-testid=user]"), ("toolbar", "#chat .icon-button-wrapper"))}
+    assert box["media"]["y"] < box["example"]["y"] < box["chat"]["y"] < box["question"]["y"]
+    # only the preview and the collapsed settings lie between the example button and the chat
+    assert box["chat"]["y"] - (box["example"]["y"] + box["example"]["height"]) < 400
+    assert box["bubble"]["y"] >= box["toolbar"]["y"] + box["toolbar"]["height"]  # the toolbar covers no message
+    page.screenshot(path=screenshots / "6-phone.png", full_page=True)
     page.close()
 
 
 @requires_browser
 def test_browser_unreadable_file_shows_an_error_and_the_next_upload_works(demo, server, browser, screenshots):
     page = _open_tab(browser, server)
-    _page_upload(page, demo["broken"], expected_status="Could not open the video 'broken.mp4'")
+    _page_upload(page, demo["broken"], expected_status="This file could not be read as a video.")
+    details = page.locator("#status details")
+    assert details.count() == 1 and details.get_attribute("open") is None  # the technical detail, on demand
+    assert not page.is_visible("#status details :text('Could not open the video')")
+    page.click("#status summary")
+    assert "Could not open the video 'broken.mp4'" in page.inner_text("#status details")
     page.screenshot(path=screenshots / "3-unreadable-file.png", full_page=True)
     _page_upload(page, demo["video"])
+    page.fill("#question textarea", "?" * 2001)  # one character over the limit the page states
+    assert "up to 2,000 characters" in page.inner_text("#limit")
+    page.click("#ask")
+    _wait_text(page, "#status", "Your question is 2,001 characters long")
+    assert _chat(page) == ([], []) and page.input_value("#question textarea") == "?" * 2001
     _page_ask(page, "Is the ball moving?", turns=1)
     assert _chat(page)[0] == ["Is the ball moving?"]
     page.close()
@@ -454,8 +533,8 @@ def test_browser_unreadable_file_shows_an_error_and_the_next_upload_works(demo, 
 class ModelGate:
     """Holds every language-model forward until opened, and records the most forwards that ever ran at once."""
 
-    def __init__(self, model):
-        self.open, self.running, self.most_at_once = threading.Event(), 0, 0
+    def __init__(self, model, step_s: float = 0.0):
+        self.open, self.running, self.most_at_once, self.step_s = threading.Event(), 0, 0, step_s
         self.lock = threading.Lock()
         language_model = model.model.language_model
         self.handles = [language_model.register_forward_pre_hook(self._enter),
@@ -463,6 +542,7 @@ class ModelGate:
 
     def _enter(self, *_):
         self.open.wait(WAIT_MS / 1000)
+        time.sleep(self.step_s)  # pacing only (nothing is timed): lets each streamed piece reach the page
         with self.lock:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
