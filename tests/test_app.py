@@ -368,15 +368,16 @@ def server(demo):
 def browser(server, tmp_path_factory):
     """Headless system Chromium with a fresh profile; records every URL the pages request."""
     profile = tmp_path_factory.mktemp("chromium-profile")
-    requested = []
+    requested, console_errors = [], []
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1400,
                                                                                                 "height": 900})
         context.on("request", lambda request: requested.append(request.url))
+        context.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
         context.set_default_timeout(WAIT_MS)
         try:
-            yield context, requested
+            yield context, requested, console_errors
         finally:
             context.close()
 
@@ -387,7 +388,7 @@ def screenshots(tmp_path_factory):
 
 
 def _open_tab(browser, server, viewport=None):
-    context, _ = browser
+    context, *_ = browser
     page = context.new_page()
     if viewport:
         page.set_viewport_size(viewport)
@@ -435,6 +436,7 @@ def test_browser_upload_ask_and_follow_up_without_re_encoding(demo, server, brow
     assert not page.is_visible("#preview")  # the token-ratio panel starts collapsed
     page.click("#token-ratio button, #token-ratio .label-wrap")
     assert "SigLIP 420 + Hiera 272" in page.inner_text("#preview")  # the implied tokens, before anything ran
+    page.click("#token-ratio button, #token-ratio .label-wrap")  # and closed again
     _page_upload(page, demo["video"])
     assert page.locator("#media-video video").get_attribute("src")  # the video the chat is about, shown
     assert "room.mp4" in page.inner_text("#media").replace("\n", "")  # and the upload box still names it
@@ -585,8 +587,10 @@ def test_browser_two_tabs_keep_their_own_conversations_one_generation_at_a_time(
 
 @requires_browser
 def test_browser_loaded_nothing_from_the_internet(server, browser):
-    """Runs after the others: every request of every page went to the app's own server (no CDN, no telemetry)."""
-    _, requested = browser
+    """Runs after the others: every request of every page went to the app's own server (no CDN, no telemetry), and
+    no page logged an error."""
+    _, requested, console_errors = browser
+    assert console_errors == []
     assert requested, "no page was loaded"
     outside = sorted({url for url in requested if not url.startswith((server, "data:", "blob:"))})
     assert outside == []
