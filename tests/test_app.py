@@ -351,8 +351,12 @@ WAIT_MS = 120_000  # generous: CI shares two cores between the server and the br
 
 
 @pytest.fixture(scope="module")
-def server(demo):
-    """The real page on 127.0.0.1 (a free port), stopped after the module's tests."""
+def server(demo, tmp_path_factory):
+    """The real page on 127.0.0.1 (a free port), stopped after the module's tests; its uploads, previews and
+    thumbnails go to a folder of its own, which must hold no file once the app has stopped."""
+    stored = tmp_path_factory.mktemp("gradio-files")
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(stored)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -362,6 +366,12 @@ def server(demo):
         yield f"http://127.0.0.1:{port}"
     finally:
         page.close()
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR")
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+    # (Gradio 6 leaves one empty `tmp*` file per upload request beside them: no content of anyone's)
+    assert [path for path in stored.rglob("*") if path.is_file() and path.stat().st_size] == []
 
 
 @pytest.fixture(scope="module")
