@@ -79,7 +79,9 @@ class UserError(UsageError):
 # Full thumbnails in the strip (8 to a row, more rows as needed), captions whole; on a phone the chat column is not
 # pushed below by the settings; the first message starts clear of the chat's top edge.
 CSS = """
-#frames-strip, #frames-strip .grid-wrap { height: auto !important; min-height: 0 !important; max-height: none !important; }
+#frames-strip, #frames-strip .grid-wrap {
+  height: auto !important; min-height: 0 !important; max-height: none !important;
+}
 #frames-strip .grid-wrap { overflow: visible !important; }
 #frames-strip .grid-container { grid-template-columns: repeat(8, minmax(0, 1fr)) !important; }
 #frames-strip .caption-label { white-space: normal !important; max-width: 100% !important; }
