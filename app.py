@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,9 +55,41 @@ RANDOM_MODEL_NOTE = (
     "Start the app with `--model DIR_OR_REPO` (or set `VICA2_MODEL`) to chat with a real ViCA2."
 )
 THUMBNAIL_HEIGHT = 96
+MAX_QUESTION_CHARS = 2000  # a 40,000-character question costs GBs of attention mask and minutes of prefill
+MAX_FILE_SIZE_MB = 200
+EXAMPLE_QUESTIONS = [  # VSI-Bench style: counting, distance, relative position, route
+    "How many chairs are in this room?",
+    "What is the distance between the table and the ball, in meters?",
+    "Which is closer to the camera, the table or the ball?",
+    "In which direction does the ball roll?",
+]
 # Errors a user can cause (bad file, bad setting, too long a video): shown in the page, the app goes on. The app
 # decodes videos itself (its thumbnails come from the frames the model sees), so the reader's error is one of them.
 USER_ERRORS = (UsageError, VideoLoadError)
+
+
+class UserError(UsageError):
+    """A problem told to a web visitor: a short sentence, and the technical `detail` shown on demand."""
+
+    def __init__(self, sentence: str, detail: str = ""):
+        super().__init__(sentence)
+        self.detail = detail
+
+
+# Full thumbnails in the strip (8 to a row, more rows as needed), captions whole; on a phone the chat column is not
+# pushed below by the settings; the first message starts clear of the chat's top edge.
+CSS = """
+#frames-strip, #frames-strip .grid-wrap {
+  height: auto !important; min-height: 0 !important; max-height: none !important;
+}
+#frames-strip .grid-wrap { overflow: visible !important; }
+#frames-strip .grid-container { grid-template-columns: repeat(8, minmax(0, 1fr)) !important; }
+#frames-strip .caption-label { white-space: normal !important; max-width: 100% !important; }
+#chat .bubble-wrap { padding-top: 40px; }
+@media (max-width: 640px) {
+  #frames-strip .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
+}
+"""
 
 
 def import_gradio():
@@ -132,7 +165,8 @@ class TabState:
     thumbnails: list = field(default_factory=list)  # (PIL image, caption) per sampled frame
     decode_s: float = 0.0
     note: str = ""  # why the conversation was restarted, if it was
-
+    turns_before: int = 0  # the session's turns before the last Reset (the stats count this conversation's)
+    image_size: tuple | None = None  # (width, height) of an image
 
 
 # ---------------------------------------------------------------------------------------------------- the app
@@ -146,12 +180,14 @@ class Vica2App:
 
     def __init__(self, model, processor, *, model_name: str, random_weights: bool = False, example_video=None,
                  frames: int | None = None, max_new_tokens: int = 128, cache_budget_gb: float = 4.0,
-                 max_conversations: int = 4):
+                 max_conversations: int = 4, max_question_chars: int = MAX_QUESTION_CHARS,
+                 max_file_size_mb: float = MAX_FILE_SIZE_MB):
         self.model, self.processor = model, processor
         self.model_name, self.random_weights = model_name, random_weights
         self.example_video = str(example_video) if example_video else None
         self.max_new_tokens, self.cache_budget_gb = max_new_tokens, cache_budget_gb
-        self.max_conversations = max_conversations
+        self.max_conversations, self.max_question_chars = max_conversations, max_question_chars
+        self.max_file_size_mb = max_file_size_mb
         config = model.config
         frames = frames or config.video_frames_budget
         # The checkpoint's Hiera share of the frame budget, carried over to `frames` (7B: 32 of 64).
@@ -159,6 +195,7 @@ class Vica2App:
         self.default_settings = TokenSettings(frames, hiera, config.siglip_pool_stride, config.hiera_pool_stride)
         self._live: OrderedDict[int, TabState] = OrderedDict()  # tabs holding a cache, least recently used first
         self._live_lock = threading.Lock()  # Gradio drops a closed tab's state from its own thread
+        self._media_users: Counter = Counter()  # media path -> tabs about it (an upload is deleted at zero)
 
     # ------------------------------------------------------------------ handlers
     def preview(self, frames, hiera_frames, siglip_pool_stride, hiera_pool_stride, time_instruction, tab=None) -> str:
@@ -166,9 +203,10 @@ class Vica2App:
         try:
             settings = TokenSettings.parse(frames, hiera_frames, siglip_pool_stride, hiera_pool_stride,
                                            time_instruction)
-            if tab is not None and tab.kind == "image" and tab.session is not None:
-                counts = tab.session.implied_token_counts()
-                what = "This image (its tokens follow its size; the controls apply to videos)"
+            if tab is not None and tab.kind == "image":
+                width, height = tab.image_size
+                counts = implied_token_counts(self.model.config, image_size=(height, width))
+                what = f"An image ({width}x{height}; its tokens follow its size, the frame settings apply to videos)"
             else:
                 counts = implied_token_counts(self.model.config, num_frames=settings.frames, **settings.overrides())
                 what = f"A video at {settings.frames} frames"
@@ -177,6 +215,22 @@ class Vica2App:
         cache_mb = counts["total"] * cache_bytes_per_token(self.model) / 2**20
         return (f"{what}: **{counts['total']:,} visual tokens** (SigLIP {counts['siglip']:,} + Hiera "
                 f"{counts['hiera']:,}), a cache of about {cache_mb:,.1f} MB.")
+
+    def settings_changed(self, frames, hiera_frames, siglip_pool_stride, hiera_pool_stride, time_instruction,
+                         tab=None) -> tuple[str, str]:
+        """(settings summary, status): says before the next question that new settings start a new conversation."""
+        summary = self.preview(frames, hiera_frames, siglip_pool_stride, hiera_pool_stride, time_instruction, tab)
+        if tab is None or tab.media_path is None:
+            return summary, "Upload a video or an image to start."
+        try:
+            settings = TokenSettings.parse(frames, hiera_frames, siglip_pool_stride, hiera_pool_stride,
+                                           time_instruction)
+        except USER_ERRORS as error:
+            return summary, error_text(error)
+        if self._settings_changed(tab, settings):
+            return summary, ("New settings: your next question starts a new conversation (the video is encoded "
+                             "again with them).")
+        return summary, self._ready(tab)
 
     def upload(self, path, frames, hiera_frames, siglip_pool_stride, hiera_pool_stride, time_instruction, tab=None):
         """A new video or image: decode and encode it once, start a new conversation about it.
@@ -190,9 +244,9 @@ class Vica2App:
             settings = TokenSettings.parse(frames, hiera_frames, siglip_pool_stride, hiera_pool_stride,
                                            time_instruction)
             new_tab = self._open(str(path), settings)
-        except USER_ERRORS as error:  # name the file as the user knows it, not by the server's upload path
-            message = one_line(error).replace(str(path), Path(path).name)
-            return tab, tab.messages, tab.thumbnails, self.stats(tab), f"⚠️ {message}"
+        except USER_ERRORS as error:
+            self._release_upload(str(path))  # a file that could not be used is not kept
+            return tab, tab.messages, tab.thumbnails, self.stats(tab), error_text(error, path)
         self._forget(tab)
         self._keep(new_tab)
         return new_tab, new_tab.messages, new_tab.thumbnails, self.stats(new_tab), self._ready(new_tab)
@@ -202,18 +256,38 @@ class Vica2App:
         return self.upload(self.example_video, frames, hiera_frames, siglip_pool_stride, hiera_pool_stride,
                            time_instruction, tab)
 
+    def show_question(self, question, frames, hiera_frames, siglip_pool_stride, hiera_pool_stride, time_instruction,
+                      tab=None):
+        """The typed question in the chat at once, before the model call (which may wait in the queue).
+
+        Returns (question for `ask`, chat messages, question box, status); a question `ask` would refuse stays in
+        the box and the chat is unchanged (`ask` says why)."""
+        messages = tab.messages if tab is not None else []
+        text = (question or "").strip()
+        try:
+            settings = TokenSettings.parse(frames, hiera_frames, siglip_pool_stride, hiera_pool_stride,
+                                           time_instruction)
+            if self._question_problem(text, tab):
+                raise UsageError("refused")
+        except USER_ERRORS:
+            return question, messages, question, "Checking…"
+        restart = tab.session is None or self._settings_changed(tab, settings)
+        shown = [] if restart and tab.session is not None else messages
+        status = "Encoding again with the new settings…" if restart else "Waiting for the model…"
+        return text, [*shown, {"role": "user", "content": text}], "", status
+
     def ask(self, question, frames, hiera_frames, siglip_pool_stride, hiera_pool_stride, time_instruction, tab=None):
-        """Answer one turn, streamed: yields (tab, chat messages, stats, status, question box) as text arrives.
+        """Answer one turn, streamed: yields (tab, chat messages, thumbnails, stats, status, question box), first
+        with the question and an empty answer, then as each token's text arrives.
 
         The turn continues from the conversation's cache. Changed settings (or a released cache) restart the
-        conversation on the same media first, and the status says so."""
+        conversation on the same media first (new thumbnails), and the status says so."""
         tab = tab if tab is not None else TabState()
         question = (question or "").strip()
         try:
-            if not question:
-                raise UsageError("Type a question first.")
-            if tab.media_path is None:
-                raise UsageError("Upload a video or an image first (or try the example clip).")
+            problem = self._question_problem(question, tab)
+            if problem:
+                raise UsageError(problem)
             settings = TokenSettings.parse(frames, hiera_frames, siglip_pool_stride, hiera_pool_stride,
                                            time_instruction)
             if tab.session is None or self._settings_changed(tab, settings):
@@ -221,20 +295,27 @@ class Vica2App:
                        "its cache had been released to make room for other conversations")
                 tab = self._restart(tab, settings, f"New conversation: {why}, so the media was encoded again.")
         except USER_ERRORS as error:
-            yield tab, tab.messages, self.stats(tab), f"⚠️ {one_line(error)}", question
+            yield tab, tab.messages, tab.thumbnails, self.stats(tab), error_text(error, tab.media_path), question
             return
         self._keep(tab)
-        tab.messages = [*tab.messages, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        answer = ""
+        before = tab.messages
+        tab.messages = [*before, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         status = tab.note or "Answering…"
-        for piece in tab.session.iter_ask(question, max_new_tokens=self.max_new_tokens):
-            answer += piece
-            tab.messages[-1] = {"role": "assistant", "content": answer}
-            yield tab, tab.messages, self.stats(tab), status, ""
+        yield tab, tab.messages, tab.thumbnails, self.stats(tab), status, ""
+        answer = ""
+        try:
+            for piece in tab.session.iter_ask(question, max_new_tokens=self.max_new_tokens):
+                answer += piece
+                tab.messages[-1] = {"role": "assistant", "content": answer}
+                yield tab, tab.messages, tab.thumbnails, self.stats(tab), status, ""
+        except USER_ERRORS as error:  # e.g. a prompt longer than the model's positions: the chat stays as it was
+            tab.messages = before
+            yield tab, tab.messages, tab.thumbnails, self.stats(tab), error_text(error, tab.media_path), question
+            return
         tab.messages[-1] = {"role": "assistant", "content": tab.session.last_answer.text}
         status = self._ready(tab)  # still says why the conversation restarted, once
         tab.note = ""
-        yield tab, tab.messages, self.stats(tab), status, ""
+        yield tab, tab.messages, tab.thumbnails, self.stats(tab), status, ""
 
     def reset(self, frames, hiera_frames, siglip_pool_stride, hiera_pool_stride, time_instruction, tab=None):
         """Forget the chat and start again about the same media (re-encoded only if the settings changed).
@@ -250,24 +331,25 @@ class Vica2App:
                 tab = self._restart(tab, settings, "")
             else:
                 tab.session.reset()
-                tab.messages = []
+                tab.messages, tab.turns_before = [], tab.session.stats.turns
         except USER_ERRORS as error:
-            return tab, tab.messages, tab.thumbnails, self.stats(tab), f"⚠️ {one_line(error)}"
+            return tab, tab.messages, tab.thumbnails, self.stats(tab), error_text(error, tab.media_path)
         self._keep(tab)
         return tab, tab.messages, tab.thumbnails, self.stats(tab), "New conversation. " + self._ready(tab)
 
     def stats(self, tab: TabState | None) -> str:
-        """The panel under the frames: tokens per stream, cache reuse, tower runs and timings."""
+        """The panel under the frames: tokens per stream, cache reuse, tower runs and timings of this conversation."""
         if tab is None or tab.session is None:
             return ""
         session, media = tab.session, tab.session.media
+        turns = session.stats.turns - tab.turns_before
         lines = [
             f"**Visual tokens**: SigLIP {media.visual_tokens['siglip']:,} · Hiera {media.visual_tokens['hiera']:,}",
             f"**This upload**: decoded in {tab.decode_s:.2f} s, encoded in {session.encode_s:.2f} s · "
-            f"vision towers ran {session.stats.tower_runs}× · {session.stats.turns} turn(s)",
+            f"vision towers ran {session.stats.tower_runs}× · {turns} turn(s)",
         ]
         answer = session.last_answer
-        if answer is not None:
+        if answer is not None and turns:
             timing = answer.timings
             speed = timing.get("decode_tokens_per_s", float("nan"))
             lines.append(
@@ -279,10 +361,21 @@ class Vica2App:
         return "\n\n".join(lines)
 
     # ------------------------------------------------------------------ conversations
+    def _question_problem(self, question: str, tab: TabState | None) -> str | None:
+        if not question:
+            return "Type a question first."
+        if len(question) > self.max_question_chars:
+            return (f"Your question is {len(question):,} characters long; this app takes questions of up to "
+                    f"{self.max_question_chars:,} characters. Please shorten it.")
+        if tab is None or tab.media_path is None:
+            return "Upload a video or an image first (or try the example clip)."
+        return None
+
     def _open(self, path: str, settings: TokenSettings) -> TabState:
         """Decode `path` once, check it fits the memory budget, and encode it into a new `ChatSession`."""
         if not Path(path).is_file():
-            raise UsageError(f"{Path(path).name}: no such file.")
+            raise UserError("This file is no longer on the server: please upload it again.", f"{Path(path).name}: "
+                            "no such file.")
         kind = media_kind(path)
         session = ChatSession(self.model, self.processor, num_frames=settings.frames,
                               add_time_instruction=settings.time_instruction, max_new_tokens=self.max_new_tokens,
@@ -292,19 +385,24 @@ class Vica2App:
             self._check_budget(implied_token_counts(self.model.config, num_frames=settings.frames,
                                                     **settings.overrides())["total"], f"{settings.frames} frames",
                                "Sample fewer frames or use larger pool strides.")
-            decoded = self.processor.load_video(path, num_frames=settings.frames, **settings.overrides())
-            thumbnails = video_thumbnails(decoded)
+            try:
+                decoded = self.processor.load_video(path, num_frames=settings.frames, **settings.overrides())
+            except VideoLoadError as error:
+                raise UserError("This file could not be read as a video.", one_line(error)) from None
+            thumbnails, size = video_thumbnails(decoded), None
             decode_s = time.perf_counter() - start
             session.set_video(decoded)
         else:
             image = open_image(path)
             self._check_budget(implied_token_counts(self.model.config, image_size=(image.height, image.width))["total"],
                                f"{image.width}x{image.height} pixels", "Use a smaller image.")
-            thumbnails = [(thumbnail(image), f"image {image.width}x{image.height}")]
+            thumbnails, size = [(thumbnail(image), f"image {image.width}x{image.height}")], image.size
             decode_s = time.perf_counter() - start
             session.set_image(image)
+        with self._live_lock:
+            self._media_users[path] += 1
         return TabState(session=session, media_path=path, kind=kind, settings=settings, thumbnails=thumbnails,
-                        decode_s=decode_s)
+                        decode_s=decode_s, image_size=size)
 
     @staticmethod
     def _settings_changed(tab: TabState, settings: TokenSettings) -> bool:
@@ -319,15 +417,15 @@ class Vica2App:
     def _check_budget(self, visual_tokens: int, what: str, fix: str) -> None:
         needed = visual_tokens * cache_bytes_per_token(self.model)
         if needed > self.cache_budget_gb * 2**30:
-            raise UsageError(
-                f"Too long for this app's memory budget: {what} are {visual_tokens:,} visual tokens, whose cache needs "
-                f"{needed / 2**30:.2f} GB, but each conversation may use {self.cache_budget_gb:g} GB "
-                f"(--cache-budget-gb). {fix}"
+            raise UserError(
+                f"Too long for this app's memory: {what} are {visual_tokens:,} visual tokens. {fix}",
+                f"Their cache needs {needed / 2**30:.2f} GB, but each conversation may use "
+                f"{self.cache_budget_gb:g} GB (the server's --cache-budget-gb).",
             )
         limit = self.model.config.text_config.max_position_embeddings
         if visual_tokens >= limit:
-            raise UsageError(f"{what} are {visual_tokens:,} visual tokens, more than the model's {limit:,} positions. "
-                             f"{fix}")
+            raise UserError(f"Too long for this model: {what} are {visual_tokens:,} visual tokens. {fix}",
+                            f"The model has {limit:,} positions.")
 
     def _keep(self, tab: TabState) -> None:
         """Mark `tab` as the most recent holder of a cache; release the oldest beyond `max_conversations`."""
@@ -339,9 +437,30 @@ class Vica2App:
                 oldest.session = None  # its next turn re-encodes the media (the tab is told why)
 
     def _forget(self, tab: TabState | None) -> None:
-        if tab is not None:
-            with self._live_lock:
-                self._live.pop(id(tab), None)
+        """`tab` is done (replaced, or its browser tab closed): drop its cache, and its upload once no tab uses it."""
+        if tab is None:
+            return
+        with self._live_lock:
+            self._live.pop(id(tab), None)
+            path, tab.media_path = tab.media_path, None
+            if path is None:
+                return
+            self._media_users[path] -= 1
+            if self._media_users[path] > 0:
+                return
+            del self._media_users[path]
+        self._release_upload(path)
+
+    def _release_upload(self, path: str) -> None:
+        """Delete `path` if it is a visitor's upload in Gradio's upload folder that no tab uses (never our files)."""
+        if self._media_users.get(path) or path == self.example_video:
+            return
+        upload_folder = Path(import_gradio().utils.get_upload_folder()).resolve()
+        file = Path(path).resolve()
+        if upload_folder in file.parents:
+            file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                file.parent.rmdir()  # Gradio's folder for this one upload, if now empty
 
     def _ready(self, tab: TabState) -> str:
         name = Path(tab.media_path).name if tab.media_path else ""
@@ -349,58 +468,107 @@ class Vica2App:
 
     # ------------------------------------------------------------------ the page
     def build(self):
-        """The Gradio page: media and settings on the left, the chat, frames and figures on the right."""
+        """The Gradio page: media and settings on the left, the chat, frames and figures on the right (on a phone:
+        one column, the chat right after the media)."""
         gr = import_gradio()
         defaults = self.default_settings
-        with gr.Blocks(title="ViCA2", analytics_enabled=False) as page:
-            tab = gr.State(None, delete_callback=self._forget)
+        # Thumbnails are removed an hour after they were made, uploads when no tab uses them (and all at exit).
+        with gr.Blocks(title="ViCA2", analytics_enabled=False, delete_cache=(3600, 86400)) as page:
+            tab, pending = gr.State(None, delete_callback=self._forget), gr.State("")
             gr.Markdown(f"# ViCA2: ask about a video\nModel: `{self.model_name}`. Upload a video or an image, then "
                         "chat about it: it is encoded once and every turn continues from its cached prefix.")
             if self.random_weights:
                 gr.Markdown(RANDOM_MODEL_NOTE, elem_id="random-note")
-            with gr.Row():
-                with gr.Column(scale=1):
-                    media = gr.File(label="Video or image", file_types=["video", "image"], type="filepath",
-                                    elem_id="media")
-                    example = gr.Button("Use the generated example clip", elem_id="example",
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=300):
+                    media = gr.File(label=f"Video or image (up to {self.max_file_size_mb:g} MB)",
+                                    file_types=["video", "image"], type="filepath", elem_id="media", height=110)
+                    example = gr.Button("Try the example clip", variant="primary", elem_id="example",
                                         visible=self.example_video is not None)
-                    with gr.Accordion("Token ratio", open=True):
-                        frames = gr.Number(defaults.frames, label="Frames sampled", precision=0, elem_id="frames")
-                        hiera_frames = gr.Number(defaults.hiera_frames, label="Hiera frames (of those; must divide "
-                                                 "them)", precision=0, elem_id="hiera-frames")
-                        siglip_stride = gr.Number(defaults.siglip_pool_stride, label="SigLIP pool stride",
-                                                  precision=0, elem_id="siglip-stride")
-                        hiera_stride = gr.Number(defaults.hiera_pool_stride, label="Hiera pool stride", precision=0,
-                                                 elem_id="hiera-stride")
-                        time_instruction = gr.Checkbox(True, label="Time instruction (frame timestamps in the "
-                                                       "prompt)", elem_id="time-instruction")
-                        preview = gr.Markdown(self.preview(*_values(defaults)), elem_id="preview")
-                    reset = gr.Button("Reset conversation", elem_id="reset")
-                with gr.Column(scale=2):
+                    video_view = gr.Video(label="The video", interactive=False, visible=False, elem_id="media-video",
+                                          height=180)
+                    image_view = gr.Image(label="The image", interactive=False, visible=False, elem_id="media-image",
+                                          height=180)
+                    controls, summary = self._settings_panel(gr, defaults, self.preview(*_values(defaults)))
+                with gr.Column(scale=2, elem_id="chat-column"):
                     status = gr.Markdown("Upload a video or an image to start.", elem_id="status")
-                    chat = gr.Chatbot(label="Conversation", elem_id="chat", height=360)
+                    chat = gr.Chatbot(show_label=False, elem_id="chat", height=380, buttons=[],
+                                      placeholder="Your questions and ViCA2's answers appear here.")
                     with gr.Row():
-                        question = gr.Textbox(placeholder="How far is the table from the ball?", show_label=False,
-                                              scale=4, elem_id="question")
-                        ask = gr.Button("Ask", variant="primary", scale=1, elem_id="ask")
-                    frame_strip = gr.Gallery(label="Sampled frames (time in the video)", columns=8, fit_columns=False,
-                                             height=140, object_fit="contain", allow_preview=False,
-                                             elem_id="frames-strip")
+                        question = gr.Textbox(placeholder="Ask about the video or image", show_label=False,
+                                              scale=4, lines=1, elem_id="question")
+                        ask = gr.Button("Ask", variant="primary", scale=1, min_width=80, elem_id="ask")
+                        reset = gr.Button("New chat", scale=1, min_width=80, elem_id="reset")
+                    gr.Markdown(f"Questions of up to {self.max_question_chars:,} characters.", elem_id="limit")
+                    gr.Examples([[text] for text in EXAMPLE_QUESTIONS], [question], label="Example questions",
+                                elem_id="example-questions")
+                    frame_strip = gr.Gallery(label="Sampled frames (time in the video)", columns=8, height="auto",
+                                             object_fit="contain", allow_preview=False, elem_id="frames-strip")
                     stats = gr.Markdown(elem_id="stats")
-
-            settings = [frames, hiera_frames, siglip_stride, hiera_stride, time_instruction]
-            on_model = {"concurrency_id": "model", "concurrency_limit": 1}  # one model call at a time, queued
-            for control in settings:
-                control.change(self.preview, [*settings, tab], preview, queue=False)
-            # The file box empties after each upload, ready for the next (the status names what is loaded).
-            media.upload(self.upload, [media, *settings, tab], [tab, chat, frame_strip, stats, status],
-                         **on_model).then(lambda: None, None, media, queue=False)
-            example.click(self.upload_example, [*settings, tab], [tab, chat, frame_strip, stats, status], **on_model)
-            for trigger in (ask.click, question.submit):
-                trigger(self.ask, [question, *settings, tab], [tab, chat, stats, status, question], **on_model)
-            reset.click(self.reset, [*settings, tab], [tab, chat, frame_strip, stats, status], **on_model)
+            self._wire(gr, tab, pending, media, example, controls, summary, status, chat, question, ask, reset,
+                       frame_strip, stats, video_view, image_view)
         page.queue(default_concurrency_limit=1)
         return page
+
+    def launch(self, host: str = "127.0.0.1", port: int = 7860, **launch_kwargs):
+        """Build the page and serve it (`launch_kwargs` go to Gradio's `launch`, e.g. prevent_thread_lock)."""
+        allowed = [str(Path(self.example_video).parent)] if self.example_video else []  # the example's preview
+        page = self.build()
+        page.launch(server_name=host, server_port=port, ssr_mode=False, show_error=True, css=CSS,
+                    max_file_size=f"{self.max_file_size_mb:g}mb", allowed_paths=allowed, **launch_kwargs)
+        return page
+
+    @staticmethod
+    def _settings_panel(gr, defaults: TokenSettings, summary: str) -> tuple[list, object]:
+        """The token-ratio controls, collapsed, and the summary of what they imply: each field says what it does."""
+        with gr.Accordion("Token ratio (advanced)", open=False, elem_id="token-ratio"):
+            return [
+                gr.Number(defaults.frames, label="Frames sampled", precision=0, elem_id="frames",
+                          info="How many frames of the video the model sees, evenly spaced."),
+                gr.Number(defaults.hiera_frames, label="Hiera frames", precision=0, elem_id="hiera-frames",
+                          info="How many of those the spatial encoder (Hiera) also sees; must divide the frames."),
+                gr.Number(defaults.siglip_pool_stride, label="SigLIP pool stride", precision=0, elem_id="siglip-stride",
+                          info="Shrinks each frame's semantic tokens by this factor per side (larger: fewer tokens)."),
+                gr.Number(defaults.hiera_pool_stride, label="Hiera pool stride", precision=0, elem_id="hiera-stride",
+                          info="The same for the spatial tokens."),
+                gr.Checkbox(True, label="Time instruction", elem_id="time-instruction",
+                            info="Tell the model the video's length and each frame's time."),
+            ], gr.Markdown(summary, elem_id="preview")
+
+    def _wire(self, gr, tab, pending, media, example, settings, summary, status, chat, question, ask, reset,
+              frame_strip, stats, video_view, image_view) -> None:
+        on_model = {"concurrency_id": "model", "concurrency_limit": 1}  # one model call at a time, queued
+
+        def show_media(state):  # the upload box and the preview name what the chat is about, after errors too
+            path, kind = (state.media_path, state.kind) if state is not None else (None, None)
+            return (path, gr.update(value=path if kind == "video" else None, visible=kind == "video"),
+                    gr.update(value=path if kind == "image" else None, visible=kind == "image"))
+
+        loaded = [tab, chat, frame_strip, stats, status]
+        shown = {"fn": show_media, "inputs": [tab], "outputs": [media, video_view, image_view], "queue": False}
+        for control in settings:
+            control.change(self.settings_changed, [*settings, tab], [summary, status], queue=False)
+        media.upload(self.upload, [media, *settings, tab], loaded, **on_model).then(**shown).then(
+            self.preview, [*settings, tab], summary, queue=False)
+        example.click(self.upload_example, [*settings, tab], loaded, **on_model).then(**shown).then(
+            self.preview, [*settings, tab], summary, queue=False)
+        for trigger in (ask.click, question.submit):
+            trigger(self.show_question, [question, *settings, tab], [pending, chat, question, status], queue=False
+                    ).then(self.ask, [pending, *settings, tab], [*loaded, question], **on_model)
+        reset.click(self.reset, [*settings, tab], loaded, **on_model)
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def error_text(error: BaseException, path=None) -> str:
+    """A user error for the page: its short sentence, and any technical detail in a collapsed "Details" (the
+    server's upload path shortened to the file's name)."""
+    detail = getattr(error, "detail", "")
+    sentence = str(error) if detail else one_line(error)
+    if path:
+        sentence, detail = (text.replace(str(path), Path(path).name) for text in (sentence, detail))
+    if not detail:
+        return f"⚠️ {sentence}"
+    return f"⚠️ {sentence}\n\n<details><summary>Details</summary>\n\n{detail}\n\n</details>"
 
 
 # ---------------------------------------------------------------------------------------------------- media helpers
@@ -420,14 +588,15 @@ def thumbnail(image):
 
 
 def open_image(path: str):
-    """The image at `path` as RGB, or a `UsageError` naming the file."""
+    """The image at `path` as RGB, or a `UserError` (unreadable, or a decompression bomb)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as opened:
             return opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise UsageError(f"{Path(path).name} is not a readable image ({type(error).__name__}).") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise UserError("This file could not be read as an image.",
+                        f"{Path(path).name}: {type(error).__name__}: {one_line(error)}") from None
 
 
 def _values(settings: TokenSettings) -> tuple:
@@ -439,7 +608,7 @@ def _values(settings: TokenSettings) -> tuple:
 def create_app(model_path: str | None = None, *, workdir: str | Path | None = None, dtype: str = "auto",
                device: str = "auto", attn_implementation: str | None = None, trust_remote_code: bool = False,
                frames: int | None = None, max_new_tokens: int = 128, cache_budget_gb: float = 4.0,
-               max_conversations: int = 4) -> Vica2App:
+               max_conversations: int = 4, **limits) -> Vica2App:
     """Load the model (or build `vica2 demo`'s tiny offline one when `model_path` is None) and the example clip."""
     from vica2.tools.demo import build_demo_checkpoint, write_demo_video
 
@@ -462,7 +631,7 @@ def create_app(model_path: str | None = None, *, workdir: str | Path | None = No
     return Vica2App(model, processor, model_name="built-in tiny random ViCA2" if random_weights else model_path,
                     random_weights=random_weights, example_video=example, frames=frames,
                     max_new_tokens=max_new_tokens, cache_budget_gb=cache_budget_gb,
-                    max_conversations=max_conversations)
+                    max_conversations=max_conversations, **limits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -479,6 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest KV cache one conversation may hold (ViCA2-7B, 64 frames: 1.2 GB in bf16)")
     parser.add_argument("--max-conversations", type=int, default=4,
                         help="conversations that keep their cache at once (the oldest is released first)")
+    parser.add_argument("--max-question-chars", type=int, default=MAX_QUESTION_CHARS,
+                        help=f"longest question accepted, in characters (default {MAX_QUESTION_CHARS:,})")
+    parser.add_argument("--max-file-size-mb", type=float, default=MAX_FILE_SIZE_MB,
+                        help=f"largest upload accepted, in MB (default {MAX_FILE_SIZE_MB})")
     return parser
 
 
@@ -493,14 +666,16 @@ def _start(args) -> Vica2App:
     return create_app(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn_implementation,
                       trust_remote_code=args.trust_remote_code, frames=args.frames,
                       max_new_tokens=args.max_new_tokens, cache_budget_gb=args.cache_budget_gb,
-                      max_conversations=args.max_conversations)
+                      max_conversations=args.max_conversations, max_question_chars=args.max_question_chars,
+                      max_file_size_mb=args.max_file_size_mb)
 
 
 def _serve(app: Vica2App, args) -> int:
-    # A stop by SIGTERM (a Space restarting, `kill`) exits like Ctrl-C, so the temporary folder is removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # A stop by SIGTERM (a Space restarting, `kill`) is handled like Ctrl-C: Gradio closes its server, deleting the
+    # uploads and previews it stored, and the temporary folder is removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"vica2 app: serving {app.model_name} on http://{args.host}:{args.port}", file=sys.stderr)
-    app.build().launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=True)
+    app.launch(args.host, args.port)
     return 0
 
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,11 +92,11 @@ def test_upload_encodes_once_and_every_turn_continues_from_the_cache(demo):
     assert [caption for _, caption in thumbnails] == ["0.00 s", "1.92 s"]
     assert TOKENS_TEXT in stats
 
-    (tab, messages, stats, status, box), streamed = _ask(app, "How many chairs are in the room?", tab)
+    (tab, messages, _, stats, status, box), streamed = _ask(app, "How many chairs are in the room?", tab)
     assert len(streamed) >= 2 and box == ""  # streamed pieces, then the final state; the question box is cleared
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[1]["content"] == tab.session.last_answer.text
-    (tab, messages, stats, status, _), _ = _ask(app, "And how many tables?", tab)
+    (tab, messages, _, stats, status, _), _ = _ask(app, "And how many tables?", tab)
     assert [m["content"] for m in messages[::2]] == ["How many chairs are in the room?", "And how many tables?"]
     assert towers.snapshot() == after_upload  # neither turn ran a tower
     assert "vision towers ran 1× · 2 turn(s)" in stats
@@ -132,13 +133,17 @@ def test_unreadable_files_are_messages_and_the_conversation_goes_on(demo):
     (media / "broken.png").write_bytes(b"not a png at all")
     tab, *_ = _upload(app, demo["video"])
     (tab, messages, *_), _ = _ask(app, "First?", tab)
-    for path, expected in ((demo["broken"], "Could not open the video 'broken.mp4' as a video"),
-                           (media / "missing.mp4", "missing.mp4: no such file"),
-                           (media / "broken.png", "broken.png is not a readable image")):
+    for path, sentence, detail in (
+            (demo["broken"], "This file could not be read as a video.", "Could not open the video 'broken.mp4'"),
+            (media / "missing.mp4", "This file is no longer on the server", "missing.mp4: no such file"),
+            (media / "broken.png", "This file could not be read as an image.", "broken.png: UnidentifiedImageError")):
         kept, kept_messages, _, _, status = _upload(app, path, tab)
-        assert status.startswith("⚠️") and expected in status
+        # a sentence for people first; the technical detail only inside a collapsed <details>
+        short, _, details = status.partition("<details>")
+        assert short.startswith(f"⚠️ {sentence}") and detail not in short and str(media) not in status
+        assert details.startswith("<summary>Details</summary>") and detail in details
         assert kept is tab and kept_messages == messages  # the previous conversation is untouched
-    (tab, messages, _, status, _), _ = _ask(app, "Second?", tab)
+    (tab, messages, _, _, status, _), _ = _ask(app, "Second?", tab)
     assert status.startswith("Ready") and len(messages) == 4
     new_tab, _, _, _, status = _upload(app, demo["video"], tab)  # and the next upload works
     assert status.startswith("Ready") and new_tab is not tab
@@ -156,7 +161,7 @@ def test_bad_settings_are_messages(demo, ready_tab, settings, expected):
     assert expected in app.preview(*settings)
     fresh, _, _, _, status = _upload(app, demo["video"], settings=settings)
     assert status.startswith("⚠️") and expected in status and fresh.session is None
-    (same, messages, _, status, _), _ = _ask(app, "Why?", tab, settings=settings)
+    (same, messages, _, _, status, _), _ = _ask(app, "Why?", tab, settings=settings)
     assert expected in status and messages == [] and same is tab
 
 
@@ -165,7 +170,8 @@ def test_too_long_a_video_for_the_memory_budget(demo):
     app = demo["app"]
     assert "about 0.3 MB" in app.preview(*SETTINGS)
     tab, _, _, _, status = _upload(app, demo["video"], settings=(64, 32, 2, 2, True))
-    assert "Too long for this app's memory budget" in status and "22,144 visual tokens" in status
+    assert "Too long for this app's memory: 64 frames are 22,144 visual tokens" in status
+    assert "Sample fewer frames" in status and "--cache-budget-gb" in status.partition("<details>")[2]
     assert tab.session is None
 
 
@@ -181,10 +187,14 @@ def test_changed_settings_restart_the_conversation_on_the_same_video(demo):
     tab, *_ = _upload(app, demo["video"])
     (tab, *_), _ = _ask(app, "One?", tab)
     before = towers.snapshot()
-    (tab, messages, stats, status, _), _ = _ask(app, "Two?", tab, settings=(2, 2, 2, 2, True))
+    assert "Ready" in app.settings_changed(*SETTINGS, tab)[1]
+    summary, notice = app.settings_changed(4, 2, 2, 2, True, tab)  # said before the question is asked
+    assert "your next question starts a new conversation" in notice and "Hiera 544" in summary
+    (tab, messages, thumbnails, stats, status, _), _ = _ask(app, "Two?", tab, settings=(4, 2, 2, 2, True))
+    assert len(thumbnails) == 4 and tab.thumbnails is thumbnails  # the strip shows the frames now used
     assert towers.snapshot()["hiera"] > before["hiera"]
     assert "the settings changed" in status and [m["content"] for m in messages[::2]] == ["Two?"]
-    assert "Hiera 544" in stats  # both frames through Hiera now: 2 x 16 x 17
+    assert "Hiera 544" in stats and "1 turn(s)" in stats  # 2 of 4 frames through Hiera: 2 x 16 x 17
 
 
 def test_reset_keeps_the_encoded_video(demo):
@@ -194,6 +204,7 @@ def test_reset_keeps_the_encoded_video(demo):
     before = towers.snapshot()
     tab, messages, thumbnails, stats, status = app.reset(*SETTINGS, tab)
     assert messages == [] and len(thumbnails) == 2 and status.startswith("New conversation")
+    assert "0 turn(s)" in stats and "Last turn" not in stats  # the stats are this conversation's
     (tab, messages, *_), _ = _ask(app, "Two?", tab)
     assert [m["content"] for m in messages[::2]] == ["Two?"] and towers.snapshot() == before
 
@@ -209,15 +220,91 @@ def test_tabs_have_their_own_conversations_and_the_oldest_cache_is_released(demo
         (second, second_messages, *_), _ = _ask(app, "Question of tab two?", second)
         assert [m["content"] for m in first_messages[::2]] == ["Question of tab one?"]
         assert [m["content"] for m in second_messages[::2]] == ["Question of tab two?"]
-        (first, messages, _, status, _), _ = _ask(app, "Still there?", first)
+        (first, messages, _, _, status, _), _ = _ask(app, "Still there?", first)
         assert "released" in status and [m["content"] for m in messages[::2]] == ["Still there?"]
         assert second.session is None  # and now the second tab's was released
     finally:
         app.max_conversations = 4
 
 
+def test_the_question_shows_at_once_and_the_answer_streams_token_by_token(demo):
+    app = demo["app"]
+    ready_tab, *_ = _upload(app, demo["video"])
+    forwards = []
+    handle = app.model.model.language_model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        shown, messages, box, status = app.show_question("  Where is the ball? ", *SETTINGS, ready_tab)
+        assert (shown, box) == ("Where is the ball?", "") and messages[-1] == {"role": "user", "content": shown}
+        turns = app.ask(shown, *SETTINGS, ready_tab)
+        tab, messages, *_ = next(turns)  # before the model ran: the question, and an empty answer
+        assert forwards == [] and messages == [{"role": "user", "content": "Where is the ball?"},
+                                               {"role": "assistant", "content": ""}]
+        answers = [outputs[1][-1]["content"] for outputs in turns]
+    finally:
+        handle.remove()
+    new_ids = tab.session.last_answer.new_ids
+    # one update per token whose text is complete, each extending the last (was: text only at spaces)
+    pieces = len({app.processor.decode(new_ids[:n], skip_special_tokens=True) for n in range(1, len(new_ids) + 1)
+                  if not app.processor.decode(new_ids[:n], skip_special_tokens=True).endswith("\ufffd")} - {""})
+    assert len(answers) - 1 == pieces >= 2
+    assert all(later.startswith(earlier) for earlier, later in zip(answers, answers[1:-1]))
+
+
+def test_a_too_long_question_is_refused_before_the_model_runs(demo):
+    app = demo["app"]
+    ready_tab, *_ = _upload(app, demo["video"])
+    question = "?" * 40_000
+    shown, messages, box, _ = app.show_question(question, *SETTINGS, ready_tab)
+    assert box == question and messages == ready_tab.messages  # kept in the box to shorten; not put in the chat
+    before = demo["towers"].snapshot()
+    (tab, messages, _, _, status, box), _ = _ask(app, question, ready_tab)
+    assert "40,000 characters long" in status and "up to 2,000 characters" in status
+    assert tab is ready_tab and messages == [] and box == question.strip()
+    assert demo["towers"].snapshot() == before and tab.session.stats.turns == 0
+
+
+def test_the_summary_says_an_image_when_an_image_is_loaded(demo):
+    app = demo["app"]
+    tab, *_ = _upload(app, demo["image"])
+    summary = app.preview(*SETTINGS, tab)
+    assert summary.startswith("An image (200x120") and "A video" not in summary
+    assert "A video at 2 frames" in app.preview(*SETTINGS)
+
+
+def test_uploads_are_deleted_once_no_tab_uses_them(demo, tmp_path, monkeypatch):
+    """Gradio keeps every upload in its folder; the app deletes one when the last tab about it is done with it."""
+    import gradio
+
+    app = demo["app"]
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    uploaded = tmp_path / "0123abcd" / "room.mp4"
+    uploaded.parent.mkdir()
+    shutil.copy(demo["video"], uploaded)
+    assert Path(gradio.utils.get_upload_folder()) == tmp_path
+    first, *_ = _upload(app, uploaded)
+    second, *_ = _upload(app, uploaded)  # another tab about the same upload
+    _upload(app, demo["image"], first)  # the first tab moves on: the second still needs the file
+    assert uploaded.exists()
+    app._forget(second)  # the second tab is closed
+    assert not uploaded.exists() and not uploaded.parent.exists()
+    broken = tmp_path / "4567ef" / "broken.mp4"
+    broken.parent.mkdir()
+    shutil.copy(demo["broken"], broken)
+    _upload(app, broken)  # an upload that could not be used is not kept either
+    assert not broken.exists()
+    assert demo["video"].exists() and Path(app.example_video).exists()  # files outside the upload folder stay
+
+
+def test_question_and_upload_limits_are_settings(demo):
+    parser = app_module.build_parser()
+    args = parser.parse_args([])
+    assert (args.max_question_chars, args.max_file_size_mb) == (2000, 200)
+    args = parser.parse_args(["--max-question-chars", "50", "--max-file-size-mb", "1.5"])
+    assert (args.max_question_chars, args.max_file_size_mb) == (50, 1.5)
+
+
 def test_ask_before_any_upload_says_what_to_do(demo):
-    (tab, messages, _, status, _), _ = _ask(demo["app"], "Hello?", None)
+    (tab, messages, _, _, status, _), _ = _ask(demo["app"], "Hello?", None)
     assert "Upload a video or an image first" in status and messages == []
 
 
@@ -264,32 +351,43 @@ WAIT_MS = 120_000  # generous: CI shares two cores between the server and the br
 
 
 @pytest.fixture(scope="module")
-def server(demo):
-    """The real page on 127.0.0.1 (a free port), stopped after the module's tests."""
-    page = demo["app"].build()
+def server(demo, tmp_path_factory):
+    """The real page on 127.0.0.1 (a free port), stopped after the module's tests; its uploads, previews and
+    thumbnails go to a folder of its own, which must hold no file once the app has stopped."""
+    stored = tmp_path_factory.mktemp("gradio-files")
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(stored)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    page = demo["app"].launch("127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    assert page.max_file_size == 200 * 1024**2  # Gradio refuses larger uploads
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         page.close()
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR")
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+    # (Gradio 6 leaves one empty `tmp*` file per upload request beside them: no content of anyone's)
+    assert [path for path in stored.rglob("*") if path.is_file() and path.stat().st_size] == []
 
 
 @pytest.fixture(scope="module")
 def browser(server, tmp_path_factory):
     """Headless system Chromium with a fresh profile; records every URL the pages request."""
     profile = tmp_path_factory.mktemp("chromium-profile")
-    requested = []
+    requested, console_errors = [], []
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1280,
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1400,
                                                                                                 "height": 900})
         context.on("request", lambda request: requested.append(request.url))
+        context.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
         context.set_default_timeout(WAIT_MS)
         try:
-            yield context, requested
+            yield context, requested, console_errors
         finally:
             context.close()
 
@@ -299,9 +397,11 @@ def screenshots(tmp_path_factory):
     return tmp_path_factory.mktemp("screenshots")
 
 
-def _open_tab(browser, server):
-    context, _ = browser
+def _open_tab(browser, server, viewport=None):
+    context, *_ = browser
     page = context.new_page()
+    if viewport:
+        page.set_viewport_size(viewport)
     page.goto(server)
     page.wait_for_selector("#status")
     return page
@@ -324,6 +424,14 @@ def _page_ask(page, question: str, turns: int):
     _wait_text(page, "#status", "Ready")
 
 
+# Records every text the last answer bubble shows, as the page changes it.
+RECORD_ANSWERS = """() => { window.answers = [];
+  new MutationObserver(() => { const bots = document.querySelectorAll('#chat [data-testid=bot]');
+    const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
+    if (text && text !== window.answers[window.answers.length - 1]) window.answers.push(text); })
+  .observe(document.querySelector('#chat'), {childList: true, subtree: true, characterData: true}); }"""
+
+
 def _chat(page) -> tuple[list[str], list[str]]:
     users = [text.strip() for text in page.locator("#chat [data-testid=user]").all_inner_texts()]
     bots = [text.strip() for text in page.locator("#chat [data-testid=bot]").all_inner_texts()]
@@ -332,34 +440,103 @@ def _chat(page) -> tuple[list[str], list[str]]:
 
 @requires_browser
 def test_browser_upload_ask_and_follow_up_without_re_encoding(demo, server, browser, screenshots):
-    towers = demo["towers"]
+    towers, app = demo["towers"], demo["app"]
     page = _open_tab(browser, server)
     assert "answers are random" in page.inner_text("#random-note")
+    assert not page.is_visible("#preview")  # the token-ratio panel starts collapsed
+    page.click("#token-ratio button, #token-ratio .label-wrap")
     assert "SigLIP 420 + Hiera 272" in page.inner_text("#preview")  # the implied tokens, before anything ran
+    page.click("#token-ratio button, #token-ratio .label-wrap")  # and closed again
     _page_upload(page, demo["video"])
+    assert page.locator("#media-video video").get_attribute("src")  # the video the chat is about, shown
+    assert "room.mp4" in page.inner_text("#media").replace("\n", "")  # and the upload box still names it
     after_upload = towers.snapshot()
     strip = page.inner_text("#frames-strip")
     assert page.locator("#frames-strip img").count() == 2 and "0.00 s" in strip and "1.92 s" in strip
-    _page_ask(page, "How many chairs are in the room?", turns=1)
-    users, bots = _chat(page)
-    assert users == ["How many chairs are in the room?"] and len(bots) == 1
+    page.evaluate(RECORD_ANSWERS)
+    gate = ModelGate(app.model, step_s=0.2)  # holds the model, then paces its steps so each can reach the page
+    app.max_new_tokens = 8
+    try:
+        page.fill("#question textarea", "How many chairs are in the room?")
+        page.click("#ask")
+        _wait_text(page, "#chat [data-testid=user]", "How many chairs are in the room?")
+        assert page.evaluate("window.answers") == [] and gate.running == 0  # shown before the model answered
+        gate.open.set()
+        _wait_text(page, "#stats", "1 turn(s)")
+        _wait_text(page, "#status", "Ready")
+    finally:
+        gate.remove()
+        app.max_new_tokens = 4
+    answers, final = page.evaluate("window.answers"), _chat(page)[1][-1]
+    assert len(answers) >= 3 and answers[-1] == final  # several updates for one answer, each extending the last
+    assert all(later.startswith(earlier) for earlier, later in zip(answers, answers[1:]))
     assert TOKENS_TEXT in page.inner_text("#stats")
-    page.screenshot(path=screenshots / "1-first-answer.png", full_page=True)
+    page.screenshot(path=screenshots / "1-first-answer.png")
     _page_ask(page, "And how many tables?", turns=2)
     users, bots = _chat(page)
     assert users == ["How many chairs are in the room?", "And how many tables?"] and len(bots) == 2
     assert towers.snapshot() == after_upload  # the follow-up ran no tower
     assert "vision towers ran 1× · 2 turn(s)" in page.inner_text("#stats")
-    page.screenshot(path=screenshots / "2-follow-up.png", full_page=True)
+    page.screenshot(path=screenshots / "2-follow-up.png")
+    if os.environ.get("VICA2_APP_SCREENSHOT"):  # refresh the README's picture: VICA2_APP_SCREENSHOT=docs/app.png
+        page.screenshot(path=os.environ["VICA2_APP_SCREENSHOT"])
+    page.close()
+
+
+@requires_browser
+def test_browser_new_settings_are_announced_and_refresh_the_strip_and_stats(demo, server, browser):
+    page = _open_tab(browser, server)
+    _page_upload(page, demo["video"])
+    _page_ask(page, "One?", turns=1)
+    page.click("#token-ratio button, #token-ratio .label-wrap")
+    page.fill("#frames input", "4")
+    page.press("#frames input", "Enter")
+    _wait_text(page, "#status", "your next question starts a new conversation")  # said before Ask
+    assert page.locator("#frames-strip img").count() == 2
+    _page_ask(page, "Two?", turns=1)
+    assert "the settings changed" in page.inner_text("#status") and _chat(page)[0] == ["Two?"]
+    assert page.locator("#frames-strip img").count() == 4  # the strip shows the frames now used
+    page.click("#reset")
+    _wait_text(page, "#status", "New conversation. Ready")
+    stats = page.inner_text("#stats")
+    assert "0 turn(s)" in stats and "Last turn" not in stats and _chat(page) == ([], [])
+    page.close()
+
+
+@requires_browser
+def test_browser_phone_layout_puts_the_chat_right_after_the_media(demo, server, browser, screenshots):
+    page = _open_tab(browser, server, viewport={"width": 390, "height": 844})
+    page.click("#example")
+    _wait_text(page, "#status", "Ready")
+    assert page.locator("#media-video video").get_attribute("src")  # the example clip is shown
+    _page_ask(page, "Where is the ball?", turns=1)
+    box = {name: page.locator(selector).bounding_box() for name, selector in (
+        ("media", "#media"), ("example", "#example"), ("chat", "#chat"), ("question", "#question"),
+        ("bubble", "#chat [data-testid=user]"), ("toolbar", "#chat .icon-button-wrapper"))}
+    assert box["media"]["y"] < box["example"]["y"] < box["chat"]["y"] < box["question"]["y"]
+    # only the preview and the collapsed settings lie between the example button and the chat
+    assert box["chat"]["y"] - (box["example"]["y"] + box["example"]["height"]) < 400
+    assert box["bubble"]["y"] >= box["toolbar"]["y"] + box["toolbar"]["height"]  # the toolbar covers no message
+    page.screenshot(path=screenshots / "6-phone.png", full_page=True)
     page.close()
 
 
 @requires_browser
 def test_browser_unreadable_file_shows_an_error_and_the_next_upload_works(demo, server, browser, screenshots):
     page = _open_tab(browser, server)
-    _page_upload(page, demo["broken"], expected_status="Could not open the video 'broken.mp4'")
+    _page_upload(page, demo["broken"], expected_status="This file could not be read as a video.")
+    details = page.locator("#status details")
+    assert details.count() == 1 and details.get_attribute("open") is None  # the technical detail, on demand
+    assert not page.is_visible("#status details :text('Could not open the video')")
+    page.click("#status summary")
+    assert "Could not open the video 'broken.mp4'" in page.inner_text("#status details")
     page.screenshot(path=screenshots / "3-unreadable-file.png", full_page=True)
     _page_upload(page, demo["video"])
+    page.fill("#question textarea", "?" * 2001)  # one character over the limit the page states
+    assert "up to 2,000 characters" in page.inner_text("#limit")
+    page.click("#ask")
+    _wait_text(page, "#status", "Your question is 2,001 characters long")
+    assert _chat(page) == ([], []) and page.input_value("#question textarea") == "?" * 2001
     _page_ask(page, "Is the ball moving?", turns=1)
     assert _chat(page)[0] == ["Is the ball moving?"]
     page.close()
@@ -368,8 +545,8 @@ def test_browser_unreadable_file_shows_an_error_and_the_next_upload_works(demo, 
 class ModelGate:
     """Holds every language-model forward until opened, and records the most forwards that ever ran at once."""
 
-    def __init__(self, model):
-        self.open, self.running, self.most_at_once = threading.Event(), 0, 0
+    def __init__(self, model, step_s: float = 0.0):
+        self.open, self.running, self.most_at_once, self.step_s = threading.Event(), 0, 0, step_s
         self.lock = threading.Lock()
         language_model = model.model.language_model
         self.handles = [language_model.register_forward_pre_hook(self._enter),
@@ -377,6 +554,7 @@ class ModelGate:
 
     def _enter(self, *_):
         self.open.wait(WAIT_MS / 1000)
+        time.sleep(self.step_s)  # pacing only (nothing is timed): lets each streamed piece reach the page
         with self.lock:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
@@ -419,8 +597,10 @@ def test_browser_two_tabs_keep_their_own_conversations_one_generation_at_a_time(
 
 @requires_browser
 def test_browser_loaded_nothing_from_the_internet(server, browser):
-    """Runs after the others: every request of every page went to the app's own server (no CDN, no telemetry)."""
-    _, requested = browser
+    """Runs after the others: every request of every page went to the app's own server (no CDN, no telemetry), and
+    no page logged an error."""
+    _, requested, console_errors = browser
+    assert console_errors == []
     assert requested, "no page was loaded"
     outside = sorted({url for url in requested if not url.startswith((server, "data:", "blob:"))})
     assert outside == []

@@ -636,6 +636,12 @@ def _text_streamer_class():
             self._prompt_seen = True
             super().put(value)
 
+        @staticmethod
+        def _is_chinese_char(codepoint: int) -> bool:
+            # TextStreamer releases text at once after these (else it waits for a space): let every token through,
+            # holding back only an incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives).
+            return codepoint != 0xFFFD
+
         def on_finalized_text(self, text: str, stream_end: bool = False):
             if self.on_text is not None and text:
                 self.on_text(text)
