@@ -379,7 +379,7 @@ class Vica2App:
         kind = media_kind(path)
         session = ChatSession(self.model, self.processor, num_frames=settings.frames,
                               add_time_instruction=settings.time_instruction, max_new_tokens=self.max_new_tokens,
-                              **settings.overrides())
+                              max_question_chars=self.max_question_chars, **settings.overrides())
         start = time.perf_counter()
         if kind == "video":
             self._check_budget(implied_token_counts(self.model.config, num_frames=settings.frames,
