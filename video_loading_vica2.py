@@ -1,22 +1,15 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""Video decoding for ViCA2 with PyAV: the release's frame sampling, decoding only the frames it needs.
-
-The release samples `n` frames at `np.linspace(0, total_frames - 1, n, dtype=int)`, frame `i` at `i / average_fps`.
-A video is read in two passes: an index pass demuxes the packets without decoding (exact frame count, presentation
-timestamps, keyframes); a decode pass seeks to the last keyframe before a sampled frame when one lies in between,
-skips decoding non-reference frames nobody asked for (the sampled frames stay bit-identical to a full decode) and
-converts only the sampled frames to RGB. Keyframe segments are independent, so `decode_workers` threads each open
-the container and take segments from a shared queue (PyAV releases the GIL); frames are placed by presentation
-position, so the result does not depend on the workers. A `frame_sink` gets each sampled frame as soon as it is
-decoded, on the calling thread, so preprocessing overlaps decoding and no full-size frame is kept. A rotation in the
-display matrix is applied, as players do. (transformers' `load_video(..., backend="pyav")` decodes and keeps every
-frame, hence this reader.)
-"""
+"""PyAV video reading with the release's sampling (`linspace(0, total - 1, n, dtype=int)`, frame i at i / average fps),
+decoding only the frames it needs (transformers' pyav `load_video` decodes and keeps every frame). An index pass
+demuxes without decoding (frame count, timestamps, keyframes); the decode pass seeks to keyframes, skips non-reference
+frames nobody asked for (sampled frames stay bit-identical), and `decode_workers` threads decode independent keyframe
+segments, handing frames to a `frame_sink` on the calling thread as they come. Display-matrix rotation is applied."""
 
 from __future__ import annotations
 
 import bisect
 import io
+import itertools
 import os
 import queue
 import threading
@@ -58,8 +51,7 @@ class VideoLoadError(ValueError):
 
 @dataclass
 class FastResize:
-    """Opt-in "fast" decoding: swscale resizes straight from the decoder's YUV to the model's sizes (no full-size RGB
-    frame, PIL or torch resize; pixels differ slightly from the release's), Hiera's only for the frames it encodes."""
+    """Opt-in fast decoding: swscale resizes the decoder's YUV to the towers' sizes (pixels differ slightly)."""
 
     siglip_size: int
     hiera_size: int
@@ -69,8 +61,7 @@ class FastResize:
 
 
 @dataclass
-class DecodeStats:
-    """What the decode pass did; lets tests and benchmarks check that only what is needed was decoded."""
+class DecodeStats:  # what the decode pass did: tests and benchmarks check that only what is needed was decoded
 
     frames_decoded: int = 0
     frames_converted: int = 0
@@ -83,14 +74,10 @@ class DecodeStats:
 
 
 class DecodedVideo:
-    """Sampled frames of a video and its metadata.
-
-    Exact mode: `frames` is (T, H, W, 3) uint8 RGB. Fast mode: `frames` is None and `siglip_frames` (T, 3, S, S) /
-    `hiera_frames` (ceil(T / k), 3, Hs, Hs) hold channels-first uint8 RGB already resized for the two towers, k
-    being `hiera_frame_stride`. `pixels` optionally holds the model's pixels already prepared while decoding (the
-    processor's output tensors), with `pixels_key` the settings they were prepared for; `frames` may then be None.
-    (A plain class, not a dataclass: transformers' chat templates turn dataclasses found in messages into dicts.)
-    """
+    """Sampled frames and metadata: exact mode `frames` (T, H, W, 3) uint8 RGB; fast mode `siglip_frames` (T, 3, S, S)
+    and `hiera_frames` (ceil(T / k), 3, Hs, Hs), k = `hiera_frame_stride`. `pixels`: the processor's outputs prepared
+    while decoding, for the settings `pixels_key` (`frames` may then be None). Not a dataclass: chat templates turn
+    those into dicts."""
 
     def __init__(self, metadata: VideoMetadata | None, frames=None, siglip_frames=None, hiera_frames=None,
                  hiera_frame_stride: int | None = None, stats: DecodeStats | None = None, pixels: dict | None = None,
@@ -123,7 +110,6 @@ class StreamIndex:
     keyframe_dts: list[int] = field(default_factory=list)  # their decode timestamps (a second way to seek)
 
 
-# --------------------------------------------------------------------------------------------------- sampling
 def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
     """The release's uniform sampling: `np.linspace(0, total_frames - 1, num_frames, dtype=int)`; indices repeat when
     `num_frames > total_frames` (as the release's training did, with `force_sample=True`)."""
@@ -135,30 +121,21 @@ def _num_frames(num_frames) -> int:
     return positive_int("num_frames", num_frames, "frames to sample from the video")
 
 
-# --------------------------------------------------------------------------------------------------- public API
 def load_video(source, num_frames: int) -> tuple[np.ndarray, VideoMetadata]:
-    """Sample `num_frames` frames of a video (a path, a URL PyAV can open, or a binary file object) exactly as the
-    release does: ((T, H, W, 3) uint8, metadata with the sampled `frames_indices`, their `timestamps` (index /
-    average fps) and `duration` = total frames / average fps, as in the release's time instruction)."""
+    """`num_frames` frames of a video (path, URL or binary file object) sampled as the release does: ((T, H, W, 3)
+    uint8, metadata with the sampled `frames_indices`, `timestamps` and `duration` = total frames / average fps)."""
     video = read_video(source, num_frames)
     return video.frames, video.metadata
 
 
 def read_video(source, num_frames: int, fast_resize: FastResize | None = None, decode_workers: int | None = None,
                make_frame_sink: Callable | None = None, keep_frames=True, allow_network=True) -> DecodedVideo:
-    """Sample and decode `num_frames` frames of a video file (see `load_video`); `fast_resize` selects fast mode.
+    """Sample and decode `num_frames` frames of a video (see `load_video`); `fast_resize` selects fast mode.
 
-    Args:
-        decode_workers: threads that decode keyframe segments in parallel (default: `default_decode_workers()`, the
-            cores this process may use). The frames do not depend on it. A file object is read by one worker.
-        make_frame_sink: called with the video's metadata (its sampled `frames_indices`) before decoding; returns
-            the sink, called as `sink(position, frame)` on the calling thread once per distinct sampled frame as it
-            is decoded (in completion order; `position`: its index in the video; `frame`: (H, W, 3) uint8 RGB, or
-            in fast mode the (siglip, hiera) pair, hiera None for frames Hiera does not encode).
-        keep_frames: with a frame sink, False keeps no frames in the result (only the metadata and stats).
-        allow_network: False keeps FFmpeg off the network: a URL is refused, and a local file that refers to
-            remote parts (an HLS playlist naming http segments) fails instead of fetching them.
-    """
+    `decode_workers`: threads decoding keyframe segments (default: the usable cores; the frames do not depend on it).
+    `make_frame_sink(metadata)` is called before decoding and returns `sink(position, frame)`, called on this thread
+    once per distinct sampled frame as it decodes (`frame`: (H, W, 3) uint8 RGB, or fast mode's (siglip, hiera or
+    None) pair); with a sink, `keep_frames=False` keeps no frames. `allow_network=False` refuses URLs."""
     num_frames = _num_frames(num_frames)
     workers = default_decode_workers() if decode_workers is None else positive_int(
         "decode_workers", decode_workers, f"threads decoding the video; unset: one per core, {default_decode_workers()} here"
@@ -189,8 +166,7 @@ def read_video(source, num_frames: int, fast_resize: FastResize | None = None, d
 
 
 def default_decode_workers() -> int:
-    """Decode workers by default: the cores this process may run on (its CPU affinity, which containers and job
-    schedulers narrow), not the machine's core count."""
+    """The cores this process may run on (its CPU affinity, which containers narrow), not the machine's."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no affinity outside Linux
@@ -203,14 +179,12 @@ def probe_video(source, num_frames: int, allow_network: bool = True) -> VideoMet
 
 
 def _probe(video_file: _VideoFile, num_frames: int) -> tuple[StreamIndex, VideoMetadata]:
-    """The index pass: the stream's index and the metadata of the `num_frames` frames the release samples."""
     with video_file.open() as container:
         stream = video_file.video_stream(container)
         index = _index_stream(container, stream, video_file.name)
         return index, _metadata(stream, index.num_frames, _sample_checked(index.num_frames, num_frames, video_file.name))
 
 
-# --------------------------------------------------------------------------------------------------- opening
 class _VideoFile:
     """A video source that can be opened more than once (the index pass and the decode pass each open it)."""
 
@@ -286,7 +260,6 @@ def _is_seekable(fileobj) -> bool:
         return False
 
 
-# --------------------------------------------------------------------------------------------------- index pass
 def _index_stream(container, stream, name: str) -> StreamIndex:
     """Demux every packet of the stream (no decoding): frame count, presentation order, keyframes."""
     packets = []  # (pts, dts, is_keyframe) in decode order
@@ -325,7 +298,7 @@ def _index_stream(container, stream, name: str) -> StreamIndex:
 def _truncated(name: str, stream, demuxed: int) -> VideoLoadError:
     """The file ends before the frames its header lists (an interrupted copy of an index-first mp4): an error, as
     sampling the part that is there would answer about the start of the video only, without anyone noticing."""
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    rate = _frame_rate(stream)
     seconds = lambda frames: f" ({frames / float(rate):.2f} s)" if rate else ""  # noqa: E731
     return VideoLoadError(
         f"The {name} is truncated: its header lists {stream.frames} frames{seconds(stream.frames)} but the file "
@@ -359,22 +332,18 @@ def _sample_checked(total_frames: int, num_frames: int, name: str) -> list[int]:
     return sample_frame_indices(total_frames, num_frames)
 
 
+def _frame_rate(stream):
+    return stream.average_rate or stream.guessed_rate or stream.base_rate
+
+
 def _metadata(stream, total_frames: int, indices: list[int]) -> VideoMetadata:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    fps = float(rate) if rate else None
-    return VideoMetadata(
-        total_num_frames=total_frames,
-        fps=fps,
-        width=stream.codec_context.width,
-        height=stream.codec_context.height,
-        # The release's "video lasts for" figure: total frames / average fps.
-        duration=total_frames / fps if fps else None,
-        video_backend="pyav",
-        frames_indices=list(indices),
+    fps = float(_frame_rate(stream)) if _frame_rate(stream) else None
+    return VideoMetadata(  # duration: the release's "video lasts for" figure, total frames / average fps
+        total_num_frames=total_frames, fps=fps, width=stream.codec_context.width, height=stream.codec_context.height,
+        duration=total_frames / fps if fps else None, video_backend="pyav", frames_indices=list(indices),
     )
 
 
-# --------------------------------------------------------------------------------------------------- decode pass
 def _converter(indices: list[int], fast_resize: FastResize | None) -> Callable:
     """What to keep of a sampled frame, turned as the display matrix says, and its displayed (height, width): the
     full-size RGB array, or (fast mode) the two resized RGB arrays."""
@@ -389,7 +358,7 @@ def _converter(indices: list[int], fast_resize: FastResize | None) -> Callable:
 
         return convert_exact
 
-    hiera_positions = {indices[j] for j in range(0, len(indices), fast_resize.hiera_frame_stride)}
+    hiera_positions = set(indices[:: fast_resize.hiera_frame_stride])
 
     def convert_fast(frame, position):
         turns = _quarter_turns(frame)
@@ -404,10 +373,8 @@ def _converter(indices: list[int], fast_resize: FastResize | None) -> Callable:
 
 
 def _quarter_turns(frame) -> int:
-    """Counter-clockwise quarter turns that show the frame upright (its display matrix, as players apply it).
-
-    PyAV's `frame.rotation` is the display matrix's counter-clockwise angle; phones store multiples of 90 degrees.
-    (Mirroring entries of the matrix are not applied.)"""
+    """Counter-clockwise quarter turns that show the frame upright (PyAV's `frame.rotation`: the display matrix's
+    angle; phones store multiples of 90 degrees; mirroring is not applied)."""
     rotation = frame.rotation
     if rotation % 90:
         logger.warning_once(f"A video's display matrix rotates by {rotation} degrees; rounding to a quarter turn.")
@@ -419,8 +386,8 @@ def _turned(channels_first: np.ndarray, turns: int) -> np.ndarray:
 
 
 def _reformat(frame, size: int, interpolation: str) -> np.ndarray:
-    """(3, size, size) uint8 RGB from swscale's planar output: channels-first as the model wants them, and closer
-    to the exact recipe than swscale's packed RGB output (measured: mean 1.9 vs 4.8 uint8 levels at 384)."""
+    """(3, size, size) uint8 RGB from swscale's planar output: channels-first, and closer to the exact recipe than
+    its packed RGB (mean 1.9 vs 4.8 uint8 levels at 384)."""
     out = frame.reformat(width=size, height=size, format="gbrp", interpolation=interpolation)
     green, blue, red = (
         np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:size, :size] for plane in out.planes
@@ -437,13 +404,12 @@ def _size_changes(video_file: _VideoFile, sizes: list) -> VideoLoadError:
     )
 
 
-class _UnreliableTimestamps(Exception):
-    """Decoded frames came out of order of their timestamps: positions cannot be derived from them."""
+class _UnreliableTimestamps(Exception):  # frames came out of timestamp order: positions cannot be derived from them
+    pass
 
 
 def _decode_positions(video_file: _VideoFile, index: StreamIndex, positions: list[int], convert, take, stats, workers):
-    """Decode the frames at the given presentation positions (sorted, unique), handing each to
-    `take(position, converted, size)` on the calling thread."""
+    """Decode the frames at the given (sorted, unique) positions, handing each to `take(position, converted, size)`."""
     if index.frame_pts is not None:
         attempt = DecodeStats()
         try:
@@ -455,8 +421,7 @@ def _decode_positions(video_file: _VideoFile, index: StreamIndex, positions: lis
 
 
 def _segments(index: StreamIndex, positions: list[int]) -> list[list[int]]:
-    """The positions grouped by the last keyframe at or before them (the frames before the first keyframe form a
-    group of their own): each group decodes from its keyframe alone, independently of the others."""
+    """The positions grouped by their last keyframe (frames before the first form a group): independent to decode."""
     groups: dict[int, list[int]] = {}
     for position in positions:
         groups.setdefault(bisect.bisect_right(index.keyframe_positions, position), []).append(position)
@@ -467,15 +432,13 @@ _DONE = object()
 
 
 def _run_workers(decoder_class, video_file, index, tasks: list, convert, take, stats, workers: int) -> None:
-    """Decode `tasks` (lists of positions) on up to `workers` threads, each with its own container, taking tasks
-    from a shared queue (so a slow segment does not hold the others back); the calling thread hands the decoded
-    frames to `take` as they come, through a bounded queue (memory stays flat however long the video)."""
+    """Decode `tasks` (lists of positions) on up to `workers` threads, each with its own container, from a shared
+    queue; the calling thread hands the frames to `take` through a bounded queue (flat memory however long the video)."""
     workers = max(1, min(workers, len(tasks)))
     # The cores left per worker go to FFmpeg's frame threads (one decoder on many cores; none when GOPs use them).
     decoder_threads = max(1, default_decode_workers() // workers)
     todo: queue.SimpleQueue = queue.SimpleQueue()
-    for task in tasks:
-        todo.put(task)
+    list(map(todo.put, tasks))
     done: queue.Queue = queue.Queue(maxsize=QUEUED_FRAMES_PER_WORKER * workers)
     stop = threading.Event()
 
@@ -504,8 +467,7 @@ def _run_workers(decoder_class, video_file, index, tasks: list, convert, take, s
             put(error)
 
     threads = [threading.Thread(target=work, name=f"vica2-decode-{i}", daemon=True) for i in range(workers)]
-    for thread in threads:
-        thread.start()
+    list(map(threading.Thread.start, threads))
     try:
         finished = 0
         while finished < workers:
@@ -525,8 +487,7 @@ def _run_workers(decoder_class, video_file, index, tasks: list, convert, take, s
 
 
 class _Decoder:
-    """One worker's container and decoder (a context manager); `decode(positions)` yields (position, converted,
-    size) for the given sampled positions."""
+    """One worker's container and decoder (a context manager); `decode(positions)` yields (position, converted, size)."""
 
     def __init__(self, video_file: _VideoFile, index: StreamIndex, convert, stats: DecodeStats, threads: int):
         self.video_file, self.index, self.convert, self.stats, self.threads = video_file, index, convert, stats, threads
@@ -548,9 +509,7 @@ class _Decoder:
             self.frames = self.stream = self.container = None
 
     def _frames(self, locate, wanted_pts, first_packet=None) -> Iterator:
-        return _decoded_frames(
-            self.container, self.stream, locate, wanted_pts, self.video_file, self.stats, first_packet
-        )
+        return _decoded_frames(self.container, self.stream, locate, wanted_pts, self.video_file, self.stats, first_packet)
 
 
 class _SeekingDecoder(_Decoder):
@@ -558,8 +517,7 @@ class _SeekingDecoder(_Decoder):
 
     def __enter__(self):
         super().__enter__()
-        index = self.index
-        self.position_of = {pts: position for position, pts in enumerate(index.frame_pts)}
+        self.position_of = {pts: position for position, pts in enumerate(self.index.frame_pts)}
         self.frames, self.current = None, -1
         return self
 
@@ -627,7 +585,7 @@ def _decoded_frames(container, stream, locate, wanted_pts, video_file, stats, fi
     codec = stream.codec_context
     last_pts = None
     try:
-        for packet in _packets(container, stream, first_packet):
+        for packet in itertools.chain([first_packet] if first_packet is not None else [], container.demux(stream)):
             if wanted_pts is not None and packet.pts is not None:
                 # A frame that nobody references and nobody asked for need not be decoded at all.
                 codec.skip_frame = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
@@ -646,12 +604,6 @@ def _decoded_frames(container, stream, locate, wanted_pts, video_file, stats, fi
         ) from error
 
 
-def _packets(container, stream, first_packet=None) -> Iterator:
-    if first_packet is not None:
-        yield first_packet
-    yield from container.demux(stream)
-
-
 def _ended_early(video_file: _VideoFile, target: int, total: int | None) -> VideoLoadError:
     of_total = f" of {total}" if total else ""
     return VideoLoadError(
@@ -664,23 +616,10 @@ def _assemble(decoded: dict, indices: list[int], metadata, fast_resize, stats) -
     if fast_resize is None:
         return DecodedVideo(metadata, frames=np.stack([decoded[i] for i in indices]), stats=stats)
     siglip = np.stack([decoded[i][0] for i in indices])
-    hiera = np.stack([decoded[indices[j]][1] for j in range(0, len(indices), fast_resize.hiera_frame_stride)])
-    return DecodedVideo(
-        metadata,
-        siglip_frames=siglip,
-        hiera_frames=hiera,
-        hiera_frame_stride=fast_resize.hiera_frame_stride,
-        stats=stats,
-    )
+    hiera = np.stack([decoded[i][1] for i in indices[:: fast_resize.hiera_frame_stride]])
+    return DecodedVideo(metadata, siglip_frames=siglip, hiera_frames=hiera,
+                        hiera_frame_stride=fast_resize.hiera_frame_stride, stats=stats)
 
 
-__all__ = [
-    "load_video",
-    "read_video",
-    "probe_video",
-    "sample_frame_indices",
-    "default_decode_workers",
-    "FastResize",
-    "DecodedVideo",
-    "VideoLoadError",
-]
+__all__ = ["load_video", "read_video", "probe_video", "sample_frame_indices", "default_decode_workers", "FastResize",
+           "DecodedVideo", "VideoLoadError"]
