@@ -292,7 +292,7 @@ class Vica2App:
             self._check_budget(implied_token_counts(self.model.config, num_frames=settings.frames,
                                                     **settings.overrides())["total"], f"{settings.frames} frames",
                                "Sample fewer frames or use larger pool strides.")
-            decoded = self.processor.load_video(path, num_frames=settings.frames, **settings.overrides())
+            decoded = self.processor.load_video(path, num_frames=settings.frames, keep_frames=True, **settings.overrides())
             thumbnails = video_thumbnails(decoded)
             decode_s = time.perf_counter() - start
             session.set_video(decoded)

@@ -342,11 +342,17 @@ def _load_image_file(path: str) -> Image.Image:
     is_url = path.startswith(("http://", "https://", "data:"))
     if not is_url and not os.path.isfile(path):
         raise FileNotFoundError(f"Image file not found: '{path}'. Check the path, or pass a PIL image or an array.")
+    source = path if len(path) <= 200 else path[:200] + "..."  # a data: URL can be megabytes long
     try:  # decode now, so that a truncated file or an error page fails here, naming its source
         image = load_image(path)
         image.load()
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"The image '{source}' is too large to decode safely ({error}): PIL refuses images above twice "
+            f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels. Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if you trust it."
+        ) from error
     except Exception as error:  # noqa: BLE001 - network, HTTP and image-format errors all mean "cannot read it"
-        source = path if len(path) <= 200 else path[:200] + "..."  # a data: URL can be megabytes long
         hint = "Check the URL (or fetch the image yourself and pass it)" if is_url else "Check that it is an image"
         raise ValueError(f"Could not read the image '{source}': {type(error).__name__}: {error}. {hint}.") from error
     return image

@@ -412,9 +412,8 @@ class Vica2Model(Vica2PreTrainedModel):
 
 
 def _past_length(cache) -> int | None:
-    """Tokens already in `cache` when the host knows it for free: 0 without a cache (or an empty one), a dynamic
-    cache's length. None for a filled static cache: its length lives on the device, and reading it back would stall
-    every decode step (and break a compiled one)."""
+    """Tokens in `cache` when the host knows it for free; None for a filled static cache, whose length lives on the
+    device (reading it back would stall every decode step and break a compiled one)."""
     length = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     return length if isinstance(length, int) else None
 

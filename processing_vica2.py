@@ -39,8 +39,8 @@ from .video_processing_vica2 import (
 
 # Settings of the video processor's call (reading, sampling, pixels) besides the token ratio.
 VIDEO_ARGS = (
-    "num_frames", "fast_decode", "decode_workers", "do_sample_frames", "video_metadata", "hiera_antialias", "device",
-    "input_data_format",
+    "num_frames", "fast_decode", "decode_workers", "allow_playlists", "max_video_pixels", "do_sample_frames",
+    "video_metadata", "hiera_antialias", "device", "input_data_format",
 )  # fmt: skip
 TEXT_OPTIONS = ("return_text_replacement_offsets", "return_mm_token_type_ids")  # ours, not the tokenizer's
 TOKENIZER_ARGS = frozenset(TextKwargs.__annotations__) - set(TEXT_OPTIONS)
@@ -196,8 +196,8 @@ class Vica2Processor(ProcessorMixin):
         overrides = {name: kwargs.pop(name) for name in TOKEN_RATIO_ARGS if name in kwargs}
         overrides = {name: value for name, value in overrides.items() if value is not None}
         layout = self.resolve_token_layout(**overrides)
-        video_kwargs = {name: kwargs.pop(name) for name in VIDEO_ARGS[:5] if name in kwargs}
-        video_kwargs.update({name: kwargs[name] for name in VIDEO_ARGS[5:] if name in kwargs})  # images' too
+        video_kwargs = {name: kwargs.pop(name) for name in VIDEO_ARGS[:7] if name in kwargs}
+        video_kwargs.update({name: kwargs[name] for name in VIDEO_ARGS[7:] if name in kwargs})  # images' too
         return_metadata = bool(kwargs.pop("return_metadata", False))
         options = {name: bool(kwargs.pop(name, False)) for name in TEXT_OPTIONS}
         image_kwargs = self._image_kwargs(kwargs)
@@ -317,16 +317,19 @@ class Vica2Processor(ProcessorMixin):
         raise ValueError(f"{REMOTE_MEDIA_ENV}={value!r}: set it to 1 (fetch media URLs) or 0 (refuse them).")
 
     def load_video(self, source, num_frames=None, fast_decode=False, decode_workers=None, hiera_antialias=None,
-                   device=None, keep_frames: bool = True, **overrides) -> DecodedVideo:
+                   device=None, keep_frames: bool = False, allow_playlists=False, max_video_pixels=None,
+                   **overrides) -> DecodedVideo:
         """Read and sample a video file once (e.g. to reuse across prompts: pass the result as `videos=`); `num_frames`
         defaults to the (overridden) frame budget. Its pixels are prepared while decoding for the token-ratio
-        `overrides`, `hiera_antialias` and `device`; calls with other settings prepare them again from kept frames."""
+        `overrides`, `hiera_antialias` and `device`; calls with other settings need the full-size frames, kept only
+        with `keep_frames=True`. `allow_playlists`, `max_video_pixels`: as in `Vica2VideoProcessor.load_video`."""
         self.check_media_source(source, "video")
         layout = self.resolve_token_layout(**overrides)
         stride = check_frame_ratio(layout["video_frames_budget"], layout["hiera_frames"])
         return self.video_processor.load_video(
             source, self._num_frames(num_frames, layout), stride, fast_decode, decode_workers, hiera_antialias, device,
-            keep_frames=keep_frames, allow_network=self._remote_media_allowed(),
+            keep_frames=keep_frames, allow_network=self._remote_media_allowed(), allow_playlists=allow_playlists,
+            max_video_pixels=max_video_pixels,
         )  # fmt: skip
 
     def apply_chat_template(self, conversation, chat_template=None, add_time_instruction=None, **kwargs):
@@ -340,7 +343,7 @@ class Vica2Processor(ProcessorMixin):
         template = template.get("default") if isinstance(template, dict) else template
         for name in [k for k in kwargs if k not in CHAT_TEMPLATE_ARGS and k not in _template_variables(template)]:
             processor_kwargs[name] = kwargs.pop(name)
-        loading = {name: processor_kwargs.pop(name) for name in VIDEO_ARGS[:3] if name in processor_kwargs}
+        loading = {name: processor_kwargs.pop(name) for name in VIDEO_ARGS[:5] if name in processor_kwargs}
         flat = _flatten_modality_kwargs(processor_kwargs)
         loading.update({name: flat[name] for name in ("hiera_antialias", "device") if name in flat})
         loading.update({name: flat[name] for name in TOKEN_RATIO_ARGS if flat.get(name) is not None})
@@ -393,7 +396,9 @@ class Vica2Processor(ProcessorMixin):
             if not add_time:
                 return source, None
             num_frames = self._num_frames(requested, self.resolve_token_layout(**{k: v for k, v in loading.items() if k in TOKEN_RATIO_ARGS}))
-            return source, self.video_processor.probe_video(source, num_frames, self._remote_media_allowed())
+            access = {name: loading[name] for name in ("allow_playlists", "max_video_pixels") if name in loading}
+            return source, self.video_processor.probe_video(
+                source, num_frames, allow_network=self._remote_media_allowed(), **access)
         metadata = as_metadata(block.get("metadata"))
         num_frames = decoded_frame_count(source)
         if num_frames is not None:  # else `__call__` names what is wrong with the frames

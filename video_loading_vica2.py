@@ -8,6 +8,7 @@ segments, handing frames to a `frame_sink` on the calling thread as they come. D
 from __future__ import annotations
 
 import bisect
+import errno
 import io
 import itertools
 import os
@@ -22,6 +23,7 @@ from transformers.utils import logging
 from transformers.video_utils import VideoMetadata
 
 from .configuration_vica2 import positive_int
+from .image_processing_vica2 import URL_SCHEME
 
 
 try:
@@ -37,10 +39,15 @@ AV_INSTALL_HINT = (
     "frames you decoded yourself: a uint8 array of shape (frames, height, width, 3)."
 )
 
-URL_PREFIXES = ("http://", "https://", "rtsp://", "rtmp://", "ftp://")
-# FFmpeg protocols a container may open for its parts (an HLS playlist's segments and keys, inline data) when the
-# network is off: a local playlist that names http segments then fails instead of fetching them.
-LOCAL_PROTOCOLS = "file,crypto,data"
+# Remote reads: http(s) URLs only. FFmpeg takes any "scheme:" name for an address ("tcp:HOST:PORT" connects), so a local
+# file is opened as `file:<path>`, with FFmpeg's file protocol only, whatever its name.
+URL_PREFIXES = ("http://", "https://")
+REMOTE_PROTOCOLS = "http,https,tcp,tls"
+# Demuxers that open the files or addresses a file names (playlists, concat lists, manifests, SDP): refused unless the
+# caller allows playlists, so that untrusted input cannot point the reader at another file.
+FOLLOWING_DEMUXERS = frozenset({"hls", "concat", "dash", "imf", "sdp"})
+READ_TIMEOUT = 30.0  # seconds FFmpeg may wait for data, opening or reading: no read hangs forever
+DEFAULT_MAX_VIDEO_PIXELS = 64 * 3840 * 2160  # declared width x height x frames sampled: 64 frames at 4K
 # Decoded frames waiting for the frame sink, per decode worker: bounds memory when preprocessing is the slower stage.
 QUEUED_FRAMES_PER_WORKER = 2
 
@@ -129,19 +136,22 @@ def load_video(source, num_frames: int) -> tuple[np.ndarray, VideoMetadata]:
 
 
 def read_video(source, num_frames: int, fast_resize: FastResize | None = None, decode_workers: int | None = None,
-               make_frame_sink: Callable | None = None, keep_frames=True, allow_network=True) -> DecodedVideo:
+               make_frame_sink: Callable | None = None, keep_frames=True, allow_network=True, allow_playlists=False,
+               max_video_pixels: int | None = None) -> DecodedVideo:
     """Sample and decode `num_frames` frames of a video (see `load_video`); `fast_resize` selects fast mode.
 
     `decode_workers`: threads decoding keyframe segments (default: the usable cores; the frames do not depend on it).
     `make_frame_sink(metadata)` is called before decoding and returns `sink(position, frame)`, called on this thread
     once per distinct sampled frame as it decodes (`frame`: (H, W, 3) uint8 RGB, or fast mode's (siglip, hiera or
-    None) pair); with a sink, `keep_frames=False` keeps no frames. `allow_network=False` refuses URLs."""
+    None) pair); with a sink, `keep_frames=False` keeps no frames. `allow_network=False` refuses URLs;
+    `allow_playlists=True` lets playlists / concat lists name other media; `max_video_pixels` bounds declared
+    width x height x `num_frames` (default `DEFAULT_MAX_VIDEO_PIXELS`), checked before decoding."""
     num_frames = _num_frames(num_frames)
     workers = default_decode_workers() if decode_workers is None else positive_int(
         "decode_workers", decode_workers, f"threads decoding the video; unset: one per core, {default_decode_workers()} here"
     )
-    video_file = _VideoFile(source, allow_network)
-    index, metadata = _probe(video_file, num_frames)
+    video_file = _VideoFile(source, allow_network, allow_playlists)
+    index, metadata = _probe(video_file, num_frames, max_video_pixels)
     indices = metadata.frames_indices
     if video_file.start is not None:
         workers = 1  # one file object cannot be read at two places at once
@@ -150,6 +160,7 @@ def read_video(source, num_frames: int, fast_resize: FastResize | None = None, d
 
     def take(position: int, value, size: tuple[int, int]) -> None:
         sizes.add(size)
+        _check_cost(video_file.name, size, num_frames, max_video_pixels)  # a header may understate the size
         if len(sizes) > 1:
             raise _size_changes(video_file, sorted(sizes))
         if frame_sink is not None:
@@ -173,14 +184,15 @@ def default_decode_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def probe_video(source, num_frames: int, allow_network: bool = True) -> VideoMetadata:
+def probe_video(source, num_frames: int, allow_network=True, allow_playlists=False, max_video_pixels=None) -> VideoMetadata:
     """The metadata `load_video` would return (frame count, fps, sampled indices), from the index pass alone."""
-    return _probe(_VideoFile(source, allow_network), _num_frames(num_frames))[1]
+    return _probe(_VideoFile(source, allow_network, allow_playlists), _num_frames(num_frames), max_video_pixels)[1]
 
 
-def _probe(video_file: _VideoFile, num_frames: int) -> tuple[StreamIndex, VideoMetadata]:
+def _probe(video_file: _VideoFile, num_frames: int, max_video_pixels=None) -> tuple[StreamIndex, VideoMetadata]:
     with video_file.open() as container:
         stream = video_file.video_stream(container)
+        _check_cost(video_file.name, (stream.codec_context.height, stream.codec_context.width), num_frames, max_video_pixels)
         index = _index_stream(container, stream, video_file.name)
         return index, _metadata(stream, index.num_frames, _sample_checked(index.num_frames, num_frames, video_file.name))
 
@@ -188,21 +200,31 @@ def _probe(video_file: _VideoFile, num_frames: int) -> tuple[StreamIndex, VideoM
 class _VideoFile:
     """A video source that can be opened more than once (the index pass and the decode pass each open it)."""
 
-    def __init__(self, source, allow_network: bool = True):
+    def __init__(self, source, allow_network: bool = True, allow_playlists: bool = False):
         if av is None:
             raise ImportError(AV_INSTALL_HINT)
-        self.options = {} if allow_network else {"protocol_whitelist": LOCAL_PROTOCOLS}
+        self.allow_network, self.allow_playlists = allow_network, allow_playlists
+        # A playlist the caller allowed may name local parts (and remote ones when the network is on), nothing else.
+        protocols = ("file,crypto,data" + ("," + REMOTE_PROTOCOLS if allow_network else "")) if allow_playlists else "file"
+        self.options = {"protocol_whitelist": protocols}
+        if not allow_playlists:
+            self.options["format_whitelist"] = ",".join(sorted(set(av.formats_available) - FOLLOWING_DEMUXERS))
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
-            self.name = f"video '{path}'"
-            if not allow_network and path.startswith(URL_PREFIXES):
-                raise ValueError(f"Refusing to fetch the {self.name}: the network is off for this read.")
-            if not path.startswith(URL_PREFIXES) and not os.path.isfile(path):
+            self.name, self.start = f"video '{path}'", None
+            if os.path.isfile(path):  # a local file, whatever its name looks like
+                self.source = "file:" + os.path.abspath(path)
+            elif not path.startswith(URL_PREFIXES):
+                remote = " (remote videos are read from http(s) URLs only)" if URL_SCHEME.match(path) else ""
                 raise FileNotFoundError(
-                    f"Video file not found: '{path}'. Check the path, or pass decoded frames (a uint8 array of shape "
-                    "(frames, height, width, 3)) instead."
+                    f"Video file not found: '{path}'{remote}. Check the path, or pass decoded frames (a uint8 array of "
+                    "shape (frames, height, width, 3)) instead."
                 )
-            self.source, self.start = path, None
+            elif not allow_network:
+                raise ValueError(f"Refusing to fetch the {self.name}: the network is off for this read.")
+            else:
+                self.source = path
+                self.options["protocol_whitelist"] = REMOTE_PROTOCOLS + (",crypto,data" if allow_playlists else "")
         elif hasattr(source, "read"):
             self.name = f"video file object ({type(source).__name__})"
             if _reads_text(source):
@@ -222,15 +244,21 @@ class _VideoFile:
         if self.start is not None:
             self.source.seek(self.start)
         try:
-            return av.open(self.source, mode="r", metadata_errors="ignore", options=self.options)
+            return av.open(self.source, "r", metadata_errors="ignore", container_options=self.options, timeout=READ_TIMEOUT)
         except av.FFmpegError as error:
+            if error.errno == errno.EINVAL and not self.allow_playlists:  # its demuxer is off the format whitelist
+                raise VideoLoadError(
+                    f"The {self.name} is a playlist or a list of other media (HLS, ffconcat, DASH, ...): reading it "
+                    "would open the files it names, which untrusted input may not do. Pass the video itself, or "
+                    "allow_playlists=True if you trust the list and everything it names."
+                ) from error
             # FFmpeg reports a refused protocol as invalid data: say that it may be one when the network is off.
             remote = (" With remote media off, a file that refers to remote parts (an HLS playlist naming http "
-                      "segments) is refused too: download the video itself.") if self.options else ""
+                      "segments) is refused too: download the video itself.") if not self.allow_network else ""
             raise VideoLoadError(
-                f"Could not open the {self.name} as a video ({error}). The file is not a video, or it is truncated or "
-                "corrupt (an mp4 whose recording was interrupted usually lacks its index). Re-encode it, e.g. "
-                f"`ffmpeg -i in.mp4 out.mp4`, or pass decoded frames instead.{remote}"
+                f"Could not open the {self.name} as a video ({error}). The file is not a video, it did not answer "
+                f"within {READ_TIMEOUT:g} s, or it is truncated or corrupt (an mp4 whose recording was interrupted "
+                f"usually lacks its index). Re-encode it, e.g. `ffmpeg -i in.mp4 out.mp4`, or pass decoded frames instead.{remote}"
             ) from error
 
     def video_stream(self, container):
@@ -238,9 +266,7 @@ class _VideoFile:
         stream = stream or (container.streams.video[0] if container.streams.video else None)
         if stream is None:
             found = ", ".join(sorted({s.type for s in container.streams})) or "nothing"
-            raise VideoLoadError(
-                f"The {self.name} has no video stream (it holds: {found}). Pass a file with video in it."
-            )
+            raise VideoLoadError(f"The {self.name} has no video stream (it holds: {found}). Pass a file with video in it.")
         return stream
 
 
@@ -278,10 +304,8 @@ def _index_stream(container, stream, name: str) -> StreamIndex:
             "decoded frames instead."
         ) from error
     if not packets:
-        raise VideoLoadError(
-            f"The {name} contains no video frames. Check that the file was written completely, or pass decoded "
-            "frames instead."
-        )
+        raise VideoLoadError(f"The {name} contains no video frames. Check that the file was written completely, or "
+                             "pass decoded frames instead.")
     if stream.frames and demuxed < stream.frames:
         raise _truncated(name, stream, demuxed)
     if stream.frames and stream.frames != len(packets):
@@ -296,8 +320,7 @@ def _index_stream(container, stream, name: str) -> StreamIndex:
 
 
 def _truncated(name: str, stream, demuxed: int) -> VideoLoadError:
-    """The file ends before the frames its header lists (an interrupted copy of an index-first mp4): an error, as
-    sampling the part that is there would answer about the start of the video only, without anyone noticing."""
+    # Sampling the part that is there would silently answer about the start of the video only.
     rate = _frame_rate(stream)
     seconds = lambda frames: f" ({frames / float(rate):.2f} s)" if rate else ""  # noqa: E731
     return VideoLoadError(
@@ -308,12 +331,23 @@ def _truncated(name: str, stream, demuxed: int) -> VideoLoadError:
 
 
 def _presentation_timestamps(pts: list, format_name: str) -> bool:
-    """Whether packet pts give the presentation order. AVI stores decode-order stamps only (B-frames then come out
-    of the decoder in a different order than their pts), raw elementary streams store none."""
+    """Whether packet pts give the presentation order (AVI stores decode-order stamps only, raw streams none)."""
     if any(p is None for p in pts) or len(set(pts)) != len(pts):
         return False
     in_decode_order = all(a < b for a, b in zip(pts, pts[1:]))
     return not (in_decode_order and "avi" in format_name.split(","))
+
+
+def _check_cost(name: str, size: tuple, num_frames: int, max_video_pixels) -> None:
+    """Refuse what decoding would cost before it is paid: a small upload can declare 16000 x 16000 frames."""
+    limit = DEFAULT_MAX_VIDEO_PIXELS if max_video_pixels is None else positive_int("max_video_pixels", max_video_pixels)
+    if size[0] * size[1] * num_frames > limit:
+        raise VideoLoadError(
+            f"The {name} has {size[1]}x{size[0]} frames: decoding {num_frames} of them takes "
+            f"{size[0] * size[1] * num_frames:,} pixels, above the limit of {limit:,} (max_video_pixels; default: 64 "
+            "frames at 4K). Sample fewer frames, downscale the video (e.g. `ffmpeg -i in.mp4 -vf scale=1280:-2 "
+            "out.mp4`), or raise max_video_pixels if you trust it."
+        )
 
 
 def _sample_checked(total_frames: int, num_frames: int, name: str) -> list[int]:
@@ -500,9 +534,8 @@ class _Decoder:
         return self
 
     def __exit__(self, *exc_info):
-        # Drop the frame generator too: it refers back to this decoder (a cycle), which would leave the codec
-        # context, and its FFmpeg frame threads, to the garbage collector. Collected later in a forked process
-        # (a DataLoader worker), freeing it waits forever for threads that only existed in the parent.
+        # Drop the frame generator too: its cycle would leave the codec's frame threads to the garbage collector, and
+        # collected in a forked process (a DataLoader worker) freeing it waits forever for the parent's threads.
         try:
             self.container.close()
         finally:
@@ -567,9 +600,8 @@ def _keyframe_between(index: StreamIndex, current: int, target: int) -> bool:
 
 
 def _seek_to_keyframe(container, stream, index: StreamIndex, target: int):
-    """Seek to the last keyframe at or before `target`; returns the first packet read there (None if no seek works).
-    Demuxers seek by pts (mp4, Matroska) or dts (MPEG-TS), so both are tried; landing before the keyframe only costs
-    time, after it would lose the frame."""
+    """Seek to the last keyframe at or before `target`; the first packet read there, or None. Demuxers seek by pts
+    (mp4, Matroska) or dts (MPEG-TS): both are tried (landing early costs time, landing late would lose the frame)."""
     k = bisect.bisect_right(index.keyframe_positions, target) - 1
     key_pts = index.frame_pts[index.keyframe_positions[k]]
     for timestamp in dict.fromkeys((key_pts, index.keyframe_dts[k])):
@@ -622,4 +654,4 @@ def _assemble(decoded: dict, indices: list[int], metadata, fast_resize, stats) -
 
 
 __all__ = ["load_video", "read_video", "probe_video", "sample_frame_indices", "default_decode_workers", "FastResize",
-           "DecodedVideo", "VideoLoadError"]
+           "DecodedVideo", "VideoLoadError", "DEFAULT_MAX_VIDEO_PIXELS"]

@@ -19,8 +19,10 @@ from transformers.utils import VIDEO_PROCESSOR_NAME, logging
 from transformers.utils.hub import cached_file
 from transformers.video_utils import VideoMetadata
 
+from .configuration_vica2 import positive_int
 from .image_processing_vica2 import as_array, hiera_pixels, normalize_uint8, pil_resize, rgb_uint8, square_side, to_rgb_uint8
-from .video_loading_vica2 import DecodedVideo, FastResize, probe_video, read_video, sample_frame_indices
+from .video_loading_vica2 import DEFAULT_MAX_VIDEO_PIXELS, DecodedVideo, FastResize, probe_video, read_video
+from .video_loading_vica2 import sample_frame_indices
 
 
 logger = logging.get_logger(__name__)
@@ -37,18 +39,21 @@ class Vica2VideoProcessor:
         hiera_antialias (`bool`, defaults to `False`): antialias the Hiera resize (the release did not).
         do_sample_frames (`bool`, defaults to `True`): tells serving engines to hand over decoded frames with their
             metadata; a call samples them as the release samples a file when asked (`do_sample_frames` or `num_frames`).
+        max_video_pixels (`int`, default 64 frames at 4K): a file whose declared width x height x frames sampled is
+            above it is refused before decoding (a call's `max_video_pixels` overrides it).
     """
 
     model_input_names = ["pixel_values_videos", "hiera_pixel_values_videos", "video_token_ratio"]
     settings = (
         "size", "resample", "rescale_factor", "image_mean", "image_std", "hiera_size", "hiera_image_mean",
-        "hiera_image_std", "hiera_antialias", "do_sample_frames",
+        "hiera_image_std", "hiera_antialias", "do_sample_frames", "max_video_pixels",
     )  # fmt: skip
 
     def __init__(self, size: dict | None = None, resample=PILImageResampling.BICUBIC, rescale_factor=1 / 255,
                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), hiera_size: int = 1024,
                  hiera_image_mean=IMAGENET_DEFAULT_MEAN, hiera_image_std=IMAGENET_DEFAULT_STD,
-                 hiera_antialias: bool = False, do_sample_frames: bool = True, **kwargs):
+                 hiera_antialias: bool = False, do_sample_frames: bool = True,
+                 max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS, **kwargs):
         unknown = sorted(set(kwargs) - {"video_processor_type", "processor_class", "auto_map"})
         if unknown:
             raise TypeError(f"Unknown setting(s) {', '.join(unknown)} for Vica2VideoProcessor; known: {self.settings}.")
@@ -57,12 +62,13 @@ class Vica2VideoProcessor:
         self.image_mean, self.image_std, self.hiera_size = tuple(image_mean), tuple(image_std), int(hiera_size)
         self.hiera_image_mean, self.hiera_image_std = tuple(hiera_image_mean), tuple(hiera_image_std)
         self.hiera_antialias, self.do_sample_frames = bool(hiera_antialias), bool(do_sample_frames)
+        self.max_video_pixels = positive_int("max_video_pixels", max_video_pixels, "declared pixels x frames")
         square_side(self.size)
 
     @classmethod
     def from_image_processor(cls, image_processor) -> Vica2VideoProcessor:  # folders saved before videos had a config
         side = square_side(image_processor.size)
-        return cls({"height": side, "width": side}, **{name: getattr(image_processor, name) for name in cls.settings[1:-1]})
+        return cls({"height": side, "width": side}, **{name: getattr(image_processor, name) for name in cls.settings[1:9]})
 
     def to_dict(self) -> dict:
         values = {name: getattr(self, name) for name in self.settings}
@@ -93,8 +99,8 @@ class Vica2VideoProcessor:
     # ------------------------------------------------------------------------------------------- the call
     def __call__(self, videos, video_metadata=None, num_frames: int | None = None, default_num_frames=None,
                  do_sample_frames: bool = False, hiera_frame_stride: int = 1, hiera_antialias=None, device=None,
-                 fast_decode=False, decode_workers=None, input_data_format=None, allow_network=True,
-                 return_metadata=False) -> BatchFeature:
+                 fast_decode=False, decode_workers=None, input_data_format=None, return_metadata=False,
+                 allow_network=True, allow_playlists=False, max_video_pixels=None) -> BatchFeature:
         r"""
         Read / sample `videos` and prepare their pixels.
 
@@ -110,7 +116,8 @@ class Vica2VideoProcessor:
                 resize stays on the CPU), input_data_format (where decoded frames' channels are).
             fast_decode: files only: resize while decoding (swscale, from YUV); faster, not bit-exact.
             decode_workers: threads decoding a file's keyframe segments (default: one per usable core).
-            allow_network: False refuses URLs. return_metadata: also return each video's `video_metadata`.
+            return_metadata: also return each video's `video_metadata`.
+            allow_network (False refuses URLs), allow_playlists, max_video_pixels: as in `load_video`.
 
         Returns: `BatchFeature` with `pixel_values_videos` (T, 3, S, S) and `hiera_pixel_values_videos` (ceil(T / k),
         3, Hs, Hs) per video, stacked when frame counts agree, else lists.
@@ -124,10 +131,9 @@ class Vica2VideoProcessor:
             if isinstance(video, DecodedVideo):
                 check_decoded_video(video.num_frames, video.metadata, num_frames)
             elif is_file_source(video):
-                video = self.load_video(
-                    video, frames_to_read, hiera_frame_stride, fast_decode, decode_workers, keep_frames=False,
-                    allow_network=allow_network, **options,
-                )  # fmt: skip
+                video = self.load_video(video, frames_to_read, hiera_frame_stride, fast_decode, decode_workers, **options,
+                                        allow_network=allow_network, allow_playlists=allow_playlists,
+                                        max_video_pixels=max_video_pixels)
             else:
                 sample = frames_to_read if do_sample_frames or num_frames is not None else None
                 video = self._decoded_frames(video, metadata, sample, num_frames, input_data_format)
@@ -140,8 +146,7 @@ class Vica2VideoProcessor:
         return BatchFeature(data)
 
     def _decoded_frames(self, video, metadata, sample: int | None, requested: int | None, input_data_format):
-        """Decoded frames (optionally with metadata), sampled as the release samples a file when `sample` is given
-        and the metadata says which frames they are, else used as given."""
+        """Decoded frames, sampled as the release samples a file with `sample` when the metadata says which they are."""
         if isinstance(video, tuple) and len(video) == 2 and _is_metadata(video[1]):
             video, metadata = video
         frames, metadata = to_video_frames(video, input_data_format), as_metadata(metadata)
@@ -160,24 +165,33 @@ class Vica2VideoProcessor:
         return {name: [item[name] for item in pixels] for name in names}
 
     def load_video(self, source, num_frames: int, hiera_frame_stride: int = 1, fast_decode=False, decode_workers=None,
-                   hiera_antialias=None, device=None, keep_frames=True, allow_network=True) -> DecodedVideo:
+                   hiera_antialias=None, device=None, keep_frames=False, **access) -> DecodedVideo:
         """Read and sample `num_frames` frames of a video file. In exact mode its pixels are prepared as its frames
         decode (for `hiera_frame_stride`, `hiera_antialias`, `device`), keeping the full-size frames only with
-        `keep_frames`; with `fast_decode` swscale resizes the frames while decoding."""
+        `keep_frames`; with `fast_decode` swscale resizes the frames while decoding. `access`: `allow_network`,
+        `allow_playlists` (playlists / concat lists may name other media) and `max_video_pixels` (default: the
+        setting), as in `read_video`."""
+        access = self._access(**access)
         if fast_decode:
             fast = FastResize(square_side(self.size), self.hiera_size, hiera_frame_stride)
-            return read_video(source, num_frames, fast, decode_workers, allow_network=allow_network)
+            return read_video(source, num_frames, fast, decode_workers, **access)
         sinks = []
 
         def make_sink(metadata):  # called once the sampled indices are known, before decoding starts
             sinks.append(VideoPixelSink(self, metadata.frames_indices, hiera_frame_stride, hiera_antialias, device))
             return sinks[0]
 
-        video = read_video(source, num_frames, None, decode_workers, make_sink, keep_frames, allow_network)
+        video = read_video(source, num_frames, None, decode_workers, make_sink, keep_frames, **access)
         video.pixels, video.pixels_key = sinks[0].pixels(), self.pixels_key(hiera_frame_stride, hiera_antialias, device)
         return video
 
-    probe_video = staticmethod(probe_video)  # the metadata `load_video` would give, without decoding a frame
+    def probe_video(self, source, num_frames: int, **access) -> VideoMetadata:
+        """The metadata `load_video` would give (frame count, fps, sampled indices), without decoding a frame."""
+        return probe_video(source, num_frames, **self._access(**access))
+
+    def _access(self, allow_network=True, allow_playlists=False, max_video_pixels=None) -> dict:
+        limit = self.max_video_pixels if max_video_pixels is None else max_video_pixels
+        return {"allow_network": allow_network, "allow_playlists": bool(allow_playlists), "max_video_pixels": limit}
 
     def sample_frames(self, frames, metadata: VideoMetadata | None, num_frames: int) -> tuple[object, VideoMetadata]:
         """The release's `num_frames`-frame sampling of a video, taken from decoded frames whose metadata says which
@@ -213,8 +227,8 @@ class Vica2VideoProcessor:
         if video.siglip_frames is None and video.frames is None:
             raise ValueError(
                 f"This video's pixels were prepared for (Hiera frame stride, antialias, device) = {video.pixels_key} "
-                f"and its frames were not kept, but the call asks for {key}: load it with `processor.load_video(...)` "
-                "(which keeps the frames), or with the call's settings."
+                f"and its frames were not kept, but the call asks for {key}: load it with the call's settings, or with "
+                "`processor.load_video(..., keep_frames=True)`, which keeps the full-size frames."
             )
         if video.frames is not None:
             return self.preprocess_video(video.frames, stride, input_data_format="channels_last", **options)
@@ -316,8 +330,7 @@ def to_video_frames(video, input_data_format=None) -> np.ndarray:
 
 
 def check_decoded_video(num_frames: int, metadata: VideoMetadata | None, requested: int | None) -> None:
-    """Decoded frames are used as given, so a `num_frames` asking for another count, or metadata describing other
-    frames (its indices make the time instruction), would leave a silently wrong prompt."""
+    """Decoded frames are used as given: another `num_frames`, or metadata of other frames, would be a wrong prompt."""
     if requested is not None and requested != num_frames:
         raise ValueError(
             f"num_frames={requested} was asked for, but this video is already decoded into {num_frames} frames, "
