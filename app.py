@@ -386,7 +386,8 @@ class Vica2App:
                                                     **settings.overrides())["total"], f"{settings.frames} frames",
                                "Sample fewer frames or use larger pool strides.")
             try:
-                decoded = self.processor.load_video(path, num_frames=settings.frames, **settings.overrides())
+                decoded = self.processor.load_video(path, num_frames=settings.frames, keep_frames=True,
+                                                    **settings.overrides())  # full frames for the thumbnails
             except VideoLoadError as error:
                 raise UserError("This file could not be read as a video.", one_line(error)) from None
             thumbnails, size = video_thumbnails(decoded), None

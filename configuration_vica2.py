@@ -1,6 +1,5 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""ViCA2 configuration, and the token layout that follows from it (how many visual tokens an image or a video
-becomes), next to the numbers it is computed from, so that the model and the processor share one definition."""
+"""ViCA2 configuration and the token layout that follows from it: one definition for the model and the processor."""
 
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ AUTO_MAP = {
 }
 
 
-def _default_text_config() -> dict:
-    # Qwen2-7B as used by ViCA2 (rope scaling forced off by the release).
+def _default_text_config() -> dict:  # Qwen2-7B as used by ViCA2 (rope scaling forced off by the release)
     return dict(
         model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768,
@@ -41,8 +39,7 @@ def _default_text_config() -> dict:
     )
 
 
-def _default_vision_config() -> dict:
-    # SigLIP so400m-patch14-384 with its 27th (last) layer removed, as the release does.
+def _default_vision_config() -> dict:  # SigLIP so400m-patch14-384 without its 27th (last) layer, as the release
     return dict(
         model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
         num_attention_heads=16, num_channels=3, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh",
@@ -50,8 +47,7 @@ def _default_vision_config() -> dict:
     )
 
 
-def _default_hiera_config() -> dict:
-    # The trunk of SAM2.1 hiera_b+ ("base-plus").
+def _default_hiera_config() -> dict:  # the trunk of SAM2.1 hiera_b+ ("base-plus")
     return dict(
         model_type="sam2_hiera_det_model", hidden_size=112, num_attention_heads=2, num_channels=3,
         image_size=[1024, 1024], patch_kernel_size=[7, 7], patch_stride=[4, 4], patch_padding=[3, 3],
@@ -63,8 +59,7 @@ def _default_hiera_config() -> dict:
 
 
 class Vica2ConfigError(ValueError, TypeError):
-    """An invalid ViCA2 setting. A ValueError (what callers catch for bad settings) that is also a TypeError, since a
-    value of the wrong type is one of the ways a setting is invalid."""
+    """An invalid ViCA2 setting (also a TypeError: a value of the wrong type is one way a setting is invalid)."""
 
 
 def _as_sub_config(value, default: dict, name: str) -> PretrainedConfig:
@@ -84,16 +79,12 @@ def _as_sub_config(value, default: dict, name: str) -> PretrainedConfig:
 
 class Vica2Config(PretrainedConfig):
     r"""
-    Configuration of a ViCA2 model: a SigLIP semantic encoder and a SAM2.1 Hiera spatial encoder, each with its
-    own projector, in front of a Qwen2 language model. `Vica2Config()` describes ViCA2-7B exactly.
+    A ViCA2 model: SigLIP and SAM2.1 Hiera encoders, each with a projector, before Qwen2. `Vica2Config()` is ViCA2-7B.
 
     Args:
-        text_config (`dict` or `Qwen2Config`): the language model.
-        vision_config (`dict` or `SiglipVisionConfig`): the semantic encoder (SigLIP, 26 layers; its output is taken
-            before `post_layernorm`).
-        hiera_config (`dict` or `Sam2HieraDetConfig`): the spatial encoder (SAM2.1 Hiera trunk).
-        image_token_id (`int`): id of the `<image>` placeholder; one placeholder per visual token.
-        video_token_id (`int`): id of the `<video>` placeholder.
+        text_config, vision_config, hiera_config (`dict` or config): Qwen2, SigLIP (26 layers, taken before
+            `post_layernorm`), the SAM2.1 Hiera trunk.
+        image_token_id, video_token_id (`int`): the `<image>` / `<video>` placeholder ids (one per visual token).
         projector_hidden_act (`str`): activation between the two Linear layers of both projectors.
         use_image_newline (`bool`): append the learned `image_newline` vector after every feature row.
         image_grid_pinpoints (`list[list[int]]`): candidate `[height, width]` resolutions for anyres image tiling.
@@ -118,27 +109,13 @@ class Vica2Config(PretrainedConfig):
     sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig, "hiera_config": AutoConfig}
 
     def __init__(
-        self,
-        text_config=None,
-        vision_config=None,
-        hiera_config=None,
-        image_token_id: int = 151646,
-        video_token_id: int = 151647,
-        projector_hidden_act: str = "gelu",
-        use_image_newline: bool = True,
-        image_grid_pinpoints: list | None = None,
-        vision_aspect_ratio: str = "anyres_max_9",
-        video_frames_budget: int = 64,
-        siglip_pool_stride: int = 2,
-        video_pool_mode: str = "bilinear",
-        hiera_frames: int = 32,
-        hiera_feature_stage: int = 4,
-        hiera_pool_stride: int = 2,
-        spatial_projector_input_size: int | None = None,
-        vision_chunk_size: int = 8,
-        generatable_vocab_size: int | None = None,
-        tie_word_embeddings: bool = False,
-        **kwargs,
+        self, text_config=None, vision_config=None, hiera_config=None, image_token_id: int = 151646,
+        video_token_id: int = 151647, projector_hidden_act: str = "gelu", use_image_newline: bool = True,
+        image_grid_pinpoints: list | None = None, vision_aspect_ratio: str = "anyres_max_9",
+        video_frames_budget: int = 64, siglip_pool_stride: int = 2, video_pool_mode: str = "bilinear",
+        hiera_frames: int = 32, hiera_feature_stage: int = 4, hiera_pool_stride: int = 2,
+        spatial_projector_input_size: int | None = None, vision_chunk_size: int = 8,
+        generatable_vocab_size: int | None = None, tie_word_embeddings: bool = False, **kwargs,
     ):
         self.text_config = _as_sub_config(text_config, _default_text_config, "text_config")
         self.vision_config = _as_sub_config(vision_config, _default_vision_config, "vision_config")
@@ -162,11 +139,8 @@ class Vica2Config(PretrainedConfig):
         self.validate_vica2()
         self._vica2_constructed = True
 
-    # ----------------------------------------------------------------------------------------------- validation
-    # Why not the library's `@strict` dataclass fields: their validators see one value at a time, while these checks
-    # relate fields (token ids vs the vocabulary, the stage vs the projector width), and the v4-style `__init__`
-    # (sub-configs from dicts, projector width derived from the stage) works unchanged on transformers 5.17 and 5.24.
-    # The hooks are the library's: `validate()` (run by `save_pretrained`) and validation on assignment.
+    # Not the library's `@strict` fields: their validators see one value at a time, these checks relate fields. The
+    # hooks are the library's: `validate()` (run by `save_pretrained`) and validation on assignment.
     def __setattr__(self, name, value):
         """Validate a ViCA2 setting changed after construction (what `from_pretrained(path, field=value)` and
         `from_dict(..., field=value)` do); an invalid value is refused and the config keeps its previous one."""
@@ -215,17 +189,12 @@ class Vica2Config(PretrainedConfig):
         self._check_pinpoints()
 
     def _check_hiera_feature_stage(self):
-        num_stages = len(self.hiera_config.blocks_per_stage)
-        stage = self.hiera_feature_stage
+        num_stages, stage = len(self.hiera_config.blocks_per_stage), self.hiera_feature_stage
         if not _is_int(stage):
-            raise Vica2ConfigError(
-                f"hiera_feature_stage must be an integer (a stage number 1..{num_stages}), got {stage!r} "
-                f"({type(stage).__name__})."
-            )
+            raise Vica2ConfigError(f"hiera_feature_stage must be an integer (a stage number 1..{num_stages}), got "
+                                   f"{stage!r} ({type(stage).__name__}).")
         if not 1 <= stage <= num_stages:
-            raise Vica2ConfigError(
-                f"hiera_feature_stage={stage} is out of range: the Hiera trunk has stages 1..{num_stages}."
-            )
+            raise Vica2ConfigError(f"hiera_feature_stage={stage} is out of range: the Hiera trunk has stages 1..{num_stages}.")
 
     def _check_vocabulary(self):
         """The placeholder ids must be two distinct rows of the embedding, and the generatable ids a non-empty prefix
@@ -270,18 +239,15 @@ class Vica2Config(PretrainedConfig):
         return self.hiera_config.embed_dim_per_stage[self.hiera_feature_stage - 1]
 
     @property
-    def siglip_grid(self) -> int:
-        """Side of the SigLIP patch grid (27 for 384 / 14)."""
+    def siglip_grid(self) -> int:  # 27 for 384 / 14
         return self.vision_config.image_size // self.vision_config.patch_size
 
     @property
-    def hiera_image_size(self) -> int:
-        """Side of the (square) Hiera input (1024)."""
+    def hiera_image_size(self) -> int:  # the square Hiera input's side (1024)
         return _first(self.hiera_config.image_size)
 
     @property
-    def hiera_grid(self) -> int:
-        """Side of the Hiera feature grid at `hiera_feature_stage` (32 at stage 4 for a 1024 input)."""
+    def hiera_grid(self) -> int:  # at `hiera_feature_stage` (32 at stage 4 for a 1024 input)
         return hiera_stage_grid(self.hiera_config, self.hiera_feature_stage)
 
     def token_layout(self) -> dict:
@@ -291,11 +257,10 @@ class Vica2Config(PretrainedConfig):
         return {**{name: getattr(self, name) for name in fields}, "siglip_image_size": self.vision_config.image_size}
 
     def num_video_tokens(self, num_frames: int, **overrides) -> tuple[int, int]:
-        """(SigLIP tokens, Hiera tokens) of a video of `num_frames` frames; overrides as in `forward`."""
+        """(SigLIP tokens, Hiera tokens) of a video of `num_frames` frames, with token-ratio overrides."""
         return num_video_tokens(num_frames, **{**self.token_layout(), **overrides})
 
-    def num_image_tokens(self, height: int, width: int) -> tuple[int, int]:
-        """(SigLIP tokens, Hiera tokens) of one image of the given original size."""
+    def num_image_tokens(self, height: int, width: int) -> tuple[int, int]:  # (SigLIP, Hiera) tokens of one image
         return num_image_tokens(height, width, **self.token_layout())
 
 
@@ -307,8 +272,7 @@ _CHECKED_ON_ASSIGNMENT = frozenset(
 )
 
 
-def _is_int(value) -> bool:
-    """A plain integer as a config stores it (JSON): not a bool, a float or a tensor."""
+def _is_int(value) -> bool:  # a plain integer as JSON stores it: not a bool, a float or a tensor
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -395,33 +359,25 @@ def num_video_tokens(
     k = video_frames_budget / hiera_frames. A 64-frame video at the defaults: 64*14*15 = 13,440 and 32*16*17 = 8,704.
     """
     positive_int("num_frames", num_frames)
-    frame_stride = check_frame_ratio(video_frames_budget, hiera_frames)
+    num_hiera_frames = math.ceil(num_frames / check_frame_ratio(video_frames_budget, hiera_frames))
     p = pooled_grid(siglip_grid, positive_int("siglip_pool_stride", siglip_pool_stride), video_pool_mode)
     q = pooled_grid(hiera_grid, positive_int("hiera_pool_stride", hiera_pool_stride), video_pool_mode)
-    num_hiera_frames = math.ceil(num_frames / frame_stride)
     return rows_tokens(num_frames, p, p, use_image_newline), rows_tokens(num_hiera_frames, q, q, use_image_newline)
 
 
 def anyres_feature_shape(
     image_height: int, image_width: int, grid_pinpoints, siglip_image_size: int, siglip_grid: int, max_patches: int
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int] | None]:
-    """Geometry of an image's tiled SigLIP stream, exactly as the release computes it.
-
-    Returns (tile rows, tile cols), the unpadded feature map (height, width), and the (height, width) it is bilinearly
-    downscaled to when it exceeds `max_patches` base views (None when it is not).
-    """
+    """An image's tiled SigLIP geometry as the release computes it: (tile rows, cols), the unpadded feature map's
+    (height, width), and the (height, width) it is bilinearly downscaled to past `max_patches` base views (or None)."""
     best_height, best_width = select_best_resolution((image_height, image_width), grid_pinpoints)
     rows, cols = best_height // siglip_image_size, best_width // siglip_image_size
     height, width = rows * siglip_grid, cols * siglip_grid
     # Undo the letterboxing of `resize_and_pad_image` (release `unpad_image`; int() truncation as there).
     if image_width / image_height > width / height:
-        new_height = int(image_height * (width / image_width))
-        padding = (height - new_height) // 2
-        height = height - 2 * padding
+        height -= 2 * ((height - int(image_height * (width / image_width))) // 2)
     else:
-        new_width = int(image_width * (height / image_height))
-        padding = (width - new_width) // 2
-        width = width - 2 * padding
+        width -= 2 * ((width - int(image_width * (height / image_height))) // 2)
     times = math.sqrt(height * width / (max_patches * siglip_grid**2))
     downscaled = (int(height // times), int(width // times)) if times > 1.1 else None
     return (rows, cols), (height, width), downscaled

@@ -1,13 +1,7 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""ViCA2 image processor: SigLIP pixels (anyres tiles) and Hiera pixels of single images, and the pixel recipes
-the video processor (`video_processing_vica2`) applies to frames.
-
-The recipes are the research release's, bit for bit (SPEC.md). SigLIP: PIL bicubic to S x S (aspect not kept; no
-tensor op reproduces it), x / 255, (x - 0.5) / 0.5; a single image is also tiled LLaVA-OneVision style ("anyres":
-fitted into its best grid resolution, centred on black, cut into S x S tiles; tile 0 is the whole image). Hiera:
-x / 255 as float, bilinear to Hs x Hs without antialiasing (as torchvision 0.16, which the release ran), ImageNet
-mean / std.
-"""
+"""ViCA2 image processor (SigLIP anyres tiles and Hiera pixels of images) and the release's pixel recipes, bit for bit,
+which the video processor applies to frames: SigLIP is PIL bicubic (no tensor op reproduces it), Hiera a float
+bilinear resize without antialiasing (torchvision 0.16, which the release ran)."""
 
 from __future__ import annotations
 
@@ -86,34 +80,17 @@ class Vica2ImageProcessor(PilBackend):
     hiera_antialias = False
     image_grid_pinpoints = DEFAULT_IMAGE_GRID_PINPOINTS
 
-    # ------------------------------------------------------------------------------------------- input handling
     def _prepare_images_structure(self, images, expected_ndims: int = 3):
-        """A flat list of images from an image, a list, a nested list, or a (N, H, W, C) batch array."""
         return flatten_images(images)
 
     def process_image(self, image, input_data_format=None, **kwargs) -> np.ndarray:
-        """One image as a uint8 RGB (H, W, 3) array (`input_data_format` says where an array's channels are)."""
         return to_rgb_uint8(image, what="image", input_data_format=input_data_format)
 
-    # ------------------------------------------------------------------------------------------- images
     def _preprocess(
-        self,
-        images: list[np.ndarray],
-        do_resize: bool = True,
-        size=None,
-        resample=None,
-        do_rescale: bool = True,
-        rescale_factor: float = 1 / 255,
-        do_normalize: bool = True,
-        image_mean=None,
-        image_std=None,
-        hiera_size: int | None = None,
-        hiera_image_mean=None,
-        hiera_image_std=None,
-        hiera_antialias: bool | None = None,
-        image_grid_pinpoints=None,
-        return_tensors=None,
-        **kwargs,
+        self, images: list[np.ndarray], do_resize: bool = True, size=None, resample=None, do_rescale: bool = True,
+        rescale_factor: float = 1 / 255, do_normalize: bool = True, image_mean=None, image_std=None,
+        hiera_size: int | None = None, hiera_image_mean=None, hiera_image_std=None, hiera_antialias: bool | None = None,
+        image_grid_pinpoints=None, return_tensors=None, **kwargs,
     ) -> BatchFeature:
         if do_resize is False:
             raise ValueError("do_resize=False is not supported: the SigLIP tower needs S x S inputs.")
@@ -170,32 +147,25 @@ def hiera_pixels(frames: np.ndarray, size: int, mean, std, antialias: bool = Fal
         out[start : start + len(chunk)] = F.interpolate(
             chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
         )
-    mean = torch.tensor(mean, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
-    return out.sub_(mean).div_(std)
+    return out.sub_(_per_channel(mean, frames.device)).div_(_per_channel(std, frames.device))
 
 
-def _as_tensor(pixels) -> torch.Tensor:
-    """A tensor as given (kept on its device), or a numpy array viewed as a CPU tensor."""
+def _as_tensor(pixels) -> torch.Tensor:  # a tensor stays on its device; a numpy array becomes a CPU tensor
     return pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
 
 
-def _lut(rescale_factor: float, mean, std) -> np.ndarray:
-    """(3, 256) float32: value v of channel c -> (float32(v * rescale_factor) - mean[c]) / std[c], computed with the
-    float types of transformers' `rescale` (float64 product cast to float32) and `normalize` (float32), which the
-    release used."""
-    values = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
-    mean = np.asarray(mean, dtype=np.float32).reshape(3, 1)
-    std = np.asarray(std, dtype=np.float32).reshape(3, 1)
-    return ((values[None, :] - mean) / std).astype(np.float32)
+def _per_channel(values, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
 
 def normalize_uint8(pixels, rescale_factor: float, mean, std, channels_first=False, out=None) -> torch.Tensor:
     """uint8 (N, H, W, 3) (or (N, 3, H, W) with `channels_first`) -> float32 (N, 3, H, W) =
-    (x * rescale_factor - mean) / std, bit-identical to the release: each output value depends on one uint8 value,
-    so the release's result is the 256-entry table `_lut`; batched float32 ops reproduce it exactly for the recipes
-    used here (checked on all 256 values, every call, where it runs), else the table is gathered."""
-    lut = _lut(rescale_factor, mean, std)
+    (x * rescale_factor - mean) / std, bit-identical to the release: each output depends on one uint8 value, so the
+    release's result is a 256-entry table (float types of transformers' `rescale`: float64 product cast to float32,
+    and `normalize`: float32). Batched float32 ops reproduce it for the recipes used here (checked on all 256 values,
+    every call, where it runs), else the table is gathered."""
+    scaled = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    lut = (scaled[None, :] - np.float32(mean).reshape(3, 1)) / np.float32(std).reshape(3, 1)
     pixels = _as_tensor(pixels)  # a uint8 tensor on another device is normalised there
     device = pixels.device
     if out is None:
@@ -203,10 +173,9 @@ def normalize_uint8(pixels, rescale_factor: float, mean, std, channels_first=Fal
     # one pass that converts (and transposes, channels last): cheaper than transposing the float copy
     out.copy_(pixels if channels_first else pixels.permute(0, 3, 1, 2))
     divisor = 1.0 / rescale_factor
-    mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    mean, std = _per_channel(mean, device), _per_channel(std, device)
     values = torch.arange(256, dtype=torch.float32, device=device).view(1, 1, 1, 256).expand(1, 3, 1, 256)
-    table = torch.from_numpy(lut).to(device)
+    table = torch.from_numpy(lut.astype(np.float32)).to(device)
     if torch.equal(((values / divisor - mean) / std).view(3, 256), table):  # checked where it runs
         return out.div_(divisor).sub_(mean).div_(std)
     for channel in range(3):
@@ -215,7 +184,7 @@ def normalize_uint8(pixels, rescale_factor: float, mean, std, channels_first=Fal
 
 
 def _pil_filter(resample):
-    return Image.Resampling(int(resample)) if resample is not None else Image.Resampling.BICUBIC
+    return Image.Resampling(int(resample) if resample is not None else Image.Resampling.BICUBIC)
 
 
 def square_side(size) -> int:
@@ -235,9 +204,8 @@ def _check_pinpoints(grid_pinpoints, side: int) -> None:
 
 
 def _as_return_type(data: dict, return_tensors) -> dict:
-    if str(return_tensors) in ("np", "TensorType.NUMPY"):
-        return {key: value.numpy() for key, value in data.items()}
-    return data
+    numpy = str(return_tensors) in ("np", "TensorType.NUMPY")
+    return {key: value.numpy() for key, value in data.items()} if numpy else data
 
 
 # ----------------------------------------------------------------------------------------------- input checks
@@ -276,7 +244,7 @@ def to_rgb_uint8(image, what: str = "image", input_data_format=None) -> np.ndarr
 
 
 def as_array(value, what: str, expected: str) -> np.ndarray:
-    """A numpy array or a tensor (moved to the CPU) as a numpy array, or a TypeError saying what was expected."""
+    """A numpy array or a tensor (moved to the CPU) as a numpy array, else a TypeError saying what was expected."""
     value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
     if not isinstance(value, np.ndarray):
         raise TypeError(f"Unsupported {what} {type(value).__name__}: pass {expected}.")
@@ -346,20 +314,18 @@ def channel_dimension(shape: tuple, what: str, input_data_format) -> ChannelDime
 
 
 def check_not_empty(image: np.ndarray, what: str) -> np.ndarray:
-    height, width = image.shape[-3:-1]
-    if height == 0 or width == 0:
+    if 0 in image.shape[-3:-1]:
+        height, width = image.shape[-3:-1]
         raise ValueError(f"The {what} is empty (height {height}, width {width}); pass a picture of at least 1 x 1 pixels.")
     return image
 
 
 def as_rgb_channels(image: np.ndarray, what: str) -> np.ndarray:
     channels = image.shape[-1]
-    if channels == 3:
-        return image
     if channels == 1:
         return np.repeat(image, 3, axis=-1)
-    if channels == 4:
-        return np.ascontiguousarray(image[..., :3])
+    if channels in (3, 4):  # alpha dropped, as PIL's convert("RGB")
+        return image if channels == 3 else np.ascontiguousarray(image[..., :3])
     raise ValueError(f"The {what} has {channels} channels; expected 3 (RGB), 1 (grayscale) or 4 (RGBA).")
 
 
@@ -376,11 +342,17 @@ def _load_image_file(path: str) -> Image.Image:
     is_url = path.startswith(("http://", "https://", "data:"))
     if not is_url and not os.path.isfile(path):
         raise FileNotFoundError(f"Image file not found: '{path}'. Check the path, or pass a PIL image or an array.")
+    source = path if len(path) <= 200 else path[:200] + "..."  # a data: URL can be megabytes long
     try:  # decode now, so that a truncated file or an error page fails here, naming its source
         image = load_image(path)
         image.load()
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"The image '{source}' is too large to decode safely ({error}): PIL refuses images above twice "
+            f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels. Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if you trust it."
+        ) from error
     except Exception as error:  # noqa: BLE001 - network, HTTP and image-format errors all mean "cannot read it"
-        source = path if len(path) <= 200 else path[:200] + "..."  # a data: URL can be megabytes long
         hint = "Check the URL (or fetch the image yourself and pass it)" if is_url else "Check that it is an image"
         raise ValueError(f"Could not read the image '{source}': {type(error).__name__}: {error}. {hint}.") from error
     return image

@@ -1,13 +1,8 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""ViCA2: SigLIP (semantics) + SAM2.1 Hiera (spatial structure) in front of a Qwen2 language model.
+"""ViCA2: SigLIP + SAM2.1 Hiera in front of Qwen2 (the library's towers; this file composes them as the release does).
 
-The towers and the language model are the library's own (`SiglipVisionModel`, `Sam2HieraDetModel`, `Qwen2Model`);
-this file is the composition: per-stream features, video pooling, newline rows, the [SigLIP ; Hiera] concatenation of
-each visual item, and the placeholder merge, as the research release computes them (SPEC.md).
-
-Compile-ready: a forward without pixels on a filled cache (a decode step) reads nothing back from the device and
-branches on no tensor value; checks that need values run where input enters: at prefill (no or an empty cache), when
-pixels are given, and at `generate`'s entry.
+Compile-ready: a decode step (no pixels, filled cache) reads nothing back from the device and branches on no tensor
+value; checks that need values run where input enters (prefill, pixels given, `generate`'s entry).
 """
 
 from __future__ import annotations
@@ -48,17 +43,13 @@ VIDEO_INPUTS = ("pixel_values_videos", "hiera_pixel_values_videos", "video_token
 
 
 @dataclass
-class Vica2ModelOutputWithPast(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus the visual features that were merged into the sequence."""
-
+class Vica2ModelOutputWithPast(BaseModelOutputWithPast):  # plus the visual features merged into the sequence
     image_hidden_states: list[torch.Tensor] | None = None
     video_hidden_states: list[torch.Tensor] | None = None
 
 
 @dataclass
-class Vica2CausalLMOutputWithPast(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus the visual features that were merged into the sequence."""
-
+class Vica2CausalLMOutputWithPast(CausalLMOutputWithPast):  # plus the visual features merged into the sequence
     image_hidden_states: list[torch.Tensor] | None = None
     video_hidden_states: list[torch.Tensor] | None = None
 
@@ -93,13 +84,10 @@ class Vica2PreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         # A BitsAndBytesConfig without its own skip list would quantize the vision towers too; keep them (and the
         # head) in full precision unless the caller chose otherwise.
-        quantization_config = kwargs.get("quantization_config")
-        if getattr(quantization_config, "quant_method", None) == "bitsandbytes" and not getattr(
-            quantization_config, "llm_int8_skip_modules", None
-        ):
-            quantization_config = copy.deepcopy(quantization_config)
-            quantization_config.llm_int8_skip_modules = cls.quantization_skip_modules()
-            kwargs["quantization_config"] = quantization_config
+        quantization = kwargs.get("quantization_config")
+        if getattr(quantization, "quant_method", None) == "bitsandbytes" and not getattr(quantization, "llm_int8_skip_modules", None):
+            kwargs["quantization_config"] = quantization = copy.deepcopy(quantization)
+            quantization.llm_int8_skip_modules = cls.quantization_skip_modules()
         return super().from_pretrained(*args, **kwargs)
 
     def _init_weights(self, module):
@@ -123,21 +111,15 @@ class Vica2MultiModalProjector(nn.Module):
 
 
 def pool_video_features(features: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
-    """Spatially pool (T, h, w, C) frame features as the release's `get_2dPool` does."""
+    """Spatially pool (T, h, w, C) frame features as the release's `get_2dPool` does (mode: the config's, checked)."""
     if stride == 1:
         return features
     height, width = features.shape[1:3]
     size = (pooled_grid(height, stride, mode), pooled_grid(width, stride, mode))  # also rejects a too-large stride
     features = features.permute(0, 3, 1, 2)
     if mode == "bilinear":
-        features = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
-    elif mode == "average":
-        features = F.avg_pool2d(features, stride)
-    elif mode == "max":
-        features = F.max_pool2d(features, stride)
-    else:
-        raise ValueError(f"Unknown video_pool_mode {mode!r}.")
-    return features.permute(0, 2, 3, 1)
+        return F.interpolate(features, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    return (F.avg_pool2d if mode == "average" else F.max_pool2d)(features, stride).permute(0, 2, 3, 1)
 
 
 def newline_rows(features: torch.Tensor, newline: torch.Tensor | None) -> torch.Tensor:
@@ -224,13 +206,9 @@ def _describe(value) -> str:
 class Vica2Model(Vica2PreTrainedModel):
     """The towers, the two projectors, `image_newline` and the language model (no LM head)."""
 
-    # No `_keys_to_ignore_on_load_unexpected` here: transformers merges a child's patterns into its parent's, and
-    # loaders that read the merged list (vLLM's Transformers backend) then skipped `lm_head.weight` of the full model
-    # silently, leaving the head uninitialised. Only the base model, loaded by itself, leaves the head behind.
-
     def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
-        # Called on the model being loaded only (never on a child), so this quiets the head of a full checkpoint
-        # when the base model alone is loaded, and nothing else.
+        # Not `_keys_to_ignore_on_load_unexpected`: the library merges a child's patterns into its parent's, and vLLM
+        # then skipped the full model's `lm_head.weight`. This runs on the loaded model only: a base model alone.
         super()._adjust_missing_and_unexpected_keys(loading_info)
         loading_info.unexpected_keys = {k for k in loading_info.unexpected_keys if not k.startswith("lm_head.")}
 
@@ -275,16 +253,12 @@ class Vica2Model(Vica2PreTrainedModel):
         self, pixel_values_videos, hiera_pixel_values_videos, video_token_ratio: torch.Tensor | None = None,
         vision_chunk_size: int | None = None, return_dict: bool | None = None,
     ) -> list[torch.Tensor] | BaseModelOutputWithPooling:
-        """One (T * p * (p + 1) + ceil(T / k) * q * (q + 1), hidden_size) token sequence per video: [SigLIP tokens ;
-        Hiera tokens], each stream in newline rows.
+        """One [SigLIP tokens ; Hiera tokens] sequence per video, each stream in newline rows.
 
-        `pixel_values_videos`: (num_videos, T, 3, 384, 384) or a list of (T_i, 3, 384, 384) SigLIP pixels;
-        `hiera_pixel_values_videos`: their Hiera pixels (…, 3, 1024, 1024), all T frames (every k-th is encoded) or
-        the ceil(T / k) encoded ones; `video_token_ratio`: (num_videos, 4) per-video (video_frames_budget,
-        hiera_frames, siglip_pool_stride, hiera_pool_stride) as the processor returns them (default: the config's),
-        k = video_frames_budget / hiera_frames; `vision_chunk_size`: frames per tower forward (default: config; the
-        result is the same); `return_dict`: a `BaseModelOutputWithPooling` whose `pooler_output` is the list (serving
-        engines ask for it)."""
+        Pixels as the processor returns them: (num_videos, T, 3, S, S) or a list of (T_i, 3, S, S); Hiera's hold all T
+        frames (every k-th is encoded) or the ceil(T / k) encoded ones. `video_token_ratio`: (num_videos, 4) rows of
+        `TOKEN_RATIO_ARGS` (default: the config's). `vision_chunk_size`: frames per tower forward (not the result).
+        `return_dict`: a `BaseModelOutputWithPooling` whose `pooler_output` is the list (serving engines ask for it)."""
         chunk_size = self._chunk_size(vision_chunk_size)
         siglip_size, hiera_size = self.config.vision_config.image_size, self.config.hiera_image_size
         videos = _as_item_list(pixel_values_videos, "pixel_values_videos", 3, siglip_size)
@@ -321,14 +295,10 @@ class Vica2Model(Vica2PreTrainedModel):
         self, pixel_values, image_sizes, hiera_pixel_values, vision_chunk_size: int | None = None,
         return_dict: bool | None = None,
     ) -> list[torch.Tensor] | BaseModelOutputWithPooling:
-        """One (num_tokens_i, hidden_size) token sequence per image: [SigLIP tokens ; Hiera tokens].
-
-        SigLIP: the base view's 27 x 27 tokens (no newline), then the anyres tiles' feature map unpadded to the
-        image's aspect ratio (downscaled past `anyres_max_N` base views) in newline rows; Hiera: the single image,
-        not pooled, in newline rows. `pixel_values`: (num_images, max_tiles, 3, 384, 384) zero-padded, or a list of
-        (tiles_i, 3, 384, 384), the whole image squashed to 384 x 384 then the grid tiles row by row; `image_sizes`:
-        (num_images, 2) original (height, width); `hiera_pixel_values`: (num_images, 3, 1024, 1024);
-        `vision_chunk_size` and `return_dict` as in `get_video_features`."""
+        """One [SigLIP tokens ; Hiera tokens] sequence per image: the base view's tokens (no newline), the anyres tile
+        map unpadded to the image's aspect (downscaled past `anyres_max_N`) in newline rows; Hiera un-pooled in newline
+        rows. Pixels, `image_sizes` (original (height, width)) as the processor returns them; the rest as in
+        `get_video_features`."""
         chunk_size = self._chunk_size(vision_chunk_size)
         siglip_size, hiera_size = self.config.vision_config.image_size, self.config.hiera_image_size
         image_sizes = _image_size_list(image_sizes)
@@ -442,9 +412,8 @@ class Vica2Model(Vica2PreTrainedModel):
 
 
 def _past_length(cache) -> int | None:
-    """Tokens already in `cache` when the host knows it for free: 0 without a cache (or an empty one), a dynamic
-    cache's length. None for a filled static cache: its length lives on the device, and reading it back would stall
-    every decode step (and break a compiled one)."""
+    """Tokens in `cache` when the host knows it for free; None for a filled static cache, whose length lives on the
+    device (reading it back would stall every decode step and break a compiled one)."""
     length = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     return length if isinstance(length, int) else None
 
@@ -565,39 +534,20 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
         return self.model.get_video_features(*args, **kwargs)
 
     def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values=None,
-        image_sizes=None,
-        hiera_pixel_values=None,
-        pixel_values_videos=None,
-        hiera_pixel_values_videos=None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        cache=None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        vision_chunk_size: int | None = None,
-        video_token_ratio: torch.Tensor | None = None,
-        **kwargs,
+        self, input_ids: torch.LongTensor | None = None, pixel_values=None, image_sizes=None, hiera_pixel_values=None,
+        pixel_values_videos=None, hiera_pixel_values_videos=None, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None, past_key_values=None, cache=None,
+        inputs_embeds: torch.FloatTensor | None = None, labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, vision_chunk_size: int | None = None,
+        video_token_ratio: torch.Tensor | None = None, **kwargs,
     ) -> Vica2CausalLMOutputWithPast:
-        r"""
-        The pixel inputs, `video_token_ratio` and `vision_chunk_size` are as in `Vica2Model.get_image_features` /
-        `get_video_features`, exactly as the Vica2Processor returns them (it takes the per-call token-ratio
-        settings and hands the model `video_token_ratio`; absent means the config's settings).
-        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): next-token targets; -100 is
-            ignored, and so is every visual placeholder position.
-        """
+        r"""Pixels, `video_token_ratio` and `vision_chunk_size` as in `Vica2Model.get_image_features` /
+        `get_video_features` (the processor's outputs). `labels`: next-token targets; -100 and every visual
+        placeholder position are ignored."""
         outputs = self.model(
-            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
-            hiera_pixel_values=hiera_pixel_values, pixel_values_videos=pixel_values_videos,
-            hiera_pixel_values_videos=hiera_pixel_values_videos, attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
-            use_cache=use_cache, vision_chunk_size=vision_chunk_size, video_token_ratio=video_token_ratio,
-            **{k: v for k, v in kwargs.items() if k not in ("num_items_in_batch", "return_dict")},
+            input_ids, pixel_values, image_sizes, hiera_pixel_values, pixel_values_videos, hiera_pixel_values_videos,
+            attention_mask, position_ids, past_key_values, cache, inputs_embeds, use_cache, vision_chunk_size,
+            video_token_ratio, **{k: v for k, v in kwargs.items() if k not in ("num_items_in_batch", "return_dict")},
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.mask_ungeneratable_logits(self.lm_head(outputs.last_hidden_state[:, keep, :]))
@@ -607,10 +557,7 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
             if input_ids is not None:
                 is_visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
                 labels = labels.masked_fill(is_visual.to(labels.device), -100)
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
-
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
         return Vica2CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states, video_hidden_states=outputs.video_hidden_states,
@@ -625,11 +572,8 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
         return torch.cat([logits[..., :limit], torch.full_like(logits[..., limit:], float("-inf"))], dim=-1)
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        """Beam search / `num_return_sequences` repeat each row; repeat each row's visual items along with it.
-
-        The library repeats every tensor item by item (a, a, b, b), which pairs the wrong pixels with a row's copies
-        as soon as one row holds two items.
-        """
+        """Repeat each row's visual items with the row (beams, `num_return_sequences`): the library repeats item by
+        item (a, a, b, b), which pairs the wrong pixels with a row's copies once a row holds two items."""
         visual = {}
         if expand_size > 1:
             visual = {n: model_kwargs.pop(n) for n in IMAGE_INPUTS + VIDEO_INPUTS if model_kwargs.get(n) is not None}
@@ -647,14 +591,10 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
             groups.append((VIDEO_INPUTS, config.video_token_id, lengths))
         for names, token_id, lengths in groups:
             order = _row_major_item_order(input_ids, token_id, lengths, expand_size)
-            for name in names:
-                if name in visual:
-                    value = visual[name]
-                    visual[name] = (
-                        value.index_select(0, torch.tensor(order, device=value.device))
-                        if isinstance(value, torch.Tensor)
-                        else [value[index] for index in order]
-                    )
+            for name in set(names) & set(visual):
+                value = visual[name]
+                visual[name] = (value.index_select(0, torch.tensor(order, device=value.device))
+                                if isinstance(value, torch.Tensor) else [value[index] for index in order])
         return expanded_ids, {**model_kwargs, **visual}
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
@@ -665,9 +605,7 @@ class Vica2ForConditionalGeneration(Vica2PreTrainedModel, GenerationMixin):
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool = False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
-        )
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, is_first_iteration=is_first_iteration, **kwargs)
         # The library drops its own pixel inputs after prefill; the Hiera pixels and the token ratio are ours to drop.
         # The vision towers then run only at prefill, when the prompt's placeholders are in the input.
         if not is_first_iteration and kwargs.get("use_cache", True):

@@ -1,14 +1,8 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""ViCA2 processor: tokenizer + image processor + video processor, with exact placeholder expansion.
-
-Every `<image>` / `<video>` in the text becomes exactly as many placeholder tokens as the model emits for that item:
-[SigLIP tokens ; Hiera tokens], counted by `configuration_vica2.num_image_tokens` / `num_video_tokens`, the
-functions the model's own layout follows (`_get_num_multimodal_tokens`, the one place that counts). The token layout
-is stored in the processor's config (`token_layout`, from `Vica2Config.token_layout()`); per-call token-ratio
-overrides (`video_frames_budget`, `hiera_frames`, `siglip_pool_stride`, `hiera_pool_stride`) change the count and
-reach the model as each video's `video_token_ratio` row. Videos are read, sampled and prepared by
-`Vica2VideoProcessor` (video_processing_vica2.py), images by `Vica2ImageProcessor`.
-"""
+"""ViCA2 processor: tokenizes, expands every `<image>` / `<video>` to exactly the model's token count for the item
+(`_get_num_multimodal_tokens`, the one place that counts, with the config's `token_layout` and per-call token-ratio
+overrides, which reach the model as each video's `video_token_ratio` row) and renders the chat; pixels come from
+`Vica2ImageProcessor` and `Vica2VideoProcessor`."""
 
 from __future__ import annotations
 
@@ -45,14 +39,13 @@ from .video_processing_vica2 import (
 
 # Settings of the video processor's call (reading, sampling, pixels) besides the token ratio.
 VIDEO_ARGS = (
-    "num_frames", "fast_decode", "decode_workers", "do_sample_frames", "video_metadata", "hiera_antialias", "device",
-    "input_data_format",
+    "num_frames", "fast_decode", "decode_workers", "allow_playlists", "max_video_pixels", "do_sample_frames",
+    "video_metadata", "hiera_antialias", "device", "input_data_format",
 )  # fmt: skip
 TEXT_OPTIONS = ("return_text_replacement_offsets", "return_mm_token_type_ids")  # ours, not the tokenizer's
 TOKENIZER_ARGS = frozenset(TextKwargs.__annotations__) - set(TEXT_OPTIONS)
-# The switch for media URLs (http(s), rtsp, ftp, data, ...): fetched by default, as transformers does. A server that
-# passes users' chats through the processor sets `allow_remote_media=False` (or this variable to 0), so that a chat
-# cannot make it call internal addresses.
+# Media URLs are fetched by default, as transformers does; a server passing users' chats sets `allow_remote_media=False`
+# (or this variable to 0) so that a chat cannot make it call internal addresses.
 REMOTE_MEDIA_ENV = "VICA2_ALLOW_REMOTE_MEDIA"
 
 # Arguments of `ProcessorMixin.apply_chat_template` itself (the rest goes to `__call__`).
@@ -61,9 +54,8 @@ CHAT_TEMPLATE_ARGS = frozenset({
     "tokenize", "return_tensors", "return_dict", "load_audio_from_video", "sanitize_control_tokens",
 })  # fmt: skip
 
-# A placeholder typed into a text part would be expanded into a video / image that the request does not have (or,
-# where the engine only expands the placeholders of the media it got, as vLLM does, read as a stray token): the
-# template refuses it, so every engine that renders it (transformers, vLLM's server: a 400 with this text) does.
+# A typed placeholder would be expanded into media the request does not have (or read as a stray token where the
+# engine expands only its media's, as vLLM does): the template refuses it, so every engine that renders it does.
 TYPED_PLACEHOLDER_ERROR = (
     "A text part of the conversation contains '<video>' or '<image>', ViCA2's placeholders: a typed placeholder "
     "would be read as a video or image that is not there. Send the media as their own content parts "
@@ -99,11 +91,8 @@ CHAT_TEMPLATE = (
 
 
 def time_instruction(metadata: VideoMetadata | None) -> str | None:
-    """The release's time instruction for a sampled video, or None when the timing is unknown.
-
-    Exactly as the release's training code writes it (train.py): frame times with two decimals joined by ",", and
-    no space before "Please".
-    """
+    """The release's time instruction (exactly as its train.py writes it: no space before "Please"), or None when the
+    timing is unknown."""
     if metadata is None or not metadata.fps or metadata.frames_indices is None:
         return None
     duration = metadata.duration if metadata.duration is not None else metadata.total_num_frames / metadata.fps
@@ -124,37 +113,29 @@ class Vica2Processor(ProcessorMixin):
         chat_template (`str`, *optional*): defaults to the release's "qwen_1_5" conversation.
         image_token, video_token (`str`, defaults to `"<image>"`, `"<video>"`): the placeholders.
         token_layout (`dict`, *optional*): `Vica2Config.token_layout()` of the checkpoint (defaults: ViCA2-7B).
-        add_time_instruction (`bool`, defaults to `True`): `apply_chat_template` adds the release's time
-            instruction after a video whose timing is known (training used it).
-        allow_remote_media (`bool`, *optional*): whether media URLs (http, https, rtsp, ftp, data, ...) are fetched.
-            `False` refuses them before anything is fetched; unset, `VICA2_ALLOW_REMOTE_MEDIA=0` refuses.
+        add_time_instruction (`bool`, defaults to `True`): the chat template adds the release's time instruction.
+        allow_remote_media (`bool`, *optional*): whether media URLs are fetched (unset: `VICA2_ALLOW_REMOTE_MEDIA`).
         video_processor ([`Vica2VideoProcessor`], *optional*): default: built from the image processor's recipe.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = "<image>",
                  video_token: str = "<video>", token_layout: dict | None = None, add_time_instruction: bool = True,
                  allow_remote_media: bool | None = None, **kwargs):
-        # Not a named parameter: ProcessorMixin would then type-check it against transformers' video processor base
-        # class, which needs torchvision before transformers 5.18.
+        # Not a named parameter: ProcessorMixin would type-check it against a base class needing torchvision (< 5.18).
         video_processor = kwargs.pop("video_processor", None)
         self.image_token, self.video_token = image_token, video_token
-        self.image_token_id = _placeholder_id(tokenizer, image_token)
-        self.video_token_id = _placeholder_id(tokenizer, video_token)
+        self.image_token_id, self.video_token_id = _placeholder_id(tokenizer, image_token), _placeholder_id(tokenizer, video_token)
         self.token_layout = dict(token_layout) if token_layout is not None else Vica2Config().token_layout()
-        self.add_time_instruction = add_time_instruction
-        self.allow_remote_media = allow_remote_media
+        self.add_time_instruction, self.allow_remote_media = add_time_instruction, allow_remote_media
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
         self.video_processor = video_processor or Vica2VideoProcessor.from_image_processor(self.image_processor)
         _check_layout_matches(self.token_layout, self.image_processor, self.video_processor)
 
     @classmethod
     def from_model_config(cls, config, tokenizer, image_processor=None, **kwargs) -> Vica2Processor:
-        """Build the processor of a checkpoint from its `Vica2Config` and tokenizer (what the converter uses).
-
-        Adds `<image>` and `<video>` to the tokenizer as special tokens when missing (they must get the config's
-        `image_token_id` / `video_token_id`), makes left padding the default (generation), and sizes the image and
-        video processors from the towers: S = `vision_config.image_size`, Hs = `hiera_config.image_size[0]`.
-        """
+        """A checkpoint's processor from its `Vica2Config` and tokenizer: adds `<image>` / `<video>` as special tokens
+        when missing (they must get the config's ids), pads on the left (generation), sizes the processors from the
+        towers."""
         tokenizer.add_tokens([t for t in ("<image>", "<video>") if _token_in_vocab(tokenizer, t) is None], True)
         for token, expected in (("<image>", config.image_token_id), ("<video>", config.video_token_id)):
             actual = tokenizer.convert_tokens_to_ids(token)
@@ -166,19 +147,15 @@ class Vica2Processor(ProcessorMixin):
                 )
         tokenizer.padding_side = "left"
         if image_processor is None:
-            hiera_size = config.hiera_config.image_size
             image_processor = Vica2ImageProcessor(
                 size={"height": config.vision_config.image_size, "width": config.vision_config.image_size},
-                hiera_size=hiera_size[0] if isinstance(hiera_size, (list, tuple)) else hiera_size,
-                image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
+                hiera_size=config.hiera_image_size, image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
             )
         return cls(image_processor=image_processor, tokenizer=tokenizer, token_layout=config.token_layout(), **kwargs)
 
-    # ------------------------------------------------------------------------------------------- saving, loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`ProcessorMixin.from_pretrained`, with the video processor read from its `video_preprocessor_config.json`
-        (folders saved before it had one get it built from the image processor's recipe)."""
+        """With the video processor's own config file (older folders: built from the image processor's recipe)."""
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         video_processor = Vica2VideoProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
         if video_processor is not None:
@@ -187,41 +164,31 @@ class Vica2Processor(ProcessorMixin):
         return processor
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """`ProcessorMixin.save_pretrained`, plus the video processor's `video_preprocessor_config.json` and a
-        `preprocessor_config.json` of the image processor for loaders that look for one (transformers 4.x, some
-        serving engines). Written first, so a push includes them."""
+        """Also writes the video processor's config and a `preprocessor_config.json` (transformers 4.x, some serving
+        engines look for one), first, so that a push includes them."""
         written = self.video_processor.save_pretrained(save_directory)
         image_config = self.image_processor.to_dict()
         image_config["processor_class"] = type(self).__name__
-        image_config.setdefault("auto_map", {}).update(
-            AutoImageProcessor=f"{type(self.image_processor).__module__.split('.')[-1]}.{type(self.image_processor).__name__}",
-            AutoProcessor=f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}",
-        )
+        auto = lambda cls: f"{cls.__module__.split('.')[-1]}.{cls.__name__}"  # noqa: E731
+        image_config.setdefault("auto_map", {}).update(AutoImageProcessor=auto(type(self.image_processor)), AutoProcessor=auto(type(self)))
         written.append(os.path.join(save_directory, "preprocessor_config.json"))
         with open(written[-1], "w", encoding="utf-8") as file:
             file.write(json.dumps(image_config, indent=2, sort_keys=True) + "\n")
         return [*super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs), *written]
 
-    # ------------------------------------------------------------------------------------------- __call__
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
         r"""
-        Tokenize `text`, expanding every `<image>` / `<video>`, and prepare the pixels of `images` / `videos`.
+        Tokenize `text` (one placeholder per visual item, in order), expanding every `<image>` / `<video>`, and prepare
+        the pixels of `images` (PIL images, uint8 arrays / tensors, paths) and `videos` (anything `Vica2VideoProcessor`
+        reads), each a (nested) list or one item.
 
-        Args:
-            images: a PIL image, uint8 array / tensor (H, W, 3), path, or a (nested) list of them, one per `<image>`.
-            text (`str` or `list[str]`): prompts holding exactly one placeholder per visual item, in order.
-            videos: one per `<video>`, anything `Vica2VideoProcessor` reads (a path / URL / file object, decoded
-                frames, a `DecodedVideo` from `load_video`, a (frames, metadata) pair), or a (nested) list of those.
-            video_frames_budget, hiera_frames, siglip_pool_stride, hiera_pool_stride (`int`): token-ratio overrides.
-            num_frames (default: the frame budget), do_sample_frames, video_metadata, fast_decode, decode_workers,
-                device, hiera_antialias, input_data_format, return_metadata: the video processor's settings
-                (`hiera_antialias` and `input_data_format` apply to images too).
-            padding, padding_side, truncation, max_length, return_tensors (default `"pt"`), ...: tokenizer options.
+        Keyword arguments: token-ratio overrides (`TOKEN_RATIO_ARGS`); the video processor's settings (`VIDEO_ARGS`,
+        `return_metadata`; `hiera_antialias`, `input_data_format` apply to images too); tokenizer options (padding,
+        truncation, max_length, return_tensors (default `"pt"`), ...).
 
-        Returns:
-            `BatchFeature` with `input_ids`, `attention_mask`; for images `pixel_values`, `image_sizes`,
-            `hiera_pixel_values`; for videos `pixel_values_videos`, `hiera_pixel_values_videos` (lists when the
-            videos' frame counts differ) and `video_token_ratio` (each video's four token-ratio settings, for the model).
+        Returns: `BatchFeature` with `input_ids`, `attention_mask`, the images' `pixel_values`, `image_sizes`,
+        `hiera_pixel_values`, the videos' `pixel_values_videos`, `hiera_pixel_values_videos` (lists when frame counts
+        differ) and `video_token_ratio` (each video's four token-ratio settings, for the model).
         """
         if audio is not None:
             raise ValueError("ViCA2 does not take audio; pass images and/or videos.")
@@ -229,8 +196,8 @@ class Vica2Processor(ProcessorMixin):
         overrides = {name: kwargs.pop(name) for name in TOKEN_RATIO_ARGS if name in kwargs}
         overrides = {name: value for name, value in overrides.items() if value is not None}
         layout = self.resolve_token_layout(**overrides)
-        video_kwargs = {name: kwargs.pop(name) for name in VIDEO_ARGS[:5] if name in kwargs}
-        video_kwargs.update({name: kwargs[name] for name in VIDEO_ARGS[5:] if name in kwargs})  # images' too
+        video_kwargs = {name: kwargs.pop(name) for name in VIDEO_ARGS[:7] if name in kwargs}
+        video_kwargs.update({name: kwargs[name] for name in VIDEO_ARGS[7:] if name in kwargs})  # images' too
         return_metadata = bool(kwargs.pop("return_metadata", False))
         options = {name: bool(kwargs.pop(name, False)) for name in TEXT_OPTIONS}
         image_kwargs = self._image_kwargs(kwargs)
@@ -279,9 +246,8 @@ class Vica2Processor(ProcessorMixin):
         return dict(text_inputs)
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
-        """Placeholder tokens per item (what `__call__` expands each placeholder to; serving engines ask before
-        processing) for `image_sizes` (original (height, width)), `video_sizes` ((frames given to the model, height,
-        width)) and token-ratio overrides in `kwargs` (other keys are ignored)."""
+        """Placeholder tokens per item (serving engines ask before processing): `image_sizes` (original (height,
+        width)), `video_sizes` ((frames, height, width)), token-ratio overrides in `kwargs` (other keys ignored)."""
         layout = self.resolve_token_layout(**{k: v for k, v in kwargs.items() if k in TOKEN_RATIO_ARGS})
         data = {}
         if image_sizes is not None:
@@ -328,7 +294,6 @@ class Vica2Processor(ProcessorMixin):
         names = list(self.tokenizer.model_input_names) + list(self.image_processor.model_input_names)
         return list(dict.fromkeys(names + list(self.video_processor.model_input_names)))
 
-    # ------------------------------------------------------------------------------------------- media
     def check_media_source(self, source, kind: str = "media") -> None:
         """Refuse a media URL when remote media are off (`allow_remote_media`); called before anything is fetched."""
         if not is_remote_media(source) or self._remote_media_allowed():
@@ -352,39 +317,33 @@ class Vica2Processor(ProcessorMixin):
         raise ValueError(f"{REMOTE_MEDIA_ENV}={value!r}: set it to 1 (fetch media URLs) or 0 (refuse them).")
 
     def load_video(self, source, num_frames=None, fast_decode=False, decode_workers=None, hiera_antialias=None,
-                   device=None, keep_frames: bool = True, **overrides) -> DecodedVideo:
-        """Read and sample a video file once, e.g. to reuse it across prompts: pass the result as `videos=`.
-
-        `num_frames` defaults to the (overridden) frame budget. The model's pixels are prepared while the video
-        decodes, for the Hiera frame stride of `overrides` and the given `hiera_antialias` / `device`; calls with
-        those settings reuse them, calls with others prepare them again from the kept frames. With
-        `fast_decode=True` the frames are resized while decoding; use the same overrides when passing the result on.
-        """
+                   device=None, keep_frames: bool = False, allow_playlists=False, max_video_pixels=None,
+                   **overrides) -> DecodedVideo:
+        """Read and sample a video file once (e.g. to reuse across prompts: pass the result as `videos=`); `num_frames`
+        defaults to the (overridden) frame budget. Its pixels are prepared while decoding for the token-ratio
+        `overrides`, `hiera_antialias` and `device`; calls with other settings need the full-size frames, kept only
+        with `keep_frames=True`. `allow_playlists`, `max_video_pixels`: as in `Vica2VideoProcessor.load_video`."""
         self.check_media_source(source, "video")
         layout = self.resolve_token_layout(**overrides)
         stride = check_frame_ratio(layout["video_frames_budget"], layout["hiera_frames"])
         return self.video_processor.load_video(
             source, self._num_frames(num_frames, layout), stride, fast_decode, decode_workers, hiera_antialias, device,
-            keep_frames=keep_frames, allow_network=self._remote_media_allowed(),
+            keep_frames=keep_frames, allow_network=self._remote_media_allowed(), allow_playlists=allow_playlists,
+            max_video_pixels=max_video_pixels,
         )  # fmt: skip
 
-    # ------------------------------------------------------------------------------------------- chat template
     def apply_chat_template(self, conversation, chat_template=None, add_time_instruction=None, **kwargs):
-        """`ProcessorMixin.apply_chat_template` with ViCA2's media handling.
-
-        Video entries (`{"type": "video", "path" | "url" | "video": ...}`) are read once here (with `tokenize=True`;
-        only their timing is probed otherwise), and, when `add_time_instruction` (default: the processor's setting)
-        and the video's timing is known, the release's time instruction follows the video, so the user turn reads
-        `<video>\\n{time instruction}\\n\\n{text}` as in training. Decoded frames have no timing unless the entry
-        has `"metadata"`. ViCA2 settings (`num_frames`, `fast_decode`, token-ratio overrides, tokenizer options) may
-        be given as keyword arguments or in `processor_kwargs`.
-        """
+        """`ProcessorMixin.apply_chat_template` with ViCA2's media: video entries (`{"type": "video", "path" | "url" |
+        "video": ...}`) are read once here when tokenizing (else only probed for their timing); with
+        `add_time_instruction` (default: the processor's) the release's time instruction follows a video of known timing
+        (decoded frames: from the entry's `"metadata"`), as in training. ViCA2 settings may be keyword arguments or
+        in `processor_kwargs`."""
         processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
         template = chat_template or self.chat_template
         template = template.get("default") if isinstance(template, dict) else template
         for name in [k for k in kwargs if k not in CHAT_TEMPLATE_ARGS and k not in _template_variables(template)]:
             processor_kwargs[name] = kwargs.pop(name)
-        loading = {name: processor_kwargs.pop(name) for name in VIDEO_ARGS[:3] if name in processor_kwargs}
+        loading = {name: processor_kwargs.pop(name) for name in VIDEO_ARGS[:5] if name in processor_kwargs}
         flat = _flatten_modality_kwargs(processor_kwargs)
         loading.update({name: flat[name] for name in ("hiera_antialias", "device") if name in flat})
         loading.update({name: flat[name] for name in TOKEN_RATIO_ARGS if flat.get(name) is not None})
@@ -437,7 +396,9 @@ class Vica2Processor(ProcessorMixin):
             if not add_time:
                 return source, None
             num_frames = self._num_frames(requested, self.resolve_token_layout(**{k: v for k, v in loading.items() if k in TOKEN_RATIO_ARGS}))
-            return source, self.video_processor.probe_video(source, num_frames, self._remote_media_allowed())
+            access = {name: loading[name] for name in ("allow_playlists", "max_video_pixels") if name in loading}
+            return source, self.video_processor.probe_video(
+                source, num_frames, allow_network=self._remote_media_allowed(), **access)
         metadata = as_metadata(block.get("metadata"))
         num_frames = decoded_frame_count(source)
         if num_frames is not None:  # else `__call__` names what is wrong with the frames
@@ -447,12 +408,9 @@ class Vica2Processor(ProcessorMixin):
         return (source, metadata), metadata
 
 
-# ----------------------------------------------------------------------------------------------- helpers
 def _token_in_vocab(tokenizer, token: str) -> int | None:
     token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or (tokenizer.unk_token_id is not None and token_id == tokenizer.unk_token_id):
-        return None
-    return token_id
+    return None if token_id is None or (tokenizer.unk_token_id is not None and token_id == tokenizer.unk_token_id) else token_id
 
 
 def _placeholder_id(tokenizer, token: str) -> int:
@@ -504,8 +462,7 @@ def _tokenizer_kwargs(kwargs: dict) -> dict:
             f"{', '.join(TOKEN_RATIO_ARGS + VIDEO_ARGS)}, return_metadata; "
             "other arguments go to the tokenizer (padding, padding_side, truncation, max_length, return_tensors, ...)."
         )
-    text_kwargs = {"padding": True, "return_tensors": "pt", **kwargs}
-    return text_kwargs
+    return {"padding": True, "return_tensors": "pt", **kwargs}
 
 
 def _as_text_list(text) -> list[str] | None:
@@ -524,8 +481,7 @@ def _unmarked(text: str) -> str:
     return marked.sub("", text) if marked is not None else text
 
 
-def _copy_conversations(conversation) -> tuple[list, bool]:
-    """Copy the message structure (not the media in it) so that rewriting entries leaves the caller's intact."""
+def _copy_conversations(conversation) -> tuple[list, bool]:  # the structure, not the media: the caller's stays intact
     first = conversation[0] if isinstance(conversation, (list, tuple)) and conversation else None
     is_batched = isinstance(first, (list, tuple))
     copy = lambda m: {**m, "content": [dict(b) if isinstance(b, dict) else b for b in m["content"]]}  # noqa: E731

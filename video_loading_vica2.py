@@ -1,22 +1,16 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""Video decoding for ViCA2 with PyAV: the release's frame sampling, decoding only the frames it needs.
-
-The release samples `n` frames at `np.linspace(0, total_frames - 1, n, dtype=int)`, frame `i` at `i / average_fps`.
-A video is read in two passes: an index pass demuxes the packets without decoding (exact frame count, presentation
-timestamps, keyframes); a decode pass seeks to the last keyframe before a sampled frame when one lies in between,
-skips decoding non-reference frames nobody asked for (the sampled frames stay bit-identical to a full decode) and
-converts only the sampled frames to RGB. Keyframe segments are independent, so `decode_workers` threads each open
-the container and take segments from a shared queue (PyAV releases the GIL); frames are placed by presentation
-position, so the result does not depend on the workers. A `frame_sink` gets each sampled frame as soon as it is
-decoded, on the calling thread, so preprocessing overlaps decoding and no full-size frame is kept. A rotation in the
-display matrix is applied, as players do. (transformers' `load_video(..., backend="pyav")` decodes and keeps every
-frame, hence this reader.)
-"""
+"""PyAV video reading with the release's sampling (`linspace(0, total - 1, n, dtype=int)`, frame i at i / average fps),
+decoding only the frames it needs (transformers' pyav `load_video` decodes and keeps every frame). An index pass
+demuxes without decoding (frame count, timestamps, keyframes); the decode pass seeks to keyframes, skips non-reference
+frames nobody asked for (sampled frames stay bit-identical), and `decode_workers` threads decode independent keyframe
+segments, handing frames to a `frame_sink` on the calling thread as they come. Display-matrix rotation is applied."""
 
 from __future__ import annotations
 
 import bisect
+import errno
 import io
+import itertools
 import os
 import queue
 import threading
@@ -29,6 +23,7 @@ from transformers.utils import logging
 from transformers.video_utils import VideoMetadata
 
 from .configuration_vica2 import positive_int
+from .image_processing_vica2 import URL_SCHEME
 
 
 try:
@@ -44,10 +39,15 @@ AV_INSTALL_HINT = (
     "frames you decoded yourself: a uint8 array of shape (frames, height, width, 3)."
 )
 
-URL_PREFIXES = ("http://", "https://", "rtsp://", "rtmp://", "ftp://")
-# FFmpeg protocols a container may open for its parts (an HLS playlist's segments and keys, inline data) when the
-# network is off: a local playlist that names http segments then fails instead of fetching them.
-LOCAL_PROTOCOLS = "file,crypto,data"
+# Remote reads: http(s) URLs only. FFmpeg takes any "scheme:" name for an address ("tcp:HOST:PORT" connects), so a local
+# file is opened as `file:<path>`, with FFmpeg's file protocol only, whatever its name.
+URL_PREFIXES = ("http://", "https://")
+REMOTE_PROTOCOLS = "http,https,tcp,tls"
+# Demuxers that open the files or addresses a file names (playlists, concat lists, manifests, SDP): refused unless the
+# caller allows playlists, so that untrusted input cannot point the reader at another file.
+FOLLOWING_DEMUXERS = frozenset({"hls", "concat", "dash", "imf", "sdp"})
+READ_TIMEOUT = 30.0  # seconds FFmpeg may wait for data, opening or reading: no read hangs forever
+DEFAULT_MAX_VIDEO_PIXELS = 64 * 3840 * 2160  # declared width x height x frames sampled: 64 frames at 4K
 # Decoded frames waiting for the frame sink, per decode worker: bounds memory when preprocessing is the slower stage.
 QUEUED_FRAMES_PER_WORKER = 2
 
@@ -58,8 +58,7 @@ class VideoLoadError(ValueError):
 
 @dataclass
 class FastResize:
-    """Opt-in "fast" decoding: swscale resizes straight from the decoder's YUV to the model's sizes (no full-size RGB
-    frame, PIL or torch resize; pixels differ slightly from the release's), Hiera's only for the frames it encodes."""
+    """Opt-in fast decoding: swscale resizes the decoder's YUV to the towers' sizes (pixels differ slightly)."""
 
     siglip_size: int
     hiera_size: int
@@ -69,8 +68,7 @@ class FastResize:
 
 
 @dataclass
-class DecodeStats:
-    """What the decode pass did; lets tests and benchmarks check that only what is needed was decoded."""
+class DecodeStats:  # what the decode pass did: tests and benchmarks check that only what is needed was decoded
 
     frames_decoded: int = 0
     frames_converted: int = 0
@@ -83,14 +81,10 @@ class DecodeStats:
 
 
 class DecodedVideo:
-    """Sampled frames of a video and its metadata.
-
-    Exact mode: `frames` is (T, H, W, 3) uint8 RGB. Fast mode: `frames` is None and `siglip_frames` (T, 3, S, S) /
-    `hiera_frames` (ceil(T / k), 3, Hs, Hs) hold channels-first uint8 RGB already resized for the two towers, k
-    being `hiera_frame_stride`. `pixels` optionally holds the model's pixels already prepared while decoding (the
-    processor's output tensors), with `pixels_key` the settings they were prepared for; `frames` may then be None.
-    (A plain class, not a dataclass: transformers' chat templates turn dataclasses found in messages into dicts.)
-    """
+    """Sampled frames and metadata: exact mode `frames` (T, H, W, 3) uint8 RGB; fast mode `siglip_frames` (T, 3, S, S)
+    and `hiera_frames` (ceil(T / k), 3, Hs, Hs), k = `hiera_frame_stride`. `pixels`: the processor's outputs prepared
+    while decoding, for the settings `pixels_key` (`frames` may then be None). Not a dataclass: chat templates turn
+    those into dicts."""
 
     def __init__(self, metadata: VideoMetadata | None, frames=None, siglip_frames=None, hiera_frames=None,
                  hiera_frame_stride: int | None = None, stats: DecodeStats | None = None, pixels: dict | None = None,
@@ -123,7 +117,6 @@ class StreamIndex:
     keyframe_dts: list[int] = field(default_factory=list)  # their decode timestamps (a second way to seek)
 
 
-# --------------------------------------------------------------------------------------------------- sampling
 def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
     """The release's uniform sampling: `np.linspace(0, total_frames - 1, num_frames, dtype=int)`; indices repeat when
     `num_frames > total_frames` (as the release's training did, with `force_sample=True`)."""
@@ -135,36 +128,30 @@ def _num_frames(num_frames) -> int:
     return positive_int("num_frames", num_frames, "frames to sample from the video")
 
 
-# --------------------------------------------------------------------------------------------------- public API
 def load_video(source, num_frames: int) -> tuple[np.ndarray, VideoMetadata]:
-    """Sample `num_frames` frames of a video (a path, a URL PyAV can open, or a binary file object) exactly as the
-    release does: ((T, H, W, 3) uint8, metadata with the sampled `frames_indices`, their `timestamps` (index /
-    average fps) and `duration` = total frames / average fps, as in the release's time instruction)."""
+    """`num_frames` frames of a video (path, URL or binary file object) sampled as the release does: ((T, H, W, 3)
+    uint8, metadata with the sampled `frames_indices`, `timestamps` and `duration` = total frames / average fps)."""
     video = read_video(source, num_frames)
     return video.frames, video.metadata
 
 
 def read_video(source, num_frames: int, fast_resize: FastResize | None = None, decode_workers: int | None = None,
-               make_frame_sink: Callable | None = None, keep_frames=True, allow_network=True) -> DecodedVideo:
-    """Sample and decode `num_frames` frames of a video file (see `load_video`); `fast_resize` selects fast mode.
+               make_frame_sink: Callable | None = None, keep_frames=True, allow_network=True, allow_playlists=False,
+               max_video_pixels: int | None = None) -> DecodedVideo:
+    """Sample and decode `num_frames` frames of a video (see `load_video`); `fast_resize` selects fast mode.
 
-    Args:
-        decode_workers: threads that decode keyframe segments in parallel (default: `default_decode_workers()`, the
-            cores this process may use). The frames do not depend on it. A file object is read by one worker.
-        make_frame_sink: called with the video's metadata (its sampled `frames_indices`) before decoding; returns
-            the sink, called as `sink(position, frame)` on the calling thread once per distinct sampled frame as it
-            is decoded (in completion order; `position`: its index in the video; `frame`: (H, W, 3) uint8 RGB, or
-            in fast mode the (siglip, hiera) pair, hiera None for frames Hiera does not encode).
-        keep_frames: with a frame sink, False keeps no frames in the result (only the metadata and stats).
-        allow_network: False keeps FFmpeg off the network: a URL is refused, and a local file that refers to
-            remote parts (an HLS playlist naming http segments) fails instead of fetching them.
-    """
+    `decode_workers`: threads decoding keyframe segments (default: the usable cores; the frames do not depend on it).
+    `make_frame_sink(metadata)` is called before decoding and returns `sink(position, frame)`, called on this thread
+    once per distinct sampled frame as it decodes (`frame`: (H, W, 3) uint8 RGB, or fast mode's (siglip, hiera or
+    None) pair); with a sink, `keep_frames=False` keeps no frames. `allow_network=False` refuses URLs;
+    `allow_playlists=True` lets playlists / concat lists name other media; `max_video_pixels` bounds declared
+    width x height x `num_frames` (default `DEFAULT_MAX_VIDEO_PIXELS`), checked before decoding."""
     num_frames = _num_frames(num_frames)
     workers = default_decode_workers() if decode_workers is None else positive_int(
         "decode_workers", decode_workers, f"threads decoding the video; unset: one per core, {default_decode_workers()} here"
     )
-    video_file = _VideoFile(source, allow_network)
-    index, metadata = _probe(video_file, num_frames)
+    video_file = _VideoFile(source, allow_network, allow_playlists)
+    index, metadata = _probe(video_file, num_frames, max_video_pixels)
     indices = metadata.frames_indices
     if video_file.start is not None:
         workers = 1  # one file object cannot be read at two places at once
@@ -173,6 +160,7 @@ def read_video(source, num_frames: int, fast_resize: FastResize | None = None, d
 
     def take(position: int, value, size: tuple[int, int]) -> None:
         sizes.add(size)
+        _check_cost(video_file.name, size, num_frames, max_video_pixels)  # a header may understate the size
         if len(sizes) > 1:
             raise _size_changes(video_file, sorted(sizes))
         if frame_sink is not None:
@@ -189,46 +177,54 @@ def read_video(source, num_frames: int, fast_resize: FastResize | None = None, d
 
 
 def default_decode_workers() -> int:
-    """Decode workers by default: the cores this process may run on (its CPU affinity, which containers and job
-    schedulers narrow), not the machine's core count."""
+    """The cores this process may run on (its CPU affinity, which containers narrow), not the machine's."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no affinity outside Linux
         return max(1, os.cpu_count() or 1)
 
 
-def probe_video(source, num_frames: int, allow_network: bool = True) -> VideoMetadata:
+def probe_video(source, num_frames: int, allow_network=True, allow_playlists=False, max_video_pixels=None) -> VideoMetadata:
     """The metadata `load_video` would return (frame count, fps, sampled indices), from the index pass alone."""
-    return _probe(_VideoFile(source, allow_network), _num_frames(num_frames))[1]
+    return _probe(_VideoFile(source, allow_network, allow_playlists), _num_frames(num_frames), max_video_pixels)[1]
 
 
-def _probe(video_file: _VideoFile, num_frames: int) -> tuple[StreamIndex, VideoMetadata]:
-    """The index pass: the stream's index and the metadata of the `num_frames` frames the release samples."""
+def _probe(video_file: _VideoFile, num_frames: int, max_video_pixels=None) -> tuple[StreamIndex, VideoMetadata]:
     with video_file.open() as container:
         stream = video_file.video_stream(container)
+        _check_cost(video_file.name, (stream.codec_context.height, stream.codec_context.width), num_frames, max_video_pixels)
         index = _index_stream(container, stream, video_file.name)
         return index, _metadata(stream, index.num_frames, _sample_checked(index.num_frames, num_frames, video_file.name))
 
 
-# --------------------------------------------------------------------------------------------------- opening
 class _VideoFile:
     """A video source that can be opened more than once (the index pass and the decode pass each open it)."""
 
-    def __init__(self, source, allow_network: bool = True):
+    def __init__(self, source, allow_network: bool = True, allow_playlists: bool = False):
         if av is None:
             raise ImportError(AV_INSTALL_HINT)
-        self.options = {} if allow_network else {"protocol_whitelist": LOCAL_PROTOCOLS}
+        self.allow_network, self.allow_playlists = allow_network, allow_playlists
+        # A playlist the caller allowed may name local parts (and remote ones when the network is on), nothing else.
+        protocols = ("file,crypto,data" + ("," + REMOTE_PROTOCOLS if allow_network else "")) if allow_playlists else "file"
+        self.options = {"protocol_whitelist": protocols}
+        if not allow_playlists:
+            self.options["format_whitelist"] = ",".join(sorted(set(av.formats_available) - FOLLOWING_DEMUXERS))
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
-            self.name = f"video '{path}'"
-            if not allow_network and path.startswith(URL_PREFIXES):
-                raise ValueError(f"Refusing to fetch the {self.name}: the network is off for this read.")
-            if not path.startswith(URL_PREFIXES) and not os.path.isfile(path):
+            self.name, self.start = f"video '{path}'", None
+            if os.path.isfile(path):  # a local file, whatever its name looks like
+                self.source = "file:" + os.path.abspath(path)
+            elif not path.startswith(URL_PREFIXES):
+                remote = " (remote videos are read from http(s) URLs only)" if URL_SCHEME.match(path) else ""
                 raise FileNotFoundError(
-                    f"Video file not found: '{path}'. Check the path, or pass decoded frames (a uint8 array of shape "
-                    "(frames, height, width, 3)) instead."
+                    f"Video file not found: '{path}'{remote}. Check the path, or pass decoded frames (a uint8 array of "
+                    "shape (frames, height, width, 3)) instead."
                 )
-            self.source, self.start = path, None
+            elif not allow_network:
+                raise ValueError(f"Refusing to fetch the {self.name}: the network is off for this read.")
+            else:
+                self.source = path
+                self.options["protocol_whitelist"] = REMOTE_PROTOCOLS + (",crypto,data" if allow_playlists else "")
         elif hasattr(source, "read"):
             self.name = f"video file object ({type(source).__name__})"
             if _reads_text(source):
@@ -248,15 +244,21 @@ class _VideoFile:
         if self.start is not None:
             self.source.seek(self.start)
         try:
-            return av.open(self.source, mode="r", metadata_errors="ignore", options=self.options)
+            return av.open(self.source, "r", metadata_errors="ignore", container_options=self.options, timeout=READ_TIMEOUT)
         except av.FFmpegError as error:
+            if error.errno == errno.EINVAL and not self.allow_playlists:  # its demuxer is off the format whitelist
+                raise VideoLoadError(
+                    f"The {self.name} is a playlist or a list of other media (HLS, ffconcat, DASH, ...): reading it "
+                    "would open the files it names, which untrusted input may not do. Pass the video itself, or "
+                    "allow_playlists=True if you trust the list and everything it names."
+                ) from error
             # FFmpeg reports a refused protocol as invalid data: say that it may be one when the network is off.
             remote = (" With remote media off, a file that refers to remote parts (an HLS playlist naming http "
-                      "segments) is refused too: download the video itself.") if self.options else ""
+                      "segments) is refused too: download the video itself.") if not self.allow_network else ""
             raise VideoLoadError(
-                f"Could not open the {self.name} as a video ({error}). The file is not a video, or it is truncated or "
-                "corrupt (an mp4 whose recording was interrupted usually lacks its index). Re-encode it, e.g. "
-                f"`ffmpeg -i in.mp4 out.mp4`, or pass decoded frames instead.{remote}"
+                f"Could not open the {self.name} as a video ({error}). The file is not a video, it did not answer "
+                f"within {READ_TIMEOUT:g} s, or it is truncated or corrupt (an mp4 whose recording was interrupted "
+                f"usually lacks its index). Re-encode it, e.g. `ffmpeg -i in.mp4 out.mp4`, or pass decoded frames instead.{remote}"
             ) from error
 
     def video_stream(self, container):
@@ -264,9 +266,7 @@ class _VideoFile:
         stream = stream or (container.streams.video[0] if container.streams.video else None)
         if stream is None:
             found = ", ".join(sorted({s.type for s in container.streams})) or "nothing"
-            raise VideoLoadError(
-                f"The {self.name} has no video stream (it holds: {found}). Pass a file with video in it."
-            )
+            raise VideoLoadError(f"The {self.name} has no video stream (it holds: {found}). Pass a file with video in it.")
         return stream
 
 
@@ -286,7 +286,6 @@ def _is_seekable(fileobj) -> bool:
         return False
 
 
-# --------------------------------------------------------------------------------------------------- index pass
 def _index_stream(container, stream, name: str) -> StreamIndex:
     """Demux every packet of the stream (no decoding): frame count, presentation order, keyframes."""
     packets = []  # (pts, dts, is_keyframe) in decode order
@@ -305,10 +304,8 @@ def _index_stream(container, stream, name: str) -> StreamIndex:
             "decoded frames instead."
         ) from error
     if not packets:
-        raise VideoLoadError(
-            f"The {name} contains no video frames. Check that the file was written completely, or pass decoded "
-            "frames instead."
-        )
+        raise VideoLoadError(f"The {name} contains no video frames. Check that the file was written completely, or "
+                             "pass decoded frames instead.")
     if stream.frames and demuxed < stream.frames:
         raise _truncated(name, stream, demuxed)
     if stream.frames and stream.frames != len(packets):
@@ -323,9 +320,8 @@ def _index_stream(container, stream, name: str) -> StreamIndex:
 
 
 def _truncated(name: str, stream, demuxed: int) -> VideoLoadError:
-    """The file ends before the frames its header lists (an interrupted copy of an index-first mp4): an error, as
-    sampling the part that is there would answer about the start of the video only, without anyone noticing."""
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    # Sampling the part that is there would silently answer about the start of the video only.
+    rate = _frame_rate(stream)
     seconds = lambda frames: f" ({frames / float(rate):.2f} s)" if rate else ""  # noqa: E731
     return VideoLoadError(
         f"The {name} is truncated: its header lists {stream.frames} frames{seconds(stream.frames)} but the file "
@@ -335,12 +331,23 @@ def _truncated(name: str, stream, demuxed: int) -> VideoLoadError:
 
 
 def _presentation_timestamps(pts: list, format_name: str) -> bool:
-    """Whether packet pts give the presentation order. AVI stores decode-order stamps only (B-frames then come out
-    of the decoder in a different order than their pts), raw elementary streams store none."""
+    """Whether packet pts give the presentation order (AVI stores decode-order stamps only, raw streams none)."""
     if any(p is None for p in pts) or len(set(pts)) != len(pts):
         return False
     in_decode_order = all(a < b for a, b in zip(pts, pts[1:]))
     return not (in_decode_order and "avi" in format_name.split(","))
+
+
+def _check_cost(name: str, size: tuple, num_frames: int, max_video_pixels) -> None:
+    """Refuse what decoding would cost before it is paid: a small upload can declare 16000 x 16000 frames."""
+    limit = DEFAULT_MAX_VIDEO_PIXELS if max_video_pixels is None else positive_int("max_video_pixels", max_video_pixels)
+    if size[0] * size[1] * num_frames > limit:
+        raise VideoLoadError(
+            f"The {name} has {size[1]}x{size[0]} frames: decoding {num_frames} of them takes "
+            f"{size[0] * size[1] * num_frames:,} pixels, above the limit of {limit:,} (max_video_pixels; default: 64 "
+            "frames at 4K). Sample fewer frames, downscale the video (e.g. `ffmpeg -i in.mp4 -vf scale=1280:-2 "
+            "out.mp4`), or raise max_video_pixels if you trust it."
+        )
 
 
 def _sample_checked(total_frames: int, num_frames: int, name: str) -> list[int]:
@@ -359,22 +366,18 @@ def _sample_checked(total_frames: int, num_frames: int, name: str) -> list[int]:
     return sample_frame_indices(total_frames, num_frames)
 
 
+def _frame_rate(stream):
+    return stream.average_rate or stream.guessed_rate or stream.base_rate
+
+
 def _metadata(stream, total_frames: int, indices: list[int]) -> VideoMetadata:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    fps = float(rate) if rate else None
-    return VideoMetadata(
-        total_num_frames=total_frames,
-        fps=fps,
-        width=stream.codec_context.width,
-        height=stream.codec_context.height,
-        # The release's "video lasts for" figure: total frames / average fps.
-        duration=total_frames / fps if fps else None,
-        video_backend="pyav",
-        frames_indices=list(indices),
+    fps = float(_frame_rate(stream)) if _frame_rate(stream) else None
+    return VideoMetadata(  # duration: the release's "video lasts for" figure, total frames / average fps
+        total_num_frames=total_frames, fps=fps, width=stream.codec_context.width, height=stream.codec_context.height,
+        duration=total_frames / fps if fps else None, video_backend="pyav", frames_indices=list(indices),
     )
 
 
-# --------------------------------------------------------------------------------------------------- decode pass
 def _converter(indices: list[int], fast_resize: FastResize | None) -> Callable:
     """What to keep of a sampled frame, turned as the display matrix says, and its displayed (height, width): the
     full-size RGB array, or (fast mode) the two resized RGB arrays."""
@@ -389,7 +392,7 @@ def _converter(indices: list[int], fast_resize: FastResize | None) -> Callable:
 
         return convert_exact
 
-    hiera_positions = {indices[j] for j in range(0, len(indices), fast_resize.hiera_frame_stride)}
+    hiera_positions = set(indices[:: fast_resize.hiera_frame_stride])
 
     def convert_fast(frame, position):
         turns = _quarter_turns(frame)
@@ -404,10 +407,8 @@ def _converter(indices: list[int], fast_resize: FastResize | None) -> Callable:
 
 
 def _quarter_turns(frame) -> int:
-    """Counter-clockwise quarter turns that show the frame upright (its display matrix, as players apply it).
-
-    PyAV's `frame.rotation` is the display matrix's counter-clockwise angle; phones store multiples of 90 degrees.
-    (Mirroring entries of the matrix are not applied.)"""
+    """Counter-clockwise quarter turns that show the frame upright (PyAV's `frame.rotation`: the display matrix's
+    angle; phones store multiples of 90 degrees; mirroring is not applied)."""
     rotation = frame.rotation
     if rotation % 90:
         logger.warning_once(f"A video's display matrix rotates by {rotation} degrees; rounding to a quarter turn.")
@@ -419,8 +420,8 @@ def _turned(channels_first: np.ndarray, turns: int) -> np.ndarray:
 
 
 def _reformat(frame, size: int, interpolation: str) -> np.ndarray:
-    """(3, size, size) uint8 RGB from swscale's planar output: channels-first as the model wants them, and closer
-    to the exact recipe than swscale's packed RGB output (measured: mean 1.9 vs 4.8 uint8 levels at 384)."""
+    """(3, size, size) uint8 RGB from swscale's planar output: channels-first, and closer to the exact recipe than
+    its packed RGB (mean 1.9 vs 4.8 uint8 levels at 384)."""
     out = frame.reformat(width=size, height=size, format="gbrp", interpolation=interpolation)
     green, blue, red = (
         np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:size, :size] for plane in out.planes
@@ -437,13 +438,12 @@ def _size_changes(video_file: _VideoFile, sizes: list) -> VideoLoadError:
     )
 
 
-class _UnreliableTimestamps(Exception):
-    """Decoded frames came out of order of their timestamps: positions cannot be derived from them."""
+class _UnreliableTimestamps(Exception):  # frames came out of timestamp order: positions cannot be derived from them
+    pass
 
 
 def _decode_positions(video_file: _VideoFile, index: StreamIndex, positions: list[int], convert, take, stats, workers):
-    """Decode the frames at the given presentation positions (sorted, unique), handing each to
-    `take(position, converted, size)` on the calling thread."""
+    """Decode the frames at the given (sorted, unique) positions, handing each to `take(position, converted, size)`."""
     if index.frame_pts is not None:
         attempt = DecodeStats()
         try:
@@ -455,8 +455,7 @@ def _decode_positions(video_file: _VideoFile, index: StreamIndex, positions: lis
 
 
 def _segments(index: StreamIndex, positions: list[int]) -> list[list[int]]:
-    """The positions grouped by the last keyframe at or before them (the frames before the first keyframe form a
-    group of their own): each group decodes from its keyframe alone, independently of the others."""
+    """The positions grouped by their last keyframe (frames before the first form a group): independent to decode."""
     groups: dict[int, list[int]] = {}
     for position in positions:
         groups.setdefault(bisect.bisect_right(index.keyframe_positions, position), []).append(position)
@@ -467,15 +466,13 @@ _DONE = object()
 
 
 def _run_workers(decoder_class, video_file, index, tasks: list, convert, take, stats, workers: int) -> None:
-    """Decode `tasks` (lists of positions) on up to `workers` threads, each with its own container, taking tasks
-    from a shared queue (so a slow segment does not hold the others back); the calling thread hands the decoded
-    frames to `take` as they come, through a bounded queue (memory stays flat however long the video)."""
+    """Decode `tasks` (lists of positions) on up to `workers` threads, each with its own container, from a shared
+    queue; the calling thread hands the frames to `take` through a bounded queue (flat memory however long the video)."""
     workers = max(1, min(workers, len(tasks)))
     # The cores left per worker go to FFmpeg's frame threads (one decoder on many cores; none when GOPs use them).
     decoder_threads = max(1, default_decode_workers() // workers)
     todo: queue.SimpleQueue = queue.SimpleQueue()
-    for task in tasks:
-        todo.put(task)
+    list(map(todo.put, tasks))
     done: queue.Queue = queue.Queue(maxsize=QUEUED_FRAMES_PER_WORKER * workers)
     stop = threading.Event()
 
@@ -504,8 +501,7 @@ def _run_workers(decoder_class, video_file, index, tasks: list, convert, take, s
             put(error)
 
     threads = [threading.Thread(target=work, name=f"vica2-decode-{i}", daemon=True) for i in range(workers)]
-    for thread in threads:
-        thread.start()
+    list(map(threading.Thread.start, threads))
     try:
         finished = 0
         while finished < workers:
@@ -525,8 +521,7 @@ def _run_workers(decoder_class, video_file, index, tasks: list, convert, take, s
 
 
 class _Decoder:
-    """One worker's container and decoder (a context manager); `decode(positions)` yields (position, converted,
-    size) for the given sampled positions."""
+    """One worker's container and decoder (a context manager); `decode(positions)` yields (position, converted, size)."""
 
     def __init__(self, video_file: _VideoFile, index: StreamIndex, convert, stats: DecodeStats, threads: int):
         self.video_file, self.index, self.convert, self.stats, self.threads = video_file, index, convert, stats, threads
@@ -539,18 +534,15 @@ class _Decoder:
         return self
 
     def __exit__(self, *exc_info):
-        # Drop the frame generator too: it refers back to this decoder (a cycle), which would leave the codec
-        # context, and its FFmpeg frame threads, to the garbage collector. Collected later in a forked process
-        # (a DataLoader worker), freeing it waits forever for threads that only existed in the parent.
+        # Drop the frame generator too: its cycle would leave the codec's frame threads to the garbage collector, and
+        # collected in a forked process (a DataLoader worker) freeing it waits forever for the parent's threads.
         try:
             self.container.close()
         finally:
             self.frames = self.stream = self.container = None
 
     def _frames(self, locate, wanted_pts, first_packet=None) -> Iterator:
-        return _decoded_frames(
-            self.container, self.stream, locate, wanted_pts, self.video_file, self.stats, first_packet
-        )
+        return _decoded_frames(self.container, self.stream, locate, wanted_pts, self.video_file, self.stats, first_packet)
 
 
 class _SeekingDecoder(_Decoder):
@@ -558,8 +550,7 @@ class _SeekingDecoder(_Decoder):
 
     def __enter__(self):
         super().__enter__()
-        index = self.index
-        self.position_of = {pts: position for position, pts in enumerate(index.frame_pts)}
+        self.position_of = {pts: position for position, pts in enumerate(self.index.frame_pts)}
         self.frames, self.current = None, -1
         return self
 
@@ -609,9 +600,8 @@ def _keyframe_between(index: StreamIndex, current: int, target: int) -> bool:
 
 
 def _seek_to_keyframe(container, stream, index: StreamIndex, target: int):
-    """Seek to the last keyframe at or before `target`; returns the first packet read there (None if no seek works).
-    Demuxers seek by pts (mp4, Matroska) or dts (MPEG-TS), so both are tried; landing before the keyframe only costs
-    time, after it would lose the frame."""
+    """Seek to the last keyframe at or before `target`; the first packet read there, or None. Demuxers seek by pts
+    (mp4, Matroska) or dts (MPEG-TS): both are tried (landing early costs time, landing late would lose the frame)."""
     k = bisect.bisect_right(index.keyframe_positions, target) - 1
     key_pts = index.frame_pts[index.keyframe_positions[k]]
     for timestamp in dict.fromkeys((key_pts, index.keyframe_dts[k])):
@@ -627,7 +617,7 @@ def _decoded_frames(container, stream, locate, wanted_pts, video_file, stats, fi
     codec = stream.codec_context
     last_pts = None
     try:
-        for packet in _packets(container, stream, first_packet):
+        for packet in itertools.chain([first_packet] if first_packet is not None else [], container.demux(stream)):
             if wanted_pts is not None and packet.pts is not None:
                 # A frame that nobody references and nobody asked for need not be decoded at all.
                 codec.skip_frame = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
@@ -646,12 +636,6 @@ def _decoded_frames(container, stream, locate, wanted_pts, video_file, stats, fi
         ) from error
 
 
-def _packets(container, stream, first_packet=None) -> Iterator:
-    if first_packet is not None:
-        yield first_packet
-    yield from container.demux(stream)
-
-
 def _ended_early(video_file: _VideoFile, target: int, total: int | None) -> VideoLoadError:
     of_total = f" of {total}" if total else ""
     return VideoLoadError(
@@ -664,23 +648,10 @@ def _assemble(decoded: dict, indices: list[int], metadata, fast_resize, stats) -
     if fast_resize is None:
         return DecodedVideo(metadata, frames=np.stack([decoded[i] for i in indices]), stats=stats)
     siglip = np.stack([decoded[i][0] for i in indices])
-    hiera = np.stack([decoded[indices[j]][1] for j in range(0, len(indices), fast_resize.hiera_frame_stride)])
-    return DecodedVideo(
-        metadata,
-        siglip_frames=siglip,
-        hiera_frames=hiera,
-        hiera_frame_stride=fast_resize.hiera_frame_stride,
-        stats=stats,
-    )
+    hiera = np.stack([decoded[i][1] for i in indices[:: fast_resize.hiera_frame_stride]])
+    return DecodedVideo(metadata, siglip_frames=siglip, hiera_frames=hiera,
+                        hiera_frame_stride=fast_resize.hiera_frame_stride, stats=stats)
 
 
-__all__ = [
-    "load_video",
-    "read_video",
-    "probe_video",
-    "sample_frame_indices",
-    "default_decode_workers",
-    "FastResize",
-    "DecodedVideo",
-    "VideoLoadError",
-]
+__all__ = ["load_video", "read_video", "probe_video", "sample_frame_indices", "default_decode_workers", "FastResize",
+           "DecodedVideo", "VideoLoadError", "DEFAULT_MAX_VIDEO_PIXELS"]

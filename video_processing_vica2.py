@@ -1,11 +1,7 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""ViCA2 video processor: reads videos (PyAV, `video_loading_vica2`), samples their frames, keeps their metadata and
-prepares the two towers' pixels (the release's recipes, `image_processing_vica2`; Hiera's only for the frames it
-encodes). It follows transformers 5.x's video-processor conventions (`processor.video_processor`, its own
-`video_preprocessor_config.json`, `do_sample_frames`, `VideoMetadata`), which serving engines rely on (vLLM hands
-over decoded frames with their metadata when `do_sample_frames` is set); transformers' `BaseVideoProcessor` itself
-needs torchvision (and decodes with torchcodec), neither of which ViCA2 depends on.
-"""
+"""ViCA2 video processor: reads (PyAV), samples, keeps metadata and prepares both towers' pixels (Hiera's only for the
+frames it encodes), following transformers 5.x's video-processor conventions (own config file, `do_sample_frames`,
+`VideoMetadata`) that serving engines rely on; not `BaseVideoProcessor`, which needs torchvision."""
 
 from __future__ import annotations
 
@@ -23,8 +19,10 @@ from transformers.utils import VIDEO_PROCESSOR_NAME, logging
 from transformers.utils.hub import cached_file
 from transformers.video_utils import VideoMetadata
 
+from .configuration_vica2 import positive_int
 from .image_processing_vica2 import as_array, hiera_pixels, normalize_uint8, pil_resize, rgb_uint8, square_side, to_rgb_uint8
-from .video_loading_vica2 import DecodedVideo, FastResize, probe_video, read_video, sample_frame_indices
+from .video_loading_vica2 import DEFAULT_MAX_VIDEO_PIXELS, DecodedVideo, FastResize, probe_video, read_video
+from .video_loading_vica2 import sample_frame_indices
 
 
 logger = logging.get_logger(__name__)
@@ -35,56 +33,49 @@ HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_on
 
 class Vica2VideoProcessor:
     r"""
-    Reads, samples and prepares videos for ViCA2 (no torchvision needed).
-
     Args:
-        size (`dict`, defaults to `{"height": 384, "width": 384}`): SigLIP frame size (square).
-        resample, rescale_factor, image_mean, image_std: the SigLIP recipe (PIL bicubic, 1 / 255, 0.5, 0.5).
-        hiera_size (`int`, defaults to 1024), hiera_image_mean, hiera_image_std: the Hiera recipe (ImageNet stats).
+        size (`dict`, default 384 x 384), resample, rescale_factor, image_mean, image_std: the SigLIP recipe.
+        hiera_size (`int`, default 1024), hiera_image_mean, hiera_image_std: the Hiera recipe (ImageNet stats).
         hiera_antialias (`bool`, defaults to `False`): antialias the Hiera resize (the release did not).
         do_sample_frames (`bool`, defaults to `True`): tells serving engines to hand over decoded frames with their
-            metadata; the call samples them as the release samples a file when asked (`do_sample_frames=True` or
-            `num_frames`).
+            metadata; a call samples them as the release samples a file when asked (`do_sample_frames` or `num_frames`).
+        max_video_pixels (`int`, default 64 frames at 4K): a file whose declared width x height x frames sampled is
+            above it is refused before decoding (a call's `max_video_pixels` overrides it).
     """
 
     model_input_names = ["pixel_values_videos", "hiera_pixel_values_videos", "video_token_ratio"]
     settings = (
         "size", "resample", "rescale_factor", "image_mean", "image_std", "hiera_size", "hiera_image_mean",
-        "hiera_image_std", "hiera_antialias", "do_sample_frames",
+        "hiera_image_std", "hiera_antialias", "do_sample_frames", "max_video_pixels",
     )  # fmt: skip
 
     def __init__(self, size: dict | None = None, resample=PILImageResampling.BICUBIC, rescale_factor=1 / 255,
                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), hiera_size: int = 1024,
                  hiera_image_mean=IMAGENET_DEFAULT_MEAN, hiera_image_std=IMAGENET_DEFAULT_STD,
-                 hiera_antialias: bool = False, do_sample_frames: bool = True, **kwargs):
+                 hiera_antialias: bool = False, do_sample_frames: bool = True,
+                 max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS, **kwargs):
         unknown = sorted(set(kwargs) - {"video_processor_type", "processor_class", "auto_map"})
         if unknown:
             raise TypeError(f"Unknown setting(s) {', '.join(unknown)} for Vica2VideoProcessor; known: {self.settings}.")
         self.size = dict(size) if size is not None else {"height": 384, "width": 384}
         self.resample, self.rescale_factor = PILImageResampling(int(resample)), rescale_factor
-        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        self.hiera_size, self.hiera_antialias = int(hiera_size), bool(hiera_antialias)
+        self.image_mean, self.image_std, self.hiera_size = tuple(image_mean), tuple(image_std), int(hiera_size)
         self.hiera_image_mean, self.hiera_image_std = tuple(hiera_image_mean), tuple(hiera_image_std)
-        self.do_sample_frames = bool(do_sample_frames)
+        self.hiera_antialias, self.do_sample_frames = bool(hiera_antialias), bool(do_sample_frames)
+        self.max_video_pixels = positive_int("max_video_pixels", max_video_pixels, "declared pixels x frames")
         square_side(self.size)
 
     @classmethod
-    def from_image_processor(cls, image_processor) -> Vica2VideoProcessor:
-        """The video recipe of an image processor's settings (folders saved before videos had their own config)."""
-        size = image_processor.size
-        return cls(
-            size=dict(size) if isinstance(size, dict) else {"height": size.height, "width": size.width},
-            **{name: getattr(image_processor, name) for name in cls.settings[1:-1]},
-        )
+    def from_image_processor(cls, image_processor) -> Vica2VideoProcessor:  # folders saved before videos had a config
+        side = square_side(image_processor.size)
+        return cls({"height": side, "width": side}, **{name: getattr(image_processor, name) for name in cls.settings[1:9]})
 
-    # ------------------------------------------------------------------------------------------- config file
     def to_dict(self) -> dict:
         values = {name: getattr(self, name) for name in self.settings}
         values["resample"] = int(values["resample"])
         return {**values, "video_processor_type": type(self).__name__}
 
     def save_pretrained(self, save_directory, **kwargs) -> list[str]:
-        """Write the settings to `video_preprocessor_config.json` in `save_directory`."""
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, VIDEO_PROCESSOR_NAME)
         with open(path, "w", encoding="utf-8") as file:
@@ -108,32 +99,28 @@ class Vica2VideoProcessor:
     # ------------------------------------------------------------------------------------------- the call
     def __call__(self, videos, video_metadata=None, num_frames: int | None = None, default_num_frames=None,
                  do_sample_frames: bool = False, hiera_frame_stride: int = 1, hiera_antialias=None, device=None,
-                 fast_decode=False, decode_workers=None, input_data_format=None, allow_network=True,
-                 return_metadata=False) -> BatchFeature:
+                 fast_decode=False, decode_workers=None, input_data_format=None, return_metadata=False,
+                 allow_network=True, allow_playlists=False, max_video_pixels=None) -> BatchFeature:
         r"""
         Read / sample `videos` and prepare their pixels.
 
         Args:
             videos: a video or a list of them: a path / URL / binary file object (sampled with PyAV), decoded frames
-                (a uint8 (T, H, W, 3) array or tensor, or a list of PIL images / arrays; used as given), a
-                `DecodedVideo` (`load_video`), or a (frames, metadata) pair.
-            video_metadata: `VideoMetadata` (or dict) per decoded-frames video: which frames of the video they are.
-            num_frames: frames to sample from a file (default: `default_num_frames`, which `Vica2Processor` sets to
-                the frame budget). Given for decoded frames, it samples them too, as `do_sample_frames=True` does:
-                as the release samples a file, when their metadata says which frames they are.
+                (a uint8 (T, H, W, 3) array / tensor or a list of frames; used as given), a `DecodedVideo`, or a
+                (frames, metadata) pair; `video_metadata`: `VideoMetadata` (or dict) per decoded-frames video.
+            num_frames: frames to sample from a file (default: `default_num_frames`, the processor's frame budget);
+                given for decoded frames, it samples them as `do_sample_frames=True` does (as the release samples a
+                file, when their metadata says which frames they are).
             hiera_frame_stride: k; Hiera pixels are prepared for frames 0, k, 2k, ... only.
-            hiera_antialias: antialias the Hiera resize (default: the processor's setting).
-            device: prepare the pixels there (the Hiera resize and both normalisations; SigLIP's PIL resize stays on
-                the CPU); outputs are on `device`.
+            hiera_antialias (default: the setting), device (where pixels are prepared and returned; SigLIP's PIL
+                resize stays on the CPU), input_data_format (where decoded frames' channels are).
             fast_decode: files only: resize while decoding (swscale, from YUV); faster, not bit-exact.
             decode_workers: threads decoding a file's keyframe segments (default: one per usable core).
-            input_data_format: where decoded frames' channels are, when their shape does not tell.
-            allow_network: False refuses URLs and keeps FFmpeg on local files.
-            return_metadata: also return each video's `VideoMetadata` as `video_metadata`.
+            return_metadata: also return each video's `video_metadata`.
+            allow_network (False refuses URLs), allow_playlists, max_video_pixels: as in `load_video`.
 
-        Returns:
-            `BatchFeature` with `pixel_values_videos` (T, 3, S, S) and `hiera_pixel_values_videos` (ceil(T / k), 3,
-            Hs, Hs) per video, stacked when the videos' frame counts agree, else lists.
+        Returns: `BatchFeature` with `pixel_values_videos` (T, 3, S, S) and `hiera_pixel_values_videos` (ceil(T / k),
+        3, Hs, Hs) per video, stacked when frame counts agree, else lists.
         """
         videos = flatten_videos(videos)
         metadata_list = _metadata_list(video_metadata, len(videos))
@@ -144,10 +131,9 @@ class Vica2VideoProcessor:
             if isinstance(video, DecodedVideo):
                 check_decoded_video(video.num_frames, video.metadata, num_frames)
             elif is_file_source(video):
-                video = self.load_video(
-                    video, frames_to_read, hiera_frame_stride, fast_decode, decode_workers, keep_frames=False,
-                    allow_network=allow_network, **options,
-                )  # fmt: skip
+                video = self.load_video(video, frames_to_read, hiera_frame_stride, fast_decode, decode_workers, **options,
+                                        allow_network=allow_network, allow_playlists=allow_playlists,
+                                        max_video_pixels=max_video_pixels)
             else:
                 sample = frames_to_read if do_sample_frames or num_frames is not None else None
                 video = self._decoded_frames(video, metadata, sample, num_frames, input_data_format)
@@ -160,8 +146,7 @@ class Vica2VideoProcessor:
         return BatchFeature(data)
 
     def _decoded_frames(self, video, metadata, sample: int | None, requested: int | None, input_data_format):
-        """Decoded frames (optionally with metadata), sampled as the release samples a file when `sample` is given
-        and the metadata says which frames they are, else used as given."""
+        """Decoded frames, sampled as the release samples a file with `sample` when the metadata says which they are."""
         if isinstance(video, tuple) and len(video) == 2 and _is_metadata(video[1]):
             video, metadata = video
         frames, metadata = to_video_frames(video, input_data_format), as_metadata(metadata)
@@ -172,37 +157,41 @@ class Vica2VideoProcessor:
 
     @staticmethod
     def _stack(pixels: list[dict]) -> dict:
-        siglip = [item["pixel_values_videos"] for item in pixels]
-        hiera = [item["hiera_pixel_values_videos"] for item in pixels]
-        if len(siglip) == 1:  # a view, not a copy of the (large) pixels
-            return {"pixel_values_videos": siglip[0][None], "hiera_pixel_values_videos": hiera[0][None]}
-        if len({item.shape[0] for item in siglip}) == 1:
-            return {"pixel_values_videos": torch.stack(siglip), "hiera_pixel_values_videos": torch.stack(hiera)}
-        return {"pixel_values_videos": siglip, "hiera_pixel_values_videos": hiera}
+        names = ("pixel_values_videos", "hiera_pixel_values_videos")
+        if len(pixels) == 1:  # a view, not a copy of the (large) pixels
+            return {name: pixels[0][name][None] for name in names}
+        if len({item[names[0]].shape[0] for item in pixels}) == 1:
+            return {name: torch.stack([item[name] for item in pixels]) for name in names}
+        return {name: [item[name] for item in pixels] for name in names}
 
-    # ------------------------------------------------------------------------------------------- reading, sampling
     def load_video(self, source, num_frames: int, hiera_frame_stride: int = 1, fast_decode=False, decode_workers=None,
-                   hiera_antialias=None, device=None, keep_frames=True, allow_network=True) -> DecodedVideo:
+                   hiera_antialias=None, device=None, keep_frames=False, **access) -> DecodedVideo:
         """Read and sample `num_frames` frames of a video file. In exact mode its pixels are prepared as its frames
         decode (for `hiera_frame_stride`, `hiera_antialias`, `device`), keeping the full-size frames only with
-        `keep_frames`; with `fast_decode` swscale resizes the frames while decoding."""
+        `keep_frames`; with `fast_decode` swscale resizes the frames while decoding. `access`: `allow_network`,
+        `allow_playlists` (playlists / concat lists may name other media) and `max_video_pixels` (default: the
+        setting), as in `read_video`."""
+        access = self._access(**access)
         if fast_decode:
             fast = FastResize(square_side(self.size), self.hiera_size, hiera_frame_stride)
-            return read_video(source, num_frames, fast, decode_workers, allow_network=allow_network)
+            return read_video(source, num_frames, fast, decode_workers, **access)
         sinks = []
 
         def make_sink(metadata):  # called once the sampled indices are known, before decoding starts
             sinks.append(VideoPixelSink(self, metadata.frames_indices, hiera_frame_stride, hiera_antialias, device))
             return sinks[0]
 
-        video = read_video(source, num_frames, None, decode_workers, make_sink, keep_frames, allow_network)
+        video = read_video(source, num_frames, None, decode_workers, make_sink, keep_frames, **access)
         video.pixels, video.pixels_key = sinks[0].pixels(), self.pixels_key(hiera_frame_stride, hiera_antialias, device)
         return video
 
-    @staticmethod
-    def probe_video(source, num_frames: int, allow_network: bool = True) -> VideoMetadata:
+    def probe_video(self, source, num_frames: int, **access) -> VideoMetadata:
         """The metadata `load_video` would give (frame count, fps, sampled indices), without decoding a frame."""
-        return probe_video(source, num_frames, allow_network=allow_network)
+        return probe_video(source, num_frames, **self._access(**access))
+
+    def _access(self, allow_network=True, allow_playlists=False, max_video_pixels=None) -> dict:
+        limit = self.max_video_pixels if max_video_pixels is None else max_video_pixels
+        return {"allow_network": allow_network, "allow_playlists": bool(allow_playlists), "max_video_pixels": limit}
 
     def sample_frames(self, frames, metadata: VideoMetadata | None, num_frames: int) -> tuple[object, VideoMetadata]:
         """The release's `num_frames`-frame sampling of a video, taken from decoded frames whose metadata says which
@@ -226,9 +215,7 @@ class Vica2VideoProcessor:
         frames = frames[torch.tensor(picked)] if isinstance(frames, torch.Tensor) else frames[picked]
         return frames, dataclasses.replace(metadata, frames_indices=list(wanted))
 
-    # ------------------------------------------------------------------------------------------- pixels
-    def pixels_key(self, hiera_frame_stride: int, hiera_antialias=None, device=None) -> tuple:
-        """What a video's prepared pixels depend on besides its frames (Hiera frame stride, antialias, device)."""
+    def pixels_key(self, hiera_frame_stride: int, hiera_antialias=None, device=None) -> tuple:  # what pixels depend on
         antialias = self.hiera_antialias if hiera_antialias is None else bool(hiera_antialias)
         return hiera_frame_stride, antialias, str(torch.device(device if device is not None else "cpu"))
 
@@ -240,8 +227,8 @@ class Vica2VideoProcessor:
         if video.siglip_frames is None and video.frames is None:
             raise ValueError(
                 f"This video's pixels were prepared for (Hiera frame stride, antialias, device) = {video.pixels_key} "
-                f"and its frames were not kept, but the call asks for {key}: load it with `processor.load_video(...)` "
-                "(which keeps the frames), or with the call's settings."
+                f"and its frames were not kept, but the call asks for {key}: load it with the call's settings, or with "
+                "`processor.load_video(..., keep_frames=True)`, which keeps the full-size frames."
             )
         if video.frames is not None:
             return self.preprocess_video(video.frames, stride, input_data_format="channels_last", **options)
@@ -278,9 +265,8 @@ class Vica2VideoProcessor:
 
 
 class VideoPixelSink:
-    """`Vica2VideoProcessor.preprocess_video`, one decoded frame at a time (a `read_video` frame sink): `sink(position,
-    frame)` writes the frame's pixels into every output slot sampling it, so no full-size frame is kept. Every step
-    works on each frame alone, so the result is bit-identical to the batched `preprocess_video`."""
+    """`preprocess_video` one decoded frame at a time (a `read_video` frame sink), into every output slot sampling
+    it: no full-size frame is kept, and the result is bit-identical (every step works on each frame alone)."""
 
     def __init__(self, video_processor, indices: list[int], hiera_frame_stride: int, hiera_antialias, device):
         self.processor, self.side = video_processor, square_side(video_processor.size)
@@ -310,15 +296,13 @@ class VideoPixelSink:
         return {"pixel_values_videos": self.siglip, "hiera_pixel_values_videos": self.hiera}
 
 
-def _slots(indices: list[int]) -> dict[int, list[int]]:
-    """frame index -> the output slots holding it (a frame sampled twice fills two slots)."""
+def _slots(indices: list[int]) -> dict[int, list[int]]:  # frame index -> its output slots (a repeated frame has two)
     slots: dict[int, list[int]] = {}
     for slot, index in enumerate(indices):
         slots.setdefault(index, []).append(slot)
     return slots
 
 
-# ----------------------------------------------------------------------------------------------- input checks
 def to_video_frames(video, input_data_format=None) -> np.ndarray:
     """Decoded frames as a uint8 RGB (T, H, W, 3) array: from an array / tensor (T, H, W, C) or (T, C, H, W), C in 1,
     3, 4, or a list of PIL images / (H, W, C) arrays of one size (see `rgb_uint8`)."""
@@ -346,8 +330,7 @@ def to_video_frames(video, input_data_format=None) -> np.ndarray:
 
 
 def check_decoded_video(num_frames: int, metadata: VideoMetadata | None, requested: int | None) -> None:
-    """Decoded frames are used as given, so a `num_frames` asking for another count, or metadata describing other
-    frames (its indices make the time instruction), would leave a silently wrong prompt."""
+    """Decoded frames are used as given: another `num_frames`, or metadata of other frames, would be a wrong prompt."""
     if requested is not None and requested != num_frames:
         raise ValueError(
             f"num_frames={requested} was asked for, but this video is already decoded into {num_frames} frames, "
@@ -417,8 +400,7 @@ def _metadata_list(video_metadata, count: int) -> list:
     return items
 
 
-def decoded_frame_count(video) -> int | None:
-    """The number of frames of decoded frames (an array / tensor (T, ...) or a list of frames), else None."""
+def decoded_frame_count(video) -> int | None:  # of decoded frames (an array / tensor or a list of frames), else None
     if isinstance(video, (np.ndarray, torch.Tensor)):
         return int(video.shape[0]) if video.ndim == 4 else None
     if isinstance(video, (list, tuple)) and video and all(_is_frame(frame) for frame in video):
@@ -427,10 +409,8 @@ def decoded_frame_count(video) -> int | None:
 
 
 def as_metadata(metadata) -> VideoMetadata | None:
-    if metadata is None or isinstance(metadata, VideoMetadata):
-        return metadata
-    if isinstance(metadata, dict):
-        return VideoMetadata(**metadata)
+    if metadata is None or isinstance(metadata, (VideoMetadata, dict)):
+        return VideoMetadata(**metadata) if isinstance(metadata, dict) else metadata
     raise TypeError(f"Video metadata must be a VideoMetadata or a dict, got {type(metadata).__name__}.")
 
 

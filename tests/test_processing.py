@@ -944,27 +944,68 @@ def _ts_segment(path) -> bytes:
 
 
 def test_a_local_playlist_naming_remote_segments_fetches_nothing_with_remote_media_off(tiny, tmp_path, monkeypatch):
-    """A local file can make FFmpeg fetch (an HLS playlist's http segments: read from a file object, FFmpeg does
-    fetch them); with remote media off no protocol but local files reaches FFmpeg, for every read the processor
-    makes: the call, load_video, and the chat template's probe for the time instruction."""
+    """A local file can make FFmpeg fetch (an HLS playlist's http segments). A playlist is refused unless the caller
+    asks for it (`allow_playlists=True`); even then, with remote media off no protocol but local files reaches
+    FFmpeg, for every read the processor makes: the call, load_video, and the chat template's probe."""
     _, processor = tiny
     segment = _ts_segment(tmp_path / "seg.ts")
     monkeypatch.setattr(processor, "allow_remote_media", False)
     with media_server({"/seg.ts": segment}) as (base, requested):
         playlist = tmp_path / "list.m3u8"
         playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{base}/seg.ts\n#EXT-X-ENDLIST\n")
-        reads = [lambda source: processor(text="<video>", videos=source, num_frames=2),
-                 lambda source: processor.load_video(source, num_frames=2),
-                 lambda source: processor.apply_chat_template(
-                     user_turn({"type": "video", "video": source}, {"type": "text", "text": "Q"}), tokenize=False)]
+        reads = [lambda source, **kw: processor(text="<video>", videos=source, num_frames=2, **kw),
+                 lambda source, **kw: processor.load_video(source, num_frames=2, **kw),
+                 lambda source, **kw: processor.apply_chat_template(
+                     user_turn({"type": "video", "video": source}, {"type": "text", "text": "Q"}), tokenize=False, **kw)]
         for read in reads:
             for source in (str(playlist), playlist.open("rb")):
-                with pytest.raises(ValueError, match="With remote media off, a file that refers to remote parts"):
+                with pytest.raises(ValueError, match="is a playlist.*allow_playlists=True"):
                     read(source)
+            for source in (str(playlist), playlist.open("rb")):
+                with pytest.raises(ValueError, match="With remote media off, a file that refers to remote parts"):
+                    read(source, allow_playlists=True)
         assert requested == []
-        monkeypatch.setattr(processor, "allow_remote_media", True)  # the same file, remote media on: fetched
-        assert processor(text="<video>", videos=playlist.open("rb"), num_frames=2)["pixel_values_videos"].shape[1] == 2
+        monkeypatch.setattr(processor, "allow_remote_media", True)  # remote media on: still refused unless asked for
+        with pytest.raises(ValueError, match="is a playlist"):
+            processor(text="<video>", videos=playlist.open("rb"), num_frames=2)
+        assert requested == []
+        inputs = processor(text="<video>", videos=playlist.open("rb"), num_frames=2, allow_playlists=True)
+        assert inputs["pixel_values_videos"].shape[1] == 2
         assert requested and set(requested) == {"/seg.ts"}  # (once per pass that opens the file)
+
+
+def test_a_video_above_the_pixel_limit_is_refused_wherever_it_is_read(tiny, video_file, tmp_path):
+    """The video processor's `max_video_pixels` (a setting, saved with it, and a call argument) bounds declared size
+    x frames sampled before decoding, for the call, load_video and the chat template (read or probed)."""
+    from vica2.video_processing_vica2 import Vica2VideoProcessor
+
+    _, processor = tiny
+    limit = 48 * 32 * 4  # the clip is 48 x 32: four frames fit
+    message = r"48x32 frames.*limit of 6,144 \(max_video_pixels"
+    chat = user_turn({"type": "video", "path": str(video_file)}, {"type": "text", "text": "Q"})
+    reads = [lambda **kw: processor(text="<video>", videos=str(video_file), num_frames=5, **kw),
+             lambda **kw: processor.load_video(str(video_file), num_frames=5, **kw),
+             lambda **kw: processor.apply_chat_template(chat, num_frames=5, tokenize=True, **kw),
+             lambda **kw: processor.apply_chat_template(chat, num_frames=5, tokenize=False, **kw)]
+    for read in reads:
+        with pytest.raises(ValueError, match=message):
+            read(max_video_pixels=limit)
+    assert processor(text="<video>", videos=str(video_file), num_frames=4, max_video_pixels=limit)["pixel_values_videos"].shape[1] == 4
+    setting = Vica2VideoProcessor(max_video_pixels=limit)
+    with pytest.raises(ValueError, match=message):
+        setting(str(video_file), num_frames=5)
+    setting.save_pretrained(tmp_path)
+    assert Vica2VideoProcessor.from_pretrained(tmp_path).max_video_pixels == limit
+    assert Vica2VideoProcessor().max_video_pixels == 64 * 3840 * 2160
+
+
+def test_a_decompression_bomb_image_is_a_clear_error(tiny, tmp_path, monkeypatch):
+    _, processor = tiny
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (40, 40)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses above twice its limit
+    with pytest.raises(ValueError, match=r"image '.*huge.png' is too large.*1600 pixels.*Image.MAX_IMAGE_PIXELS = 100"):
+        processor(text="<image>", images=str(path))
 
 
 def test_an_image_url_that_fails_is_named(tiny):

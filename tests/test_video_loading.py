@@ -454,8 +454,17 @@ def test_device_path_of_the_video_processor_equals_the_default(processor, refere
         assert torch.equal(fast_default[key], fast_device[key])
 
 
-def test_a_loaded_video_reuses_its_pixels_and_keeps_its_frames(processor, videos, reference_frames):
+def test_a_loaded_video_keeps_only_its_pixels_unless_asked(processor, videos):
+    """Full-size frames cost far more than the towers' inputs: load_video keeps them only with keep_frames=True."""
     video = processor.load_video(str(videos["large"]), 8)
+    assert video.frames is None and video.pixels["pixel_values_videos"].shape[0] == 8
+    assert processor(text="<video>\nQ", videos=video)["pixel_values_videos"][0].data_ptr() == video.pixels["pixel_values_videos"].data_ptr()
+    with pytest.raises(ValueError, match="its frames were not kept.*keep_frames=True"):
+        processor(text="<video>\nQ", videos=video, hiera_antialias=True)
+
+
+def test_a_loaded_video_reuses_its_pixels_and_keeps_its_frames(processor, videos, reference_frames):
+    video = processor.load_video(str(videos["large"]), 8, keep_frames=True)
     assert video.frames is not None and video.pixels is not None
     first = processor(text="<video>\nQ1", videos=video)
     second = processor(text="<video>\nQ2", videos=video)
@@ -488,3 +497,102 @@ def test_pixels_of_repeated_frames_fill_every_slot(processor, videos, reference_
     expected = processor.video_processor.preprocess_video(reference_frames["short"][indices], hiera_frame_stride=2)
     for key in ("pixel_values_videos", "hiera_pixel_values_videos"):
         assert torch.equal(inputs[key][0], expected[key])
+
+
+# ----------------------------------------------------------------------------------------------- untrusted files
+def test_a_local_file_named_like_an_ffmpeg_url_is_read_as_a_file(tmp_path, monkeypatch):
+    """FFmpeg reads `tcp:HOST:PORT` as an address: a local file so named is read from disk and connects nowhere."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(60)  # the acceptor stops itself even if nothing wakes it
+    port, accepted, done = server.getsockname()[1], [], threading.Event()
+
+    def accept():
+        while not done.is_set():
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(done.is_set())  # False: a connection made by the read
+            connection.close()  # a read that connected gets an empty answer: it ends, it does not hang
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    monkeypatch.chdir(tmp_path)
+    name = f"tcp:127.0.0.1:{port}"
+    write_video(tmp_path / "clip.mp4", num_frames=10).rename(tmp_path / name)
+    try:
+        for allow_network in (True, False):
+            video = read_video(name, 3, allow_network=allow_network)
+            assert video.frames.shape == (3, 48, 64, 3) and video.metadata.total_num_frames == 10
+        assert probe_video(name, 3).frames_indices == [0, 4, 9]
+    finally:
+        done.set()
+        socket.create_connection(("127.0.0.1", port)).close()  # wakes the acceptor
+        thread.join()
+        server.close()
+    assert accepted == [True]  # only the wake-up call connected
+
+
+def test_playlists_and_concat_lists_are_refused_unless_asked_for(tmp_path):
+    """A playlist / concat list would make the reader open the files it names: refused for untrusted input, for a
+    path and a file object, unless the caller allows playlists by name."""
+    write_video(tmp_path / "clip.mp4", num_frames=10)
+    (tmp_path / "list.ffconcat").write_text("ffconcat version 1.0\nfile clip.mp4\n")
+    (tmp_path / "list.m3u8").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\nclip.mp4\n#EXT-X-ENDLIST\n")
+    for name in ("list.ffconcat", "list.m3u8"):
+        for source in (lambda: str(tmp_path / name), lambda: (tmp_path / name).open("rb")):
+            for allow_network in (True, False):
+                with pytest.raises(VideoLoadError, match="playlist.*allow_playlists=True"):
+                    read_video(source(), 2, allow_network=allow_network)
+            with pytest.raises(VideoLoadError, match="allow_playlists=True"):
+                probe_video(source(), 2)
+    video = read_video(str(tmp_path / "list.ffconcat"), 2, allow_playlists=True)  # asked for by name: followed
+    assert video.frames.shape == (2, 48, 64, 3)
+
+
+def test_a_video_costing_more_than_the_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    """Declared size x frames sampled is bounded before anything is decoded (a small upload can declare 16000 x 16000
+    frames); at the limit the video is read."""
+    import vica2.video_loading_vica2 as video_loading
+
+    path = write_video(tmp_path / "clip.mp4", num_frames=10)  # 64 x 48
+    assert video_loading.DEFAULT_MAX_VIDEO_PIXELS == 64 * 3840 * 2160  # 64 frames at 4K
+    decoded = []
+    monkeypatch.setattr(video_loading, "_decode_positions", lambda *args: decoded.append(args))
+    for read in (read_video, probe_video):
+        with pytest.raises(VideoLoadError, match=r"64x48 frames.*12,288 pixels.*limit of 9,216 \(max_video_pixels"):
+            read(str(path), 4, max_video_pixels=64 * 48 * 3)
+    assert decoded == []
+    monkeypatch.undo()
+    assert read_video(str(path), 3, max_video_pixels=64 * 48 * 3).frames.shape == (3, 48, 64, 3)
+    with pytest.raises(ValueError, match="max_video_pixels must be a positive integer"):
+        read_video(str(path), 3, max_video_pixels=0)
+
+
+def test_every_read_has_a_timeout(monkeypatch):
+    """A server that accepts and never answers cannot hold a read forever."""
+    import socket
+    import threading
+
+    import vica2.video_loading_vica2 as video_loading
+
+    monkeypatch.setattr(video_loading, "READ_TIMEOUT", 1.0, raising=False)  # (absent before reads had one)
+    server = socket.create_server(("127.0.0.1", 0))
+    errors = []
+
+    def read():
+        try:
+            read_video(f"http://127.0.0.1:{server.getsockname()[1]}/clip.mp4", 2)
+        except VideoLoadError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=read, daemon=True)
+    try:
+        thread.start()
+        thread.join(120)  # a bound for the failing case only; a read with a timeout ends long before
+        assert not thread.is_alive() and len(errors) == 1
+    finally:
+        server.close()

@@ -591,7 +591,7 @@ def read_video_or_error(processor, video_root: Path, video: str, frames: int):
     """The `DecodedVideo`, or the exception that reading it raised (missing, corrupt, not a video: error rows, not
     a crash)."""
     try:
-        return processor.load_video(str(video_root / video), num_frames=frames)
+        return processor.load_video(str(video_root / video), num_frames=frames, keep_frames=True)  # vLLM takes the frames
     except (ValueError, OSError) as error:
         if isinstance(error, OSError) or _is_video_load_error(error):
             return error
