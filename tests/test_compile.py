@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FIXTURE_IMAGE_TOKEN_ID, FIXTURE_VIDEO_TOKEN_ID, random_video_pixels, tiny_model
+from conftest import (
+    FIXTURE_IMAGE_TOKEN_ID,
+    FIXTURE_VIDEO_TOKEN_ID,
+    expand_release_ids,
+    fixture_model_inputs,
+    fixture_sample,
+    random_video_pixels,
+    tiny_model,
+)
 from transformers import CompileConfig
 
 
@@ -51,7 +59,7 @@ def _inputs(rows, pixels) -> dict:
     return dict(input_ids=ids, attention_mask=mask, **pixels)
 
 
-def _generate(model, inputs, compile_config=None) -> tuple[torch.Tensor, int]:
+def _generate(model, inputs, compile_config=None, new_tokens=NEW_TOKENS, **options) -> tuple[torch.Tensor, int]:
     """Greedy static-cache generation; returns the tokens and how many steps ran through the compiled forward."""
     compiled_steps = []
     library_get_compiled_call = model.get_compiled_call
@@ -68,8 +76,8 @@ def _generate(model, inputs, compile_config=None) -> tuple[torch.Tensor, int]:
     model.get_compiled_call = counting_compiled_call
     try:
         tokens = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=PAD,
-            cache_implementation="static", compile_config=compile_config,
+            **{"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "pad_token_id": PAD, **options, **inputs},
+            do_sample=False, cache_implementation="static", compile_config=compile_config,
         )
     finally:
         del model.get_compiled_call
@@ -100,6 +108,22 @@ def test_fullgraph_compiled_decode_gives_the_eager_tokens(model, name):
     """Dynamo captures the whole decode step (`fullgraph=True` raises on any graph break); the "eager" backend then
     runs the captured graph as is, so the tokens must be identical."""
     _assert_compiled_equals_eager(model, name, "eager")
+
+
+@pytest.mark.parametrize("name", ["video", "image"])
+def test_fullgraph_compiled_decode_reproduces_the_release_on_the_fixture(fixture_model, name):
+    """The release's own greedy answer (the fixture's generated_ids), through the compiled static-cache decode."""
+    sample = fixture_sample(name)
+    count = sample["summary"]["num_siglip_tokens"] + sample["summary"]["num_hiera_tokens"]
+    token = FIXTURE_VIDEO_TOKEN_ID if name == "video" else FIXTURE_IMAGE_TOKEN_ID
+    ids = torch.tensor([expand_release_ids(sample["input_ids"], count, token)])
+    inputs = dict(input_ids=ids, **fixture_model_inputs(sample, name))
+    expected = sample["generated_ids"]
+    torch._dynamo.reset()
+    compiled, steps = _generate(fixture_model, inputs, _forced_compile_config("eager"), new_tokens=len(expected),
+                                min_new_tokens=0, eos_token_id=382, pad_token_id=380)
+    assert steps == len(expected) - 1
+    assert compiled[0, ids.shape[1]:].tolist() == expected
 
 
 @pytest.mark.slow
