@@ -70,11 +70,24 @@ def load_model_and_processor(model_path: str, dtype: str = "auto", device: str |
     are, else CPU), "cpu", "cuda", "cuda:N", "mps", or None (left on the CPU for a trainer to place: fine-tuning).
     The processor loads first (a processor that would need code from the folder is refused before the slow model
     load). Raises `UsageError` for a missing folder, a research-release folder that needs converting, an unknown or
-    unavailable device, or a missing optional package.
+    unavailable device, a missing optional package, or a folder that does not load (truncated weights, a tensor
+    that does not fit config.json, JSON nested too deeply to read).
     """
     check_model_path(model_path)
     if device is not None:
         check_device(device)
+    try:
+        return _from_pretrained(model_path, dtype, device, load_in_4bit, load_in_8bit, attn_implementation,
+                                trust_remote_code)
+    except (UsageError, ImportError):
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated weights, mismatched sizes, bad JSON: the folder's fault
+        why = ("a tensor's shape does not fit config.json" if "ignore_mismatched_sizes" in str(error)
+               else f"{type(error).__name__}: {' '.join(str(error).split())}")
+        raise UsageError(f"model_path {model_path!r}: could not load it ({why}).", argument="model_path") from error
+
+
+def _from_pretrained(model_path, dtype, device, load_in_4bit, load_in_8bit, attn_implementation, trust_remote_code):
     model_class, processor_class = _classes(trust_remote_code)
     processor = processor_class.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": dtype if dtype == "auto" else _torch_dtype(dtype)}
@@ -161,6 +174,9 @@ def check_model_path(model_path: str) -> None:
                              argument="model_path")
         try:
             model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except RecursionError as error:  # a config.json nested a million levels deep
+            raise UsageError(f"model_path {model_path!r}: config.json is nested too deeply to read ({error}).",
+                             argument="model_path") from None
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
             raise UsageError(f"model_path {model_path!r}: config.json is not a JSON object ({error}).",
                              argument="model_path") from None
