@@ -5,9 +5,11 @@ bilinear resize without antialiasing (torchvision 0.16, which the release ran)."
 
 from __future__ import annotations
 
+import io
 import os
 import re
 
+import httpx
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -96,22 +98,16 @@ class Vica2ImageProcessor(PilBackend):
             raise ValueError("do_resize=False is not supported: the SigLIP tower needs S x S inputs.")
         side = square_side(size)
         _check_pinpoints(image_grid_pinpoints, side)
-        siglip_norm = (
-            rescale_factor if do_rescale else 1.0,
-            tuple(image_mean) if do_normalize else (0.0, 0.0, 0.0),
-            tuple(image_std) if do_normalize else (1.0, 1.0, 1.0),
-        )
+        siglip_norm = (rescale_factor if do_rescale else 1.0, tuple(image_mean) if do_normalize else (0.0, 0.0, 0.0),
+                       tuple(image_std) if do_normalize else (1.0, 1.0, 1.0))
         tiles = [anyres_tiles(image, side, image_grid_pinpoints, resample) for image in images]
         pixel_values = torch.zeros(len(images), max(len(t) for t in tiles), 3, side, side)
         for i, image_tiles in enumerate(tiles):
             pixel_values[i, : len(image_tiles)] = normalize_uint8(np.stack(image_tiles), *siglip_norm)
         antialias = self.hiera_antialias if hiera_antialias is None else hiera_antialias
         hiera = [hiera_pixels(image[None], hiera_size, hiera_image_mean, hiera_image_std, antialias) for image in images]
-        data = {
-            "pixel_values": pixel_values,
-            "image_sizes": torch.tensor([image.shape[:2] for image in images], dtype=torch.long),
-            "hiera_pixel_values": torch.cat(hiera),
-        }
+        sizes = torch.tensor([image.shape[:2] for image in images], dtype=torch.long)
+        data = {"pixel_values": pixel_values, "image_sizes": sizes, "hiera_pixel_values": torch.cat(hiera)}
         return BatchFeature(_as_return_type(data, return_tensors))
 
 
@@ -144,9 +140,8 @@ def hiera_pixels(frames: np.ndarray, size: int, mean, std, antialias: bool = Fal
     out = torch.empty(len(frames), 3, size, size, device=frames.device) if out is None else out
     for start in range(0, len(frames), HIERA_CHUNK_FRAMES):
         chunk = frames[start : start + HIERA_CHUNK_FRAMES].permute(0, 3, 1, 2).contiguous().float().div_(255)
-        out[start : start + len(chunk)] = F.interpolate(
-            chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
-        )
+        out[start : start + len(chunk)] = F.interpolate(chunk, size=(size, size), mode="bilinear",
+                                                        align_corners=False, antialias=antialias)
     return out.sub_(_per_channel(mean, frames.device)).div_(_per_channel(std, frames.device))
 
 
@@ -330,8 +325,7 @@ def as_rgb_channels(image: np.ndarray, what: str) -> np.ndarray:
 
 
 def is_remote_media(source) -> bool:
-    """Whether a media string names something to fetch (a URL: http(s), rtsp, ftp, data, ...) rather than a local
-    file. An existing local file is never remote, whatever its name looks like."""
+    """Whether a media string is a URL to fetch (http(s), rtsp, ftp, data, ...); an existing local file never is."""
     if not isinstance(source, (str, os.PathLike)):
         return False
     path = os.fspath(source)
@@ -344,6 +338,11 @@ def _load_image_file(path: str) -> Image.Image:
         raise FileNotFoundError(f"Image file not found: '{path}'. Check the path, or pass a PIL image or an array.")
     source = path if len(path) <= 200 else path[:200] + "..."  # a data: URL can be megabytes long
     try:  # decode now, so that a truncated file or an error page fails here, naming its source
+        if path.startswith(("http://", "https://")):  # an error page says its HTTP status, not "not an image"
+            response = httpx.get(path, timeout=30, follow_redirects=True)
+            if response.is_error:
+                raise OSError(f"the server answered HTTP {response.status_code} {response.reason_phrase}")
+            path = Image.open(io.BytesIO(response.content))
         image = load_image(path)
         image.load()
     except Image.DecompressionBombError as error:

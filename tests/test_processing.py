@@ -867,6 +867,18 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def test_an_image_url_answering_an_http_error_says_so(tiny, monkeypatch):
+    """A 404 page is reported as the server's answer, not as PIL's "cannot identify image file"."""
+    _, processor = tiny
+    monkeypatch.setattr(processor, "allow_remote_media", True)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1")
+    with media_server({}) as (base, requested):
+        with pytest.raises(ValueError, match=f"image '{base}/gone.png': .*the server answered HTTP 404") as error:
+            processor(text="<image>", images=f"{base}/gone.png")
+    assert requested == ["/gone.png"] and "cannot identify" not in str(error.value)
+
+
 @pytest.mark.parametrize("text", ["What is <video> here?", "<image>\nAnd this?"])
 def test_a_placeholder_typed_into_a_text_part_is_refused_by_the_chat_template(tiny, video_file, text):
     """Serving engines render the template themselves (vLLM's server runs no processor for a text-only request), so

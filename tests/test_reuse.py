@@ -403,7 +403,7 @@ def test_question_length_limit_and_bad_counts_are_refused(setup):
 
     model, processor = setup[:2]
     chat = ChatSession(model, processor, max_new_tokens=2, max_question_chars=20)
-    with pytest.raises(UsageError, match=r"question: 21 characters, over the limit of 20 \(max_question_chars\)"):
+    with pytest.raises(UsageError, match=r"question: 21 characters, over the limit of 20 \(max_question_chars='20'\)"):
         chat.ask("x" * 21)
     assert chat.stats.turns == 0
     check_question("x" * 10**6, None)  # no limit
@@ -413,3 +413,82 @@ def test_question_length_limit_and_bad_counts_are_refused(setup):
     with pytest.raises(UsageError, match="batch_size must be a positive"):
         answer_prompts(model, processor, [render_chat(processor, [user_message(media, "Why?")])], media,
                        batch_size=-1)
+
+
+class _AttentionBlocks:
+    """What the language model's first attention layer is given: query tokens and attention-mask shape per call."""
+
+    def __init__(self, model):
+        self.queries, self.masks = [], []
+        attention = model.model.language_model.layers[0].self_attn
+        self._handle = attention.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        self.queries.append(hidden.shape[1])
+        self.masks.append(None if mask is None else tuple(mask.shape))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+    def assert_within(self, chunk, context):
+        assert max(self.queries) <= chunk
+        assert all(shape[-2] <= chunk and shape[-1] <= context for shape in self.masks if shape is not None)
+
+
+def _keep_logits(logits):
+    from transformers import LogitsProcessorList
+
+    def keep(input_ids, scores):
+        logits.append(scores.clone())
+        return scores
+
+    return LogitsProcessorList([keep])
+
+
+@pytest.mark.parametrize("kind", ["video", None])
+def test_a_long_question_is_prefilled_in_bounded_chunks_with_the_same_answers(setup, kind):
+    """A question continuing a cache goes through the language model at most `prefill_chunk_tokens` tokens per
+    forward, so no attention mask is larger than chunk x context; the answers and logits are the unchunked ones."""
+    model, processor, frames, _ = setup
+    question = " ".join(QUESTIONS) * 3  # ~300 tokens of the byte tokenizer
+    runs = {}
+    for chunk in (10**6, 32):
+        chat = ChatSession(model, processor, max_new_tokens=4, prefill_chunk_tokens=chunk)
+        if kind:
+            chat.set_video(frames)
+        logits = []
+        with _AttentionBlocks(model) as blocks:
+            new_ids = [chat.ask(question, logits_processor=_keep_logits(logits)).new_ids for _ in range(2)]
+        runs[chunk] = new_ids, logits, blocks
+        context = chat.last_answer.prompt_tokens + 4
+    (whole_ids, whole_logits, whole_blocks), (ids, logits, blocks) = runs[10**6], runs[32]
+    assert max(whole_blocks.queries) > 250  # unchunked: the whole question in one forward
+    blocks.assert_within(32, context)
+    assert ids == whole_ids and len(logits) == len(whole_logits) == 8
+    for mine, reference in zip(logits, whole_logits):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-5)
+
+
+def test_long_continuations_of_an_encoded_prefix_are_prefilled_in_chunks(setup):
+    model, processor = setup[:2]
+    media = _media(setup, "video")
+    prompts = [render_chat(processor, [user_message(media, question * 4)]) for question in QUESTIONS]
+    ids = media.tokenize(processor, prompts)
+    prefix = EncodedPrefix.encode(model, ids[0][:reusable_prefix_length(ids, media)], media)
+    whole, whole_output = prefix.generate(ids, pad_token_id=0, prefill_chunk_tokens=10**6, **GREEDY)
+    with _AttentionBlocks(model) as blocks:
+        chunked, output = prefix.generate(ids, pad_token_id=0, prefill_chunk_tokens=16, **GREEDY)
+    blocks.assert_within(16, max(map(len, ids)) + GREEDY["max_new_tokens"])
+    assert chunked == whole and max(map(len, ids)) - len(prefix) > 100
+    for mine, reference in zip(output.logits, whole_output.logits):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-5)
+    assert answer_prompts(model, processor, prompts, media, batch_size=3, prefill_chunk_tokens=16,
+                          max_new_tokens=5) == processor.batch_decode(whole, skip_special_tokens=True)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(UsageError, match="prefill_chunk_tokens must be a positive whole number"):
+            ChatSession(model, processor, prefill_chunk_tokens=bad)

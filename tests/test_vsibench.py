@@ -737,3 +737,33 @@ def test_a_run_failing_before_its_folder_existed_shows_the_real_error(tmp_path, 
     error = capsys.readouterr().err
     assert "the model's weights are truncated" in error and ".tmp" not in error
     assert json.loads((out / "summary.json").read_text())["remaining"] == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "mismatched sizes", "deep config"])
+def test_a_hostile_model_folder_is_one_line(bench, tmp_path, capsys, damage):
+    """The loading library turns a folder that does not load into one UsageError naming the folder; the evaluator
+    shows it as one line, exit code 2."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vica2.tools.evaluate_vsibench import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(bench["model"], folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "mismatched sizes":
+        tensors = load_file(weights)
+        tensors["lm_head.weight"] = torch.zeros(tensors["lm_head.weight"].shape[0] + 1, 64)
+        save_file(tensors, weights, metadata={"format": "pt"})
+    else:
+        (folder / "config.json").write_text("[" * 10**6 + "]" * 10**6)
+    code = main(["--model", str(folder), "--data", str(bench["data"]), "--video-root", str(bench["videos"]),
+                 "--output-dir", str(tmp_path / "out"), "--frames", "4", "--device", "cpu"])
+    stderr = capsys.readouterr().err
+    error = stderr.strip().splitlines()[-1]  # after transformers' loading progress bar, if any
+    expected = {"truncated weights": "SafetensorError", "mismatched sizes": "a tensor's shape does not fit config.json",
+                "deep config": "config.json is nested too deeply"}[damage]
+    assert code == 2 and "Traceback" not in stderr and "vica2 eval-vsibench" not in stderr.replace(error, "")
+    assert error.startswith(f"vica2 eval-vsibench: error: --model '{folder}'") and expected in error

@@ -70,11 +70,24 @@ def load_model_and_processor(model_path: str, dtype: str = "auto", device: str |
     are, else CPU), "cpu", "cuda", "cuda:N", "mps", or None (left on the CPU for a trainer to place: fine-tuning).
     The processor loads first (a processor that would need code from the folder is refused before the slow model
     load). Raises `UsageError` for a missing folder, a research-release folder that needs converting, an unknown or
-    unavailable device, or a missing optional package.
+    unavailable device, a missing optional package, or a folder that does not load (truncated weights, a tensor
+    that does not fit config.json, JSON nested too deeply to read).
     """
     check_model_path(model_path)
     if device is not None:
         check_device(device)
+    try:
+        return _from_pretrained(model_path, dtype, device, load_in_4bit, load_in_8bit, attn_implementation,
+                                trust_remote_code)
+    except (UsageError, ImportError):
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated weights, mismatched sizes, bad JSON: the folder's fault
+        why = ("a tensor's shape does not fit config.json" if "ignore_mismatched_sizes" in str(error)
+               else f"{type(error).__name__}: {' '.join(str(error).split())}")
+        raise UsageError(f"model_path {model_path!r}: could not load it ({why}).", argument="model_path") from error
+
+
+def _from_pretrained(model_path, dtype, device, load_in_4bit, load_in_8bit, attn_implementation, trust_remote_code):
     model_class, processor_class = _classes(trust_remote_code)
     processor = processor_class.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": dtype if dtype == "auto" else _torch_dtype(dtype)}
@@ -161,6 +174,9 @@ def check_model_path(model_path: str) -> None:
                              argument="model_path")
         try:
             model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except RecursionError as error:  # a config.json nested a million levels deep
+            raise UsageError(f"model_path {model_path!r}: config.json is nested too deeply to read ({error}).",
+                             argument="model_path") from None
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
             raise UsageError(f"model_path {model_path!r}: config.json is not a JSON object ({error}).",
                              argument="model_path") from None
@@ -427,6 +443,32 @@ def check_continuation(model, sequences: list[list[int]], generate_kwargs: dict)
                              f"{vocab_size} tokens (ids 0 to {vocab_size - 1}); tokenize with this model's processor.")
 
 
+# New tokens per forward when a prompt continues a cache: with a cache, sdpa and eager attention get a (new tokens x
+# context) mask (and eager a float score matrix per head), so one forward over a 10,000-token question asked for
+# gigabytes; in chunks the cost is at most chunk x context.
+PREFILL_CHUNK_TOKENS = 512
+
+
+def check_chunk_tokens(chunk_tokens) -> int:
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise UsageError(f"prefill_chunk_tokens must be a positive whole number, got {chunk_tokens!r}.",
+                         argument="prefill_chunk_tokens")
+    return chunk_tokens
+
+
+def prefill_in_chunks(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache,
+                      chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> None:
+    """Run the tokens of `input_ids` that `cache` does not hold yet into it, `chunk_tokens` per forward, all but the
+    last `chunk_tokens`, which `generate` then prefills. Causal attention shows each chunk exactly what it sees in
+    one forward over all of them (same results up to float rounding). Text only: no pixels go with the chunks."""
+    end = input_ids.shape[1] - check_chunk_tokens(chunk_tokens)
+    with torch.inference_mode():
+        for start in range(cache.get_seq_length(), end, chunk_tokens):
+            stop = min(start + chunk_tokens, end)
+            model(input_ids=input_ids[:, start:stop], attention_mask=attention_mask[:, :stop], use_cache=True,
+                  logits_to_keep=1, **{_cache_name(): cache})
+
+
 class EncodedPrefix:
     """A prompt prefix run once through the model (vision towers + language-model prefill), with its KV cache.
 
@@ -474,12 +516,14 @@ class EncodedPrefix:
             cache.batch_repeat_interleave(rows)
         return cache
 
-    def generate(self, sequences: list[list[int]], *, pad_token_id: int, cache=None, **generate_kwargs):
+    def generate(self, sequences: list[list[int]], *, pad_token_id: int, cache=None,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, **generate_kwargs):
         """`model.generate` over full prompts that start with this prefix; returns (new token ids per row, output).
 
         `sequences` are whole prompts (prefix + continuation). `generate_kwargs` go to `generate` (max_new_tokens,
         do_sample, temperature, streamer, output_logits, return_dict_in_generate, ...). `cache` (default: a fresh
         copy of the prefix's) is the cache to generate into; it holds the prefix's rows' prefix on return.
+        Continuations are prefilled at most `prefill_chunk_tokens` per forward (see `prefill_in_chunks`).
         """
         length = len(self.input_ids)
         for sequence in sequences:
@@ -497,6 +541,7 @@ class EncodedPrefix:
             ids[row, ids.shape[1] - len(tail):] = tail  # right-aligned: every row's new tokens start together
             mask[row, ids.shape[1] - len(tail):] = 1
         cache = self.cache_for(rows) if cache is None else cache
+        prefill_in_chunks(self.model, ids, mask, cache, prefill_chunk_tokens)
         with torch.inference_mode():
             output = self.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_token_id,
                                          **{_cache_name(): cache}, **generate_kwargs)
@@ -551,6 +596,7 @@ def answer_prompts(model, processor, prompts: list[str], media: MediaInputs | No
     With `reuse=True` (default) their common token prefix is encoded once and they are answered from its cache in
     batches of `batch_size` rows (fewer if `max_cache_bytes` cannot hold that many cache copies). With
     `reuse=False` each batch runs from scratch, the towers included (left padding, as plain batched `generate`).
+    Continuations of the prefix are prefilled at most `prefill_chunk_tokens` tokens per forward.
     Other keyword arguments go to `generate` (max_new_tokens, do_sample, ...); `stats` (a `ReuseStats`) is updated.
     """
     return [text for batch in iter_answer_prompts(model, processor, prompts, media, **kwargs) for text in batch]
@@ -558,7 +604,8 @@ def answer_prompts(model, processor, prompts: list[str], media: MediaInputs | No
 
 def iter_answer_prompts(model, processor, prompts: list[str], media: MediaInputs | None, *, batch_size: int = 1,
                         reuse: bool = True, max_cache_bytes: int | None = None, stats: ReuseStats | None = None,
-                        skip_special_tokens: bool = True, **generate_kwargs) -> Iterator[list[str]]:
+                        skip_special_tokens: bool = True, prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+                        **generate_kwargs) -> Iterator[list[str]]:
     """`answer_prompts`, one batch at a time (in prompt order), e.g. to save each batch as it is done."""
     stats = stats if stats is not None else ReuseStats()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -582,7 +629,8 @@ def iter_answer_prompts(model, processor, prompts: list[str], media: MediaInputs
     rows = prefix.rows_within(batch_size, max_cache_bytes)
     for start in range(0, len(ids), rows):
         batch = ids[start:start + rows]
-        new_ids, _ = prefix.generate(batch, pad_token_id=_pad_id(processor), **generate_kwargs)
+        new_ids, _ = prefix.generate(batch, pad_token_id=_pad_id(processor), prefill_chunk_tokens=prefill_chunk_tokens,
+                                     **generate_kwargs)
         stats.prefill_tokens += sum(len(s) - length for s in batch)
         stats.cached_tokens += length * len(batch)
         stats.prefills_saved += len(batch) - (start == 0)  # every prompt but the first skips the prefix's prefill
@@ -766,7 +814,8 @@ def check_question(question: str, max_chars: int | None = DEFAULT_MAX_QUESTION_C
         raise UsageError("Ask a question (the text is empty).", argument="question")
     if max_chars is not None and len(question) > max_chars:
         raise UsageError(f"question: {len(question):,} characters, over the limit of {max_chars:,} "
-                         f"(max_question_chars='{max_chars}'); ask a shorter question or raise the limit.", argument="question")
+                         f"(max_question_chars='{max_chars}'); ask a shorter question or raise the limit.",
+                         argument="question")
 
 
 class ChatSession:
@@ -779,7 +828,9 @@ class ChatSession:
 
     A turn that fails (out of memory, a bad input) or is cancelled leaves the session as it was before it. One turn
     runs at a time: a call from another thread while a turn runs raises `SessionBusy`. `max_question_chars` bounds a
-    question's length (None: no limit). Beams and several return sequences are refused (one cached row).
+    question's length (None: no limit); a question is prefilled at most `prefill_chunk_tokens` tokens per forward
+    (bounding the attention mask; see `prefill_in_chunks`). Beams and several return sequences are refused (one
+    cached row).
 
     Attributes: `stats` (`SessionStats`), `history` (the messages so far), `media` (`MediaInputs` or None),
     `last_answer` (the latest `Answer`), `encode_s` (seconds the last media encoding took).
@@ -787,8 +838,10 @@ class ChatSession:
 
     def __init__(self, model, processor, *, num_frames: int | None = None, fast_decode: bool = False,
                  add_time_instruction: bool | None = None, max_new_tokens: int = 256,
-                 max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS, **overrides):
+                 max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, **overrides):
         self.model, self.processor = model, processor
+        self.prefill_chunk_tokens = check_chunk_tokens(prefill_chunk_tokens)
         self.num_frames, self.fast_decode, self.add_time_instruction = num_frames, fast_decode, add_time_instruction
         self.max_new_tokens, self.max_question_chars = max_new_tokens, max_question_chars
         self.overrides = {name: value for name, value in overrides.items() if value is not None}
@@ -916,15 +969,18 @@ class ChatSession:
         else:  # nothing reusable: run the whole prompt, the towers included, into a new cache
             cache, kwargs = DynamicCache(), (self.media.pixels if self.media is not None else {})
         input_ids = torch.tensor([ids], device=self.model.device)
+        mask = torch.ones_like(input_ids)  # all ones: where the backend needs no mask, it builds none
         stopping = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
         stopping.append(lambda input_ids, scores, **_: torch.full((input_ids.shape[0],), self._cancel.is_set(),
                                                                    dtype=torch.bool, device=input_ids.device))
         try:
             if keep:
                 _truncate(cache, keep)
+            if not kwargs:  # no pixels in this forward: a long question goes in chunks
+                prefill_in_chunks(self.model, input_ids, mask, cache, self.prefill_chunk_tokens)
             with torch.inference_mode():
                 output = self.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    input_ids=input_ids, attention_mask=mask,
                     pad_token_id=_pad_id(self.processor), max_new_tokens=max_new_tokens or self.max_new_tokens,
                     streamer=streamer, stopping_criteria=stopping, **{"do_sample": False, **generate_kwargs},
                     **{_cache_name(): cache}, **kwargs)
