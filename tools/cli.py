@@ -52,16 +52,10 @@ def plural(count: int, noun: str) -> str:
 
 def _load(args):
     start = time.perf_counter()
-    try:
-        model, processor = load_model_and_processor(
-            args.model, args.dtype, args.device, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
-            attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
-    except (UsageError, ImportError):
-        raise
-    except Exception as error:  # noqa: BLE001 - truncated weights, mismatched sizes, bad JSON: the folder's fault
-        why = ("a tensor's shape does not fit config.json" if "ignore_mismatched_sizes" in str(error)
-               else f"{type(error).__name__}: {one_line(error)}")
-        raise UsageError(f"--model {args.model!r}: could not load it ({why}).") from error
+    # A folder that does not load (truncated weights, sizes that do not fit, bad JSON) is the library's UsageError.
+    model, processor = load_model_and_processor(
+        args.model, args.dtype, args.device, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+        attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
     if args.verbose:
         print(f"[load] {args.model} in {time.perf_counter() - start:.1f}s ({model.dtype}, {model.device})",
               file=sys.stderr)
@@ -76,10 +70,7 @@ def _check_before_loading(args, questions=()) -> dict:
     media = {kind: resolve_media(kind, getattr(args, kind), args.allow_remote_media)
              for kind in ("video", "image") if getattr(args, kind, None) is not None}
     check_device(args.device)
-    try:
-        check_model_path(args.model)
-    except RecursionError as error:  # a config.json nested a million levels deep
-        raise UsageError(f"--model {args.model!r}: config.json is nested too deeply to read ({error}).") from None
+    check_model_path(args.model)
     return media
 
 
