@@ -547,12 +547,14 @@ class ModelGate:
 
     def __init__(self, model, step_s: float = 0.0):
         self.open, self.running, self.most_at_once, self.step_s = threading.Event(), 0, 0, step_s
+        self.entered = threading.Event()  # a forward has reached the gate
         self.lock = threading.Lock()
         language_model = model.model.language_model
         self.handles = [language_model.register_forward_pre_hook(self._enter),
                         language_model.register_forward_hook(self._leave)]
 
     def _enter(self, *_):
+        self.entered.set()
         self.open.wait(WAIT_MS / 1000)
         time.sleep(self.step_s)  # pacing only (nothing is timed): lets each streamed piece reach the page
         with self.lock:
@@ -578,6 +580,7 @@ def test_browser_two_tabs_keep_their_own_conversations_one_generation_at_a_time(
     try:
         first.fill("#question textarea", "Question from the first tab?")
         first.click("#ask")  # held inside the model by the gate
+        assert gate.entered.wait(WAIT_MS / 1000)  # the first tab holds the model before the second one asks
         second.fill("#question textarea", "Question from the second tab?")
         second.click("#ask")
         _wait_text(second, "#chat", "queue: 1/1")  # the second tab waits its turn, and the page says where it stands
