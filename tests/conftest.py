@@ -145,6 +145,29 @@ def token_ratio(config, num_videos: int = 1, **overrides) -> torch.Tensor:
     return torch.tensor([row] * num_videos)
 
 
+# ----------------------------------------------------------------------------------------- hostile model folders
+HOSTILE_DAMAGES = ("truncated weights", "mismatched sizes", "deep config")
+
+
+def damaged_model_copy(source: Path, folder: Path, damage: str) -> Path:
+    """A copy of the converted model folder `source` at `folder`, damaged as `damage` (one of HOSTILE_DAMAGES)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "mismatched sizes":
+        tensors = load_file(weights)
+        tensors["lm_head.weight"] = torch.zeros(tensors["lm_head.weight"].shape[0] + 1, 64)
+        save_file(tensors, weights, metadata={"format": "pt"})
+    else:
+        (folder / "config.json").write_text("[" * 10**6 + "]" * 10**6)
+    return folder
+
+
 # ----------------------------------------------------------------------------------------- release fixture
 def fixture_available() -> bool:
     return (FIXTURE_DIR / "model.safetensors").is_file()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import HOSTILE_DAMAGES, damaged_model_copy
 from vica2.convert_checkpoint import convert_checkpoint, hub_key_to_release, release_key_to_hub
 from vica2.tools.demo import build_demo_release, write_demo_video
 
@@ -371,23 +372,9 @@ def test_an_image_url_answering_404_says_so(converted):
     assert f"--image '{url}': the server answered HTTP 404" in line and "cannot identify" not in line
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "mismatched sizes", "deep config"])
+@pytest.mark.parametrize("damage", HOSTILE_DAMAGES)
 def test_a_hostile_model_folder_is_one_line(converted, tmp_path, damage):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path / "model"
-    shutil.copytree(converted["hub"], folder)
-    weights = folder / "model.safetensors"
-    if damage == "truncated weights":
-        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    elif damage == "mismatched sizes":
-        tensors = load_file(weights)
-        tensors["lm_head.weight"] = torch.zeros(tensors["lm_head.weight"].shape[0] + 1, 64)
-        save_file(tensors, weights, metadata={"format": "pt"})
-    else:
-        (folder / "config.json").write_text("[" * 10**6 + "]" * 10**6)
+    folder = damaged_model_copy(converted["hub"], tmp_path / "model", damage)
     line = _one_error_line(_run("ask", "--model", folder, "--video", converted["video"], "--question", "?",
                                 "--frames", "2", "--max-new-tokens", "1"))
     expected = {"truncated weights": "SafetensorError", "mismatched sizes": "a tensor's shape does not fit config.json",

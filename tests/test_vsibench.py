@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HOSTILE_DAMAGES, damaged_model_copy
 from vica2.tools.evaluate_vsibench import (
     MULTIPLE_CHOICE_TYPES,
     NUMERICAL_TYPES,
@@ -739,26 +740,13 @@ def test_a_run_failing_before_its_folder_existed_shows_the_real_error(tmp_path, 
     assert json.loads((out / "summary.json").read_text())["remaining"] == 3
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "mismatched sizes", "deep config"])
+@pytest.mark.parametrize("damage", HOSTILE_DAMAGES)
 def test_a_hostile_model_folder_is_one_line(bench, tmp_path, capsys, damage):
     """The loading library turns a folder that does not load into one UsageError naming the folder; the evaluator
     shows it as one line, exit code 2."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
     from vica2.tools.evaluate_vsibench import main
 
-    folder = tmp_path / "model"
-    shutil.copytree(bench["model"], folder)
-    weights = folder / "model.safetensors"
-    if damage == "truncated weights":
-        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    elif damage == "mismatched sizes":
-        tensors = load_file(weights)
-        tensors["lm_head.weight"] = torch.zeros(tensors["lm_head.weight"].shape[0] + 1, 64)
-        save_file(tensors, weights, metadata={"format": "pt"})
-    else:
-        (folder / "config.json").write_text("[" * 10**6 + "]" * 10**6)
+    folder = damaged_model_copy(bench["model"], tmp_path / "model", damage)
     code = main(["--model", str(folder), "--data", str(bench["data"]), "--video-root", str(bench["videos"]),
                  "--output-dir", str(tmp_path / "out"), "--frames", "4", "--device", "cpu"])
     stderr = capsys.readouterr().err
