@@ -9,7 +9,6 @@ import io
 import os
 import re
 
-import httpx
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -339,6 +338,8 @@ def _load_image_file(path: str) -> Image.Image:
     source = path if len(path) <= 200 else path[:200] + "..."  # a data: URL can be megabytes long
     try:  # decode now, so that a truncated file or an error page fails here, naming its source
         if path.startswith(("http://", "https://")):  # an error page says its HTTP status, not "not an image"
+            import httpx  # a dependency of huggingface_hub; only URLs need it
+
             response = httpx.get(path, timeout=30, follow_redirects=True)
             if response.is_error:
                 raise OSError(f"the server answered HTTP {response.status_code} {response.reason_phrase}")

@@ -255,6 +255,13 @@ def expand_release_labels(ids: list[int], labels: list[int], num_tokens: int) ->
     return labels[:position] + [-100] * num_tokens + labels[position + 1 :]
 
 
+def fixture_prompt_ids(sample: dict, name: str) -> torch.Tensor:
+    """The sample's (1, L) prompt ids with the release's -200 marker expanded into our placeholders."""
+    count = sample["summary"]["num_siglip_tokens"] + sample["summary"]["num_hiera_tokens"]
+    token = FIXTURE_VIDEO_TOKEN_ID if name == "video" else FIXTURE_IMAGE_TOKEN_ID
+    return torch.tensor([expand_release_ids(sample["input_ids"], count, token)])
+
+
 def fixture_model_inputs(sample: dict, name: str) -> dict:
     """Model pixel kwargs for a fixture sample (videos get all frames; the model strides Hiera itself)."""
     if name == "video":

@@ -9,8 +9,8 @@ import torch
 from conftest import (
     FIXTURE_IMAGE_TOKEN_ID,
     FIXTURE_VIDEO_TOKEN_ID,
-    expand_release_ids,
     fixture_model_inputs,
+    fixture_prompt_ids,
     fixture_sample,
     random_video_pixels,
     tiny_model,
@@ -114,9 +114,7 @@ def test_fullgraph_compiled_decode_gives_the_eager_tokens(model, name):
 def test_fullgraph_compiled_decode_reproduces_the_release_on_the_fixture(fixture_model, name):
     """The release's own greedy answer (the fixture's generated_ids), through the compiled static-cache decode."""
     sample = fixture_sample(name)
-    count = sample["summary"]["num_siglip_tokens"] + sample["summary"]["num_hiera_tokens"]
-    token = FIXTURE_VIDEO_TOKEN_ID if name == "video" else FIXTURE_IMAGE_TOKEN_ID
-    ids = torch.tensor([expand_release_ids(sample["input_ids"], count, token)])
+    ids = fixture_prompt_ids(sample, name)
     inputs = dict(input_ids=ids, **fixture_model_inputs(sample, name))
     expected = sample["generated_ids"]
     torch._dynamo.reset()

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from conftest import (
-    FIXTURE_IMAGE_TOKEN_ID,
     FIXTURE_VIDEO_TOKEN_ID,
-    expand_release_ids,
     fixture_model_inputs,
+    fixture_prompt_ids,
     fixture_sample,
     random_video_pixels,
     requires_fixture,
@@ -49,9 +48,7 @@ def _left_pad(rows):
 @pytest.mark.parametrize("name", ["video", "image"])
 def test_greedy_matches_the_release(fixture_model, name):
     sample = fixture_sample(name)
-    n = sample["summary"]["num_siglip_tokens"] + sample["summary"]["num_hiera_tokens"]
-    token = V if name == "video" else FIXTURE_IMAGE_TOKEN_ID
-    ids = torch.tensor([expand_release_ids(sample["input_ids"], n, token)])
+    ids = fixture_prompt_ids(sample, name)
     out = fixture_model.generate(
         input_ids=ids, **fixture_model_inputs(sample, name), max_new_tokens=6, do_sample=False,
         eos_token_id=382, pad_token_id=380,
