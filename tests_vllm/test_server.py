@@ -61,7 +61,8 @@ def server(hub_folder, media):
                 if time.monotonic() > deadline:
                     pytest.fail(f"vica2 serve did not start in {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
                 time.sleep(2)
-        client.printed_command = log_path.read_text().splitlines()[0]
+        client.printed_command = log_path.read_text().splitlines()[0]  # what vica2 serve printed before vLLM ran
+        client.model_folder = hub_folder
         yield client
     finally:
         process.terminate()  # vica2 serve became the vLLM server (exec): the signal reaches it
@@ -147,3 +148,87 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_goes_on(server
     assert 400 <= error.value.status_code < 500
     assert message in str(error.value)
     assert _ask(server, [{"type": "text", "text": "Still there?"}])  # the next request is answered
+
+
+def _token_ids(client, content, **extra) -> list[int]:
+    response = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": content}],
+        temperature=0.0,
+        max_tokens=MAX_TOKENS,
+        extra_body={"return_token_ids": True, **extra},
+    )
+    return response.choices[0].model_extra["token_ids"]
+
+
+def test_text_image_and_video_file_token_for_token_as_transformers(server, reference, media):
+    long, image = Path(media["long"]), Path(media["image"])
+    chats = {
+        "text": ([{"type": "text", "text": "Describe a room."}], None),
+        "image": ([{"type": "image_url", "image_url": {"url": _data_url(image, "image/png")}},
+                   {"type": "text", "text": "What is it?"}], {"type": "image", "path": str(image)}),
+        "video": ([{"type": "video_url", "video_url": {"url": f"file://{long}"}},
+                   {"type": "text", "text": "What happens?"}], {"type": "video", "path": str(long)}),
+    }
+    expected = reference.generate([
+        {"messages": [{"role": "user", "content": ([item] if item else []) + content[-1:]}], "max_new_tokens": MAX_TOKENS,
+         "add_time_instruction": False, **({"num_frames": 8} if item and item["type"] == "video" else {})}
+        for content, item in chats.values()
+    ])
+    got = [_token_ids(server, content) for content, _ in chats.values()]
+    assert got == expected
+    assert got[1] != got[2]  # the media reach the model
+
+
+def test_the_generatable_vocabulary_limit_holds_for_every_request(server, reference):
+    """A +100 logit bias on every id the release could never generate (untrained rows, <image>, <video>) would make
+    them the greedy choice; the server's logits processor keeps them out, so the answer is transformers' own."""
+    from vica2.configuration_vica2 import Vica2Config
+
+    vocab = Vica2Config.from_pretrained(server.model_folder).text_config.vocab_size
+    content = [{"type": "text", "text": "Describe a room."}]
+    expected = reference.generate([{"messages": [{"role": "user", "content": content}], "max_new_tokens": MAX_TOKENS}])
+    assert _token_ids(server, content, logit_bias={str(i): 100 for i in range(GENERATABLE, vocab)}) == expected[0]
+    assert max(expected[0]) < GENERATABLE
+
+
+def test_remote_media_is_off_unless_asked(server, media):
+    """An http URL is refused before anything is fetched (a local web server sees no request)."""
+    import http.server
+    import threading
+
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(Path(media["long"]).parent), **kwargs)
+
+        def log_message(self, *args):
+            requests.append(args)
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{web.server_address[1]}/{Path(media['long']).name}"
+        with pytest.raises(openai.APIStatusError) as error:
+            _ask(server, [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Q"}])
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert 400 <= error.value.status_code < 500
+    assert "--allow-remote-media" in str(error.value)
+    assert requests == []
+
+
+def test_the_printed_command_is_the_one_run(server, hub_folder):
+    import shlex
+
+    from vica2.configuration_vica2 import Vica2Config
+
+    config = Vica2Config.from_pretrained(hub_folder)
+    command = shlex.split(server.printed_command)  # VLLM_CPU_KVCACHE_SPACE is the test's own: no variable first
+    assert command[:4] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    flags = dict(zip(command, command[1:]))
+    assert int(flags["--max-num-batched-tokens"]) >= sum(config.num_video_tokens(8))
+    assert json.loads(flags["--media-io-kwargs"]) == {"video": {"num_frames": 8}}
+    assert flags["--logits-processors"] == "vica2.tools.vllm_logits:GeneratableVocabLimit"
