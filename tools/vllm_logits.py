@@ -13,8 +13,6 @@ from vLLM 0.34 on); the class implements both, so one dotted name works with eit
 
 from __future__ import annotations
 
-import torch
-
 
 _BASES = []
 try:  # the V1 model runner (vLLM <= 0.33; vLLM 0.32's CPU build)
@@ -37,7 +35,7 @@ class GeneratableVocabLimit(*_BASES):
     def __init__(self, vllm_config, *runner_args):  # V1: (device, is_pin_memory); V2: (request states)
         self.limit = getattr(vllm_config.model_config.hf_config, "generatable_vocab_size", None)
 
-    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:  # V2 passes the batch layout, not needed here
+    def apply(self, logits, ctx=None):  # V2 passes the batch layout, not needed here
         if self.limit is not None and self.limit < logits.shape[-1]:
             logits[..., self.limit :] = float("-inf")
         return logits

@@ -1,0 +1,114 @@
+"""Beyond one engine on vLLM's CPU build: tensor parallel (offline engine) and data parallel (`vica2 serve`), each
+answering token for token as transformers.
+
+Opt-in (VICA2_VLLM_PARALLEL=1; about 4 minutes on 2 cores, so `make test-vllm` leaves them out): each starts two
+workers, bound to one core each (VLLM_CPU_OMP_THREADS_BIND="0|1": the CPU build binds a rank per NUMA node and
+refuses two ranks on a one-node machine otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import engine_kwargs
+
+
+pytestmark = pytest.mark.skipif(os.environ.get("VICA2_VLLM_PARALLEL") != "1" or (os.cpu_count() or 1) < 2,
+                                reason="two-worker vLLM runs are opt-in: VICA2_VLLM_PARALLEL=1 (2+ cores)")
+MAX_TOKENS = 8
+
+
+@pytest.fixture(autouse=True)
+def one_core_per_worker(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def _chats(media):
+    long, image = Path(media["long"]), Path(media["image"])
+    return [
+        [{"type": "text", "text": "Describe a room."}],
+        [{"type": "image", "path": str(image)}, {"type": "text", "text": "What is it?"}],
+        [{"type": "video", "path": str(long)}, {"type": "text", "text": "What happens?"}],
+    ]
+
+
+def _expected(reference, media):
+    return reference.generate([{"messages": [{"role": "user", "content": chat}], "max_new_tokens": MAX_TOKENS,
+                                "add_time_instruction": False, **({"num_frames": 8} if chat[0]["type"] == "video" else {})}
+                               for chat in _chats(media)])
+
+
+def test_tensor_parallel_2_answers_as_transformers(hub_folder, media, reference):
+    from PIL import Image
+    from transformers import AutoProcessor
+    from vllm import LLM, SamplingParams
+
+    from conftest import vllm_decoded_video
+    from vica2.tools.vllm_logits import GeneratableVocabLimit
+
+    processor = AutoProcessor.from_pretrained(hub_folder, trust_remote_code=True)
+    requests = []
+    for chat in _chats(media):
+        prompt = processor.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True,
+                                               tokenize=False, add_time_instruction=False)
+        kind = chat[0]["type"]
+        data = {"image": Image.open(chat[0]["path"]).convert("RGB")} if kind == "image" else \
+            {"video": vllm_decoded_video(chat[0]["path"], 8)} if kind == "video" else {}
+        requests.append({"prompt": prompt, **({"multi_modal_data": data} if data else {})})
+    llm = LLM(**engine_kwargs(hub_folder, tensor_parallel_size=2, logits_processors=[GeneratableVocabLimit]))
+    try:
+        outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    assert [list(output.outputs[0].token_ids) for output in outputs] == _expected(reference, media)
+
+
+def test_data_parallel_2_server_answers_as_transformers(hub_folder, media, reference):
+    import openai
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "vica2.tools.cli", "serve", str(hub_folder), "--trust-remote-code",
+               "--data-parallel-size", "2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--enforce-eager", "--max-num-seqs", "4", "--allowed-local-media-path", str(Path(media["long"]).parent)]
+    log_path = Path(hub_folder).parent / "server-dp2.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert process.poll() is None, log_path.read_text()[-4000:]
+            try:
+                model = client.models.list().data[0].id
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, log_path.read_text()[-4000:]
+                time.sleep(2)
+        got = []
+        for chat in _chats(media):
+            item = chat[0]
+            content = chat if item["type"] == "text" else [
+                {"type": f"{item['type']}_url", f"{item['type']}_url": {"url": f"file://{item['path']}"}}, chat[1]]
+            response = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": content}], temperature=0.0, max_tokens=MAX_TOKENS,
+                extra_body={"return_token_ids": True})
+            got.append(response.choices[0].model_extra["token_ids"])
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert got == _expected(reference, media)
