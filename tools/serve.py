@@ -51,9 +51,11 @@ through as given and wins over the derived value."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vica2 serve", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="vica2 serve", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
+        usage="%(prog)s MODEL [--trust-remote-code] [--frames N] [--allow-remote-media] [--dry-run] [vLLM options]")
     parser.add_argument("model", metavar="MODEL", help="converted ViCA2 folder or hub repo id")
-    parser.add_argument("--trust-remote-code", action="store_true", required=False,
+    parser.add_argument("--trust-remote-code", action="store_true",
                         help=TRUST_REMOTE_CODE_HELP + "; required: vLLM's Transformers backend builds ViCA2 from it")
     parser.add_argument("--frames", type=_positive_int,
                         help="frames vLLM decodes from each video and the model sees (default: the model's frame "
