@@ -469,7 +469,10 @@ def test_browser_upload_ask_and_follow_up_without_re_encoding(demo, server, brow
         app.max_new_tokens = 4
     answers, final = page.evaluate("window.answers"), _chat(page)[1][-1]
     assert len(answers) >= 3 and answers[-1] == final  # several updates for one answer, each extending the last
-    assert all(later.startswith(earlier) for earlier, later in zip(answers, answers[1:]))
+    # (the chat renders Markdown: a trailing "\\" shows until the next character makes it an escape; the random
+    # model emits any byte, so backslashes are left out of the comparison)
+    unescaped = [answer.replace("\\", "") for answer in answers]
+    assert all(later.startswith(earlier) for earlier, later in zip(unescaped, unescaped[1:])), answers
     assert TOKENS_TEXT in page.inner_text("#stats")
     page.screenshot(path=screenshots / "1-first-answer.png")
     _page_ask(page, "And how many tables?", turns=2)
