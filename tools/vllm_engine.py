@@ -10,14 +10,17 @@ batches continuously and reuses the KV blocks of a video across its questions (p
 `VllmEngine.stream` keeps one engine fed across videos: the questions of the next videos are queued while the
 current ones run (so the scheduler never waits for the caller between videos), at most `videos_in_flight` videos
 at a time (each holds its decoded frames and prepared pixels until its questions are answered), and each answer is
-handed back as soon as its request finishes.
+handed back as soon as its request finishes. A video's first question goes first and alone; its other questions
+follow once it has been prefilled, so they find the video's KV blocks in the cache (queued together, they would be
+prefilled side by side, each computing the video again).
+
+An engine started here masks the ids the model never generates (placeholders) for every request with
+`vica2.tools.vllm_logits.GeneratableVocabLimit`; pass one built with it as `llm=`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 
 try:
@@ -58,6 +61,9 @@ class VllmEngine:
             # A video's questions share its KV blocks; the metrics (prefix-cache hits) are what summary() reports.
             engine_args.setdefault("enable_prefix_caching", True)
             engine_args.setdefault("disable_log_stats", False)
+            from .vllm_logits import GeneratableVocabLimit
+
+            engine_args.setdefault("logits_processors", [GeneratableVocabLimit])
             llm = vllm.LLM(
                 model=str(model),
                 trust_remote_code=True,
@@ -68,7 +74,7 @@ class VllmEngine:
                 **engine_args,
             )
         self.llm = llm
-        self.generatable = _generatable_vocab_size(model)
+        self.prompt_tokens = self.shared_prefix_tokens = 0  # over stream(): see `ideal_prefix_counts`
 
     def generate(self, prompts: list[str], videos: list, max_new_tokens: int, **processor_kwargs) -> list[str]:
         """The decoded new text of each prompt (raw, not stripped), in order; all submitted together.
@@ -93,10 +99,22 @@ class VllmEngine:
         if videos_in_flight < 1:
             raise ValueError(f"videos_in_flight must be at least 1, got {videos_in_flight}.")
         params = self._sampling_params(max_new_tokens)
+        # A video's first question reports its output from its first token on: its prefill is done, the video's
+        # blocks are cached, and the video's other questions are queued then.
+        first_params = self._sampling_params(max_new_tokens, vllm.sampling_params.RequestOutputKind.CUMULATIVE)
         groups = enumerate(groups)
         waiting: dict[str, tuple[int, object, int]] = {}  # request id -> (group, tag, prompt index)
-        unanswered: dict[int, int] = {}  # group -> its requests still running
+        unanswered: dict[int, int] = {}  # group -> its questions not answered yet
+        held: dict[str, list] = {}  # a first question's request id -> its video's other requests, not queued yet
+        prompts_seen: dict[int, list[list[int]]] = {}  # group -> prompt token ids so far (for ideal_prefix_counts)
         exhausted = False
+
+        def enqueue(requests, sampling_params, group, tag, first_index):
+            # enqueue adds requests without running the engine (vLLM >= 0.32); step() below runs it.
+            ids = self.llm.enqueue(requests, sampling_params, use_tqdm=False)
+            waiting.update({_external_id(rid): (group, tag, first_index + i) for i, rid in enumerate(ids)})
+            return _external_id(ids[0])
+
         try:
             while True:
                 while not exhausted and len(unanswered) < videos_in_flight:
@@ -104,33 +122,56 @@ class VllmEngine:
                     if group is None:
                         exhausted = True
                     elif prompts:
-                        # enqueue adds requests without running the engine (vLLM >= 0.32); step() below runs it.
                         requests = self._requests(prompts, [video] * len(prompts), processor_kwargs)
-                        ids = self.llm.enqueue(requests, params, use_tqdm=False)
-                        waiting.update({_external_id(rid): (group, tag, i) for i, rid in enumerate(ids)})
-                        unanswered[group] = len(ids)
+                        held[enqueue(requests[:1], first_params, group, tag, 0)] = requests[1:]
+                        unanswered[group] = len(requests)
                 if not unanswered:
                     return
                 for output in self.llm.llm_engine.step():
+                    if output.request_id in held:  # prefilled: its video's blocks are in the cache now
+                        rest = held.pop(output.request_id)
+                        if rest:
+                            group, tag, _ = waiting[output.request_id]
+                            enqueue(rest, params, group, tag, 1)
                     if not output.finished or output.request_id not in waiting:
                         continue
                     group, tag, index = waiting.pop(output.request_id)
+                    self._count_prefix(prompts_seen.setdefault(group, []), list(output.prompt_token_ids or []))
                     unanswered[group] -= 1
                     if not unanswered[group]:
-                        del unanswered[group]
+                        del unanswered[group], prompts_seen[group]
                     yield tag, index, output.outputs[0].text
         finally:  # stopped early (an error, Ctrl-C, the caller closed the stream): the engine drops what is left
             if waiting:
                 self.llm.llm_engine.abort_request(list(waiting))
 
-    def _sampling_params(self, max_new_tokens: int):
+    def _count_prefix(self, earlier: list[list[int]], prompt: list[int]) -> None:
+        """Adds a prompt to the ideal prefix-cache counts: its tokens, and those it shares with an earlier question of
+        its video (the longest common prefix)."""
+        shared = 0
+        for other in earlier:
+            n = 0
+            for a, b in zip(other, prompt):
+                if a != b:
+                    break
+                n += 1
+            shared = max(shared, n)
+        self.prompt_tokens += len(prompt)
+        self.shared_prefix_tokens += min(shared, len(prompt) - 1)  # vLLM always computes a prompt's last token
+        earlier.append(prompt)
+
+    def ideal_prefix_counts(self) -> dict:
+        """What `stream` sent so far: prompt tokens, and those a question shares with an earlier question of its video
+        (the most a prefix cache could find: vLLM's hit rate over the same prompts is at most their ratio)."""
+        return {"prompt_tokens": self.prompt_tokens, "ideal_hit_tokens": self.shared_prefix_tokens}
+
+    def _sampling_params(self, max_new_tokens: int, output_kind=None):
         return vllm.SamplingParams(
             temperature=0.0,
             max_tokens=max_new_tokens,
             skip_special_tokens=True,
-            # vLLM does not apply the model's `generatable_vocab_size` mask: the same limit, told to vLLM.
-            allowed_token_ids=list(range(self.generatable)) if self.generatable else None,
-            output_kind=vllm.sampling_params.RequestOutputKind.FINAL_ONLY,  # only the finished text is read
+            # only the finished text is read, unless told otherwise
+            output_kind=output_kind or vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
 
     @staticmethod
@@ -195,14 +236,16 @@ class VsiBenchVllmEngine:
             yield job, index, [text]
 
     def summary(self) -> dict:
-        """What this run's engine did, for summary.json: questions answered and vLLM's prefix-cache counters."""
+        """What this run's engine did, for summary.json: questions answered, vLLM's prefix-cache counters and the
+        ideal ones (tokens a question shares with an earlier question of its video)."""
         return {"name": self.name, "prefix_reuse": True, "prompts": self.prompts,
-                **prefix_cache_counts(self.engine.llm)}
+                **prefix_cache_counts(self.engine.llm), **self.engine.ideal_prefix_counts()}
 
     def report(self) -> str:
         stats = self.summary()
         rate = stats["cache_hit_tokens"] / stats["cache_queried_tokens"] if stats["cache_queried_tokens"] else 0.0
-        return f"vLLM: {stats['prompts']} questions, prefix-cache hit rate {rate:.1%}"
+        ideal = stats["ideal_hit_tokens"] / stats["prompt_tokens"] if stats["prompt_tokens"] else 0.0
+        return f"vLLM: {stats['prompts']} questions, prefix-cache hit rate {rate:.1%} (ideal {ideal:.1%})"
 
 
 def _metadata_dict(metadata) -> dict:
@@ -216,15 +259,6 @@ def _metadata_dict(metadata) -> dict:
         "frames_indices": list(metadata.frames_indices),
         "video_backend": metadata.video_backend or "pyav",
     }
-
-
-def _generatable_vocab_size(model) -> int | None:
-    config = Path(model) / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("generatable_vocab_size")
-    from transformers import AutoConfig
-
-    return getattr(AutoConfig.from_pretrained(model, trust_remote_code=True), "generatable_vocab_size", None)
 
 
 __all__ = ["VllmEngine", "VsiBenchVllmEngine"]
