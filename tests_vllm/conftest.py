@@ -145,6 +145,11 @@ def vllm_decoded_video(path: Path, num_frames: int):
 def hub_folder(tmp_path_factory):
     if not fixture_available():
         pytest.skip(f"release fixture (its tokenizer) not found at {FIXTURE_DIR}")
+    from importlib.metadata import entry_points
+
+    if not any(e.name == "vica2" for e in entry_points(group="vllm.general_plugins")):
+        pytest.fail("ViCA2's vLLM plugin is not installed in this environment (an install older than its entry point "
+                    "in setup.cfg): run `pip install --no-deps -e .` here.")
     return build_hub_folder(tmp_path_factory.mktemp("vica2-tiny"))
 
 

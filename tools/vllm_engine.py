@@ -10,9 +10,9 @@ batches continuously and reuses the KV blocks of a video across its questions (p
 `VllmEngine.stream` keeps one engine fed across videos: the questions of the next videos are queued while the
 current ones run (so the scheduler never waits for the caller between videos), at most `videos_in_flight` videos
 at a time (each holds its decoded frames and prepared pixels until its questions are answered), and each answer is
-handed back as soon as its request finishes. A video's first question goes first and alone; its other questions
-follow once it has been prefilled, so they find the video's KV blocks in the cache (queued together, they would be
-prefilled side by side, each computing the video again).
+handed back as soon as its request finishes. A video's questions are queued together: vLLM (V1) caches a block as
+it schedules it, so questions prefilled in the same step already share the video's blocks (the hits equal those of
+prefilling the first question alone first; `ideal_prefix_counts` gives the most any order could find).
 
 An engine started here masks the ids the model never generates (placeholders) for every request with
 `vica2.tools.vllm_logits.GeneratableVocabLimit`; pass one built with it as `llm=`.
@@ -21,6 +21,8 @@ An engine started here masks the ids the model never generates (placeholders) fo
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+
+import numpy as np
 
 
 try:
@@ -74,7 +76,8 @@ class VllmEngine:
                 **engine_args,
             )
         self.llm = llm
-        self.prompt_tokens = self.shared_prefix_tokens = 0  # over stream(): see `ideal_prefix_counts`
+        self.counts = {"prompt_tokens": 0, "ideal_hit_tokens": 0, "ideal_block_hit_tokens": 0}  # over stream()
+        self.block_size = _block_size(llm)
 
     def generate(self, prompts: list[str], videos: list, max_new_tokens: int, **processor_kwargs) -> list[str]:
         """The decoded new text of each prompt (raw, not stripped), in order; all submitted together.
@@ -99,22 +102,11 @@ class VllmEngine:
         if videos_in_flight < 1:
             raise ValueError(f"videos_in_flight must be at least 1, got {videos_in_flight}.")
         params = self._sampling_params(max_new_tokens)
-        # A video's first question reports its output from its first token on: its prefill is done, the video's
-        # blocks are cached, and the video's other questions are queued then.
-        first_params = self._sampling_params(max_new_tokens, vllm.sampling_params.RequestOutputKind.CUMULATIVE)
         groups = enumerate(groups)
         waiting: dict[str, tuple[int, object, int]] = {}  # request id -> (group, tag, prompt index)
-        unanswered: dict[int, int] = {}  # group -> its questions not answered yet
-        held: dict[str, list] = {}  # a first question's request id -> its video's other requests, not queued yet
-        prompts_seen: dict[int, list[list[int]]] = {}  # group -> prompt token ids so far (for ideal_prefix_counts)
+        unanswered: dict[int, int] = {}  # group -> its requests still running
+        prompt_ids: dict[int, dict[int, list[int]]] = {}  # group -> prompt index -> token ids (ideal_prefix_counts)
         exhausted = False
-
-        def enqueue(requests, sampling_params, group, tag, first_index):
-            # enqueue adds requests without running the engine (vLLM >= 0.32); step() below runs it.
-            ids = self.llm.enqueue(requests, sampling_params, use_tqdm=False)
-            waiting.update({_external_id(rid): (group, tag, first_index + i) for i, rid in enumerate(ids)})
-            return _external_id(ids[0])
-
         try:
             while True:
                 while not exhausted and len(unanswered) < videos_in_flight:
@@ -122,56 +114,50 @@ class VllmEngine:
                     if group is None:
                         exhausted = True
                     elif prompts:
+                        # enqueue adds requests without running the engine (vLLM >= 0.32); step() below runs it.
                         requests = self._requests(prompts, [video] * len(prompts), processor_kwargs)
-                        held[enqueue(requests[:1], first_params, group, tag, 0)] = requests[1:]
-                        unanswered[group] = len(requests)
+                        ids = self.llm.enqueue(requests, params, use_tqdm=False)
+                        waiting.update({_external_id(rid): (group, tag, i) for i, rid in enumerate(ids)})
+                        unanswered[group] = len(ids)
                 if not unanswered:
                     return
                 for output in self.llm.llm_engine.step():
-                    if output.request_id in held:  # prefilled: its video's blocks are in the cache now
-                        rest = held.pop(output.request_id)
-                        if rest:
-                            group, tag, _ = waiting[output.request_id]
-                            enqueue(rest, params, group, tag, 1)
                     if not output.finished or output.request_id not in waiting:
                         continue
                     group, tag, index = waiting.pop(output.request_id)
-                    self._count_prefix(prompts_seen.setdefault(group, []), list(output.prompt_token_ids or []))
+                    prompt_ids.setdefault(group, {})[index] = list(output.prompt_token_ids or [])
                     unanswered[group] -= 1
                     if not unanswered[group]:
-                        del unanswered[group], prompts_seen[group]
+                        del unanswered[group]
+                        self._count_prefixes([ids for _, ids in sorted(prompt_ids.pop(group).items())])
                     yield tag, index, output.outputs[0].text
         finally:  # stopped early (an error, Ctrl-C, the caller closed the stream): the engine drops what is left
             if waiting:
                 self.llm.llm_engine.abort_request(list(waiting))
 
-    def _count_prefix(self, earlier: list[list[int]], prompt: list[int]) -> None:
-        """Adds a prompt to the ideal prefix-cache counts: its tokens, and those it shares with an earlier question of
-        its video (the longest common prefix)."""
-        shared = 0
-        for other in earlier:
-            n = 0
-            for a, b in zip(other, prompt):
-                if a != b:
-                    break
-                n += 1
-            shared = max(shared, n)
-        self.prompt_tokens += len(prompt)
-        self.shared_prefix_tokens += min(shared, len(prompt) - 1)  # vLLM always computes a prompt's last token
-        earlier.append(prompt)
+    def _count_prefixes(self, prompts: list[list[int]]) -> None:
+        """Adds a video's prompts (in the order given) to the ideal prefix-cache counts: their tokens, and those each
+        shares with an earlier one (the longest common prefix, less the last token, which vLLM always computes), in
+        tokens and in whole KV blocks (what a paged cache can reuse)."""
+        arrays = [np.asarray(ids) for ids in prompts]
+        for i, ids in enumerate(arrays):
+            shared = min(max((_common_prefix(ids, other) for other in arrays[:i]), default=0), max(len(ids) - 1, 0))
+            self.counts["prompt_tokens"] += len(ids)
+            self.counts["ideal_hit_tokens"] += shared
+            self.counts["ideal_block_hit_tokens"] += shared // self.block_size * self.block_size
 
     def ideal_prefix_counts(self) -> dict:
-        """What `stream` sent so far: prompt tokens, and those a question shares with an earlier question of its video
-        (the most a prefix cache could find: vLLM's hit rate over the same prompts is at most their ratio)."""
-        return {"prompt_tokens": self.prompt_tokens, "ideal_hit_tokens": self.shared_prefix_tokens}
+        """What `stream` sent so far: prompt tokens, those a question shares with an earlier question of its video
+        (`ideal_hit_tokens`: the most a prefix cache could find), and those in whole KV blocks (`ideal_block_hit_tokens`:
+        the most vLLM's paged cache can find; the rest of a shared prefix's last block is recomputed)."""
+        return dict(self.counts)
 
-    def _sampling_params(self, max_new_tokens: int, output_kind=None):
+    def _sampling_params(self, max_new_tokens: int):
         return vllm.SamplingParams(
             temperature=0.0,
             max_tokens=max_new_tokens,
             skip_special_tokens=True,
-            # only the finished text is read, unless told otherwise
-            output_kind=output_kind or vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
+            output_kind=vllm.sampling_params.RequestOutputKind.FINAL_ONLY,  # only the finished text is read
         )
 
     @staticmethod
@@ -184,6 +170,19 @@ class VllmEngine:
             }
             for prompt, video in zip(prompts, videos)
         ]
+
+
+def _block_size(llm) -> int:
+    try:
+        return int(llm.llm_engine.vllm_config.cache_config.block_size)
+    except (AttributeError, TypeError):  # an engine that does not say: counted in tokens
+        return 1
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
 
 
 def _external_id(request_id: str) -> str:
