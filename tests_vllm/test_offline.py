@@ -52,11 +52,11 @@ def transformers_metadata(metadata: dict) -> dict:
 
 
 def test_mixed_requests_submitted_together_match_transformers(engine, reference, hub_folder, media, tmp_path):
-    """10 requests in one call, token for token (prompt and answer), compiled and eager: text, an image, a video decoded
+    """11 requests in one call, token for token (prompt and answer), compiled and eager: text, an image, a video decoded
     by vLLM at its frame budget (8) and at 4 frames (the release's 4-frame sampling chosen from all decoded frames), a
     6-frame video (the release repeats frames), a token-ratio override, decoded frames without metadata (an array and a
     list of PIL images: taken as already sampled), and a chat's video given as frames with metadata (vLLM adds the time
-    instruction, as transformers' chat template does)."""
+    instruction, as transformers' chat template does) and without (no timing: no instruction)."""
     from transformers import AutoProcessor
 
     from conftest import frames_file
@@ -91,6 +91,13 @@ def test_mixed_requests_submitted_together_match_transformers(engine, reference,
             {},
             {"messages": [{"role": "user", "content": [chat_frames, {"type": "text", "text": "When?"}]}]},
         ),
+        (
+            vllm_chat_prompt(processor, "And here?"),
+            {"video": frames[:5]},
+            {},
+            {"messages": [{"role": "user", "content": [{"type": "video", "video": frames_file(tmp_path, frames[:5])},
+                                                       {"type": "text", "text": "And here?"}]}]},
+        ),
         (chat("Tell me more"), None, {}, {}),
     ]
     prompts = []
@@ -110,7 +117,7 @@ def test_mixed_requests_submitted_together_match_transformers(engine, reference,
     assert len({tuple(result["tokens"]) for result in expected}) >= 3  # the inputs really steer the answers
     instruction = processor.tokenizer.encode(" frames are located at", add_special_tokens=False)
     with_instruction = [_contains(output.prompt_token_ids, instruction) for output in outputs]
-    assert with_instruction == [False] * 8 + [True, False]  # only the chat's video has timing in its prompt
+    assert with_instruction == [False] * 8 + [True, False, False]  # only the chat's video with timing has it
 
 
 def _contains(sequence, part) -> bool:
