@@ -428,6 +428,18 @@ def test_chat_template_loads_a_video_path_and_adds_the_time_instruction(tiny, vi
         model(**inputs)
 
 
+def test_chat_template_marks_a_video_without_a_source_for_the_serving_engine(tiny):
+    """vLLM renders a chat before it decodes the video and gives the template a video part without a source: the
+    template writes `<video><video>`, which ViCA2's vLLM plugin replaces with the placeholders and the time instruction
+    (tests_vllm checks the result against `apply_chat_template(..., tokenize=True)`)."""
+    _, processor = tiny
+    messages = user_turn({"type": "video"}, {"type": "text", "text": "What moves?"})
+    text = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False)
+    assert "<|im_start|>user\n<video><video>What moves?<|im_end|>" in text
+    with pytest.raises(ValueError, match="exactly one of 'video', 'path' or 'url'"):
+        processor.apply_chat_template(messages)  # transformers' own rendering needs the video
+
+
 def test_chat_template_settings_reach_loading_and_the_model(tiny, video_file):
     model, processor = tiny
     messages = user_turn({"type": "video", "url": str(video_file)}, {"type": "text", "text": "Q"})

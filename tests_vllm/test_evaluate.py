@@ -88,6 +88,7 @@ def test_vllm_records_equal_transformers_and_resume(bench, hub_folder, transform
     assert sorted(_records(out / "predictions.jsonl")) == [0, 1]
     assert started[0]["tensor_parallel_size"] == 2 and started[0]["data_parallel_size"] == 3
     assert started[0]["trust_remote_code"] is True and started[0]["enable_prefix_caching"] is True
+    assert [cls.__name__ for cls in started[0]["logits_processors"]] == ["GeneratableVocabLimit"]
     capsys.readouterr()
     vllm_main(_args(bench, hub_folder, out, "--engine", "vllm", "--trust-remote-code"))  # resumes: the other 5 questions
     assert "vLLM: 4 questions, prefix-cache hit rate" in capsys.readouterr().out

@@ -40,36 +40,34 @@ def _chats(media):
     ]
 
 
-def _expected(reference, media):
-    return reference.generate([{"messages": [{"role": "user", "content": chat}], "max_new_tokens": MAX_TOKENS,
-                                "add_time_instruction": False, **({"num_frames": 8} if chat[0]["type"] == "video" else {})}
-                               for chat in _chats(media)])
+def _expected(reference, media) -> list[dict]:
+    """transformers' prompt ids (`apply_chat_template(..., tokenize=True)`: the video's time instruction included)
+    and greedy answer ids."""
+    return reference.run([{"messages": [{"role": "user", "content": chat}], "max_new_tokens": MAX_TOKENS,
+                           **({"num_frames": 8} if chat[0]["type"] == "video" else {})} for chat in _chats(media)])
+
+
+def _openai_content(chat) -> list[dict]:
+    """The chat as a vLLM user sends it: the image / video as a file URL the engine loads (8 frames for a video)."""
+    item = chat[0]
+    if item["type"] == "text":
+        return chat
+    return [{"type": f"{item['type']}_url", f"{item['type']}_url": {"url": f"file://{item['path']}"}}, *chat[1:]]
 
 
 def test_tensor_parallel_2_answers_as_transformers(hub_folder, media, reference):
-    from PIL import Image
-    from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from conftest import vllm_decoded_video
-    from vica2.tools.vllm_logits import GeneratableVocabLimit
-
-    processor = AutoProcessor.from_pretrained(hub_folder, trust_remote_code=True)
-    requests = []
-    for chat in _chats(media):
-        prompt = processor.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True,
-                                               tokenize=False, add_time_instruction=False)
-        kind = chat[0]["type"]
-        data = {"image": Image.open(chat[0]["path"]).convert("RGB")} if kind == "image" else \
-            {"video": vllm_decoded_video(chat[0]["path"], 8)} if kind == "video" else {}
-        requests.append({"prompt": prompt, **({"multi_modal_data": data} if data else {})})
-    llm = LLM(**engine_kwargs(hub_folder, tensor_parallel_size=2, logits_processors=[GeneratableVocabLimit]))
+    llm = LLM(**engine_kwargs(hub_folder, tensor_parallel_size=2, allowed_local_media_path=str(Path(media["long"]).parent),
+                              media_io_kwargs={"video": {"num_frames": 8}}))
     try:
-        outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+        outputs = llm.chat([[{"role": "user", "content": _openai_content(chat)}] for chat in _chats(media)],
+                           SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
-    assert [list(output.outputs[0].token_ids) for output in outputs] == _expected(reference, media)
+    got = [{"prompt_ids": list(output.prompt_token_ids), "tokens": list(output.outputs[0].token_ids)} for output in outputs]
+    assert got == _expected(reference, media)
 
 
 def test_data_parallel_2_server_answers_as_transformers(hub_folder, media, reference):
@@ -97,13 +95,11 @@ def test_data_parallel_2_server_answers_as_transformers(hub_folder, media, refer
                 time.sleep(2)
         got = []
         for chat in _chats(media):
-            item = chat[0]
-            content = chat if item["type"] == "text" else [
-                {"type": f"{item['type']}_url", f"{item['type']}_url": {"url": f"file://{item['path']}"}}, chat[1]]
             response = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": content}], temperature=0.0, max_tokens=MAX_TOKENS,
-                extra_body={"return_token_ids": True})
-            got.append(response.choices[0].model_extra["token_ids"])
+                model=model, messages=[{"role": "user", "content": _openai_content(chat)}], temperature=0.0,
+                max_tokens=MAX_TOKENS, extra_body={"return_token_ids": True})
+            got.append({"prompt_ids": response.model_extra["prompt_token_ids"],
+                        "tokens": response.choices[0].model_extra["token_ids"]})
     finally:
         process.terminate()
         try:

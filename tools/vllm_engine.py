@@ -10,14 +10,19 @@ batches continuously and reuses the KV blocks of a video across its questions (p
 `VllmEngine.stream` keeps one engine fed across videos: the questions of the next videos are queued while the
 current ones run (so the scheduler never waits for the caller between videos), at most `videos_in_flight` videos
 at a time (each holds its decoded frames and prepared pixels until its questions are answered), and each answer is
-handed back as soon as its request finishes.
+handed back as soon as its request finishes. A video's questions are queued together: vLLM (V1) caches a block as
+it schedules it, so questions prefilled in the same step already share the video's blocks (the hits equal those of
+prefilling the first question alone first; `ideal_prefix_counts` gives the most any order could find).
+
+An engine started here masks the ids the model never generates (placeholders) for every request with
+`vica2.tools.vllm_logits.GeneratableVocabLimit`; pass one built with it as `llm=`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+
+import numpy as np
 
 
 try:
@@ -58,6 +63,9 @@ class VllmEngine:
             # A video's questions share its KV blocks; the metrics (prefix-cache hits) are what summary() reports.
             engine_args.setdefault("enable_prefix_caching", True)
             engine_args.setdefault("disable_log_stats", False)
+            from .vllm_logits import GeneratableVocabLimit
+
+            engine_args.setdefault("logits_processors", [GeneratableVocabLimit])
             llm = vllm.LLM(
                 model=str(model),
                 trust_remote_code=True,
@@ -68,7 +76,8 @@ class VllmEngine:
                 **engine_args,
             )
         self.llm = llm
-        self.generatable = _generatable_vocab_size(model)
+        self.counts = {"prompt_tokens": 0, "ideal_hit_tokens": 0, "ideal_block_hit_tokens": 0}  # over stream()
+        self.block_size = _block_size(llm)
 
     def generate(self, prompts: list[str], videos: list, max_new_tokens: int, **processor_kwargs) -> list[str]:
         """The decoded new text of each prompt (raw, not stripped), in order; all submitted together.
@@ -96,6 +105,7 @@ class VllmEngine:
         groups = enumerate(groups)
         waiting: dict[str, tuple[int, object, int]] = {}  # request id -> (group, tag, prompt index)
         unanswered: dict[int, int] = {}  # group -> its requests still running
+        prompt_ids: dict[int, dict[int, list[int]]] = {}  # group -> prompt index -> token ids (ideal_prefix_counts)
         exhausted = False
         try:
             while True:
@@ -115,21 +125,38 @@ class VllmEngine:
                     if not output.finished or output.request_id not in waiting:
                         continue
                     group, tag, index = waiting.pop(output.request_id)
+                    prompt_ids.setdefault(group, {})[index] = list(output.prompt_token_ids or [])
                     unanswered[group] -= 1
                     if not unanswered[group]:
                         del unanswered[group]
+                        self._count_prefixes([ids for _, ids in sorted(prompt_ids.pop(group).items())])
                     yield tag, index, output.outputs[0].text
         finally:  # stopped early (an error, Ctrl-C, the caller closed the stream): the engine drops what is left
             if waiting:
                 self.llm.llm_engine.abort_request(list(waiting))
+
+    def _count_prefixes(self, prompts: list[list[int]]) -> None:
+        """Adds a video's prompts (in the order given) to the ideal prefix-cache counts: their tokens, and those each
+        shares with an earlier one (the longest common prefix, less the last token, which vLLM always computes), in
+        tokens and in whole KV blocks (what a paged cache can reuse)."""
+        arrays = [np.asarray(ids) for ids in prompts]
+        for i, ids in enumerate(arrays):
+            shared = min(max((_common_prefix(ids, other) for other in arrays[:i]), default=0), max(len(ids) - 1, 0))
+            self.counts["prompt_tokens"] += len(ids)
+            self.counts["ideal_hit_tokens"] += shared
+            self.counts["ideal_block_hit_tokens"] += shared // self.block_size * self.block_size
+
+    def ideal_prefix_counts(self) -> dict:
+        """What `stream` sent so far: prompt tokens, those a question shares with an earlier question of its video
+        (`ideal_hit_tokens`: the most a prefix cache could find), and those in whole KV blocks (`ideal_block_hit_tokens`:
+        the most vLLM's paged cache can find; the rest of a shared prefix's last block is recomputed)."""
+        return dict(self.counts)
 
     def _sampling_params(self, max_new_tokens: int):
         return vllm.SamplingParams(
             temperature=0.0,
             max_tokens=max_new_tokens,
             skip_special_tokens=True,
-            # vLLM does not apply the model's `generatable_vocab_size` mask: the same limit, told to vLLM.
-            allowed_token_ids=list(range(self.generatable)) if self.generatable else None,
             output_kind=vllm.sampling_params.RequestOutputKind.FINAL_ONLY,  # only the finished text is read
         )
 
@@ -143,6 +170,19 @@ class VllmEngine:
             }
             for prompt, video in zip(prompts, videos)
         ]
+
+
+def _block_size(llm) -> int:
+    try:
+        return int(llm.llm_engine.vllm_config.cache_config.block_size)
+    except (AttributeError, TypeError):  # an engine that does not say: counted in tokens
+        return 1
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
 
 
 def _external_id(request_id: str) -> str:
@@ -195,14 +235,16 @@ class VsiBenchVllmEngine:
             yield job, index, [text]
 
     def summary(self) -> dict:
-        """What this run's engine did, for summary.json: questions answered and vLLM's prefix-cache counters."""
+        """What this run's engine did, for summary.json: questions answered, vLLM's prefix-cache counters and the
+        ideal ones (tokens a question shares with an earlier question of its video)."""
         return {"name": self.name, "prefix_reuse": True, "prompts": self.prompts,
-                **prefix_cache_counts(self.engine.llm)}
+                **prefix_cache_counts(self.engine.llm), **self.engine.ideal_prefix_counts()}
 
     def report(self) -> str:
         stats = self.summary()
         rate = stats["cache_hit_tokens"] / stats["cache_queried_tokens"] if stats["cache_queried_tokens"] else 0.0
-        return f"vLLM: {stats['prompts']} questions, prefix-cache hit rate {rate:.1%}"
+        ideal = stats["ideal_hit_tokens"] / stats["prompt_tokens"] if stats["prompt_tokens"] else 0.0
+        return f"vLLM: {stats['prompts']} questions, prefix-cache hit rate {rate:.1%} (ideal {ideal:.1%})"
 
 
 def _metadata_dict(metadata) -> dict:
@@ -216,15 +258,6 @@ def _metadata_dict(metadata) -> dict:
         "frames_indices": list(metadata.frames_indices),
         "video_backend": metadata.video_backend or "pyav",
     }
-
-
-def _generatable_vocab_size(model) -> int | None:
-    config = Path(model) / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("generatable_vocab_size")
-    from transformers import AutoConfig
-
-    return getattr(AutoConfig.from_pretrained(model, trust_remote_code=True), "generatable_vocab_size", None)
 
 
 __all__ = ["VllmEngine", "VsiBenchVllmEngine"]

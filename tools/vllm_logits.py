@@ -4,11 +4,17 @@
     vllm serve MODEL ... --logits-processors vica2.tools.vllm_logits:GeneratableVocabLimit
     LLM(model=MODEL, ..., logits_processors=[GeneratableVocabLimit])
 
-The model masks the logits of ids at or above `config.generatable_vocab_size` (the release could never emit its
-untrained rows nor `<image>` / `<video>`), but vLLM computes logits with its own head and never runs that mask: this
-processor applies the same limit. vLLM has two logits-processor interfaces (the V1 model runner's,
-`vllm.v1.sample.logits_processor`, and the V2 runner's, `vllm.v1.worker.gpu.sample.logits_processor`, the only one
-from vLLM 0.34 on); the class implements both, so one dotted name works with either runner.
+(`vica2 serve` and the evaluator's vLLM engine pass it themselves.) ViCA2's vocabulary ends with the placeholders
+(`<image>`, `<video>`) and other ids the model never generates; its config's `generatable_vocab_size` says where the
+generatable ids end and transformers' `generate` masks the rest. vLLM computes logits with its own head and never runs
+that mask, so without this processor a request could produce placeholder ids unless its caller passes
+`allowed_token_ids`. The limit is applied after vLLM's `logit_bias` (in both runners), so no bias brings those ids
+back. A model whose config has no `generatable_vocab_size` is left as it is.
+
+vLLM has two logits-processor interfaces (the V1 model runner's, `vllm.v1.sample.logits_processor`, and the V2
+runner's, `vllm.v1.worker.gpu.sample.logits_processor`: vLLM's default on GPUs and the only one from vLLM 0.34 on);
+each runner refuses a class that does not subclass its own, so the class implements both and one dotted name works
+with either. Importing this module imports only those interfaces (no torch).
 """
 
 from __future__ import annotations
@@ -30,22 +36,22 @@ except ImportError:
 
 
 class GeneratableVocabLimit(*_BASES):
-    """Logits of token ids at or above the model config's `generatable_vocab_size` are -inf (none when it is unset)."""
+    """Sets the logits of ids >= the config's `generatable_vocab_size` to -inf for every request (none when unset)."""
 
     def __init__(self, vllm_config, *runner_args):  # V1: (device, is_pin_memory); V2: (request states)
         self.limit = getattr(vllm_config.model_config.hf_config, "generatable_vocab_size", None)
 
-    def apply(self, logits, ctx=None):  # V2 passes the batch layout, not needed here
+    def apply(self, logits, ctx=None):  # V2 passes the batch layout: every row is masked, so it is not needed
         if self.limit is not None and self.limit < logits.shape[-1]:
             logits[..., self.limit :] = float("-inf")
         return logits
 
     # V1 interface
     def is_argmax_invariant(self) -> bool:
-        return False  # it changes the greedy token
+        return self.limit is None  # masking ids can change the greedy choice
 
     def update_state(self, batch_update) -> None:
-        pass  # the same limit for every request
+        pass  # the same limit for every request: nothing to track
 
     # V2 interface
     def add_request(self, req_idx: int, sampling_params) -> bool:
