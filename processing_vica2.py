@@ -63,15 +63,17 @@ TYPED_PLACEHOLDER_ERROR = (
 )
 
 # The release's "qwen_1_5" conversation: a default system turn, ChatML turns, and each visual item rendered as its
-# placeholder followed by a newline (the release's `<image>\n{question}`). Text parts must not hold placeholders. A video
-# without a source is one an engine expands (vLLM): `<video><video>`, which it replaces (tools/vllm_plugin.py).
+# placeholder followed by a newline (the release's `<image>\n{question}`). Text parts must not hold placeholders. With
+# `engine_expands_videos` (vLLM with ViCA2's plugin) a video without a source is `<video><video>`, which the plugin
+# replaces with the placeholders and the time instruction (tools/vllm_plugin.py); any other engine gets `<video>\n`.
 CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{- content -}}"
     "{%- else -%}{%- for item in content -%}"
     "{%- if item['type'] == 'image' -%}{{- '<image>\\n' -}}"
     "{%- elif item['type'] == 'video' -%}"
-    "{{- '<video>\\n' if 'video' in item or 'path' in item or 'url' in item else '<video><video>' -}}"
+    "{{- '<video><video>' if engine_expands_videos | default(false) and not ('video' in item or 'path' in item or "
+    "'url' in item) else '<video>\\n' -}}"
     "{%- elif item['type'] == 'text' -%}"
     "{%- if '<video>' in item['text'] or '<image>' in item['text'] -%}"
     "{{- raise_exception(\"" + TYPED_PLACEHOLDER_ERROR + "\") -}}"

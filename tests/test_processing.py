@@ -428,14 +428,22 @@ def test_chat_template_loads_a_video_path_and_adds_the_time_instruction(tiny, vi
         model(**inputs)
 
 
-def test_chat_template_marks_a_video_without_a_source_for_the_serving_engine(tiny):
-    """vLLM renders a chat before it decodes the video and gives the template a video part without a source: the
-    template writes `<video><video>`, which ViCA2's vLLM plugin replaces with the placeholders and the time instruction
-    (tests_vllm checks the result against `apply_chat_template(..., tokenize=True)`)."""
+def test_chat_template_marks_a_video_without_a_source_only_for_the_plugin(tiny):
+    """vLLM renders a chat before it decodes the video and gives the template a video part without a source. With
+    `engine_expands_videos` (what `vica2 serve` sets) the template writes `<video><video>`, which ViCA2's vLLM plugin
+    replaces with the placeholders and the time instruction (tests_vllm checks the result against
+    `apply_chat_template(..., tokenize=True)`); any other engine gets the plain `<video>\n`, no stray placeholder."""
     _, processor = tiny
     messages = user_turn({"type": "video"}, {"type": "text", "text": "What moves?"})
-    text = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False)
-    assert "<|im_start|>user\n<video><video>What moves?<|im_end|>" in text
+    render = lambda **kwargs: processor.tokenizer.apply_chat_template(  # noqa: E731
+        messages, chat_template=processor.chat_template, tokenize=False, **kwargs)
+    assert "<|im_start|>user\n<video><video>What moves?<|im_end|>" in render(engine_expands_videos=True)
+    assert "<|im_start|>user\n<video>\nWhat moves?<|im_end|>" in render()
+    assert "<|im_start|>user\n<video>\nWhat moves?<|im_end|>" in render(engine_expands_videos=False)
+    with_source = user_turn({"type": "video", "path": "room.mp4"}, {"type": "text", "text": "What moves?"})
+    text = processor.tokenizer.apply_chat_template(with_source, chat_template=processor.chat_template, tokenize=False,
+                                                   engine_expands_videos=True)
+    assert "<video>\nWhat moves?" in text  # a video with its source is transformers' to read, marked or not
     with pytest.raises(ValueError, match="exactly one of 'video', 'path' or 'url'"):
         processor.apply_chat_template(messages)  # transformers' own rendering needs the video
 

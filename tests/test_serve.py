@@ -61,6 +61,7 @@ def test_7b_default_command():
         "--max-num-batched-tokens": "26240",  # a whole 64-frame video (22,144) fits the encoder cache
         "--limit-mm-per-prompt": {"image": 1, "video": 1},
         "--media-io-kwargs": {"video": {"num_frames": 64}},
+        "--default-chat-template-kwargs": {"engine_expands_videos": True},  # for ViCA2's plugin
         "--logits-processors": "vica2.tools.vllm_logits:GeneratableVocabLimit",
         "--allowed-media-domains": serve.NO_REMOTE_MEDIA,
     }

@@ -17,6 +17,8 @@ def chat(text: str) -> str:
 
 
 MAX_TOKENS = 10
+# What `vica2 serve` sets for every chat (--default-chat-template-kwargs): the video is marked for ViCA2's plugin.
+PLUGIN_CHAT = {"engine_expands_videos": True}
 
 
 def _token_ids(outputs) -> list[list[int]]:
@@ -40,10 +42,10 @@ def engine(request, llm, hub_folder):
 
 def vllm_chat_prompt(processor, text: str) -> str:
     """A user turn with a video then `text`, rendered as vLLM renders a chat (the tokenizer and the processor's
-    template; the video part has no source: the engine expands it)."""
+    template; the video part has no source: the engine expands it, and ViCA2's plugin is told so)."""
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
     return processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template,
-                                                   add_generation_prompt=True, tokenize=False)
+                                                   add_generation_prompt=True, tokenize=False, **PLUGIN_CHAT)
 
 
 def transformers_metadata(metadata: dict) -> dict:
@@ -133,7 +135,7 @@ def test_chat_with_a_video_file_carries_the_time_instruction(llm, reference, med
     messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{long}"}}, *question]}]
     expected = reference.run([{"messages": [{"role": "user", "content": [{"type": "video", "path": long}, *question]}],
                                "max_new_tokens": MAX_TOKENS, "num_frames": 8}])
-    output = llm.chat(messages, greedy(MAX_TOKENS), use_tqdm=False)[0]
+    output = llm.chat(messages, greedy(MAX_TOKENS), use_tqdm=False, chat_template_kwargs=PLUGIN_CHAT)[0]
     assert list(output.prompt_token_ids) == expected[0]["prompt_ids"]
     assert list(output.outputs[0].token_ids) == expected[0]["tokens"]
 

@@ -62,7 +62,8 @@ def test_tensor_parallel_2_answers_as_transformers(hub_folder, media, reference)
                               media_io_kwargs={"video": {"num_frames": 8}}))
     try:
         outputs = llm.chat([[{"role": "user", "content": _openai_content(chat)}] for chat in _chats(media)],
-                           SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+                           SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False,
+                           chat_template_kwargs={"engine_expands_videos": True})
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm

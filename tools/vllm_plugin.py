@@ -10,8 +10,10 @@ so this subclass says them (the rest is the backend's):
   frames (`do_sample_frames`), and ViCA2's does sample the frames of a (frames, metadata) pair.
 - A chat's video carries the release's time instruction when its timing is known, as
   `Vica2Processor.apply_chat_template` writes it: `<video>`s, "\n", the instruction, "\n\n", then the text. vLLM renders
-  the chat before it decodes the video, so the template cannot write the instruction; it writes `<video><video>` for a
-  video the engine expands (a content part without a source), and this processor replaces that pair with the
+  the chat before it decodes the video, so the template cannot write the instruction; told `engine_expands_videos`
+  (`vica2 serve` sets it for every chat; offline `LLM.chat(..., chat_template_kwargs=...)`), it writes
+  `<video><video>` for a video the engine expands (a content part without a source; without the variable, the plain
+  `<video>\n` that any engine understands), and this processor replaces that pair with the
   placeholders followed by the tokens of "\n{instruction}\n\n" (or of "\n" when the timing is unknown). The
   replacement is tokenized on its own and ends where the prompt's text starts after a special token, so the prompt
   equals transformers' token for token (Qwen2's pre-tokenizer joins the instruction's final "." with the newlines
