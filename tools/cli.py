@@ -37,7 +37,7 @@ from vica2.tools.inference import (
     check_question,
     load_model_and_processor,
 )
-from vica2.tools.shell import USER_ERRORS, add_model_options, flag_message, guarded, one_line
+from vica2.tools.shell import USER_ERRORS, add_model_options, flag_message, guarded, one_line, positive_int
 
 
 # ---------------------------------------------------------------------------------------------------- shared
@@ -325,17 +325,6 @@ def run_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1 (argparse names the flag in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 1 or more")
-    return value
-
-
 def _model_options() -> argparse.ArgumentParser:
     options = add_model_options(argparse.ArgumentParser(add_help=False), model_required=True,
                                 debug_default=argparse.SUPPRESS)  # `vica2 --debug ask ...` keeps the main value

@@ -27,7 +27,7 @@ import sys
 
 from vica2.configuration_vica2 import TOKEN_RATIO_ARGS, anyres_max_patches
 from vica2.tools.inference import UsageError, check_model_path
-from vica2.tools.shell import FLAGS, TRUST_REMOTE_CODE_HELP, guarded
+from vica2.tools.shell import FLAGS, TRUST_REMOTE_CODE_HELP, guarded, positive_int
 
 
 # Head sizes the CPU build's paged attention runs (vLLM 0.32 `Unsupported CPU attention configuration: head_dim=16`).
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL", help="converted ViCA2 folder or hub repo id")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help=TRUST_REMOTE_CODE_HELP + "; required: vLLM's Transformers backend builds ViCA2 from it")
-    parser.add_argument("--frames", type=_positive_int,
+    parser.add_argument("--frames", type=positive_int,
                         help="frames vLLM decodes from each video and the model sees (default: the model's frame "
                              "budget, 64 for ViCA2-7B); sizes the context")
     parser.add_argument("--allow-remote-media", action="store_true",
@@ -68,16 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the vLLM command and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 1 or more")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------- the settings

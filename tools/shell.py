@@ -38,6 +38,17 @@ TRUST_REMOTE_CODE_HELP = ("run the Python code that comes with the model folder 
                           "classes (only for a source you trust)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 1 or more")
+    return value
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, model_flag: str = "--model", model_required: bool = False,
                       model_default=None, dtype_default: str = "auto", device: bool = True, separator: str = "-",
                       debug_default=False) -> argparse.ArgumentParser:
