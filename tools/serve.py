@@ -8,9 +8,10 @@
 The settings ViCA2 needs are derived from the checkpoint's config (nothing of vLLM's is re-implemented; this only
 writes its command line): the context length and the batched-token budget from the token ratio and `--frames` (the
 budget covers a whole video, since vLLM sizes its encoder cache from it), one video and one image per prompt, the
-frames vLLM decodes, the generatable-vocabulary limit on every request (a logits processor), remote media off and,
-on a CPU machine, a KV cache size. Every other flag goes to vLLM unchanged, and a vLLM flag given here replaces the
-derived one (the JSON-object flags `--limit-mm-per-prompt`, `--media-io-kwargs` and `--mm-processor-kwargs` are
+frames vLLM decodes, chats' videos marked for ViCA2's vLLM plugin (the time instruction), the generatable-vocabulary
+limit on every request (a logits processor), remote media off and, on a CPU machine, a KV cache size. Every other
+flag goes to vLLM unchanged, and a vLLM flag given here replaces the derived one (the JSON-object flags
+`--limit-mm-per-prompt`, `--media-io-kwargs`, `--mm-processor-kwargs` and `--default-chat-template-kwargs` are
 merged, yours over ours). The command is printed, then run in this process's place.
 """
 
