@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -328,3 +330,35 @@ def _restore_auto_class_registrations_of_the_module():
     their registrations."""
     with _auto_class_registrations_kept():
         yield
+
+
+@contextlib.contextmanager
+def media_server(files: dict):
+    """A 127.0.0.1 HTTP server serving `files` (path -> bytes; anything else is a 404) for the test's duration;
+    yields (base URL, list of requested paths)."""
+    requested = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            body = files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

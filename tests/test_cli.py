@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import HOSTILE_DAMAGES, damaged_model_copy
+from conftest import HOSTILE_DAMAGES, damaged_model_copy, media_server
 from vica2.convert_checkpoint import convert_checkpoint, hub_key_to_release, release_key_to_hub
 from vica2.tools.demo import build_demo_release, write_demo_video
 
@@ -349,27 +349,12 @@ def test_options_and_media_are_checked_in_the_commands_terms_before_the_model_lo
 
 
 def test_an_image_url_answering_404_says_so(converted):
-    import http.server
-    import threading
-
-    class NotFound(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_error(404)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/room.png"
+    with media_server({}) as (base, requested):  # serves nothing: every path is a 404
+        url = f"{base}/room.png"
         no_proxy = {"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
         line = _one_error_line(_run("ask", "--model", converted["hub"], "--image", url, "--question", "?",
                                     "--allow-remote-media", env=no_proxy))
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert requested == ["/room.png"]
     assert f"--image '{url}': the server answered HTTP 404" in line and "cannot identify" not in line
 
 

@@ -4,13 +4,10 @@ saving / loading, and a clear error for every kind of bad input."""
 from __future__ import annotations
 
 import base64
-import contextlib
-import http.server
 import io
 import json
 import math
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import (
+    media_server,
     FIXTURE_DIR,
     FIXTURE_IMAGE_TOKEN_ID,
     FIXTURE_VIDEO_TOKEN_ID,
@@ -850,37 +848,6 @@ def test_decoded_video_with_another_num_frames_is_an_error(tiny, video_file):
 
 
 # ----------------------------------------------------------------------------------------------- remote media
-@contextlib.contextmanager
-def media_server(files: dict):
-    """A 127.0.0.1 HTTP server for the test's duration; yields (base URL, list of requested paths)."""
-    requested = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            requested.append(self.path)
-            body = files.get(self.path)
-            if body is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", requested
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 def _png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")

@@ -46,7 +46,7 @@ def _main_test_helpers():
 
 _helpers = _main_test_helpers()
 FIXTURE_DIR, FIXTURE_IMAGE_TOKEN_ID = _helpers.FIXTURE_DIR, _helpers.FIXTURE_IMAGE_TOKEN_ID
-fixture_available, tiny_config = _helpers.fixture_available, _helpers.tiny_config
+fixture_available, tiny_config, media_server = _helpers.fixture_available, _helpers.tiny_config, _helpers.media_server
 
 requires_fixture_tokenizer = pytest.mark.skipif(
     not fixture_available(), reason=f"release fixture (its tokenizer) not found at {FIXTURE_DIR}"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GENERATABLE
+from conftest import GENERATABLE, media_server
 
 
 openai = pytest.importorskip("openai")
@@ -187,31 +187,14 @@ def test_the_generatable_vocabulary_limit_holds_for_every_request(server, refere
 
 
 def test_remote_media_is_off_unless_asked(server, media):
-    """An http URL is refused before anything is fetched (a local web server sees no request)."""
-    import http.server
-    import threading
-
-    requests = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(Path(media["long"]).parent), **kwargs)
-
-        def log_message(self, *args):
-            requests.append(args)
-
-    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{web.server_address[1]}/{Path(media['long']).name}"
+    """An http URL is refused before anything is fetched (a local web server that has the video sees no request)."""
+    with media_server({"/clip.mp4": Path(media["long"]).read_bytes()}) as (base, requested):
         with pytest.raises(openai.APIStatusError) as error:
-            _ask(server, [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Q"}])
-    finally:
-        web.shutdown()
-        web.server_close()
+            video = {"type": "video_url", "video_url": {"url": f"{base}/clip.mp4"}}
+            _ask(server, [video, {"type": "text", "text": "Q"}])
     assert 400 <= error.value.status_code < 500
     assert "--allow-remote-media" in str(error.value)
-    assert requests == []
+    assert requested == []
 
 
 def test_the_printed_command_is_the_one_run(server, hub_folder):
