@@ -20,6 +20,7 @@ from vica2.tools.evaluate_vsibench import (
     UsageError,
     aggregate,
     build_prompt,
+    chance_levels,
     format_table,
     load_questions,
     parse_answer,
@@ -152,6 +153,24 @@ def test_aggregate_averages_tasks_and_relative_direction_levels():
         "object_rel_direction_easy": 1, "object_rel_direction_medium": 2, "object_rel_direction_hard": 2}
     assert summary["tasks"]["object_counting"]["metric"] == "MRA"
     assert summary["tasks"]["route_planning"]["metric"] == "accuracy"
+
+
+def test_chance_is_a_uniform_guess_among_the_options_or_the_files_answers():
+    def question(number, question_type, ground_truth, options=None):
+        return Question(number, "arkitscenes", "s", question_type, "q", options, ground_truth)
+
+    questions = [question(1, "object_counting", "2"), question(2, "object_counting", "4"),
+                 question(3, "obj_appearance_order", "A", ("A. x", "B. y", "C. z", "D. w")),
+                 question(4, "obj_appearance_order", "B", ("A. x", "B. y")),
+                 question(5, "object_rel_direction_easy", "A", ("A. left", "B. right")),
+                 question(6, "object_rel_direction_hard", "C", ("A. a", "B. b", "C. c", "D. d"))]
+    chance = chance_levels(questions)
+    # a blind guess of 2 or 4 (the file's counts): right half the time; 4 for 2 scores 0 MRA, 2 for 4 scores 0.1
+    # (a relative error of 0.5 passes the lowest threshold only)
+    assert chance["object_counting"] == pytest.approx(100 * (1 + 0 + 0.1 + 1) / 4)
+    assert chance["obj_appearance_order"] == pytest.approx(100 * (1 / 4 + 1 / 2) / 2)
+    assert chance["object_rel_direction"] == pytest.approx(100 * (1 / 2 + 1 / 4) / 2)  # a mean of level means
+    assert set(chance) == {"object_counting", "obj_appearance_order", "object_rel_direction"}
 
 
 def test_aggregate_of_a_partial_run_averages_what_is_there():
@@ -480,6 +499,7 @@ def test_cli_runs_resumes_and_summarises(bench, finished_run):
     _check_records(records, bench["rows"])  # every question exactly once
     summary = _check_summary(out / "summary.json", records)
     assert summary["remaining"] == 0 and summary["selected"] == len(bench["rows"])
+    assert summary["chance"] == chance_levels(load_questions(bench["data"]))
     assert "Obj. Count  Abs. Dist.  Obj. Size  Room Size  Rel. Dist.  Rel. Dir.  Route Plan  Appr. Order" in \
         finished_run["resumed"].stdout
     assert "12 questions, 2 error rows" in finished_run["resumed"].stdout

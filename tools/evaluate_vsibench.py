@@ -168,6 +168,26 @@ def aggregate(records) -> dict:
     }
 
 
+def chance_levels(questions: list[Question]) -> dict[str, float]:
+    """Each task's score (x100, aggregated as `aggregate` does) of guessing uniformly at random: one of the options
+    of a multiple-choice question; for a numerical one, one of the ground truths its question type has in
+    `questions` (the answers a blind guesser could know)."""
+    answers: dict[str, set[float]] = {}
+    for question in questions:
+        if task_of(question.question_type) in NUMERICAL_TYPES:
+            answers.setdefault(question.question_type, set()).add(_to_float(question.ground_truth))
+
+    def chance(question: Question) -> float:
+        if question.options:
+            return 1 / len(question.options)
+        truth = _to_float(question.ground_truth)
+        guesses = answers[question.question_type]
+        return float(np.mean([_mean_relative_accuracy(guess, truth) for guess in guesses]))
+
+    records = [{"question_type": question.question_type, "score": chance(question)} for question in questions]
+    return {task: block["score"] for task, block in aggregate(records)["tasks"].items()}
+
+
 def _score_block(rows: list[dict]) -> dict:
     return {
         "score": 100.0 * float(np.mean([float(row["score"]) for row in rows])),
@@ -808,7 +828,7 @@ def _evaluate_locked(args, settings: RunSettings, selected: list[Question], pred
 
             require_vllm()
     extra = {"model": args.model, "data": str(args.data), "settings": settings.as_dict(),
-             "shard": args.shard, "selected": len(selected)}
+             "shard": args.shard, "selected": len(selected), "chance": chance_levels(selected)}
     engine = None
 
     def summarise() -> dict:
