@@ -1,19 +1,22 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""A synthetic spatial benchmark: short top-down clips of coloured shapes entering a room, with questions in
-VSI-Bench's own data format, deterministic from a seed.
+"""A synthetic spatial benchmark: short top-down clips of coloured cubes appearing one by one in a room, with
+questions in VSI-Bench's own data format, deterministic from a seed.
 
     python -m vica2.tools.synthetic_bench --output-dir synth --train 400 --test 100 --seed 0
 
 writes `synthetic/{train,test}_NNNNN.mp4`, `train.json` / `test.json` (VSI-Bench rows: id, dataset, scene_name,
 question_type, question, options, ground_truth; `vica2 eval-vsibench --data synth/test.json --video-root synth`
-reads them unchanged) and `train_llava.json` (the same questions as fine-tuning records for finetune.py).
+reads them unchanged) and `train_llava.json` (fine-tuning records for finetune.py: per training scene, one record
+per question and a dense description of the scene, the caption that teaches a model what is where).
 
 Every scene is drawn from its own seed sequence (seed, split, index), so the splits never share a scene and any one
-scene can be regenerated alone. Four VSI-Bench tasks fit a flat scene:
-- object_counting: how many squares / circles (numeric, scored with mean relative accuracy);
-- object_size_estimation: an object's longest side in centimetres (numeric, MRA);
-- object_rel_direction_easy: at the end of the clip, is A left or right of B (multiple choice);
-- obj_appearance_order: the order in which the named objects first appear (multiple choice).
+scene can be regenerated alone. The room is a 4 x 4 grid of cells, one cube per cell, so a 112 px SigLIP view gives
+each cell one pooled token. Four VSI-Bench tasks fit it:
+- object_counting: how many cubes (numeric, scored with mean relative accuracy);
+- object_size_estimation: a named cube's side in centimetres (numeric, MRA);
+- object_rel_direction_easy: at the end of the clip, is A left or right of B (multiple choice, VSI-Bench's fixed
+  options "A. left", "B. right");
+- obj_appearance_order: the order in which the named cubes first appear (multiple choice, one option led by each).
 """
 
 from __future__ import annotations
@@ -36,26 +39,28 @@ COLOURS = {
     "white": (240, 240, 240),
     "purple": (150, 60, 200),
 }
-SHAPES = ("square", "circle")
-SIZES_CM = (40, 80, 120, 160)  # an object's longest side
+SHAPE = "cube"  # every object is a cube seen from above; its colour names it
+SIZES_CM = (50, 90, 130)  # a cube's side
 ROOM_CM = 600  # the frame's side, in centimetres
+GRID = 4  # the room is GRID x GRID cells; each object rests in its own cell (150 cm: no two ever touch)
 FRAME_PX = 128
 NUM_FRAMES = 16
 FPS = 4
 BACKGROUND = (90, 90, 90)
-MIN_SEPARATION_CM = 60  # left / right questions only for pairs at least this far apart sideways
+APPEARANCE_FRAMES = (0, 5, 10, 15)  # each first seen in its own frame of any 4-, 8- or 16-frame sample
+DRIFT_CM = 0.25  # at most this many cm per frame, in each direction
 
 # The release's inference text (what `vica2 eval-vsibench --prompt-style vica2` sends after the time instruction).
 PRE_PROMPT = "These are frames of a video."
 CHOICE_POST_PROMPT = "Answer with the option\u2019s letter from the given choices directly."
 NUMERIC_POST_PROMPT = "Please answer the question using a single word or phrase."
 LETTERS = "ABCD"
+DESCRIPTION_PROMPT = "Describe the cubes in the order they appear: colour, size, and column from the left."
 
 
 @dataclass(frozen=True)
 class SceneObject:
     colour: str
-    shape: str
     size_cm: int
     start: np.ndarray  # (x, y) centre in cm when it appears
     velocity: np.ndarray  # cm per frame
@@ -63,53 +68,39 @@ class SceneObject:
 
     @property
     def name(self) -> str:
-        return f"{self.colour} {self.shape}"
+        return f"{self.colour} {SHAPE}"
 
     def centre(self, frame: int) -> np.ndarray:
-        half = self.size_cm / 2
-        return np.clip(self.start + self.velocity * max(frame - self.appears_at, 0), half, ROOM_CM - half)
+        return self.start + self.velocity * max(frame - self.appears_at, 0)
 
 
 def make_scene(rng: np.random.Generator) -> list[SceneObject]:
-    """3 to 5 objects of distinct colours that never overlap; the first appears at frame 0, the others at distinct
-    frames 3 apart (two objects seen first in one sampled frame would make the appearance order ambiguous)."""
-    count = int(rng.integers(3, 6))
+    """2 to 4 cubes of distinct colours in distinct cells of the room, each drifting slowly inside its cell; the
+    first appears at frame 0, the others one by one at `APPEARANCE_FRAMES`."""
+    count = int(rng.integers(2, len(APPEARANCE_FRAMES) + 1))
     colours = rng.choice(list(COLOURS), size=count, replace=False)
-    appears = np.sort(np.concatenate([[0], 3 * rng.choice(np.arange(1, 5), count - 1, replace=False)]))
+    cells = rng.choice(GRID * GRID, size=count, replace=False)
+    cell_cm = ROOM_CM / GRID
     objects = []
-    for colour, appears_at in zip(colours, appears):
+    for colour, cell, appears_at in zip(colours, cells, APPEARANCE_FRAMES):
         size = int(rng.choice(SIZES_CM))
-        while True:  # rejection sampling: a few draws at most in a 6 m room
-            candidate = SceneObject(str(colour), str(rng.choice(SHAPES)), size,
-                                    rng.uniform(size / 2, ROOM_CM - size / 2, size=2), rng.uniform(-3, 3, 2),
-                                    int(appears_at))
-            if not any(_overlap(candidate, other) for other in objects):
-                break
-        objects.append(candidate)
+        centre = (np.array([cell % GRID, cell // GRID]) + 0.5) * cell_cm
+        # placed within 2 cm of the cell's centre and drifting at most 4 cm: even two 130 cm cubes in neighbouring
+        # cells stay apart (65 + 6 < 75 cm, half a cell)
+        objects.append(SceneObject(str(colour), size, centre + rng.uniform(-2, 2, 2),
+                                   rng.uniform(-DRIFT_CM, DRIFT_CM, 2), int(appears_at)))
     return objects
 
 
-def _overlap(a: SceneObject, b: SceneObject) -> bool:
-    """Whether the two objects' squares (a circle's bounding box), plus a margin, meet in any frame."""
-    reach = (a.size_cm + b.size_cm) / 2 + 10
-    return any(np.all(np.abs(a.centre(f) - b.centre(f)) < reach) for f in range(NUM_FRAMES))
-
-
 def render(objects: list[SceneObject], frame: int) -> np.ndarray:
-    """One (FRAME_PX, FRAME_PX, 3) uint8 frame, objects drawn in order of appearance."""
+    """One (FRAME_PX, FRAME_PX, 3) uint8 frame: the cubes that have appeared, on the floor's grey."""
     image = np.empty((FRAME_PX, FRAME_PX, 3), np.uint8)
     image[:] = BACKGROUND
     ys, xs = (np.mgrid[0:FRAME_PX, 0:FRAME_PX] + 0.5) * (ROOM_CM / FRAME_PX)
     for obj in objects:
-        if frame < obj.appears_at:
-            continue
-        cx, cy = obj.centre(frame)
-        half = obj.size_cm / 2
-        if obj.shape == "square":
-            inside = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
-        else:
-            inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
-        image[inside] = COLOURS[obj.colour]
+        if frame >= obj.appears_at:
+            cx, cy = obj.centre(frame)
+            image[(np.abs(xs - cx) <= obj.size_cm / 2) & (np.abs(ys - cy) <= obj.size_cm / 2)] = COLOURS[obj.colour]
     return image
 
 
@@ -136,35 +127,33 @@ def _shuffled(rng, options: list[str]) -> tuple[list[str], str]:
 
 
 def questions_for(objects: list[SceneObject], rng: np.random.Generator) -> list[dict]:
-    """One question of each task the scene supports, as (question_type, question, options, ground_truth) dicts."""
-    rows = []
-    shape = str(rng.choice([s for s in SHAPES if any(o.shape == s for o in objects)]))
-    rows.append({"question_type": "object_counting", "question": f"How many {shape}s are in this room?",
-                 "options": None, "ground_truth": str(sum(o.shape == shape for o in objects))})
+    """One question of each task, as (question_type, question, options, ground_truth) dicts."""
+    rows = [{"question_type": "object_counting", "question": f"How many {SHAPE}s are in this room?",
+             "options": None, "ground_truth": str(len(objects))}]
     target = objects[int(rng.integers(len(objects)))]
     rows.append({"question_type": "object_size_estimation",
                  "question": f"What is the length of the longest dimension (length, width, or height) of the "
                              f"{target.name}, measured in centimeters?",
                  "options": None, "ground_truth": str(target.size_cm)})
     last = NUM_FRAMES - 1
+    # cubes in different columns of cells are at least a cell minus the drift apart sideways
     pairs = [(a, b) for a, b in itertools.permutations(objects, 2)
-             if abs(a.centre(last)[0] - b.centre(last)[0]) >= MIN_SEPARATION_CM]
+             if abs(a.centre(last)[0] - b.centre(last)[0]) > ROOM_CM / GRID / 2]
     if pairs:
         a, b = pairs[int(rng.integers(len(pairs)))]
         side = "left" if a.centre(last)[0] < b.centre(last)[0] else "right"
-        options, truth = _shuffled(rng, [side, "right" if side == "left" else "left"])
-        rows.append({"question_type": "object_rel_direction_easy",
+        rows.append({"question_type": "object_rel_direction_easy",  # VSI-Bench's fixed options for this type
                      "question": f"At the end of the video, is the {a.name} to the left or the right of the {b.name}?",
-                     "options": options, "ground_truth": truth})
-    named = objects[:4] if len(objects) >= 4 else objects
-    named = [named[i] for i in rng.permutation(len(named))]  # ask in a random order, not the answer's
+                     "options": ["A. left", "B. right"], "ground_truth": "A" if side == "left" else "B"})
+    # up to four objects, named in a random order; one option per named object, led by it (the rest in a random
+    # order): the options tell apart which object the video shows first
+    named = [objects[i] for i in rng.permutation(len(objects))[:len(LETTERS)]]
     correct = sorted(named, key=lambda o: o.appears_at)
-    wrong = []
-    while len(wrong) < 3:
-        candidate = [named[i] for i in rng.permutation(len(named))]
-        if candidate != correct and candidate not in wrong:
-            wrong.append(candidate)
-    options, truth = _shuffled(rng, [", ".join(o.name for o in order) for order in [correct, *wrong]])
+    orders = [correct]
+    for leader in correct[1:]:
+        rest = [o for o in named if o is not leader]
+        orders.append([leader] + [rest[i] for i in rng.permutation(len(rest))])
+    options, truth = _shuffled(rng, [", ".join(o.name for o in order) for order in orders])
     rows.append({"question_type": "obj_appearance_order",
                  "question": "What will be the first-time appearance order of the following categories in the "
                              f"video: {', '.join(o.name for o in named)}?",
@@ -172,43 +161,66 @@ def questions_for(objects: list[SceneObject], rng: np.random.Generator) -> list[
     return rows
 
 
+def describe(objects: list[SceneObject]) -> str:
+    """A dense description of the scene, for training only (the way captioning stages teach perception before
+    questions): every cube's colour, side and column of cells (1 = leftmost) in order of appearance. Each size and
+    column follows the colour it belongs to, so the model learns to find a named cube in the video."""
+    column = {id(o): int(o.centre(NUM_FRAMES - 1)[0] // (ROOM_CM / GRID)) + 1 for o in objects}
+    return "; ".join(f"{o.name}, {o.size_cm} cm, column {column[id(o)]}"
+                     for o in sorted(objects, key=lambda o: o.appears_at)) + "."
+
+
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, ("train", "test").index(split), index])
 
 
-def generate_split(output_dir: Path, split: str, count: int, seed: int) -> list[dict]:
-    """Write `count` clips of one split and return their VSI-Bench rows."""
+def generate_split(output_dir: Path, split: str, count: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Write `count` clips of one split; return their VSI-Bench rows and their fine-tuning records."""
     (output_dir / DATASET).mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, records = [], []
     for index in range(count):
         rng = scene_rng(seed, split, index)
         objects = make_scene(rng)
         scene = f"{split}_{index:05d}"
         write_clip(objects, output_dir / DATASET / f"{scene}.mp4")
-        for number, row in enumerate(questions_for(objects, rng)):
-            rows.append({"id": f"{scene}_{number}", "dataset": DATASET, "scene_name": scene, **row})
-    return rows
+        questions = [{"id": f"{scene}_{number}", "dataset": DATASET, "scene_name": scene, **row}
+                     for number, row in enumerate(questions_for(objects, rng))]
+        rows += questions
+        records += [description_record(scene, describe(objects)), *map(question_record, questions)]
+    return rows, records
 
 
-def llava_record(row: dict) -> dict:
-    """A VSI-Bench row as a fine-tuning record with the release's inference text (finetune adds the time line)."""
+def _turn_text(row: dict) -> str:
+    """The release's inference text of a VSI-Bench row, without the video line."""
     text = f"{PRE_PROMPT}\n\nQuestion: {row['question']}\n"
     if row["options"]:
-        text += "\n".join(row["options"]) + f"\n{CHOICE_POST_PROMPT}\n"
-    else:
-        text += f"{NUMERIC_POST_PROMPT}\n"
+        return text + "\n".join(row["options"]) + f"\n{CHOICE_POST_PROMPT}\n"
+    return text + f"{NUMERIC_POST_PROMPT}\n"
+
+
+def question_record(row: dict) -> dict:
+    """A VSI-Bench row as a fine-tuning record (LLaVA style): its clip, the release's question text, the answer."""
     return {"id": row["id"], "video": f"{row['dataset']}/{row['scene_name']}.mp4",
-            "conversations": [{"from": "human", "value": "<image>\n" + text}, {"from": "gpt", "value": row["ground_truth"]}]}
+            "conversations": [{"from": "human", "value": "<image>\n" + _turn_text(row)},
+                              {"from": "gpt", "value": row["ground_truth"]}]}
+
+
+def description_record(scene: str, description: str) -> dict:
+    return {"id": f"{scene}_description", "video": f"{DATASET}/{scene}.mp4",
+            "conversations": [{"from": "human", "value": f"<image>\n{PRE_PROMPT}\n\n{DESCRIPTION_PROMPT}\n"},
+                              {"from": "gpt", "value": description}]}
 
 
 def generate(output_dir: Path, train: int, test: int, seed: int = 0) -> dict[str, list[dict]]:
+    """Write both splits (clips, `train.json`, `test.json`) and `train_llava.json`; return the rows by split."""
     output_dir = Path(output_dir)
-    splits = {"train": generate_split(output_dir, "train", train, seed),
-              "test": generate_split(output_dir, "test", test, seed)}
+    (train_rows, records), (test_rows, _) = (generate_split(output_dir, "train", train, seed),
+                                              generate_split(output_dir, "test", test, seed))
+    splits = {"train": train_rows, "test": test_rows}
     for split, rows in splits.items():
         (output_dir / f"{split}.json").write_text(json.dumps(rows, indent=1))
-    (output_dir / "train_llava.json").write_text(json.dumps([llava_record(row) for row in splits["train"]], indent=1))
-    return splits
+    (output_dir / "train_llava.json").write_text(json.dumps(records, indent=1))
+    return {**splits, "records": records}
 
 
 def main(argv=None) -> int:
