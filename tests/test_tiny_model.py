@@ -26,7 +26,6 @@ TRAINING = {"add_time_instruction": "False", "learning_rate": "1e-3", "per_devic
             "save_strategy": "no", "disable_tqdm": "True", "trainable_parts": "all"}
 
 
-# ---------------------------------------------------------------------------------------------------- training
 def heldout_answer_loss(model, processor, records, folder, shuffled: bool) -> float:
     """Mean loss on the answer tokens of `records`, each with its own clip or (shuffled) the next record's."""
     if shuffled:

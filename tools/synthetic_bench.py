@@ -165,8 +165,8 @@ def describe(objects: list[SceneObject]) -> str:
     """A dense description of the scene, for training only (the way captioning stages teach perception before
     questions): every cube's colour, side and column of cells (1 = leftmost) in order of appearance. Each size and
     column follows the colour it belongs to, so the model learns to find a named cube in the video."""
-    column = {id(o): int(o.centre(NUM_FRAMES - 1)[0] // (ROOM_CM / GRID)) + 1 for o in objects}
-    return "; ".join(f"{o.name}, {o.size_cm} cm, column {column[id(o)]}"
+    cell_cm, last = ROOM_CM / GRID, NUM_FRAMES - 1
+    return "; ".join(f"{o.name}, {o.size_cm} cm, column {int(o.centre(last)[0] // cell_cm) + 1}"
                      for o in sorted(objects, key=lambda o: o.appears_at)) + "."
 
 
@@ -190,29 +190,28 @@ def generate_split(output_dir: Path, split: str, count: int, seed: int) -> tuple
     return rows, records
 
 
-def _turn_text(row: dict) -> str:
-    """The release's inference text of a VSI-Bench row, without the video line."""
+def question_record(row: dict) -> dict:
+    """A VSI-Bench row as a fine-tuning record with the release's inference text (finetune adds the time line)."""
     text = f"{PRE_PROMPT}\n\nQuestion: {row['question']}\n"
     if row["options"]:
-        return text + "\n".join(row["options"]) + f"\n{CHOICE_POST_PROMPT}\n"
-    return text + f"{NUMERIC_POST_PROMPT}\n"
-
-
-def question_record(row: dict) -> dict:
-    """A VSI-Bench row as a fine-tuning record (LLaVA style): its clip, the release's question text, the answer."""
+        text += "\n".join(row["options"]) + f"\n{CHOICE_POST_PROMPT}\n"
+    else:
+        text += f"{NUMERIC_POST_PROMPT}\n"
     return {"id": row["id"], "video": f"{row['dataset']}/{row['scene_name']}.mp4",
-            "conversations": [{"from": "human", "value": "<image>\n" + _turn_text(row)},
+            "conversations": [{"from": "human", "value": "<image>\n" + text},
                               {"from": "gpt", "value": row["ground_truth"]}]}
 
 
 def description_record(scene: str, description: str) -> dict:
+    """A training scene's description request and its answer, as a fine-tuning record."""
     return {"id": f"{scene}_description", "video": f"{DATASET}/{scene}.mp4",
             "conversations": [{"from": "human", "value": f"<image>\n{PRE_PROMPT}\n\n{DESCRIPTION_PROMPT}\n"},
                               {"from": "gpt", "value": description}]}
 
 
 def generate(output_dir: Path, train: int, test: int, seed: int = 0) -> dict[str, list[dict]]:
-    """Write both splits (clips, `train.json`, `test.json`) and `train_llava.json`; return the rows by split."""
+    """Write both splits (clips, `train.json`, `test.json`) and `train_llava.json`; return the rows by split
+    ("train", "test") and the fine-tuning records ("records")."""
     output_dir = Path(output_dir)
     (train_rows, records), (test_rows, _) = (generate_split(output_dir, "train", train, seed),
                                               generate_split(output_dir, "test", test, seed))
