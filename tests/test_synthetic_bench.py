@@ -71,13 +71,13 @@ def test_answers_are_true_to_the_rendered_frames(index):
         assert row["options"] == ["A. left", "B. right"]
         assert row["ground_truth"] == ("A" if xs[0] < xs[1] else "B")
     # the training description: colour, side and column of every cube, in order of appearance
-    entries = [entry.split(", ") for entry in sb.describe(objects).rstrip(".").split("; ")]
-    assert [first_seen[f"{name}"] for name, _, _ in entries] == sorted(first_seen.values())
-    for name, size_text, column in entries:
-        obj = next(o for o in objects if o.name == name)
-        assert size_text == f"{obj.size_cm} cm"
+    entries = [entry.split(" ") for entry in sb.describe(objects).rstrip(".").split(", ")]
+    assert [first_seen[f"{colour} {sb.SHAPE}"] for colour, _, _ in entries] == sorted(first_seen.values())
+    for colour, size_text, column in entries:
+        obj = next(o for o in objects if o.colour == colour)
+        assert size_text == str(obj.size_cm)
         x = np.nonzero(_mask(last, obj.colour))[1].mean()
-        assert column == f"column {int(x // (sb.FRAME_PX / sb.GRID)) + 1}"
+        assert column == str(int(x // (sb.FRAME_PX / sb.GRID)) + 1)
 
 
 def test_multiple_choice_letters_are_balanced_and_question_types_are_vsibench_ones(tmp_path):
