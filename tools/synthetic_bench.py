@@ -166,8 +166,8 @@ def describe(objects: list[SceneObject]) -> str:
     """A dense description of the scene, for training only (the way captioning stages teach perception before
     questions): each cube as "colour side column" (side in cm, column of cells from 1 = leftmost), in order of
     appearance, e.g. "red 90 2, blue 50 3.". Its side comes right after its colour word, so the model learns to find
-    a named cube in the video from the word alone, which every question about a named cube needs; a tiny language
-    model learns that lookup far faster from this terse form than from a chattier one (see the README)."""
+    a named cube in the video from the word alone, which every question about a named cube needs (the README gives
+    what that does for a tiny language model)."""
     cell_cm, last = ROOM_CM / GRID, NUM_FRAMES - 1
     return ", ".join(f"{o.colour} {o.size_cm} {int(o.centre(last)[0] // cell_cm) + 1}"
                      for o in sorted(objects, key=lambda o: o.appears_at)) + "."
