@@ -82,10 +82,12 @@ def _classes():
             if metadata is None or "video_replacement_ids" not in processed:
                 return processed
             tokenizer = self.info.get_tokenizer()
+            # a checkpoint trained without the time instruction (the built-in tiny model) says so in its processor
+            add_time = self.info.get_hf_processor().add_time_instruction
             sizes = processed["video_replacement_sizes"].tolist()
             seqs = []
             for seq, item in zip(processed["video_replacement_ids"].split(sizes), metadata):
-                instruction = time_instruction(as_metadata(item))
+                instruction = time_instruction(as_metadata(item)) if add_time else None
                 after = "\n" if instruction is None else f"\n{instruction}\n\n"
                 seqs.append(seq.tolist() + cached_encode(tokenizer, after, add_special_tokens=False))
             processed["video_replacement_ids"] = torch.tensor([token for seq in seqs for token in seq])
