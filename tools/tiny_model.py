@@ -1,23 +1,45 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""A tiny ViCA2 to train from scratch on the synthetic benchmark (`vica2.tools.synthetic_bench`).
+"""The trained tiny ViCA2: the offline default of `vica2 demo`, `vica2 app` and the README's quick start.
 
-It has ViCA2's whole architecture (SigLIP and Hiera towers, both projectors, token ratio control, a Qwen2 language
-model) at small sizes: SigLIP at 112 px (a 4 x 4 grid of pooled tokens per frame, one per cell of the synthetic
-room), Hiera at 128 px, a 4-frame budget, and an LLM head size of 32, which vLLM's CPU build serves. Its tokenizer is
-a byte-level BPE learned from the training text, so the synthetic prompts are about a third as long as with bytes.
-`tests/test_tiny_model.py` fine-tunes it with `finetune.py` to check that training teaches a model to read videos.
+A toy, not ViCA2-7B: 1.5 M parameters trained from a random initialisation on the synthetic benchmark's clips of
+coloured cubes (`vica2.tools.synthetic_bench`) by `make tiny-model` (`vica2.tools.train_tiny`, the project's own
+`finetune.py`). It has ViCA2's whole architecture (SigLIP and Hiera towers, both projectors, token ratio control,
+a Qwen2 language model) at small sizes: SigLIP at 112 px, Hiera at 128 px, a 4-frame budget, and an LLM head size
+of 32, which vLLM's CPU build serves. Its tokenizer is a byte-level BPE learned from the training text.
+
+The shipped folder (`tools/tiny_vica2/`) holds the weights, configs, tokenizer and a held-out clip with its
+question (`demo.json`), but no Python: the installed `vica2` classes load it. `servable_copy` adds the remote code
+for engines that need it (vLLM).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
 
 
-FRAMES = 4  # the frame budget: 4 of the synthetic benchmark's 16-frame clips, one per appearance
+SHIPPED = Path(__file__).with_name("tiny_vica2")
+DEMO_FILE = "demo.json"  # the held-out clip's file name, its questions (as trained on) and their right answers
+FRAMES = 4  # the frame budget: 4 of the synthetic benchmark's 16-frame clips (one per appearance)
 SIGLIP_SIZE, HIERA_SIZE = 112, 128
 SYSTEM_PROMPT = "You are a helpful assistant."
+# The recipe: finetune.py's options (30 minutes of training on 2 CPU cores), and how eval-vsibench asks it.
+MAX_STEPS = 2200  # 2,000 steps: counting, but size still near chance (benchmarks/RESULTS.md)
+DESCRIPTION_COPIES = 2  # each training scene's description, this many times in the mix: it drives the lookup
+# The towers learn at a tenth of the rest's rate (as the release's recipe runs them slower): at 1e-3 throughout,
+# the whole model stayed at chance through 1,250 steps. Two processes of 8 records: a batch of 16.
+TRAINING = {"add_time_instruction": "False", "learning_rate": "1e-3", "vision_tower_lr": "1e-4",
+            "per_device_train_batch_size": "8",
+            "max_steps": MAX_STEPS, "warmup_steps": "50", "lr_scheduler_type": "cosine", "weight_decay": "0.0",
+            "max_grad_norm": "1.0", "logging_steps": "25", "seed": "0", "dataloader_num_workers": "0"}
+LEARNED_MARGIN = 0.5  # a task is learned when its held-out score closes at least half the gap from chance to 100
+EVAL_OPTIONS = ("--frames", str(FRAMES), "--max-new-tokens", "8", "--dtype", "float32")
+TOY_NOTICE = ("the built-in tiny ViCA2: a toy (1.5 M parameters) trained on synthetic clips of coloured cubes, not "
+              "ViCA2-7B. Asked in the words it was trained on, it counts the cubes in such a clip and tells their "
+              "size; its multiple-choice answers are at chance, and it knows nothing else.")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 640):
@@ -77,6 +99,14 @@ def training_texts(records: list[dict]) -> list[str]:
             for text in (SYSTEM_PROMPT, *(turn["value"].replace("<image>", "") for turn in record["conversations"]))]
 
 
+def training_options(max_steps: int = MAX_STEPS) -> list[str]:
+    """finetune.py's options of the recipe (the model, data and output folders aside); a short run logs its loss
+    often enough to draw a curve."""
+    options = {**TRAINING, "max_steps": max_steps, "logging_steps": max(1, min(int(TRAINING["logging_steps"]),
+                                                                               max_steps // 10))}
+    return [f"--{name}={value}" for name, value in options.items()]
+
+
 def build_initial_model(folder: str | Path, records: list[dict], seed: int = 0) -> Path:
     """Write the random initial tiny ViCA2 (model, processor, generation config) that training starts from."""
     from vica2.modeling_vica2 import Vica2ForConditionalGeneration
@@ -92,3 +122,33 @@ def build_initial_model(folder: str | Path, records: list[dict], seed: int = 0) 
     # trained and asked without the release's time instruction: the clips all last 4 s, and the prompt is shorter
     Vica2Processor.from_model_config(config, tokenizer, add_time_instruction=False).save_pretrained(folder)
     return folder
+
+
+def learned_tasks(summary: dict) -> list[str]:
+    """The tasks of an `eval-vsibench` summary whose score is at least `LEARNED_MARGIN` of the way from the task's
+    chance level to 100."""
+    return [task for task, block in summary["tasks"].items()
+            if block["score"] >= summary["chance"][task] + LEARNED_MARGIN * (100 - summary["chance"][task])]
+
+
+def demo_samples(folder: str | Path = SHIPPED) -> list[dict]:
+    """The shipped held-out clip's questions, the first a counting one: each with the clip's absolute path
+    ("video"), the question, the prompt the model was trained on ("prompt") and the right answer ("answer")."""
+    folder = Path(folder)
+    demo = json.loads((folder / DEMO_FILE).read_text())
+    video = (folder / demo["video"]).resolve()
+    if folder.resolve() not in video.parents:  # a path from a data file stays inside its folder
+        raise ValueError(f"{folder / DEMO_FILE} names a video outside its folder ({demo['video']!r}): give its file "
+                         "name in that folder.")
+    return [{**question, "video": str(folder / demo["video"])} for question in demo["questions"]]
+
+
+def servable_copy(destination: str | Path, folder: str | Path = SHIPPED) -> Path:
+    """A copy of the tiny model with the remote code beside it (what `trust_remote_code` engines, vLLM's
+    Transformers backend among them, load). `destination` must not exist yet."""
+    from vica2.convert_checkpoint import copy_remote_code
+
+    destination = Path(destination)
+    shutil.copytree(folder, destination)
+    copy_remote_code(destination)
+    return destination
