@@ -2,7 +2,7 @@
 """`vica2 app`: chat with ViCA2 about a video or an image in the browser (a Gradio web demo).
 
     vica2 app --model DIR_OR_REPO            # serves http://127.0.0.1:7860
-    vica2 app                                # offline: the built-in tiny random model (its answers are random)
+    vica2 app                                # offline: the built-in tiny model (a toy trained on synthetic clips)
     VICA2_MODEL=owner/name python app.py     # what a Hugging Face Space runs (app.py as is)
 
 Each upload is decoded and encoded once (vision towers + prefill of the prompt up to the question); every turn of
@@ -50,9 +50,9 @@ from vica2.video_loading_vica2 import VideoLoadError  # noqa: E402
 
 GRADIO_INSTALL_HINT = "The web demo needs Gradio: pip install 'vica2-hf[app]' (or pip install gradio)."
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-RANDOM_MODEL_NOTE = (
-    "**Offline demo: the built-in tiny model has random weights, so its answers are random.** "
-    "Start the app with `--model DIR_OR_REPO` (or set `VICA2_MODEL`) to chat with a real ViCA2."
+TOY_MODEL_NOTE = (
+    "**Offline demo: {notice}** Try the example clip and its example questions. Start the app with "
+    "`--model DIR_OR_REPO` (or set `VICA2_MODEL`) to chat with a real ViCA2."
 )
 THUMBNAIL_HEIGHT = 96
 MAX_QUESTION_CHARS = 2000  # a 40,000-character question costs GBs of attention mask and minutes of prefill
@@ -178,12 +178,14 @@ class Vica2App:
     its own conversation, and at most `max_conversations` keep their caches (the oldest is released first).
     """
 
-    def __init__(self, model, processor, *, model_name: str, random_weights: bool = False, example_video=None,
-                 frames: int | None = None, max_new_tokens: int = 128, cache_budget_gb: float = 4.0,
+    def __init__(self, model, processor, *, model_name: str, toy_notice: str | None = None, example_video=None,
+                 example_questions: list[str] | None = None, frames: int | None = None, max_new_tokens: int = 128,
+                 cache_budget_gb: float = 4.0,
                  max_conversations: int = 4, max_question_chars: int = MAX_QUESTION_CHARS,
                  max_file_size_mb: float = MAX_FILE_SIZE_MB):
         self.model, self.processor = model, processor
-        self.model_name, self.random_weights = model_name, random_weights
+        self.model_name, self.toy_notice = model_name, toy_notice
+        self.example_questions = list(example_questions or EXAMPLE_QUESTIONS)
         self.example_video = str(example_video) if example_video else None
         self.max_new_tokens, self.cache_budget_gb = max_new_tokens, cache_budget_gb
         self.max_conversations, self.max_question_chars = max_conversations, max_question_chars
@@ -192,7 +194,8 @@ class Vica2App:
         frames = frames or config.video_frames_budget
         # The checkpoint's Hiera share of the frame budget, carried over to `frames` (7B: 32 of 64).
         hiera = max(1, frames * config.hiera_frames // config.video_frames_budget)
-        self.default_settings = TokenSettings(frames, hiera, config.siglip_pool_stride, config.hiera_pool_stride)
+        self.default_settings = TokenSettings(frames, hiera, config.siglip_pool_stride, config.hiera_pool_stride,
+                                              processor.add_time_instruction)  # as the model was trained
         self._live: OrderedDict[int, TabState] = OrderedDict()  # tabs holding a cache, least recently used first
         self._live_lock = threading.Lock()  # Gradio drops a closed tab's state from its own thread
         self._media_users: Counter = Counter()  # media path -> tabs about it (an upload is deleted at zero)
@@ -478,8 +481,8 @@ class Vica2App:
             tab, pending = gr.State(None, delete_callback=self._forget), gr.State("")
             gr.Markdown(f"# ViCA2: ask about a video\nModel: `{self.model_name}`. Upload a video or an image, then "
                         "chat about it: it is encoded once and every turn continues from its cached prefix.")
-            if self.random_weights:
-                gr.Markdown(RANDOM_MODEL_NOTE, elem_id="random-note")
+            if self.toy_notice:
+                gr.Markdown(TOY_MODEL_NOTE.format(notice=self.toy_notice), elem_id="toy-note")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1, min_width=300):
                     media = gr.File(label=f"Video or image (up to {self.max_file_size_mb:g} MB)",
@@ -501,7 +504,7 @@ class Vica2App:
                         ask = gr.Button("Ask", variant="primary", scale=1, min_width=80, elem_id="ask")
                         reset = gr.Button("New chat", scale=1, min_width=80, elem_id="reset")
                     gr.Markdown(f"Questions of up to {self.max_question_chars:,} characters.", elem_id="limit")
-                    gr.Examples([[text] for text in EXAMPLE_QUESTIONS], [question], label="Example questions",
+                    gr.Examples([[text] for text in self.example_questions], [question], label="Example questions",
                                 elem_id="example-questions")
                     frame_strip = gr.Gallery(label="Sampled frames (time in the video)", columns=8, height="auto",
                                              object_fit="contain", allow_preview=False, elem_id="frames-strip")
@@ -610,18 +613,18 @@ def create_app(model_path: str | None = None, *, workdir: str | Path | None = No
                device: str = "auto", attn_implementation: str | None = None, trust_remote_code: bool = False,
                frames: int | None = None, max_new_tokens: int = 128, cache_budget_gb: float = 4.0,
                max_conversations: int = 4, **limits) -> Vica2App:
-    """Load the model (or build `vica2 demo`'s tiny offline one when `model_path` is None) and the example clip."""
-    from vica2.tools.demo import build_demo_checkpoint, write_demo_video
+    """Load the model (the built-in tiny one when `model_path` is None) and the example clip."""
+    from vica2.tools import tiny_model
+    from vica2.tools.demo import write_demo_video
 
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="vica2-app-"))
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # ours: made just above
     workdir = Path(workdir)
-    random_weights = model_path is None
-    if random_weights:
-        demo = build_demo_checkpoint(workdir, verify=False)
-        model_path, example = str(demo.hub), demo.video
-        dtype, frames = "float32", frames or 8  # the tiny towers run at the real input sizes: keep CPU turns short
+    toy = model_path is None
+    if toy:  # its held-out clip, and the questions it was trained to answer, asked in its words
+        samples = tiny_model.demo_samples()
+        model_path, example, dtype = str(tiny_model.SHIPPED), samples[0]["video"], "float32"
     else:
         example = write_demo_video(workdir / "room.mp4")
     model, processor = load_model_and_processor(model_path, dtype, device, attn_implementation=attn_implementation,
@@ -629,15 +632,16 @@ def create_app(model_path: str | None = None, *, workdir: str | Path | None = No
     # Visitors upload files: nothing they send makes this server fetch from the network (an uploaded HLS playlist
     # naming http segments included).
     processor.allow_remote_media = False
-    return Vica2App(model, processor, model_name="built-in tiny random ViCA2" if random_weights else model_path,
-                    random_weights=random_weights, example_video=example, frames=frames,
+    return Vica2App(model, processor, model_name="built-in tiny ViCA2 (a toy)" if toy else model_path,
+                    toy_notice=tiny_model.TOY_NOTICE if toy else None, example_video=example,
+                    example_questions=[sample["prompt"] for sample in samples] if toy else None, frames=frames,
                     max_new_tokens=max_new_tokens, cache_budget_gb=cache_budget_gb,
                     max_conversations=max_conversations, **limits)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vica2 app", description=__doc__.split("\n\n")[0],
-                                     epilog="--model defaults to $VICA2_MODEL, else the built-in tiny random model.")
+                                     epilog="--model defaults to $VICA2_MODEL, else the built-in tiny model (a toy).")
     add_model_options(parser, model_default=os.environ.get("VICA2_MODEL"))
     # Spaces tell Gradio where to listen through GRADIO_SERVER_NAME / _PORT (0.0.0.0:7860); locally: this machine only.
     parser.add_argument("--host", default=os.environ.get("VICA2_HOST") or os.environ.get("GRADIO_SERVER_NAME")

@@ -1,7 +1,8 @@
 """`vica2 app`: the web demo's handlers called directly, then the real page driven in headless Chromium.
 
-The app runs the built-in tiny random model (its towers at the real input sizes, 2 frames: SigLIP 2 x 14 x 15 = 420
-tokens, Hiera every 2nd frame, 1 x 16 x 17 = 272). Vision-tower runs are counted by forward hooks on the model, not
+The app runs a tiny random ViCA2 converted from the release's layout (its towers at the real input sizes, 2 frames:
+SigLIP 2 x 14 x 15 = 420 tokens, Hiera every 2nd frame, 1 x 16 x 17 = 272); one test starts it without a model, on
+the built-in trained tiny model. Vision-tower runs are counted by forward hooks on the model, not
 by the app's own counters, so "encoded once" is checked independently of the code under test.
 """
 
@@ -27,7 +28,9 @@ pytest.importorskip("av")
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio builds anything: no version check, no telemetry
 
 from vica2 import app as app_module  # noqa: E402
-from vica2.tools.demo import write_demo_video  # noqa: E402
+from vica2.convert_checkpoint import convert_checkpoint  # noqa: E402
+from vica2.tools import tiny_model  # noqa: E402
+from vica2.tools.demo import build_demo_release, write_demo_video  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +53,12 @@ class TowerRuns:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The app on the tiny offline model, plus a generated video, an image and an unreadable file."""
+    """The app on a tiny random model at the real input sizes, plus a generated video, an image and an unreadable
+    file."""
     root = tmp_path_factory.mktemp("app")
-    app = app_module.create_app(None, workdir=root / "work", frames=2, max_new_tokens=4, cache_budget_gb=0.01)
+    model = convert_checkpoint(build_demo_release(root / "release"), root / "hub", progress=False).output_dir
+    app = app_module.create_app(str(model), workdir=root / "work", dtype="float32", frames=2, max_new_tokens=4,
+                                cache_budget_gb=0.01)
     media = root / "media"
     media.mkdir()
     video = write_demo_video(media / "room.mp4", num_frames=24, fps=12)
@@ -308,6 +314,22 @@ def test_ask_before_any_upload_says_what_to_do(demo):
     assert "Upload a video or an image first" in status and messages == []
 
 
+def test_without_a_model_the_app_runs_the_trained_toy_and_answers_its_example_right(tmp_path):
+    app = app_module.create_app(None, workdir=tmp_path, max_new_tokens=8)
+    samples = tiny_model.demo_samples()
+    assert app.toy_notice == tiny_model.TOY_NOTICE and "not ViCA2-7B" in app.toy_notice
+    assert app.example_questions == [sample["prompt"] for sample in samples]  # asked in the words it was trained on
+    settings = app_module._values(app.default_settings)
+    assert settings[0] == app.model.config.video_frames_budget and settings[-1] is False  # as it was trained
+    tab, *_ = app.upload_example(*settings)
+    for sample in samples:  # each in a new chat about the clip, as trained: one question a conversation
+        (tab, messages, *_), _ = _ask(app, sample["prompt"], tab, settings)
+        assert messages[-1]["content"].strip() == sample["answer"], sample["question"]
+        tab, *_ = app.reset(*settings, tab)
+    page = app.build()
+    assert any(getattr(block, "elem_id", None) == "toy-note" for block in page.blocks.values())
+
+
 def test_cli_dispatches_to_the_app_and_reports_missing_gradio(monkeypatch, capsys):
     from vica2.tools.cli import main
 
@@ -442,7 +464,6 @@ def _chat(page) -> tuple[list[str], list[str]]:
 def test_browser_upload_ask_and_follow_up_without_re_encoding(demo, server, browser, screenshots):
     towers, app = demo["towers"], demo["app"]
     page = _open_tab(browser, server)
-    assert "answers are random" in page.inner_text("#random-note")
     assert not page.is_visible("#preview")  # the token-ratio panel starts collapsed
     page.click("#token-ratio button, #token-ratio .label-wrap")
     assert "SigLIP 420 + Hiera 272" in page.inner_text("#preview")  # the implied tokens, before anything ran

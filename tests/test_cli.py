@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 
 from conftest import HOSTILE_DAMAGES, damaged_model_copy, media_server
 from vica2.convert_checkpoint import convert_checkpoint, hub_key_to_release, release_key_to_hub
+from vica2.tools import tiny_model
 from vica2.tools.demo import build_demo_release, write_demo_video
 
 
@@ -87,24 +89,28 @@ def test_bad_video_is_a_one_line_error_with_exit_code_2(converted, kind):
     assert len(lines) == 1 and str(video.name) in lines[0]
 
 
-def test_demo_runs_the_whole_path_offline(tmp_path):
-    result = _run("demo", "--workdir", tmp_path, "--frames", "4", "--max-new-tokens", "2",
-                  env={"TRANSFORMERS_VERBOSITY": "warning"})
+def test_demo_answers_a_held_out_clip_right_and_its_printed_command_does_too(tmp_path):
+    sample = tiny_model.demo_samples()[0]
+    result = _run("demo", "--workdir", tmp_path, "--max-new-tokens", "8", env={"TRANSFORMERS_VERBOSITY": "warning"})
     assert result.returncode == 0, result.stderr[-2000:]
-    for step in ("1. wrote a tiny random ViCA2", "2. converted it", "3. generated", "4. asking", "answer:"):
+    assert f"The model is {tiny_model.TOY_NOTICE}" in result.stdout  # says plainly that it is a toy
+    for step in ("1. the trained tiny ViCA2, with its remote code", "2. a held-out clip it never saw in training",
+                 f"3. asking: {sample['question']}", f"(the right answer is {sample['answer']!r}: right)"):
         assert step in result.stdout
-    assert json.loads((tmp_path / "hub" / "config.json").read_text())["model_type"] == "vica2"
-    assert "(SigLIP 840, Hiera 544)" in result.stderr
-    assert result.stderr.count("Loading weights: 100%") <= 1  # the converter's verification load shows none
-    command = result.stdout.split("Run it yourself: ")[1].strip()  # the frames and files the demo used
-    assert command == (f"vica2 ask --model {tmp_path / 'hub'} --video {tmp_path / 'room.mp4'} --frames 4 "
-                       "--max-new-tokens 2 --question \"How many chairs are in the room?\" --verbose")
+    assert (tmp_path / "hub" / "modeling_vica2.py").is_file()  # a folder vLLM's Transformers backend loads as is
+    command = result.stdout.split("Run it yourself: ")[1].strip()  # the files and the prompt the demo used
+    assert command == (f"vica2 ask --model {tmp_path / 'hub'} --video {tmp_path / 'clip.mp4'} --max-new-tokens 8 "
+                       f"--question {shlex.quote(sample['prompt'])} --verbose")
+    again = _run(*shlex.split(command)[1:])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.strip() == sample["answer"]
 
 
 def test_demo_removes_the_temporary_folder_it_made(tmp_path):
-    result = _run("demo", "--frames", "2", "--max-new-tokens", "1", env={"TMPDIR": str(tmp_path)})
+    result = _run("demo", "--max-new-tokens", "1", env={"TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "--workdir DIR --frames 2 keeps the files" in result.stdout
+    assert "vica2 demo --workdir DIR keeps the files, then: vica2 ask --model DIR/hub --video DIR/clip.mp4" in (
+        result.stdout)
     assert not list(tmp_path.glob("vica2-demo-*"))  # (torch may leave its own caches there)
 
 

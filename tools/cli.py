@@ -4,7 +4,7 @@
     vica2 ask --model DIR_OR_REPO --video room.mp4 --question "How many chairs are in the room?"
     vica2 ask --model M --video room.mp4 --question "How many chairs?" --question "Where is the lamp?"
     vica2 chat --model M --video room.mp4          # a conversation; the video is encoded once
-    vica2 demo                      # the whole path offline, on a tiny random model and a generated video
+    vica2 demo                      # the whole path offline: the built-in tiny model (a toy) on a held-out clip
     vica2 convert --input-dir RAW --output-dir OUT ...   # = python convert_checkpoint.py
     vica2 eval-vsibench --model M --data test.parquet --video-root DIR ...   # = python -m vica2.tools.evaluate_vsibench
     vica2 app --model DIR_OR_REPO   # a web demo in the browser (= python app.py; needs the `app` extra)
@@ -296,25 +296,37 @@ def demo_workdir(workdir: str) -> Path:
 
 
 def run_demo(args) -> int:
-    from vica2.tools.demo import build_demo_checkpoint
+    import shlex
+
+    from vica2.tools.tiny_model import TOY_NOTICE, demo_samples, servable_copy
 
     created = args.workdir is None  # a folder of our own is removed at the end; a --workdir is kept
     workdir = Path(tempfile.mkdtemp(prefix="vica2-demo-")) if created else demo_workdir(args.workdir)
     try:
         print(f"vica2 demo: working in {workdir}" + (" (removed at the end; --workdir DIR keeps the files)"
                                                       if created else ""))
-        demo = build_demo_checkpoint(workdir, report=print)
-        print(f"4. asking the converted model about it ({args.frames} frames; answers are random: the weights are):")
-        model, processor = load_model_and_processor(str(demo.hub), "float32", "cpu")
-        question = "How many chairs are in the room?"
-        answer = ask(model, processor, question, video=str(demo.video), frames=args.frames,
+        print(f"The model is {TOY_NOTICE}")
+        sample = demo_samples()[0]  # a counting question
+        hub = workdir / "hub"
+        if hub.exists():  # a --workdir of the demo's own, used before
+            shutil.rmtree(hub)
+        servable_copy(hub)
+        print(f"1. the trained tiny ViCA2, with its remote code: {hub} (vLLM serves it: `vica2 serve {hub} "
+              "--trust-remote-code`)")
+        video = Path(shutil.copyfile(sample["video"], workdir / "clip.mp4"))
+        print(f"2. a held-out clip it never saw in training: {video}")
+        print(f"3. asking: {sample['question']}")
+        model, processor = load_model_and_processor(str(hub), "float32", "cpu")
+        answer = ask(model, processor, sample["prompt"], video=str(video), frames=args.frames,
                      max_new_tokens=args.max_new_tokens)[0]
-        print(f"   answer: {answer.text!r}")
+        verdict = "right" if answer.text.strip() == sample["answer"] else "wrong"
+        print(f"   answer: {answer.text.strip()!r} (the right answer is {sample['answer']!r}: {verdict})")
         print_answer(answer, verbose=True, streamed=True)
-        command = (f"vica2 ask --model {demo.hub} --video {demo.video} --frames {args.frames} --max-new-tokens "
-                   f"{args.max_new_tokens} --question \"{question}\" --verbose")
+        frames = f" --frames {args.frames}" if args.frames else ""
+        command = (f"vica2 ask --model {hub} --video {video}{frames} --max-new-tokens {args.max_new_tokens} "
+                   f"--question {shlex.quote(sample['prompt'])} --verbose")
         if created:
-            print(f"Run it yourself: vica2 demo --workdir DIR --frames {args.frames} keeps the files, then: "
+            print("Run it yourself: vica2 demo --workdir DIR keeps the files, then: "
                   + command.replace(str(workdir), "DIR"))
         else:
             print(f"Run it yourself: {command}")
@@ -360,8 +372,8 @@ ASK_DESCRIPTION = """Answer questions about one video or image and exit. One --q
 scripts); several print each as "Q: question" and "A: answer", all answered from one encoding of the media."""
 CHAT_DESCRIPTION = f"""A conversation about a video or an image: one question per input line (a terminal or a pipe),
 each answered with the conversation so far; the media is encoded once. {CHAT_HELP}."""
-DEMO_DESCRIPTION = """The whole path offline, nothing downloaded: write a tiny random ViCA2 in the research release's
-layout, convert it, generate a video and ask about it (the answer is random: so are the weights)."""
+DEMO_DESCRIPTION = """The whole path offline, nothing downloaded: the built-in tiny ViCA2 (a toy trained on synthetic
+clips of coloured shapes, not ViCA2-7B) answers a question about a held-out clip."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,13 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat_parser.set_defaults(run=run_chat, max_new_tokens=256)
 
     demo_parser = commands.add_parser("demo", description=DEMO_DESCRIPTION,
-                                      help="the whole path offline on a tiny random model")
+                                      help="the whole path offline on the built-in tiny model")
     demo_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     demo_parser.add_argument("--workdir", help="a new or empty folder to keep the demo's files in (default: a "
                                                "temporary folder, removed at the end); a folder holding other files "
                                                "is refused")
-    demo_parser.add_argument("--frames", type=positive_int, default=16,
-                             help="frames to sample from the demo video (default 16)")
+    demo_parser.add_argument("--frames", type=positive_int, default=None,
+                             help="frames to sample from the clip (default: the model's frame budget)")
     demo_parser.add_argument("--max-new-tokens", type=positive_int, default=8,
                              help="tokens in the demo's answer (default 8)")
     demo_parser.set_defaults(run=run_demo)

@@ -1,18 +1,18 @@
 # Copyright 2026 The vica2-hf authors. Licensed under the Apache License, Version 2.0.
-"""The built-in default for `vica2 demo` and the web app: a tiny random ViCA2 in the research release's own layout,
-and a video. A shared helper (both front-ends import it; it imports neither).
+"""A tiny random ViCA2 in the research release's own layout, and a generated test video: what the tests and
+benchmarks run the converter, processor and model on offline. A shared helper (front-ends may import it; it imports
+none of them).
 
 Nothing is downloaded. The tiny checkpoint has the release's file layout, key names and config (with the towers at
-their real input sizes, 384 for SigLIP and 1024 for Hiera, but a few channels wide), so the demo runs the real
-converter on it and then the real processor and model: the same path as for ViCA2-7B, only with random weights.
+their real input sizes, 384 for SigLIP and 1024 for Hiera, but a few channels wide), so the real converter, processor
+and model take the same path as for ViCA2-7B, only with random weights. (`vica2 demo` and `vica2 app` run the
+trained tiny model of `vica2.tools.tiny_model` instead.)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -171,40 +171,3 @@ def write_demo_video(path: str | Path, num_frames: int = 96, fps: int = 24, size
         for packet in stream.encode():
             container.mux(packet)
     return path
-
-
-@dataclass
-class DemoCheckpoint:
-    release: Path  # the tiny checkpoint in the release's layout
-    hub: Path  # the same, converted: load it with `load_model_and_processor(hub, "float32", "cpu")`
-    video: Path  # a generated 4 s, 24 fps test video
-    result: object  # the converter's ConversionResult
-
-
-def build_demo_checkpoint(workdir: str | Path, report: Callable[[str], None] | None = None, *,
-                          verify: bool = True) -> DemoCheckpoint:
-    """What `vica2 demo` runs on (and the web app's built-in model): a tiny random release written to
-    `workdir/release`, converted (and with `verify`, checked by reloading) into `workdir/hub`, and a test video
-    `workdir/room.mp4`. `report` (e.g. `print`) gets one line per step."""
-    from transformers.utils import logging as hf_logging
-
-    from vica2.convert_checkpoint import convert_checkpoint
-
-    report = report or (lambda line: None)
-    workdir = Path(workdir)
-    release = build_demo_release(workdir / "release")
-    report(f"1. wrote a tiny random ViCA2 in the research release's layout: {release}")
-    hub = workdir / "hub"
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the verification reload would show a second "Loading weights" bar
-    try:
-        result = convert_checkpoint(release, hub, overwrite=True, verify=verify, progress=False)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    checked = " (verified)" if verify else ""
-    report(f"2. converted it with convert_checkpoint.py{checked}: {hub} ({result.num_tensors} tensors, "
-           f"{len(result.dropped)} unused release tensors dropped, remote code: {', '.join(result.remote_code)})")
-    video = write_demo_video(workdir / "room.mp4")
-    report(f"3. generated a 4 s, 24 fps test video: {video}")
-    return DemoCheckpoint(release, hub, video, result)
