@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest tests -q
 
-# Retrain the built-in tiny model from its random initialisation (synthetic data, finetune.py, eval-vsibench; under
+# Retrain the built-in tiny model from its random initialisation (synthetic data, finetune.py, eval-vsibench; about
 # 30 minutes on 2 CPU cores) and ship it to tools/tiny_vica2/ with a held-out demo clip.
 TINY_WORKDIR ?= build/tiny-model
 tiny-model: $(VENV)/.installed
