@@ -163,3 +163,21 @@ def test_a_demo_file_naming_a_video_outside_its_folder_is_refused(tmp_path):
     (folder / tiny_model.DEMO_FILE).write_text(json.dumps({"video": "../elsewhere.mp4", "questions": []}))
     with pytest.raises(ValueError, match="names a video outside its folder"):
         tiny_model.demo_samples(folder)
+
+
+def test_the_demo_is_the_first_held_out_scene_right_on_every_learned_task_and_none_is_refused(tmp_path):
+    from vica2.tools.train_tiny import pick_demo
+
+    def record(scene, kind, score):
+        return {"scene_name": scene, "question_type": kind, "score": score}
+
+    rows = [record("a", "object_counting", 1.0), record("a", "object_size_estimation", 0.5),  # size wrong
+            record("b", "object_size_estimation", 1.0), record("b", "object_counting", 1.0),
+            record("b", "obj_appearance_order", 0.0)]  # not a learned task: ignored
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    picked = pick_demo(predictions, ["object_counting", "object_size_estimation"])
+    assert [(r["scene_name"], r["question_type"]) for r in picked] == [("b", "object_counting"),
+                                                                      ("b", "object_size_estimation")]
+    with pytest.raises(SystemExit, match="no held-out scene"):
+        pick_demo(predictions, ["object_counting", "object_size_estimation", "obj_appearance_order"])

@@ -19,9 +19,9 @@ Writes `report.json` (the per-task scores, the training time, the loss history) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -42,8 +42,8 @@ def run(command: list[str], log: Path | None = None) -> float:
     """Run one step; its output goes to `log` (or through). Returns the wall time in seconds."""
     print("$ " + " ".join(command), flush=True)
     started = time.perf_counter()
-    with open(log, "w") if log else open(os.devnull, "w") as sink:
-        result = subprocess.run(command, stdout=sink if log else None, stderr=subprocess.STDOUT if log else None)
+    with open(log, "w") if log else contextlib.nullcontext() as sink:
+        result = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT if log else None)
     if result.returncode:
         raise SystemExit(f"step failed (exit {result.returncode})" + (f"; its log: {log}" if log else ""))
     return time.perf_counter() - started
